@@ -1,0 +1,16 @@
+"""vAttention KV cache: virtually contiguous per-layer K/V tensors, physical pages mapped on demand."""
+from kvcache.cache import KVCacheStats, VirtualKVCache, make_physical_memory
+from kvcache.config import KVCacheConfig
+from kvcache.errors import (
+    KVCacheError,
+    NoFreeSlotError,
+    PhysicalMemoryError,
+    PoolExhaustedError,
+    SequenceTooLongError,
+)
+from kvcache.physical_memory import PhysicalMemory
+
+__all__ = [
+    "KVCacheConfig", "KVCacheError", "KVCacheStats", "NoFreeSlotError", "PhysicalMemory", "PhysicalMemoryError",
+    "PoolExhaustedError", "SequenceTooLongError", "VirtualKVCache", "make_physical_memory",
+]

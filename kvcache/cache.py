@@ -1,0 +1,397 @@
+"""The vAttention KV cache: per-layer K and V tensors that are virtually contiguous and physically paged.
+
+Layout. Each layer's K (and V) is one tensor ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]`` over a
+reserved virtual range. Slot ``i`` (one request) owns rows ``[i * slot_stride_tokens, ...)`` of the flattened
+view; ``slot_stride_tokens >= max_seq_len`` is padded so that every slot starts on a page boundary. Physical pages
+are mapped at the end of a slot's range, in every layer's K and V at once, as the request grows. Attention kernels
+read the dense tensors directly: no block tables.
+
+Reclamation is deferred: a freed slot keeps its pages, the next request takes the free slot whose mapped length
+fits it best, and pages are unmapped only when the pool runs short.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.config import KVCacheConfig
+from kvcache.errors import KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError
+from kvcache.page_pool import PagePool
+from kvcache.physical_memory import PhysicalMemory
+
+
+def make_physical_memory(device: str | torch.device) -> PhysicalMemory:
+    """The backend for a device: CUDA virtual memory for "cuda[:N]", host mmap for "cpu"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from kvcache.cuda_memory import CudaMemory
+
+        return CudaMemory(device)
+    from kvcache.host_memory import HostMemory
+
+    return HostMemory()
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    """Page accounting read by the scheduler (admission) and the router (placement).
+
+    ``free_pages + mapped_pages == total_pages``; ``mapped_pages == used_pages + reclaimable_pages``, where
+    reclaimable pages are mapped to free slots or beyond an active slot's length (prefetched).
+    A request growing by ``tokens_per_page`` tokens maps one page in each of ``num_buffers`` buffers
+    (every layer's K and V).
+    """
+
+    total_pages: int
+    free_pages: int
+    mapped_pages: int
+    reclaimable_pages: int
+    used_pages: int
+    page_size_bytes: int
+    tokens_per_page: float
+    num_buffers: int
+    num_free_slots: int
+    num_active_slots: int
+    max_batch_size: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_pages * self.page_size_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.free_pages * self.page_size_bytes
+
+    @property
+    def mapped_bytes(self) -> int:
+        return self.mapped_pages * self.page_size_bytes
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return self.reclaimable_pages * self.page_size_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used_pages * self.page_size_bytes
+
+    @property
+    def available_pages(self) -> int:
+        """Pages a new request can get: free now or reclaimable."""
+        return self.free_pages + self.reclaimable_pages
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the pool holding live tokens, 0..1."""
+        return self.used_pages / self.total_pages
+
+
+class VirtualKVCache:
+    """One rank's KV cache for every layer, physically backed on demand.
+
+    Attributes:
+        k, v: per layer, ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]`` views.
+        k_flat, v_flat: per layer, the same memory as ``[max_batch_size * slot_stride_tokens, num_kv_heads,
+            head_dim]``; slot ``i``'s token ``t`` is row ``i * slot_stride_tokens + t``.
+        slot_stride_tokens: rows between consecutive slots in the flat views.
+        tokens_per_page: tokens of one layer's K (or V) per physical page.
+
+    Only rows below a slot's mapped length may be touched; anything else faults.
+    """
+
+    def __init__(self, config: KVCacheConfig, memory: PhysicalMemory | None = None):
+        self.config = config
+        self._memory = memory if memory is not None else make_physical_memory(config.device)
+        try:
+            self._build(config)
+        except BaseException:
+            self._memory.close()
+            raise
+        self._finalizer = weakref.finalize(self, self._memory.close)
+
+    def _build(self, config: KVCacheConfig) -> None:
+        memory = self._memory
+        granularity = memory.granularity_bytes
+        page = config.page_size_bytes or granularity
+        if page % granularity:
+            raise ValueError(f"page_size_bytes must be a multiple of the backend granularity {granularity}, got {page}")
+        token_bytes = config.token_bytes
+        self.page_size_bytes = page
+        self.token_bytes = token_bytes
+        self.tokens_per_page = page / token_bytes
+        # The smallest token count whose bytes fill whole pages: slot starts must be page-aligned.
+        step = page // math.gcd(page, token_bytes)
+        self.slot_stride_tokens = -(-config.max_seq_len // step) * step
+        self._slot_bytes = self.slot_stride_tokens * token_bytes
+        self.max_pages_per_slot = self._slot_bytes // page  # per K or V buffer
+        self.num_buffers = 2 * config.num_layers
+        self._buffer_bytes = config.max_batch_size * self._slot_bytes
+        virtual_bytes = self.num_buffers * self._buffer_bytes
+
+        pool_pages = self._pool_pages(config, page)
+        self._base = memory.reserve(virtual_bytes)
+        self._pool = PagePool(memory, pool_pages, page)
+
+        raw = memory.as_tensor(self._base, virtual_bytes)
+        shape = (config.max_batch_size, config.max_seq_len, config.num_kv_heads, config.head_dim)
+        row = config.num_kv_heads * config.head_dim
+        strides = (self.slot_stride_tokens * row, row, config.head_dim, 1)
+        flat_shape = (config.max_batch_size * self.slot_stride_tokens, config.num_kv_heads, config.head_dim)
+        buffers = [raw[b * self._buffer_bytes:(b + 1) * self._buffer_bytes].view(config.dtype)
+                   for b in range(self.num_buffers)]
+        flat = [buf.view(flat_shape) for buf in buffers]
+        dense = [buf.as_strided(shape, strides) for buf in buffers]
+        layers = config.num_layers
+        self.k, self.v = dense[:layers], dense[layers:]
+        self.k_flat, self.v_flat = flat[:layers], flat[layers:]
+
+        slots = config.max_batch_size
+        self._pages: list[list[list[int]]] = [[[] for _ in range(self.num_buffers)] for _ in range(slots)]
+        self._mapped = [0] * slots  # pages per buffer mapped for each slot
+        self._num_tokens = [0] * slots
+        self._active = [False] * slots
+        self._closed = False
+
+    def _pool_pages(self, config: KVCacheConfig, page: int) -> int:
+        full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
+        if config.pool_size_bytes is not None:
+            budget = config.pool_size_bytes
+        else:
+            fraction = config.memory_fraction if config.memory_fraction is not None else 0.9
+            budget = int(self._memory.free_memory_bytes() * fraction)
+            if config.memory_fraction is None:
+                budget = min(budget, full * page)
+        pages = min(budget // page, full)
+        if pages < self.num_buffers:
+            raise ValueError(
+                f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "
+                f"{self.num_buffers} (a page in each layer's K and V): raise pool_size_bytes or memory_fraction")
+        return pages
+
+    # ---- accounting -------------------------------------------------------------------------------------------
+
+    def _pages_per_buffer(self, num_tokens: int) -> int:
+        return -(-num_tokens * self.token_bytes // self.page_size_bytes)
+
+    def pages_for_tokens(self, num_tokens: int) -> int:
+        """Physical pages (all layers, K and V) that hold ``num_tokens`` tokens of one request."""
+        return self._pages_per_buffer(num_tokens) * self.num_buffers
+
+    def _excess(self, slot: int) -> int:
+        """Pages per buffer a slot holds beyond what its tokens need: all of them for a free slot."""
+        if not self._active[slot]:
+            return self._mapped[slot]
+        return max(0, self._mapped[slot] - self._pages_per_buffer(self._num_tokens[slot]))
+
+    def _reclaimable(self, exclude: int | None = None) -> int:
+        return sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
+
+    def _choose_slot(self, pages_per_buffer: int) -> int | None:
+        """Best fit among free slots: the smallest mapped length that fits, else the largest mapped length."""
+        best, best_key = None, None
+        for slot, active in enumerate(self._active):
+            if active:
+                continue
+            mapped = self._mapped[slot]
+            key = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
+            if best_key is None or key < best_key:
+                best, best_key = slot, key
+        return best
+
+    def pages_needed(self, num_tokens: int, slot: int | None = None) -> int:
+        """Physical pages that must be mapped to hold ``num_tokens`` in ``slot`` (or in a new request's slot)."""
+        per_buffer = self._pages_per_buffer(num_tokens)
+        if slot is None:
+            slot = self._choose_slot(per_buffer)
+            if slot is None:
+                return per_buffer * self.num_buffers
+        return max(0, per_buffer - self._mapped[slot]) * self.num_buffers
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""
+        if num_tokens > self.config.max_seq_len:
+            return False
+        slot = self._choose_slot(self._pages_per_buffer(num_tokens))
+        if slot is None:
+            return False
+        needed = self.pages_needed(num_tokens, slot)
+        return needed <= self._pool.num_free_pages + self._reclaimable(exclude=slot)
+
+    def num_tokens(self, slot: int) -> int:
+        """Tokens the slot's owner asked to hold."""
+        return self._num_tokens[slot]
+
+    def capacity_tokens(self, slot: int) -> int:
+        """Tokens the slot can hold with the pages mapped now."""
+        return min(self.config.max_seq_len, self._mapped[slot] * self.page_size_bytes // self.token_bytes)
+
+    def slot_page_ids(self, slot: int) -> list[list[int]]:
+        """Physical page ids mapped for ``slot``, per buffer (layer ``l``'s K is buffer ``l``, its V ``L + l``)."""
+        return [list(pages) for pages in self._pages[slot]]
+
+    def is_active(self, slot: int) -> bool:
+        return self._active[slot]
+
+    def stats(self) -> KVCacheStats:
+        mapped = sum(self._mapped) * self.num_buffers
+        reclaimable = self._reclaimable()
+        active = sum(self._active)
+        return KVCacheStats(
+            total_pages=self._pool.num_pages, free_pages=self._pool.num_free_pages, mapped_pages=mapped,
+            reclaimable_pages=reclaimable, used_pages=mapped - reclaimable, page_size_bytes=self.page_size_bytes,
+            tokens_per_page=self.tokens_per_page, num_buffers=self.num_buffers,
+            num_free_slots=len(self._active) - active, num_active_slots=active,
+            max_batch_size=self.config.max_batch_size)
+
+    # ---- slots ------------------------------------------------------------------------------------------------
+
+    def _check_length(self, num_tokens: int) -> None:
+        if num_tokens < 0:
+            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        if num_tokens > self.config.max_seq_len:
+            raise SequenceTooLongError(f"{num_tokens} tokens exceed max_seq_len {self.config.max_seq_len}")
+
+    def _check_slot(self, slot: int) -> None:
+        if self._closed:
+            raise KVCacheError("the cache is closed")
+        if not 0 <= slot < len(self._active) or not self._active[slot]:
+            raise KVCacheError(f"slot {slot} is not allocated")
+
+    def allocate(self, num_tokens: int) -> int:
+        """Gives a free slot to a new request and maps pages for its first ``num_tokens`` tokens.
+
+        Raises:
+            SequenceTooLongError: ``num_tokens > max_seq_len``.
+            NoFreeSlotError: every slot is taken.
+            PoolExhaustedError: not enough free or reclaimable pages.
+        """
+        if self._closed:
+            raise KVCacheError("the cache is closed")
+        self._check_length(num_tokens)
+        slot = self._choose_slot(self._pages_per_buffer(num_tokens))
+        if slot is None:
+            raise NoFreeSlotError(f"all {len(self._active)} slots are in use")
+        self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
+        self._active[slot] = True
+        self._num_tokens[slot] = num_tokens
+        return slot
+
+    def grow(self, slot: int, num_tokens: int) -> None:
+        """Makes the first ``num_tokens`` rows of ``slot`` usable in every layer's K and V.
+
+        Raises:
+            SequenceTooLongError, PoolExhaustedError: the slot is left as it was.
+        """
+        self._check_slot(slot)
+        self._check_length(num_tokens)
+        self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
+        self._num_tokens[slot] = max(self._num_tokens[slot], num_tokens)
+
+    def free(self, slot: int) -> None:
+        """Returns ``slot``; its pages stay mapped for the next request (deferred reclamation)."""
+        self._check_slot(slot)
+        self._active[slot] = False
+        self._num_tokens[slot] = 0
+
+    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+        """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, plus ``prefetch_tokens``.
+
+        Called once per iteration after the device work of the current one is launched, so that the driver
+        calls overlap it. Best effort: uses free pages and pages of free slots, never raises for capacity, and
+        leaves whatever it could not map to :meth:`grow`. Returns the pages mapped.
+        """
+        mapped = 0
+        for slot, num_tokens in next_tokens.items():
+            if self._closed or not self._active[slot]:
+                continue
+            target = min(num_tokens + self.config.prefetch_tokens, self.config.max_seq_len)
+            missing = self._pages_per_buffer(target) - self._mapped[slot]
+            if missing <= 0:
+                continue
+            budget = self._pool.num_free_pages + sum(
+                self._mapped[s] for s in range(len(self._active)) if not self._active[s]) * self.num_buffers
+            count = min(missing, budget // self.num_buffers)
+            if count <= 0:
+                break
+            self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True)
+            self._map_tail(slot, count)
+            mapped += count * self.num_buffers
+        return mapped
+
+    # ---- mapping ----------------------------------------------------------------------------------------------
+
+    def _address(self, buffer: int, slot: int, page_index: int) -> int:
+        return self._base + buffer * self._buffer_bytes + slot * self._slot_bytes + page_index * self.page_size_bytes
+
+    def _ensure_mapped(self, slot: int, pages_per_buffer: int) -> None:
+        missing = pages_per_buffer - self._mapped[slot]
+        if missing <= 0:
+            return
+        needed = missing * self.num_buffers
+        available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
+        if needed > available:
+            raise PoolExhaustedError(needed, available)
+        self._reclaim(needed, exclude=slot)
+        self._map_tail(slot, missing)
+
+    def _reclaim(self, pages: int, exclude: int, free_slots_only: bool = False) -> None:
+        """Unmaps pages until ``pages`` are free: free slots' pages first, largest first, then active excess."""
+        deficit = pages - self._pool.num_free_pages
+        if deficit <= 0:
+            return
+        candidates = sorted((s for s in range(len(self._active)) if s != exclude and self._excess(s) > 0),
+                            key=lambda s: (self._active[s], -self._excess(s)))
+        for slot in candidates:
+            if deficit <= 0:
+                break
+            if free_slots_only and self._active[slot]:
+                break
+            count = min(self._excess(slot), -(-deficit // self.num_buffers))
+            self._unmap_tail(slot, count)
+            deficit -= count * self.num_buffers
+
+    def _map_tail(self, slot: int, count: int) -> None:
+        """Maps ``count`` more pages at the end of ``slot`` in every buffer; all or nothing."""
+        page_ids = self._pool.take(count * self.num_buffers)
+        start = self._mapped[slot]
+        done = 0
+        try:
+            for buffer in range(self.num_buffers):
+                self._memory.map(self._address(buffer, slot, start), page_ids[buffer * count:(buffer + 1) * count])
+                done += 1
+        except BaseException:
+            for buffer in range(done):
+                self._memory.unmap(self._address(buffer, slot, start), count)
+            self._pool.give_back(page_ids)
+            raise
+        for buffer in range(self.num_buffers):
+            self._pages[slot][buffer].extend(page_ids[buffer * count:(buffer + 1) * count])
+        self._mapped[slot] = start + count
+
+    def _unmap_tail(self, slot: int, count: int) -> None:
+        start = self._mapped[slot] - count
+        for buffer in range(self.num_buffers):
+            self._memory.unmap(self._address(buffer, slot, start), count)
+            pages = self._pages[slot][buffer]
+            self._pool.give_back(pages[start:])
+            del pages[start:]
+        self._mapped[slot] = start
+
+    # ---- teardown ---------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmaps and releases all memory. The tensors must not be used afterwards. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.k = self.v = self.k_flat = self.v_flat = []
+        self._finalizer()
+
+    def __enter__(self) -> VirtualKVCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,82 @@
+"""Configuration of the vAttention KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Accepts a torch dtype or its name ("bfloat16", "float16", "float32")."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[name]
+
+
+@dataclass
+class KVCacheConfig:
+    """Shape and memory budget of one rank's KV cache.
+
+    Attributes:
+        num_layers: decoder layers; each has one K and one V virtual tensor.
+        num_kv_heads: KV heads held by this rank (``total_kv_heads / tp`` under tensor parallelism).
+        head_dim: elements per head.
+        max_batch_size: batch slots, i.e. requests that can hold KV at once.
+        max_seq_len: tokens one slot can hold.
+        dtype: element type of K and V.
+        device: "cpu" (host mmap backend) or "cuda[:N]" (CUDA driver virtual memory).
+        page_size_bytes: physical page size; a multiple of the backend's granularity
+            (default: the granularity, 64 KiB on the host and 2 MiB on CUDA).
+        pool_size_bytes: physical memory for the page pool, created up front.
+        memory_fraction: alternatively, this fraction of the memory free at start-up.
+            With neither set, the pool is sized to back the whole virtual cache, capped at
+            90% of free memory.
+        prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_batch_size: int
+    max_seq_len: int
+    dtype: torch.dtype | str = torch.float32
+    device: str = "cpu"
+    page_size_bytes: int | None = None
+    pool_size_bytes: int | None = None
+    memory_fraction: float | None = None
+    prefetch_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.dtype = parse_dtype(self.dtype)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.page_size_bytes is not None and (self.page_size_bytes < 4096 or self.page_size_bytes % 4096):
+            raise ValueError(f"page_size_bytes must be a positive multiple of 4096, got {self.page_size_bytes}")
+        if self.pool_size_bytes is not None and self.memory_fraction is not None:
+            raise ValueError("set at most one of pool_size_bytes and memory_fraction")
+        if self.pool_size_bytes is not None and self.pool_size_bytes < 1:
+            raise ValueError(f"pool_size_bytes must be >= 1, got {self.pool_size_bytes}")
+        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.prefetch_tokens < 0:
+            raise ValueError(f"prefetch_tokens must be >= 0, got {self.prefetch_tokens}")
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one layer on this rank."""
+        return self.num_kv_heads * self.head_dim * self.dtype.itemsize

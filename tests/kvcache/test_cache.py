@@ -1,0 +1,226 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvcache import (KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError,
+                     VirtualKVCache)
+
+
+def fill(cache, slot, start, end, value):
+    """Writes ``value + token index`` into rows ``[start, end)`` of ``slot`` in every layer's K and V."""
+    rows = torch.arange(start, end, dtype=torch.float32, device=cache.k[0].device).view(-1, 1, 1)
+    for layer in range(cache.config.num_layers):
+        cache.k[layer][slot, start:end] = value + rows
+        cache.v[layer][slot, start:end] = -(value + rows)
+
+
+def check(cache, slot, end, value):
+    rows = torch.arange(0, end, dtype=torch.float32, device=cache.k[0].device).view(-1, 1, 1)
+    for layer in range(cache.config.num_layers):
+        assert torch.equal(cache.k[layer][slot, :end], (value + rows).expand(-1, 2, 64))
+        assert torch.equal(cache.v[layer][slot, :end], -(value + rows).expand(-1, 2, 64))
+
+
+def assert_accounting(cache):
+    stats = cache.stats()
+    assert stats.free_pages + stats.mapped_pages == stats.total_pages
+    assert stats.used_pages + stats.reclaimable_pages == stats.mapped_pages
+    ids = [p for s in range(cache.config.max_batch_size) for buf in cache.slot_page_ids(s) for p in buf]
+    assert len(ids) == len(set(ids)) == stats.mapped_pages
+    assert all(0 <= p < stats.total_pages for p in ids)
+
+
+def test_tensors_have_the_configured_shape_and_dtype(make_cache):
+    cache = make_cache(num_layers=3, dtype=torch.bfloat16)
+    tpp = int(cache.tokens_per_page)
+    assert len(cache.k) == len(cache.v) == 3
+    assert cache.k[0].shape == (4, 3 * tpp, 2, 64) and cache.k[0].dtype == torch.bfloat16
+    assert cache.k_flat[0].shape == (4 * cache.slot_stride_tokens, 2, 64)
+    assert cache.stats().mapped_pages == 0  # nothing is backed at start-up
+
+
+def test_data_survives_growth_of_other_slots(make_cache):
+    cache = make_cache()
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(tpp // 2)
+    fill(cache, a, 0, tpp // 2, 1000.0)
+    b = cache.allocate(1)
+    for length in (tpp, 2 * tpp, 3 * tpp):
+        cache.grow(b, length)
+        fill(cache, b, 0, length, 5000.0)
+        check(cache, a, tpp // 2, 1000.0)
+    cache.grow(a, 3 * tpp)
+    fill(cache, a, tpp // 2, 3 * tpp, 1000.0)
+    check(cache, a, 3 * tpp, 1000.0)
+    check(cache, b, 3 * tpp, 5000.0)
+    assert_accounting(cache)
+
+
+def test_flat_view_aliases_the_dense_view(make_cache):
+    cache = make_cache()
+    slot = cache.allocate(10)
+    slot = cache.allocate(10) if slot == 0 else slot
+    cache.k_flat[1][slot * cache.slot_stride_tokens + 7] = 42.0
+    assert torch.all(cache.k[1][slot, 7] == 42.0)
+
+
+def test_slots_never_alias(make_cache):
+    cache = make_cache(max_batch_size=4)
+    tpp = int(cache.tokens_per_page)
+    slots = [cache.allocate(2 * tpp + 1) for _ in range(4)]
+    assert sorted(slots) == [0, 1, 2, 3]
+    for i, slot in enumerate(slots):
+        fill(cache, slot, 0, 2 * tpp + 1, 10000.0 * (i + 1))
+    for i, slot in enumerate(slots):
+        check(cache, slot, 2 * tpp + 1, 10000.0 * (i + 1))
+    pages = [set(p for buf in cache.slot_page_ids(s) for p in buf) for s in slots]
+    assert all(pages[i].isdisjoint(pages[j]) for i in range(4) for j in range(i + 1, 4))
+    with pytest.raises(NoFreeSlotError):
+        cache.allocate(1)
+
+
+def test_freed_slot_is_reused_best_fit_with_its_pages(make_cache):
+    cache = make_cache(max_batch_size=3)
+    tpp = int(cache.tokens_per_page)
+    small = cache.allocate(tpp)          # 1 page per buffer
+    large = cache.allocate(3 * tpp)      # 3 pages per buffer
+    fill(cache, large, 0, 3 * tpp, 7.0)
+    large_pages = cache.slot_page_ids(large)
+    cache.free(small)
+    cache.free(large)
+    free_before = cache.stats().free_pages
+    again = cache.allocate(2 * tpp + 3)  # fits only in the large slot's pages
+    assert again == large
+    assert cache.slot_page_ids(again) == large_pages
+    assert cache.stats().free_pages == free_before  # no new mapping: deferred reclamation paid off
+    check(cache, again, 2 * tpp, 7.0)  # the old pages are really the same memory
+    other = cache.allocate(tpp)
+    assert other == small  # best fit: the one-page slot, not the empty one
+    assert_accounting(cache)
+
+
+def test_pool_exhausted_leaves_state_untouched(make_cache):
+    cache = make_cache(max_batch_size=4, pages_per_slot=4, pool_pages=2 * 2 * 3)  # 3 pages per buffer in all
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(2 * tpp)
+    before = cache.stats()
+    with pytest.raises(PoolExhaustedError) as info:
+        cache.allocate(2 * tpp)
+    assert info.value.pages_needed == 2 * 2 * 2 and info.value.pages_available == 2 * 2
+    with pytest.raises(PoolExhaustedError):
+        cache.grow(a, 3 * tpp + 1)
+    assert cache.stats() == before
+    assert cache.can_allocate(tpp) and not cache.can_allocate(tpp + 1)
+    cache.grow(a, 3 * tpp)
+    assert cache.stats().free_pages == 0
+    assert not cache.can_allocate(1)
+    assert_accounting(cache)
+
+
+def test_reclamation_under_pressure(make_cache):
+    cache = make_cache(max_batch_size=4, pool_pages=2 * 2 * 4)  # 4 pages per buffer in all
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(2 * tpp)
+    b = cache.allocate(2 * tpp)
+    fill(cache, a, 0, 2 * tpp, 1.0)
+    cache.free(a)
+    cache.free(b)
+    stats = cache.stats()
+    assert stats.free_pages == 0 and stats.reclaimable_pages == stats.total_pages and stats.used_pages == 0
+    c = cache.allocate(3 * tpp)  # takes one free slot's pages and reclaims one page per buffer of the other
+    assert c in (a, b)
+    other = b if c == a else a
+    assert len(cache.slot_page_ids(other)[0]) == 1
+    fill(cache, c, 0, 3 * tpp, 9.0)
+    check(cache, c, 3 * tpp, 9.0)
+    d = cache.allocate(tpp)
+    assert d == other
+    assert cache.stats().free_pages == 0 and cache.stats().reclaimable_pages == 0
+    assert_accounting(cache)
+
+
+def test_prepare_maps_ahead_best_effort(make_cache):
+    cache = make_cache(max_batch_size=2, pages_per_slot=5, pool_pages=2 * 2 * 4, prefetch_tokens=1)
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(tpp)  # exactly one page per buffer
+    assert cache.prepare({a: tpp}) == 2 * 2  # the prefetched token needs a second page
+    assert cache.stats().reclaimable_pages == 2 * 2  # mapped ahead, not yet used
+    free = cache.stats().free_pages
+    cache.grow(a, tpp + 1)
+    assert cache.stats().free_pages == free  # the step that needs it finds it mapped
+    # Asking for far more than the pool maps what fits and raises nothing.
+    assert cache.prepare({a: 5 * tpp}) == 2 * 2 * 2
+    assert cache.stats().free_pages == 0
+    assert_accounting(cache)
+
+
+def test_errors(make_cache):
+    cache = make_cache(max_batch_size=1)
+    with pytest.raises(SequenceTooLongError):
+        cache.allocate(cache.config.max_seq_len + 1)
+    slot = cache.allocate(1)
+    with pytest.raises(SequenceTooLongError):
+        cache.grow(slot, cache.config.max_seq_len + 1)
+    with pytest.raises(NoFreeSlotError):
+        cache.allocate(1)
+    cache.free(slot)
+    with pytest.raises(KVCacheError):
+        cache.free(slot)
+    with pytest.raises(KVCacheError):
+        cache.grow(slot, 5)
+    assert issubclass(PoolExhaustedError, KVCacheError)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_layers", 0), ("num_kv_heads", -1), ("head_dim", 1.5), ("max_batch_size", 0), ("max_seq_len", 0),
+    ("dtype", "int8"), ("device", "tpu"), ("page_size_bytes", 1000), ("pool_size_bytes", 0),
+    ("memory_fraction", 1.5), ("prefetch_tokens", -1),
+])
+def test_bad_config_names_the_field(field, value):
+    kwargs = dict(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2, max_seq_len=16)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=field if field != "dtype" else "dtype"):
+        KVCacheConfig(**kwargs)
+
+
+def test_pool_too_small_for_one_request_is_a_config_error(device):
+    with pytest.raises(ValueError, match="pool_size_bytes"):
+        VirtualKVCache(KVCacheConfig(num_layers=4, num_kv_heads=2, head_dim=64, max_batch_size=2, max_seq_len=16,
+                                     device=device, pool_size_bytes=1))
+
+
+def test_close_unmaps_everything(make_cache, device):
+    cache = make_cache()
+    cache.allocate(int(cache.tokens_per_page) * 2)
+    cache.close()
+    cache.close()  # idempotent
+    assert cache.k == []
+    with pytest.raises(KVCacheError):
+        cache.allocate(1)
+    if device == "cpu":
+        with open("/proc/self/maps") as f:
+            assert "vattention-kv-pool" not in f.read()
+
+
+def test_teardown_at_exit_with_the_cache_alive(device):
+    script = textwrap.dedent(f"""
+        import atexit, torch
+        from kvcache import KVCacheConfig, VirtualKVCache
+        cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2,
+                                             max_seq_len=4096, device={device!r}, pool_size_bytes=64 << 20))
+        slot = cache.allocate(3000)
+        cache.k[0][slot, :3000] = 1.0
+        finalizer = cache._finalizer
+        # Registered after the cache, so it runs first: the cache must still be alive here...
+        atexit.register(lambda: print("alive-before-exit", finalizer.alive))
+        import weakref
+        # ...and weakref.finalize's own exit hook then tears it down.
+        weakref.finalize._exitfunc()
+        print("alive-after-teardown", finalizer.alive)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "alive-after-teardown False" in out.stdout

@@ -1,0 +1,119 @@
+"""Random sequences of allocate / grow / free / prepare, checked against the cache's invariants."""
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kvcache import KVCacheConfig, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Each live slot holds ``signature + row`` in every row it was grown to, in every layer's K and V."""
+
+    device = "cpu"
+
+    @initialize(pool_pages_per_buffer=st.integers(3, 12), prefetch=st.sampled_from([0, 1, 100]))
+    def setup(self, pool_pages_per_buffer, prefetch):
+        granularity = 64 << 10 if self.device == "cpu" else 2 << 20
+        self.tpp = granularity // (2 * 16 * 4)
+        self.cache = VirtualKVCache(KVCacheConfig(
+            num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=4 * self.tpp,
+            device=self.device, pool_size_bytes=pool_pages_per_buffer * 4 * granularity, prefetch_tokens=prefetch))
+        self.live: dict[int, tuple[int, float]] = {}  # slot -> (tokens written, signature)
+        self.next_signature = 1.0
+
+    def teardown(self):
+        if hasattr(self, "cache"):
+            self.cache.close()
+
+    def _write(self, slot, start, end, signature):
+        rows = torch.arange(start, end, dtype=torch.float32, device=self.cache.k[0].device).view(-1, 1, 1)
+        for layer in range(2):
+            self.cache.k[layer][slot, start:end] = signature + rows
+            self.cache.v[layer][slot, start:end] = signature - rows
+
+    @rule(num_tokens=st.integers(1, 4 * 1024))
+    def allocate(self, num_tokens):
+        num_tokens = min(num_tokens, self.cache.config.max_seq_len)
+        before = self.cache.stats()
+        can = self.cache.can_allocate(num_tokens)
+        try:
+            slot = self.cache.allocate(num_tokens)
+        except (NoFreeSlotError, PoolExhaustedError):
+            assert not can
+            assert self.cache.stats() == before
+            return
+        assert can and slot not in self.live
+        signature, self.next_signature = self.next_signature * 1000.0, self.next_signature + 1
+        self._write(slot, 0, num_tokens, signature)
+        self.live[slot] = (num_tokens, signature)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), extra=st.integers(0, 2048))
+    def grow(self, data, extra):
+        slot = data.draw(st.sampled_from(sorted(self.live)))
+        written, signature = self.live[slot]
+        target = min(written + extra, self.cache.config.max_seq_len)
+        before = self.cache.stats()
+        try:
+            self.cache.grow(slot, target)
+        except PoolExhaustedError:
+            assert self.cache.stats() == before
+            return
+        self._write(slot, written, target, signature)
+        self.live[slot] = (target, signature)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def free(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.live)))
+        self.cache.free(slot)
+        del self.live[slot]
+
+    @precondition(lambda self: self.live)
+    @rule(step=st.integers(1, 64))
+    def prepare(self, step):
+        self.cache.prepare({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
+
+    @invariant()
+    def pages_are_owned_once_and_counted(self):
+        stats = self.cache.stats()
+        assert stats.free_pages + stats.mapped_pages == stats.total_pages
+        assert stats.used_pages + stats.reclaimable_pages == stats.mapped_pages
+        owned = [p for s in range(4) for buf in self.cache.slot_page_ids(s) for p in buf]
+        assert len(owned) == len(set(owned)) == stats.mapped_pages
+        assert stats.num_active_slots == len(self.live)
+        for slot, (written, _) in self.live.items():
+            assert self.cache.capacity_tokens(slot) >= written
+            # Each buffer of a slot maps the same number of pages, at the start of the slot's range.
+            assert len({len(buf) for buf in self.cache.slot_page_ids(slot)}) == 1
+
+    @invariant()
+    def tensors_read_back_what_was_written(self):
+        for slot, (written, signature) in self.live.items():
+            rows = torch.arange(written, dtype=torch.float32, device=self.cache.k[0].device).view(-1, 1, 1)
+            for layer in range(2):
+                assert torch.equal(self.cache.k[layer][slot, :written], (signature + rows).expand(-1, 2, 16))
+                assert torch.equal(self.cache.v[layer][slot, :written], (signature - rows).expand(-1, 2, 16))
+
+
+_settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                     suppress_health_check=[HealthCheck.too_slow])
+
+
+class CpuCacheMachine(CacheMachine):
+    device = "cpu"
+
+
+class CudaCacheMachine(CacheMachine):
+    device = "cuda"
+
+
+TestCacheProperties = CpuCacheMachine.TestCase
+TestCacheProperties.settings = _settings
+
+
+@pytest.mark.gpu
+class TestCacheOnCuda(CudaCacheMachine.TestCase):
+    settings = _settings
