@@ -1,0 +1,173 @@
+"""Batch metadata: one typed object describing a flattened forward batch.
+
+A batch mixes prefill chunks and decode tokens of several sequences. Their tokens are
+concatenated into one flat ``[T]`` stream (``T`` = total new tokens, ``N`` = sequences);
+per-sequence metadata locates each sequence's tokens in that stream and its KV in the
+vAttention cache (slot ``s`` owns rows ``s * slot_stride_tokens + [0, max_seq_len)`` of
+every layer's ``k_flat`` / ``v_flat``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Metadata of one model forward. Device tensors live on ``device``; ``*_cpu`` twins are
+    Python lists of ints for host-side loops (no device sync needed to read them).
+
+    Attributes:
+        input_ids: ``[T]`` int64, new tokens of all sequences, concatenated in sequence order.
+        positions: ``[T]`` int64, absolute position of each token within its sequence.
+        slot_ids: ``[N]`` int64, cache slot of each sequence.
+        query_lens: ``[N]`` int32, new tokens per sequence (1 for decode, chunk length for prefill).
+        context_lens: ``[N]`` int32, tokens already in the cache before this step (= ``start_pos``).
+        seq_lens: ``[N]`` int32, ``context_lens + query_lens``: KV length after this step.
+        cu_seqlens_q: ``[N+1]`` int32, prefix sums of ``query_lens`` (offsets into the flat stream).
+        logits_indices: ``[N]`` int64, flat index of each sequence's last token (its logits row).
+        max_query_len / max_seq_len: Python ints, maxima of ``query_lens`` / ``seq_lens``.
+        slot_stride_tokens: rows between slot starts in the cache's ``*_flat`` tensors, or ``None``
+            until bound to a cache with :meth:`bind_cache`.
+        slot_mapping: ``[T]`` int64, flat cache row of each new token
+            (``slot * slot_stride_tokens + position``), where its K/V are written; ``None`` until bound.
+        cu_seqlens_k: ``[N+1]`` int32, ``slot_ids * slot_stride_tokens`` then a final ``0``:
+            the start row of each sequence's KV in ``*_flat`` (for varlen kernels taking
+            ``seqused_k``; not a prefix sum); ``None`` until bound.
+        slot_ids_cpu, query_lens_cpu, context_lens_cpu, seq_lens_cpu, cu_seqlens_q_cpu: host twins.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_ids: torch.Tensor
+    query_lens: torch.Tensor
+    context_lens: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    logits_indices: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    slot_ids_cpu: list[int]
+    query_lens_cpu: list[int]
+    context_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    cu_seqlens_q_cpu: list[int]
+    slot_stride_tokens: int | None = None
+    slot_mapping: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``: new tokens in the batch."""
+        return self.cu_seqlens_q_cpu[-1]
+
+    @property
+    def num_seqs(self) -> int:
+        """``N``: sequences in the batch."""
+        return len(self.slot_ids_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        """True when every sequence contributes exactly one token."""
+        return self.max_query_len == 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @classmethod
+    def build(
+        cls,
+        seqs: Sequence[tuple[int, Sequence[int], int]],
+        device: torch.device | str,
+        slot_stride_tokens: int | None = None,
+    ) -> "ForwardBatch":
+        """Build the batch from ``(slot, token_ids, start_pos)`` per sequence.
+
+        ``token_ids`` is the chunk of tokens to run for that sequence and ``start_pos`` the number
+        of its tokens already in the cache. ``slot_stride_tokens`` (the cache's) may be given now or
+        later through :meth:`bind_cache`.
+
+        Raises:
+            ValueError: empty batch, empty chunk, negative ``start_pos`` / slot, or a slot twice.
+        """
+        if len(seqs) == 0:
+            raise ValueError("seqs must hold at least one sequence")
+        slot_ids: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        input_ids: list[int] = []
+        for i, (slot, token_ids, start_pos) in enumerate(seqs):
+            if slot < 0:
+                raise ValueError(f"seqs[{i}] slot must be >= 0, got {slot}")
+            if start_pos < 0:
+                raise ValueError(f"seqs[{i}] start_pos must be >= 0, got {start_pos}")
+            if len(token_ids) == 0:
+                raise ValueError(f"seqs[{i}] token_ids must hold at least one token")
+            slot_ids.append(int(slot))
+            query_lens.append(len(token_ids))
+            context_lens.append(int(start_pos))
+            input_ids.extend(token_ids)
+        if len(set(slot_ids)) != len(slot_ids):
+            raise ValueError(f"seqs slots must be distinct, got {slot_ids}")
+
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        cu_seqlens_q = [0]
+        for q in query_lens:
+            cu_seqlens_q.append(cu_seqlens_q[-1] + q)
+        # Positions: arange per sequence, built with one repeat_interleave instead of a Python loop.
+        q_lens_t = torch.tensor(query_lens, dtype=torch.int64)
+        ctx_t = torch.tensor(context_lens, dtype=torch.int64)
+        cu_t = torch.tensor(cu_seqlens_q, dtype=torch.int64)
+        num_tokens = cu_seqlens_q[-1]
+        positions = torch.arange(num_tokens, dtype=torch.int64) + torch.repeat_interleave(ctx_t - cu_t[:-1], q_lens_t)
+
+        dev = torch.device(device)
+        pin = dev.type == "cuda"
+
+        def to_dev(t: torch.Tensor) -> torch.Tensor:
+            if dev.type == "cpu":
+                return t
+            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
+
+        batch = cls(
+            input_ids=to_dev(torch.tensor(input_ids, dtype=torch.int64)),
+            positions=to_dev(positions),
+            slot_ids=to_dev(torch.tensor(slot_ids, dtype=torch.int64)),
+            query_lens=to_dev(q_lens_t.to(torch.int32)),
+            context_lens=to_dev(ctx_t.to(torch.int32)),
+            seq_lens=to_dev(torch.tensor(seq_lens, dtype=torch.int32)),
+            cu_seqlens_q=to_dev(cu_t.to(torch.int32)),
+            logits_indices=to_dev(cu_t[1:] - 1),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            slot_ids_cpu=slot_ids,
+            query_lens_cpu=query_lens,
+            context_lens_cpu=context_lens,
+            seq_lens_cpu=seq_lens,
+            cu_seqlens_q_cpu=cu_seqlens_q,
+        )
+        if slot_stride_tokens is not None:
+            batch = batch.bind_cache(slot_stride_tokens, _positions_cpu=positions)
+        return batch
+
+    def bind_cache(self, slot_stride_tokens: int, _positions_cpu: torch.Tensor | None = None) -> "ForwardBatch":
+        """Return this batch with the cache-row fields (``slot_mapping``, ``cu_seqlens_k``) filled
+        for a cache whose slots are ``slot_stride_tokens`` rows apart. No-op if already bound so."""
+        if slot_stride_tokens < 1:
+            raise ValueError(f"slot_stride_tokens must be >= 1, got {slot_stride_tokens}")
+        if self.slot_stride_tokens == slot_stride_tokens and self.slot_mapping is not None:
+            return self
+        slot_starts = torch.tensor(self.slot_ids_cpu, dtype=torch.int64) * slot_stride_tokens
+        positions = _positions_cpu if _positions_cpu is not None else self.positions.cpu()
+        q_lens = torch.tensor(self.query_lens_cpu, dtype=torch.int64)
+        slot_mapping = torch.repeat_interleave(slot_starts, q_lens) + positions
+        cu_seqlens_k = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
+        dev = self.device
+        if dev.type != "cpu":
+            slot_mapping = slot_mapping.pin_memory().to(dev, non_blocking=True)
+            cu_seqlens_k = cu_seqlens_k.pin_memory().to(dev, non_blocking=True)
+        return replace(self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, cu_seqlens_k=cu_seqlens_k)

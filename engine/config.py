@@ -1,0 +1,213 @@
+"""Engine configuration dataclasses.
+
+Each config validates itself in ``__post_init__`` and raises ``ValueError`` naming the field and
+the allowed range, so a bad YAML/HTTP value fails at construction rather than deep in the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "flash_attn")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run and how.
+
+    Attributes:
+        model: ``"smollm2"`` (the embedded default SmolLM2-135M-Instruct GGUF), a Hugging Face
+            directory with ``config.json`` + ``*.safetensors``, a path to a ``.gguf`` file, or
+            ``"dummy:<name-or-path-of-config.json>"`` for seeded random weights at real shapes
+            (named configs: see ``engine.weights.dummy.NAMED_CONFIGS``, e.g. ``dummy:llama-3-8b``).
+        dtype: ``"auto"`` = float32 on CPU, bfloat16 on GPU; or an explicit torch dtype name.
+        device: ``"auto"`` = ``"cuda"`` when available else ``"cpu"``; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32), ``flash_attn`` on GPU when
+            importable else ``torch_flash``; or one of ``sdpa``, ``torch_flash``, ``flash_attn``.
+        seed: seed for dummy weights.
+        tensor_parallel_size: number of tensor-parallel ranks (1 here).
+    """
+
+    model: str = "smollm2"
+    dtype: str = "auto"
+    device: str = "auto"
+    attention_backend: str = "auto"
+    seed: int = 0
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be a non-empty string, got {self.model!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not (
+            self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
+        ):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an int >= 1, got {self.tensor_parallel_size!r}")
+
+    def resolved_device(self) -> str:
+        """The concrete torch device string (``"auto"`` resolved)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self):
+        """The concrete ``torch.dtype`` (``"auto"``: float32 on CPU, bfloat16 on GPU)."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if self.resolved_device() == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
+
+    def resolved_attention_backend(self) -> str:
+        """The concrete attention backend name (``"auto"`` resolved for the device)."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        import torch
+
+        # FlashAttention kernels take only 16-bit inputs.
+        if self.resolved_device() == "cpu" or self.resolved_dtype() == torch.float32:
+            return "sdpa"
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attn"
+        except ImportError:
+            return "torch_flash"
+
+
+@dataclass
+class CacheConfig:
+    """Sizing of the vAttention KV cache.
+
+    Attributes:
+        max_batch_size: number of batch slots (concurrent sequences holding KV), >= 1.
+        max_seq_len: tokens per slot (prompt + output); ``None`` = the model's max position
+            embeddings capped at 4096.
+        page_size_bytes: physical page size; ``None`` = backend default (64 KiB host, 2 MiB CUDA).
+        kv_cache_bytes: size of the physical page pool; if ``None``, ``gpu_memory_fraction`` of the
+            free device memory is used on GPU, and 256 MiB on CPU.
+        gpu_memory_fraction: fraction of free GPU memory for the pool when ``kv_cache_bytes`` is None.
+        prefetch_tokens: tokens mapped eagerly beyond what the next step needs; ``None`` = cache default.
+    """
+
+    max_batch_size: int = 16
+    max_seq_len: int | None = None
+    page_size_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    gpu_memory_fraction: float = 0.9
+    prefetch_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+        if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
+            raise ValueError(f"max_seq_len must be None or an int >= 1, got {self.max_seq_len!r}")
+        if self.page_size_bytes is not None and (
+            not _is_int(self.page_size_bytes) or self.page_size_bytes < 4096
+        ):
+            raise ValueError(f"page_size_bytes must be None or an int >= 4096, got {self.page_size_bytes!r}")
+        if self.kv_cache_bytes is not None and (not _is_int(self.kv_cache_bytes) or self.kv_cache_bytes < 1):
+            raise ValueError(f"kv_cache_bytes must be None or an int >= 1, got {self.kv_cache_bytes!r}")
+        if not isinstance(self.gpu_memory_fraction, (int, float)) or not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+        if self.prefetch_tokens is not None and (not _is_int(self.prefetch_tokens) or self.prefetch_tokens < 0):
+            raise ValueError(f"prefetch_tokens must be None or an int >= 0, got {self.prefetch_tokens!r}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous-batching limits.
+
+    Attributes:
+        max_num_seqs: most sequences in one forward; ``None`` = the cache's ``max_batch_size``
+            (it can never exceed the number of slots).
+        max_num_batched_tokens: most new tokens in one forward (decode tokens + prefill chunks);
+            longer prompts are prefilled in chunks of at most this many tokens.
+    """
+
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs is not None and (
+            not isinstance(self.max_num_seqs, int) or isinstance(self.max_num_seqs, bool) or self.max_num_seqs < 1
+        ):
+            raise ValueError(f"max_num_seqs must be None or an int >= 1, got {self.max_num_seqs!r}")
+        if (
+            not isinstance(self.max_num_batched_tokens, int)
+            or isinstance(self.max_num_batched_tokens, bool)
+            or self.max_num_batched_tokens < 1
+        ):
+            raise ValueError(f"max_num_batched_tokens must be an int >= 1, got {self.max_num_batched_tokens!r}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything an ``LLMEngine`` needs: model, KV cache sizing and scheduling.
+
+    Attributes:
+        model, cache, scheduler: the component configs.
+        sampler_seed: seed of the engine-wide randomness used by requests without their own
+            ``seed``; ``None`` = nondeterministic.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampler_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, cls(**value))
+            elif not isinstance(value, cls):
+                raise ValueError(f"{name} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+        if self.sampler_seed is not None and (not isinstance(self.sampler_seed, int) or self.sampler_seed < 0):
+            raise ValueError(f"sampler_seed must be None or an int >= 0, got {self.sampler_seed!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EngineConfig":
+        """Build from ``{"model": {...}, "cache": {...}, "scheduler": {...}, "sampler_seed": ...}`` or from
+        flat keys (``{"model": "smollm2", "max_batch_size": 8, ...}``), each routed to the config that has
+        that field. Unknown keys raise ``ValueError`` naming them."""
+        values = dict(values)
+        nested: dict[str, dict] = {"model": {}, "cache": {}, "scheduler": {}}
+        for name in nested:
+            if isinstance(values.get(name), dict):
+                nested[name].update(values.pop(name))
+        top: dict = {}
+        if "sampler_seed" in values:
+            top["sampler_seed"] = values.pop("sampler_seed")
+        owners = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+        unknown = []
+        for key, value in values.items():
+            owner = next((n for n, c in owners.items() if key in {f.name for f in fields(c)}), None)
+            if owner is None:
+                unknown.append(key)
+            else:
+                nested[owner][key] = value
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
+        return cls(
+            model=ModelConfig(**nested["model"]),
+            cache=CacheConfig(**nested["cache"]),
+            scheduler=SchedulerConfig(**nested["scheduler"]),
+            **top,
+        )

@@ -1,0 +1,132 @@
+"""ModelRunner: loads the model, owns the vAttention KV cache, runs forward batches."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.config import CacheConfig, ModelConfig
+from engine.model import LlamaForCausalLM
+from engine.weights import get_weight_loader, resolve_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Build parameters directly in ``dtype`` (no float32 copy of a bf16 model)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class ModelRunner:
+    """Owns the model and its KV cache on one device (one tensor-parallel rank).
+
+    Attributes:
+        model: the :class:`LlamaForCausalLM`.
+        kv_cache: the ``VirtualKVCache`` sized from ``cache_config`` and the model's KV shape.
+        hf_config: the transformers config.
+        resolved: the :class:`ResolvedModel` (tokenizer dir, weight source).
+        device, dtype, attention_backend: as resolved from ``model_config``.
+        max_model_len: tokens one sequence may hold (prompt + output) = the cache's ``max_seq_len``.
+        eos_token_ids: token ids that end generation (generation config + model config).
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp_rank: int = 0) -> None:
+        from kvcache import KVCacheConfig, VirtualKVCache
+
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.device = torch.device(model_config.resolved_device())
+        self.dtype = model_config.resolved_dtype()
+        self.attention_backend = model_config.resolved_attention_backend()
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
+
+        start = time.perf_counter()
+        self.resolved = resolve_model(model_config.model)
+        self.hf_config = self.resolved.hf_config
+        with torch.device(self.device), _default_dtype(self.dtype):
+            self.model = LlamaForCausalLM(self.hf_config, self.attention_backend, tp_rank,
+                                          model_config.tensor_parallel_size)
+        self.model.eval()
+        get_weight_loader(self.resolved, seed=model_config.seed).load_into(self.model)
+        logger.info("loaded %s (%s, %s, %s attention) in %.1f s", model_config.model, self.device, self.dtype,
+                    self.attention_backend, time.perf_counter() - start)
+
+        max_positions = getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
+        if cache_config.max_seq_len is not None and cache_config.max_seq_len > max_positions:
+            raise ValueError(f"max_seq_len must be <= the model's max_position_embeddings ({max_positions}), "
+                             f"got {cache_config.max_seq_len}")
+        self.max_model_len = cache_config.max_seq_len or min(max_positions, DEFAULT_MAX_SEQ_LEN)
+        pool_kwargs = {}
+        if cache_config.kv_cache_bytes is not None:
+            pool_kwargs["pool_size_bytes"] = cache_config.kv_cache_bytes
+        elif self.device.type == "cuda":
+            pool_kwargs["memory_fraction"] = cache_config.gpu_memory_fraction
+        else:
+            pool_kwargs["pool_size_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+        if cache_config.prefetch_tokens is not None:
+            pool_kwargs["prefetch_tokens"] = cache_config.prefetch_tokens
+        self.kv_cache = VirtualKVCache(KVCacheConfig(
+            num_layers=self.hf_config.num_hidden_layers,
+            num_kv_heads=self.model.num_kv_heads_local,
+            head_dim=self.model.head_dim,
+            max_batch_size=cache_config.max_batch_size,
+            max_seq_len=self.max_model_len,
+            dtype=self.dtype,
+            device=str(self.device),
+            page_size_bytes=cache_config.page_size_bytes,
+            **pool_kwargs,
+        ))
+        self.eos_token_ids = self._eos_token_ids()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+
+        def add(value) -> None:
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+
+        add(getattr(self.hf_config, "eos_token_id", None))
+        if self.resolved.weights_dir is not None and (self.resolved.weights_dir / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            add(GenerationConfig.from_pretrained(str(self.resolved.weights_dir)).eos_token_id)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config.vocab_size
+
+    def build_batch(self, seqs) -> ForwardBatch:
+        """``ForwardBatch.build`` for this runner's device and cache (see its docstring for ``seqs``)."""
+        return ForwardBatch.build(seqs, self.device, slot_stride_tokens=self.kv_cache.slot_stride_tokens)
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run one forward: writes the batch's K/V into the cache and returns the logits of each
+        sequence's last token, ``[N, vocab]`` float32 on the device (asynchronous on GPU).
+
+        The cache rows ``[0, seq_lens[i])`` of every slot must be mapped (allocate/grow first).
+        """
+        batch = batch.bind_cache(self.kv_cache.slot_stride_tokens)
+        hidden = self.model(batch, self.kv_cache)
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def close(self) -> None:
+        """Release the KV cache's memory."""
+        self.kv_cache.close()

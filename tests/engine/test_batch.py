@@ -1,0 +1,59 @@
+"""ForwardBatch construction: flat token layout, per-sequence metadata, cache rows."""
+
+import pytest
+import torch
+
+from engine.batch import ForwardBatch
+
+SEQS = [(3, [11, 12, 13], 0), (0, [21], 5), (1, [31, 32], 2)]  # prefill, decode, prefill chunk
+
+
+def test_build_fields():
+    b = ForwardBatch.build(SEQS, "cpu")
+    assert b.input_ids.tolist() == [11, 12, 13, 21, 31, 32]
+    assert b.positions.tolist() == [0, 1, 2, 5, 2, 3]
+    assert b.slot_ids.tolist() == [3, 0, 1]
+    assert b.query_lens.tolist() == [3, 1, 2]
+    assert b.context_lens.tolist() == [0, 5, 2]
+    assert b.seq_lens.tolist() == [3, 6, 4]
+    assert b.cu_seqlens_q.tolist() == [0, 3, 4, 6]
+    assert b.logits_indices.tolist() == [2, 3, 5]
+    assert (b.max_query_len, b.max_seq_len, b.num_tokens, b.num_seqs) == (3, 6, 6, 3)
+    assert b.cu_seqlens_q.dtype == b.seq_lens.dtype == torch.int32
+    assert b.input_ids.dtype == b.positions.dtype == b.logits_indices.dtype == torch.int64
+    assert (b.slot_ids_cpu, b.query_lens_cpu, b.context_lens_cpu, b.seq_lens_cpu, b.cu_seqlens_q_cpu) == (
+        [3, 0, 1], [3, 1, 2], [0, 5, 2], [3, 6, 4], [0, 3, 4, 6])
+    assert not b.is_decode_only and b.slot_mapping is None
+
+
+def test_bind_cache_rows():
+    b = ForwardBatch.build(SEQS, "cpu", slot_stride_tokens=100)
+    assert b.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]
+    assert b.cu_seqlens_k.tolist()[:3] == [300, 0, 100] and b.cu_seqlens_k.dtype == torch.int32
+    unbound = ForwardBatch.build(SEQS, "cpu")
+    assert unbound.bind_cache(100).slot_mapping.tolist() == b.slot_mapping.tolist()
+    assert b.bind_cache(100) is b
+
+
+def test_decode_only():
+    b = ForwardBatch.build([(0, [1], 7), (4, [2], 0)], "cpu", slot_stride_tokens=16)
+    assert b.is_decode_only and b.positions.tolist() == [7, 0] and b.slot_mapping.tolist() == [7, 64]
+
+
+@pytest.mark.parametrize("seqs,match", [
+    ([], "at least one"),
+    ([(0, [], 0)], "token_ids"),
+    ([(0, [1], -1)], "start_pos"),
+    ([(-1, [1], 0)], "slot"),
+    ([(2, [1], 0), (2, [5], 3)], "distinct"),
+])
+def test_build_rejects_bad_input(seqs, match):
+    with pytest.raises(ValueError, match=match):
+        ForwardBatch.build(seqs, "cpu")
+
+
+@pytest.mark.gpu
+def test_build_on_gpu():
+    b = ForwardBatch.build(SEQS, "cuda", slot_stride_tokens=100)
+    assert b.input_ids.is_cuda and b.slot_mapping.is_cuda and b.cu_seqlens_k.is_cuda
+    assert b.positions.tolist() == [0, 1, 2, 5, 2, 3]

@@ -1,0 +1,161 @@
+"""Weight loaders and model resolution: HF safetensors dirs, GGUF, dummy weights."""
+
+import pytest
+import torch
+
+from engine.config import CacheConfig, ModelConfig
+from engine.model import LlamaForCausalLM
+from engine.model_runner import ModelRunner
+from engine.weights import NAMED_CONFIGS, WeightLoadError, resolve_model
+from engine.weights.gguf_loader import GGUFWeightLoader
+from engine.weights.resolve import default_gguf_path
+from engine.weights.safetensors_loader import SafetensorsWeightLoader
+
+
+def tiny_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def save_tiny_checkpoint(path, model_type: str, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
+    # Random biases/norms so a loader that skips them fails the comparison.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def our_logits_all_positions(runner, token_lists):
+    """Prefill every sequence in one batch, return logits at every position per sequence."""
+    slots = [runner.kv_cache.allocate(len(t)) for t in token_lists]
+    try:
+        batch = runner.build_batch([(s, t, 0) for s, t in zip(slots, token_lists)])
+        with torch.inference_mode():
+            logits = runner.model.compute_logits(runner.model(batch, runner.kv_cache))
+    finally:
+        for s in slots:
+            runner.kv_cache.free(s)
+    cu = batch.cu_seqlens_q_cpu
+    return [logits[cu[i]:cu[i + 1]] for i in range(len(token_lists))]
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("qwen2", {}),  # q/k/v biases implied by the architecture
+    ("mistral", {"sliding_window": None}),
+])
+def test_hf_checkpoint_logits_match_transformers(tmp_path, model_type, overrides):
+    hf_model = save_tiny_checkpoint(tmp_path, model_type, **overrides)
+    runner = ModelRunner(ModelConfig(model=str(tmp_path), device="cpu"),
+                         CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_bytes=8 << 20))
+    try:
+        g = torch.Generator().manual_seed(1)
+        token_lists = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (37, 1, 90)]
+        ours = our_logits_all_positions(runner, token_lists)
+        for tokens, got in zip(token_lists, ours):
+            with torch.inference_mode():
+                ref = hf_model(torch.tensor([tokens])).logits[0]
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_missing_tensor_raises(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_tiny_checkpoint(tmp_path, "llama")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = LlamaForCausalLM(tiny_config("llama"))
+    with pytest.raises(WeightLoadError, match="down_proj"):
+        SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(model)
+
+
+def test_unknown_tensor_raises(tmp_path):
+    save_tiny_checkpoint(tmp_path, "llama", attention_bias=True)
+    model = LlamaForCausalLM(tiny_config("llama"))  # built without biases
+    with pytest.raises(WeightLoadError, match="bias"):
+        SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(model)
+
+
+def test_gguf_loader_matches_converted_dir():
+    """Dequantizing the GGUF directly gives the same weights as the cached converted directory."""
+    resolved = resolve_model("smollm2")
+    a = LlamaForCausalLM(resolved.hf_config)
+    b = LlamaForCausalLM(resolved.hf_config)
+    GGUFWeightLoader(default_gguf_path()).load_into(a)
+    SafetensorsWeightLoader(resolved.weights_dir, show_progress=False).load_into(b)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_converted_dir_is_cached_and_complete():
+    first = resolve_model("smollm2")
+    second = resolve_model("smollm2")
+    assert first.weights_dir == second.weights_dir
+    names = {p.name for p in first.weights_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= names
+    assert first.hf_config.num_hidden_layers == 30 and first.hf_config.num_key_value_heads == 3
+    assert getattr(first.hf_config, "quantization_config", None) is None
+
+
+def test_dummy_weights_shapes_and_seed():
+    cache = CacheConfig(max_batch_size=2, max_seq_len=64, kv_cache_bytes=4 << 20)
+    runners = [ModelRunner(ModelConfig(model="dummy:tiny-llama", device="cpu", seed=s), cache) for s in (0, 0, 1)]
+    try:
+        a, b, c = (dict(r.model.named_parameters()) for r in runners)
+        cfg = runners[0].hf_config
+        assert a["model.layers.0.self_attn.qkv_proj.weight"].shape == (
+            (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * 16, cfg.hidden_size)
+        assert a["lm_head.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+        assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+        assert torch.all(a["model.norm.weight"] == 1)
+        std = a["model.layers.1.mlp.down_proj.weight"].std().item()
+        assert 0.015 < std < 0.025
+        logits = runners[0].execute(runners[0].build_batch([(runners[0].kv_cache.allocate(3), [1, 2, 3], 0)]))
+        assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
+    finally:
+        for r in runners:
+            r.close()
+
+
+@pytest.mark.parametrize("name", NAMED_CONFIGS)
+def test_named_dummy_configs_build_at_real_shapes(name):
+    resolved = resolve_model(f"dummy:{name}")
+    assert resolved.weight_source == "dummy" and (resolved.tokenizer_dir / "tokenizer.json").is_file()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(resolved.hf_config)
+    num_params = sum(p.numel() for p in model.parameters())
+    if name.startswith("llama-3"):
+        assert num_params == 8_030_261_248  # Llama-3-8B
+    if name == "smollm2-135m":
+        assert num_params == 134_515_008
+
+
+def test_dummy_config_from_path(tmp_path):
+    tiny_config("llama").save_pretrained(tmp_path)
+    resolved = resolve_model(f"dummy:{tmp_path}")
+    assert resolved.hf_config.hidden_size == 64
+
+
+@pytest.mark.parametrize("bad", ["nope", "dummy:no-such-config", "/does/not/exist.gguf"])
+def test_resolve_rejects_unknown_models(bad):
+    with pytest.raises(ValueError, match="model"):
+        resolve_model(bad)
