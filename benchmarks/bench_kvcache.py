@@ -78,27 +78,38 @@ def bench_cache_grow(device: str) -> dict:
 
 
 def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256) -> dict:
-    """Per-step time of a decode-like loop whose requests cross page boundaries, three ways."""
+    """Per-step time of a Llama-3-8B-shaped decode loop whose requests cross page boundaries, three ways."""
     config = KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                            max_batch_size=num_requests, max_seq_len=4096, device=device, memory_fraction=0.6)
     dev = torch.device(device)
-    # Device work of one Llama-3-8B decode step: its ~16 GB of bf16 weights streamed once, as GEMMs over the
-    # batch (8 passes over a 1.9 GB weight set, far larger than L2), plus this step's K/V writes into the cache.
-    hidden = 4096
-    weights = [torch.randn(hidden, 14336, device=dev, dtype=torch.bfloat16) for _ in range(8)]
-    x = torch.randn(num_requests, hidden, device=dev, dtype=torch.bfloat16)
-    new_kv = torch.randn(num_requests, 8, 128, device=dev, dtype=torch.bfloat16)
+    # Device work of one Llama-3-8B decode step over the cache, layer by layer: QKV projection, this step's K/V
+    # written in place, FlashAttention-2 varlen reading every request's K/V from the virtual tensors, output
+    # projection and MLP. One layer's weights (436 MB, far beyond L2) serve all 32 layers.
+    hidden, heads, kv_heads, head_dim, inter = 4096, 32, 8, 128, 14336
+    bf16 = dict(device=dev, dtype=torch.bfloat16)
+    w_qkv = torch.randn(hidden, (heads + 2 * kv_heads) * head_dim, **bf16) * 0.02
+    w_o = torch.randn(heads * head_dim, hidden, **bf16) * 0.02
+    w_gate_up = torch.randn(hidden, 2 * inter, **bf16) * 0.02
+    w_down = torch.randn(inter, hidden, **bf16) * 0.02
+    x = torch.randn(num_requests, hidden, **bf16)
+    cu_q = torch.arange(num_requests + 1, dtype=torch.int32, device=dev)
 
     def device_work(cache, slots_t, lengths_t):
-        y = x
-        for _ in range(8):
-            for w in weights:
-                y = (y @ w)[:, :hidden]
         rows = slots_t * cache.slot_stride_tokens + lengths_t - 1
+        cu_k = torch.cat([slots_t * cache.slot_stride_tokens, slots_t[:1] * 0]).to(torch.int32)
+        lens32 = lengths_t.to(torch.int32)
+        h = x
         for layer in range(32):
-            cache.k_flat[layer].index_copy_(0, rows, new_kv)
-            cache.v_flat[layer].index_copy_(0, rows, new_kv)
-        return y
+            q, k, v = (h @ w_qkv).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+            cache.k_flat[layer].index_copy_(0, rows, k.reshape(-1, kv_heads, head_dim))
+            cache.v_flat[layer].index_copy_(0, rows, v.reshape(-1, kv_heads, head_dim))
+            attn = torch.ops.aten._flash_attention_forward(
+                q.reshape(-1, heads, head_dim), cache.k_flat[layer], cache.v_flat[layer], cu_q, cu_k, 1,
+                cache.config.max_seq_len, 0.0, True, False, seqused_k=lens32)[0]
+            h = h + attn.reshape(-1, heads * head_dim) @ w_o
+            gate, up = (h @ w_gate_up).chunk(2, dim=-1)
+            h = h + (torch.nn.functional.silu(gate) * up) @ w_down
+        return h
 
     results = {}
     for mode in ("premapped", "inline", "overlapped"):

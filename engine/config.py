@@ -30,7 +30,10 @@ class ModelConfig:
         attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32), ``flash_attn`` on GPU when
             importable else ``torch_flash``; or one of ``sdpa``, ``torch_flash``, ``flash_attn``.
         seed: seed for dummy weights.
-        tensor_parallel_size: number of tensor-parallel ranks (1 here).
+        tensor_parallel_size: number of tensor-parallel ranks.
+        enforce_eager: never use CUDA graphs (decode steps are otherwise replayed from graphs
+            captured at fixed batch-size buckets on GPU).
+        cuda_graph_max_batch_size: largest decode batch served from a graph; larger ones run eagerly.
     """
 
     model: str = "smollm2"
@@ -39,8 +42,14 @@ class ModelConfig:
     attention_backend: str = "auto"
     seed: int = 0
     tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    cuda_graph_max_batch_size: int = 256
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if not _is_int(self.cuda_graph_max_batch_size) or self.cuda_graph_max_batch_size < 1:
+            raise ValueError(f"cuda_graph_max_batch_size must be an int >= 1, got {self.cuda_graph_max_batch_size!r}")
         if not isinstance(self.model, str) or not self.model.strip():
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.dtype not in DTYPES:

