@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu bench-kvcache clean
+.PHONY: install test test-gpu bench-kvcache clean serve serve-stop
 
 install: $(STAMP)
 
@@ -29,3 +29,21 @@ bench-kvcache: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# `make serve`: a local Ray cluster + the app of serve_config.yaml on http://localhost:8000, returning once
+# /health answers 200 (2 CPU engine replicas with the embedded model). Prometheus metrics of every replica:
+# http://localhost:8000/metrics (or Ray's export on :$(METRICS_PORT)). Stop with `make serve-stop`.
+# Token auth is off for this local cluster (RAY_AUTH_MODE=disabled), consistently for ray and serve.
+METRICS_PORT ?= 8080
+SERVE_CONFIG ?= serve_config.yaml
+serve: install
+	RAY_AUTH_MODE=disabled $(VENV)/bin/ray status >/dev/null 2>&1 || \
+		RAY_AUTH_MODE=disabled $(VENV)/bin/ray start --head --metrics-export-port=$(METRICS_PORT) --disable-usage-stats
+	RAY_AUTH_MODE=disabled PYTHONPATH=$(CURDIR) $(VENV)/bin/serve deploy $(SERVE_CONFIG)
+	@for i in $$(seq 300); do curl -sf http://localhost:8000/health >/dev/null && break; sleep 2; done; \
+		curl -sf http://localhost:8000/health >/dev/null || (echo "not healthy: see serve status"; exit 1)
+	@echo "serving on http://localhost:8000 (OpenAI API under /v1); stop with: make serve-stop"
+
+serve-stop:
+	RAY_AUTH_MODE=disabled $(VENV)/bin/serve shutdown -y || true
+	RAY_AUTH_MODE=disabled $(VENV)/bin/ray stop

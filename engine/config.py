@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "triton_flash", "flash_attn")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -27,8 +27,9 @@ class ModelConfig:
             (named configs: see ``engine.weights.dummy.NAMED_CONFIGS``, e.g. ``dummy:llama-3-8b``).
         dtype: ``"auto"`` = float32 on CPU, bfloat16 on GPU; or an explicit torch dtype name.
         device: ``"auto"`` = ``"cuda"`` when available else ``"cpu"``; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32), ``flash_attn`` on GPU when
-            importable else ``torch_flash``; or one of ``sdpa``, ``torch_flash``, ``flash_attn``.
+        attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32); on GPU ``flash_attn`` when
+            importable, else ``triton_flash`` (Triton split-KV decode + FA2 varlen prefill) when Triton is,
+            else ``torch_flash``; or one of those names.
         seed: seed for dummy weights.
         tensor_parallel_size: number of tensor-parallel ranks.
         enforce_eager: never use CUDA graphs (decode steps are otherwise replayed from graphs
@@ -96,6 +97,12 @@ class ModelConfig:
             import flash_attn  # noqa: F401
 
             return "flash_attn"
+        except ImportError:
+            pass
+        try:
+            import triton  # noqa: F401
+
+            return "triton_flash"
         except ImportError:
             return "torch_flash"
 

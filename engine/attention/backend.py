@@ -49,7 +49,7 @@ class AttentionBackend(ABC):
 
 def get_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int,
                           scale: float | None = None) -> AttentionBackend:
-    """Instantiate the backend called ``name`` (``sdpa``, ``torch_flash`` or ``flash_attn``).
+    """Instantiate the backend called ``name`` (``sdpa``, ``torch_flash``, ``triton_flash`` or ``flash_attn``).
 
     Raises:
         ValueError: unknown name.
@@ -59,8 +59,11 @@ def get_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim
         from engine.attention.sdpa import SDPABackend as cls
     elif name == "torch_flash":
         from engine.attention.torch_flash import TorchFlashBackend as cls
+    elif name == "triton_flash":
+        from engine.attention.triton_flash import TritonFlashBackend as cls
     elif name == "flash_attn":
         from engine.attention.flash_attn import FlashAttnBackend as cls
     else:
-        raise ValueError(f"attention_backend must be 'sdpa', 'torch_flash' or 'flash_attn', got {name!r}")
+        raise ValueError(f"attention_backend must be 'sdpa', 'torch_flash', 'triton_flash' or 'flash_attn', "
+                         f"got {name!r}")
     return cls(num_heads, num_kv_heads, head_dim, scale)

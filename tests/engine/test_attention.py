@@ -24,18 +24,21 @@ def reference_attention(q, k, v, context_len):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-def run_backend(name, device, dtype, slot_order):
+DECODE_SEQS = [(5, 1), (130, 1), (0, 1), (200, 1), (77, 1)]
+
+
+def run_backend(name, device, dtype, slot_order, seqs=SEQS):
     cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                                         max_batch_size=len(SEQS) + 1, max_seq_len=256, dtype=dtype,
+                                         max_batch_size=len(seqs) + 1, max_seq_len=256, dtype=dtype,
                                          device=device, pool_size_bytes=64 << 20))
     try:
         backend = get_attention_backend(name, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
         g = torch.Generator().manual_seed(0)
-        slots = [cache.allocate(c + n) for c, n in SEQS]
+        slots = [cache.allocate(c + n) for c, n in seqs]
         slots = [slots[i] for i in slot_order]
         full_k, full_v, items, queries = [], [], [], []
         layer = 1
-        for slot, (ctx, n) in zip(slots, SEQS):
+        for slot, (ctx, n) in zip(slots, seqs):
             k = torch.randn(ctx + n, NUM_KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
             v = torch.randn(ctx + n, NUM_KV_HEADS, HEAD_DIM, generator=g).to(device, dtype)
             cache.k[layer][slot, :ctx] = k[:ctx]  # context written by earlier steps
@@ -46,12 +49,12 @@ def run_backend(name, device, dtype, slot_order):
             items.append((slot, list(range(n)), ctx))
         batch = ForwardBatch.build(items, device, slot_stride_tokens=cache.slot_stride_tokens)
         q = torch.cat(queries)
-        k_new = torch.cat([k[ctx:] for k, (ctx, _) in zip(full_k, SEQS)])
-        v_new = torch.cat([v[ctx:] for v, (ctx, _) in zip(full_v, SEQS)])
+        k_new = torch.cat([k[ctx:] for k, (ctx, _) in zip(full_k, seqs)])
+        v_new = torch.cat([v[ctx:] for v, (ctx, _) in zip(full_v, seqs)])
         out = backend.forward(layer, q, k_new, v_new, batch, cache)
         assert out.shape == q.shape
         cu = batch.cu_seqlens_q_cpu
-        for i, (slot, (ctx, n)) in enumerate(zip(slots, SEQS)):
+        for i, (slot, (ctx, n)) in enumerate(zip(slots, seqs)):
             # new K/V landed in the slot, in place
             assert torch.equal(cache.k[layer][slot, :ctx + n], full_k[i])
             assert torch.equal(cache.v[layer][slot, :ctx + n], full_v[i])
@@ -81,9 +84,15 @@ def _flash_attn_available():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sdpa", "torch_flash",
+@pytest.mark.parametrize("name", ["sdpa", "torch_flash", "triton_flash",
                                   pytest.param("flash_attn", marks=pytest.mark.skipif(
                                       not _flash_attn_available(), reason="flash_attn not installed"))])
 @pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
 def test_backends_mixed_batch_gpu(name, slot_order):
     run_backend(name, "cuda", torch.bfloat16, slot_order)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
+def test_backends_decode_only_batch_gpu(name):
+    run_backend(name, "cuda", torch.bfloat16, [3, 1, 4, 0, 2], seqs=DECODE_SEQS)

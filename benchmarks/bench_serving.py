@@ -1,0 +1,385 @@
+"""Online serving benchmark against any OpenAI-compatible server (in the style of ``vllm bench serve``).
+
+Poisson arrivals, random or ShareGPT-like lengths (or a skewed long/short mix), streaming completions;
+reports request throughput, output tokens/s, TTFT / TPOT / ITL / E2E p50 / p99.
+
+Two modes:
+  * client only:  ``bench_serving.py --base-url http://localhost:8000 --model smollm2``
+  * router comparison (deploys the app itself on a Ray cluster, once per router, same workload):
+    ``bench_serving.py --compare-routers --out benchmarks/results/router_cpu.json``
+    runs the skewed workload on 2 CPU replicas with the page-aware router and with Ray Serve's default
+    (power of two choices), and reports preemptions (from the replicas' Prometheus counters) and p99 TTFT
+    for both, plus a PNG plot next to the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@dataclass
+class RequestSpec:
+    prompt_token_ids: list[int]
+    max_tokens: int
+    kind: str  # "long", "short", "random", "sharegpt"
+
+
+@dataclass
+class RequestResult:
+    kind: str
+    ok: bool
+    status: int
+    num_prompt_tokens: int
+    num_output_tokens: int = 0
+    ttft_s: float = 0.0
+    e2e_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    replica: str = ""
+    error: str = ""
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+
+
+def make_workload(kind: str, num_requests: int, seed: int, vocab_low: int = 1000, vocab_high: int = 30000,
+                  input_len: int = 128, output_len: int = 64, long_fraction: float = 0.25,
+                  long_input_len: int = 300, long_output_len: int = 120,
+                  short_input_len: int = 32, short_output_len: int = 24) -> list[RequestSpec]:
+    """Token-id prompts of exact lengths (random ids from an ordinary-text id range)."""
+    rng = random.Random(seed)
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(vocab_low, vocab_high) for _ in range(n)]
+
+    specs = []
+    for _ in range(num_requests):
+        if kind == "skewed":
+            if rng.random() < long_fraction:
+                specs.append(RequestSpec(ids(long_input_len), long_output_len, "long"))
+            else:
+                specs.append(RequestSpec(ids(short_input_len), short_output_len, "short"))
+        elif kind == "sharegpt":
+            # ShareGPT-like: log-normal lengths (median ~ input_len / output_len, long right tail).
+            n_in = int(min(4 * input_len, max(4, rng.lognormvariate(np.log(input_len), 0.8))))
+            n_out = int(min(4 * output_len, max(2, rng.lognormvariate(np.log(output_len), 0.8))))
+            specs.append(RequestSpec(ids(n_in), n_out, "sharegpt"))
+        else:  # random: uniform in [len/2, 3 len/2]
+            n_in = rng.randint(max(1, input_len // 2), input_len * 3 // 2)
+            n_out = rng.randint(max(1, output_len // 2), output_len * 3 // 2)
+            specs.append(RequestSpec(ids(n_in), n_out, "random"))
+    return specs
+
+
+# ---- client ---------------------------------------------------------------------------------------
+
+
+async def send_one(client: httpx.AsyncClient, base_url: str, model: str, spec: RequestSpec) -> RequestResult:
+    body = {
+        "model": model,
+        "prompt": spec.prompt_token_ids,
+        "max_tokens": spec.max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = RequestResult(spec.kind, False, 0, len(spec.prompt_token_ids))
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+            result.status = resp.status_code
+            result.replica = resp.headers.get("x-vattn-replica", "")
+            if resp.status_code != 200:
+                result.error = (await resp.aread()).decode()[:200]
+                return result
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[6:])
+                if "error" in payload:
+                    result.error = payload["error"]["message"]
+                    return result
+                now = time.perf_counter()
+                if payload.get("choices") and payload["choices"][0].get("text"):
+                    if last is None:
+                        result.ttft_s = now - start
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                if payload.get("usage"):
+                    result.num_output_tokens = payload["usage"]["completion_tokens"]
+        result.e2e_s = time.perf_counter() - start
+        result.ok = result.num_output_tokens > 0
+    except httpx.HTTPError as exc:
+        result.error = repr(exc)
+    return result
+
+
+async def run_load(base_url: str, model: str, specs: list[RequestSpec], request_rate: float, seed: int,
+                   max_concurrency: int | None) -> tuple[list[RequestResult], float]:
+    rng = np.random.default_rng(seed)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+        async def guarded(spec: RequestSpec) -> RequestResult:
+            if sem is None:
+                return await send_one(client, base_url, model, spec)
+            async with sem:
+                return await send_one(client, base_url, model, spec)
+
+        tasks = []
+        start = time.perf_counter()
+        for spec in specs:
+            tasks.append(asyncio.create_task(guarded(spec)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(float(rng.exponential(1.0 / request_rate)))
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - start
+
+
+def summarize(results: list[RequestResult], duration_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.num_output_tokens for r in ok)
+    in_tokens = sum(r.num_prompt_tokens for r in ok)
+
+    def pct(values: list[float], p: float) -> float:
+        return float(np.percentile(values, p) * 1000.0) if values else float("nan")
+
+    ttft = [r.ttft_s for r in ok]
+    tpot = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    itl = [x for r in ok for x in r.itl_s]
+    e2e = [r.e2e_s for r in ok]
+    summary = {
+        "num_requests": len(results),
+        "num_completed": len(ok),
+        "num_failed": len(results) - len(ok),
+        "failures_by_status": {str(s): sum(1 for r in results if not r.ok and r.status == s)
+                               for s in sorted({r.status for r in results if not r.ok})},
+        "duration_s": duration_s,
+        "request_throughput_per_s": len(ok) / duration_s,
+        "input_tokens": in_tokens,
+        "output_tokens": out_tokens,
+        "output_throughput_tok_s": out_tokens / duration_s,
+        "total_token_throughput_tok_s": (in_tokens + out_tokens) / duration_s,
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
+        summary[f"mean_{name}_ms"] = float(np.mean(values) * 1000.0) if values else float("nan")
+        summary[f"p50_{name}_ms"] = pct(values, 50)
+        summary[f"p99_{name}_ms"] = pct(values, 99)
+    for kind in sorted({r.kind for r in ok}):
+        kind_ttft = [r.ttft_s for r in ok if r.kind == kind]
+        summary[f"p99_ttft_ms_{kind}"] = pct(kind_ttft, 99)
+        summary[f"p50_ttft_ms_{kind}"] = pct(kind_ttft, 50)
+    by_replica: dict[str, dict[str, int]] = {}
+    for r in ok:
+        by_replica.setdefault(r.replica, {}).setdefault(r.kind, 0)
+        by_replica[r.replica][r.kind] += 1
+    summary["requests_by_replica_and_kind"] = by_replica
+    return summary
+
+
+def print_summary(title: str, s: dict) -> None:
+    print(f"{'=' * 20} {title} {'=' * 20}")
+    print(f"{'Successful requests:':<40}{s['num_completed']:>10}  (failed {s['num_failed']})")
+    print(f"{'Benchmark duration (s):':<40}{s['duration_s']:>10.2f}")
+    print(f"{'Request throughput (req/s):':<40}{s['request_throughput_per_s']:>10.2f}")
+    print(f"{'Output token throughput (tok/s):':<40}{s['output_throughput_tok_s']:>10.2f}")
+    print(f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput_tok_s']:>10.2f}")
+    for name, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
+                        ("itl", "Inter-token Latency"), ("e2e", "End-to-end Latency")):
+        print(f"{'-' * 10}{label}{'-' * 10}")
+        for stat in ("mean", "p50", "p99"):
+            print(f"{f'{stat.upper()} {name.upper()} (ms):':<40}{s[f'{stat}_{name}_ms']:>10.2f}")
+    if "num_preemptions" in s:
+        print(f"{'Preemptions (all replicas):':<40}{s['num_preemptions']:>10}")
+    print(f"{'Requests by replica and kind:':<40}{s['requests_by_replica_and_kind']}")
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+
+
+def scrape_counter(base_url: str, family: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        if fam.name == family:
+            return float(sum(s.value for s in fam.samples if s.name.endswith("_total")))
+    return 0.0
+
+
+# ---- router comparison ----------------------------------------------------------------------------
+
+
+COMPARE_APP_ARGS = {
+    "model": "smollm2",
+    "device": "cpu",
+    # A small page pool per replica so that placement matters: 24 MiB = 384 pages of 64 KiB =
+    # 6.4 blocks of 85 tokens (30 layers x K,V per block): ~540 tokens of KV per replica.
+    "engine_kwargs": {"max_batch_size": 8, "max_seq_len": 512, "kv_cache_bytes": 24 << 20,
+                      "max_num_batched_tokens": 256},
+    "engine": {"num_replicas": 2, "num_cpus": 0, "max_ongoing_requests": 8, "max_queued_requests": 1000,
+               "routing_stats_period_s": 0.5},
+    "ingress": {"num_cpus": 0, "max_queued_requests": 1000},
+}
+
+
+def deploy(router: str, http_port: int) -> str:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = copy.deepcopy(COMPARE_APP_ARGS)
+    args["engine"]["router"] = router
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    base = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=15).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("app did not become healthy")
+
+
+def compare_routers(args: argparse.Namespace) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=args.metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000},
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
+             logging_level="WARNING")
+    specs = make_workload("skewed", args.num_prompts, args.seed, long_fraction=args.long_fraction,
+                          long_input_len=args.long_input_len, long_output_len=args.long_output_len,
+                          short_input_len=args.short_input_len, short_output_len=args.short_output_len)
+    runs = {}
+    for router in ("page_aware", "power_of_two"):
+        base = deploy(router, args.http_port)
+        # Warm-up: one short request per replica (first forward allocates buffers).
+        asyncio.run(run_load(base, "smollm2", specs[:2], float("inf"), args.seed, None))
+        time.sleep(2.0)
+        preempt_before = scrape_counter(base, "ray_vllm_num_preemptions")
+        results, duration = asyncio.run(run_load(base, "smollm2", specs, args.request_rate, args.seed, None))
+        time.sleep(3.0)  # counters reach the metrics export once per second
+        summary = summarize(results, duration)
+        summary["num_preemptions"] = int(scrape_counter(base, "ray_vllm_num_preemptions") - preempt_before)
+        print_summary(f"router={router}", summary)
+        runs[router] = summary
+        serve.delete("bench")
+        time.sleep(2.0)
+    serve.shutdown()
+    ray.shutdown()
+    record = {
+        "benchmark": "bench_serving --compare-routers",
+        "workload": {"kind": "skewed", "num_prompts": args.num_prompts, "request_rate_per_s": args.request_rate,
+                     "long_fraction": args.long_fraction, "long": [args.long_input_len, args.long_output_len],
+                     "short": [args.short_input_len, args.short_output_len], "seed": args.seed,
+                     "ignore_eos": True, "arrivals": "poisson"},
+        "app_args": COMPARE_APP_ARGS,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "python": sys.version.split()[0]},
+        "commit": _git_commit(),
+        "results": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    plot(runs, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(runs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = list(runs)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    metrics = [("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_e2e_ms", "p99 E2E latency (ms)"),
+               ("num_preemptions", "preemptions")]
+    colors = ["tab:blue", "tab:orange"]
+    for ax, (key, label) in zip(axes, metrics):
+        values = [runs[r][key] for r in routers]
+        ax.bar(routers, values, color=colors[: len(routers)])
+        ax.set_title(label)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    fig.suptitle("Page-aware vs default (power-of-two) router: skewed workload, 2 CPU replicas, SmolLM2-135M")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (subprocess.CalledProcessError, OSError):
+        return "uncommitted"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://localhost:8000", help="OpenAI-compatible server")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--dataset", choices=["random", "sharegpt", "skewed"], default="random")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf = all at once")
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--long-fraction", type=float, default=0.25)
+    p.add_argument("--long-input-len", type=int, default=300)
+    p.add_argument("--long-output-len", type=int, default=120)
+    p.add_argument("--short-input-len", type=int, default=32)
+    p.add_argument("--short-output-len", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the JSON result here")
+    p.add_argument("--compare-routers", action="store_true", help="deploy and compare page_aware vs power_of_two")
+    p.add_argument("--http-port", type=int, default=8011)
+    p.add_argument("--metrics-port", type=int, default=8091)
+    args = p.parse_args()
+    if args.compare_routers:
+        compare_routers(args)
+        return
+    specs = make_workload(args.dataset, args.num_prompts, args.seed, input_len=args.input_len,
+                          output_len=args.output_len, long_fraction=args.long_fraction,
+                          long_input_len=args.long_input_len, long_output_len=args.long_output_len,
+                          short_input_len=args.short_input_len, short_output_len=args.short_output_len)
+    results, duration = asyncio.run(run_load(args.base_url, args.model, specs, args.request_rate, args.seed,
+                                             args.max_concurrency))
+    summary = summarize(results, duration)
+    print_summary(f"{args.dataset} @ {args.request_rate} req/s", summary)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": summary,
+                                              "commit": _git_commit()}, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The engine deployment: each replica owns one ``AsyncLLMEngine`` and streams its outputs.
+
+The engine steps in its own thread (``AsyncLLMEngine``), so the replica's event loop only awaits
+per-request queues and stays free to accept requests, answer health checks and routing-stats calls.
+The class is plain Python; :func:`deployments.app.build_app` turns it into a Serve deployment with
+the options of the YAML config (replicas, resources, the page-aware router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from deployments.engine_metrics import EngineMetrics
+from deployments.routing_hint import RoutingHint, pages_for_tokens
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _InflightRequest:
+    """What the replica knows of a request it accepted, to report pages it will still claim."""
+
+    num_prompt_tokens: int
+    max_tokens: int
+    num_output_tokens: int = 0
+    started: bool = False  # produced its first token: its prompt's pages are mapped and counted
+
+
+@dataclass
+class StreamChunk:
+    """One message from an engine replica to the ingress (the new part of a ``RequestOutput``).
+
+    ``error`` is set (and nothing else is meaningful) when the request failed: the ingress turns it
+    into an OpenAI error body with ``status_code``.
+    """
+
+    new_text: str = ""
+    num_new_tokens: int = 0
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    new_logprobs: list[dict] | None = None
+    error: dict | None = None
+    status_code: int = 200
+    replica: str = ""
+
+
+class EngineDeployment:
+    """One engine replica.
+
+    Args:
+        engine_config: dict for ``EngineConfig.from_dict`` (see ``AppConfig.engine_config_dict``).
+        model_id: the served model name (metrics tag).
+    """
+
+    def __init__(self, engine_config: dict[str, Any], model_id: str) -> None:
+        from engine.async_engine import AsyncLLMEngine
+        from engine.config import EngineConfig
+
+        self._engine = AsyncLLMEngine(EngineConfig.from_dict(dict(engine_config)))
+        self._model_id = model_id
+        self._replica_tag = _replica_tag()
+        self._metrics = EngineMetrics(model_id, self._replica_tag)
+        self._inflight: dict[str, _InflightRequest] = {}
+        self._pages_per_token_block = _pages_per_token_block(self._engine)
+        self._gauge_task: asyncio.Task | None = None
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    async def generate(
+        self, routing_hint: RoutingHint, prompt_token_ids: list[int], sampling_params: Any, request_id: str
+    ) -> AsyncIterator[StreamChunk]:
+        """Stream a request's outputs. Cancelling the consumer (client gone) aborts it in the engine.
+
+        Args:
+            routing_hint: read by the router; here only for page accounting.
+            prompt_token_ids: the tokenized (chat-templated) prompt.
+            sampling_params: an ``engine.sampling_params.SamplingParams``.
+            request_id: unique id (also the engine's request id).
+        """
+        from engine.errors import EngineDeadError, InvalidRequestError
+
+        self._ensure_gauge_task()
+        arrival_s = time.monotonic()
+        last_token_s: float | None = None
+        self._inflight[request_id] = _InflightRequest(routing_hint.num_prompt_tokens, routing_hint.max_tokens)
+        finished = False
+        try:
+            async for out in self._engine.generate(prompt_token_ids, sampling_params, request_id):
+                now_s = time.monotonic()
+                num_new = len(out.new_token_ids)
+                inflight = self._inflight[request_id]
+                if num_new:
+                    if last_token_s is None:
+                        self._metrics.time_to_first_token.observe(now_s - arrival_s)
+                        self._metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                    else:
+                        gap_s = (now_s - last_token_s) / num_new
+                        for _ in range(num_new):
+                            self._metrics.inter_token_latency.observe(gap_s)
+                    self._metrics.generation_tokens.inc(num_new)
+                    last_token_s = now_s
+                    inflight.started = True
+                    inflight.num_output_tokens = out.num_output_tokens
+                if out.finished:
+                    finished = True
+                    if out.finish_reason != "abort":
+                        self._metrics.request_success.inc()
+                    self._metrics.e2e_request_latency.observe(now_s - arrival_s)
+                yield StreamChunk(
+                    new_text=out.new_text,
+                    num_new_tokens=num_new,
+                    finished=out.finished,
+                    finish_reason=out.finish_reason,
+                    num_prompt_tokens=out.num_prompt_tokens,
+                    num_output_tokens=out.num_output_tokens,
+                    new_logprobs=out.new_logprobs,
+                    replica=self._replica_tag,
+                )
+        except InvalidRequestError as exc:
+            yield StreamChunk(error=_error_body(exc.message, "invalid_request_error", exc.param), status_code=400)
+        except EngineDeadError as exc:
+            yield StreamChunk(error=_error_body(str(exc), "engine_dead", None), status_code=503)
+        finally:
+            self._inflight.pop(request_id, None)
+            if not finished:
+                # Client disconnect cancels this generator: free the request's slot and pages now.
+                await self._engine.abort(request_id)
+
+    async def model_info(self) -> dict[str, Any]:
+        """What the ingress needs to validate requests (max_model_len)."""
+        return {"max_model_len": int(self._engine.max_model_len), "model_id": self._model_id}
+
+    async def engine_stats(self) -> dict[str, Any]:
+        """``EngineStats.as_dict()`` plus the replica tag (debugging, tests)."""
+        stats = dict(self._engine.stats().as_dict())
+        stats["replica"] = self._replica_tag
+        stats["num_inflight"] = len(self._inflight)
+        return stats
+
+    # ---- Serve hooks ----------------------------------------------------------------------------------
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Called by Serve every ``request_routing_stats_period_s``; read by ``PageAwareRequestRouter``.
+
+        ``num_free_pages`` counts reclaimable pages (held by finished requests' slots) as free, since the
+        cache hands them out when the pool runs short. ``num_reserved_pages`` is what the requests this
+        replica already accepted will still claim: the whole footprint (prompt + max_tokens) of those not
+        yet started, and the remaining growth of running ones.
+        """
+        stats = self._engine.stats().as_dict()
+        self._metrics.record_engine_stats(stats)
+        tokens_per_page = float(stats["tokens_per_page"])
+        reserved = 0
+        for req in self._inflight.values():
+            final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
+            held = (
+                pages_for_tokens(req.num_prompt_tokens + req.num_output_tokens, tokens_per_page, self._pages_per_token_block)
+                if req.started
+                else 0
+            )
+            reserved += max(0, final - held)
+        return {
+            "num_free_pages": int(stats["num_free_pages"]) + int(stats.get("num_reclaimable_pages", 0)),
+            "num_total_pages": int(stats["num_total_pages"]),
+            "tokens_per_page": tokens_per_page,
+            "pages_per_token_block": self._pages_per_token_block,
+            "num_reserved_pages": reserved,
+            "num_running": int(stats["num_running"]),
+            "num_waiting": int(stats["num_waiting"]),
+            "num_free_slots": int(stats.get("num_free_slots", 0)),
+            "num_preemptions": int(stats.get("num_preemptions", 0)),
+            "replica": self._replica_tag,
+            "timestamp_s": time.time(),
+        }
+
+    def check_health(self) -> None:
+        """Serve health check: a dead engine makes the replica unhealthy so Serve replaces it."""
+        from engine.errors import EngineDeadError
+
+        if getattr(self._engine, "is_dead", False):
+            raise EngineDeadError("engine step loop died")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at interpreter/actor teardown
+                pass
+
+    # ---- internals ------------------------------------------------------------------------------------
+
+    def _ensure_gauge_task(self) -> None:
+        # Gauges also move between routing-stats calls so a scrape sees fresh running/waiting counts.
+        if self._gauge_task is None or self._gauge_task.done():
+            self._gauge_task = asyncio.get_running_loop().create_task(self._publish_gauges())
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            try:
+                self._metrics.record_engine_stats(self._engine.stats().as_dict())
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.exception("failed to publish engine gauges")
+            await asyncio.sleep(1.0)
+
+
+def _error_body(message: str, error_type: str, param: str | None) -> dict:
+    return {"message": message, "type": error_type, "param": param, "code": None}
+
+
+def _replica_tag() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_tag
+    except Exception:  # noqa: BLE001 - outside Serve (unit use) there is no replica context
+        return f"local-{uuid.uuid4().hex[:8]}"
+
+
+def _pages_per_token_block(engine: Any) -> int:
+    """Pages a block of ``tokens_per_page`` tokens maps: one per layer for K and one for V."""
+    tokens_per_page = float(engine.stats().as_dict()["tokens_per_page"])
+    kv_cache = _find_kv_cache(engine)
+    if kv_cache is not None:
+        return int(kv_cache.pages_needed(max(1, int(tokens_per_page))))
+    raise RuntimeError("cannot find the engine's KV cache to size a request's pages")
+
+
+def _find_kv_cache(engine: Any) -> Any:
+    # AsyncLLMEngine wraps an LLMEngine whose ``kv_cache`` is the runner's VirtualKVCache.
+    for path in (("kv_cache",), ("engine", "kv_cache"), ("_engine", "kv_cache"), ("llm_engine", "kv_cache"), ("_llm_engine", "kv_cache")):
+        obj = engine
+        for attr in path:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None and hasattr(obj, "pages_needed"):
+            return obj
+    return None

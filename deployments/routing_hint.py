@@ -1,0 +1,44 @@
+"""What the page-aware router needs to know about a request before it is placed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RoutingHint:
+    """First positional argument of every call to the engine deployment.
+
+    The ingress tokenizes the prompt, so the router can estimate the request's KV footprint without
+    touching the payload.
+
+    Attributes:
+        num_prompt_tokens: tokens in the (chat-templated) prompt.
+        max_tokens: most output tokens the request may generate (already capped by the model length).
+    """
+
+    num_prompt_tokens: int
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            raise ValueError(f"num_prompt_tokens must be >= 0, got {self.num_prompt_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Largest KV footprint of the request in tokens (prompt + every output token)."""
+        return self.num_prompt_tokens + self.max_tokens
+
+
+def pages_for_tokens(num_tokens: int, tokens_per_page: float, pages_per_token_block: int) -> int:
+    """Physical pages a sequence of ``num_tokens`` occupies in a vAttention cache.
+
+    vAttention maps one page per ``tokens_per_page`` tokens in every layer's K and V tensor, so a
+    block of ``tokens_per_page`` tokens costs ``pages_per_token_block`` (= 2 * num_layers) pages.
+    """
+    if num_tokens <= 0 or tokens_per_page <= 0:
+        return 0
+    return math.ceil(num_tokens / tokens_per_page) * pages_per_token_block
