@@ -1,0 +1,336 @@
+"""The synchronous engine loop: requests in, one batched forward per step, outputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.outputs import EngineStats, RequestOutput
+from engine.request import Request, RequestStatus
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """Continuous-batching generation over the vAttention KV cache. Not thread-safe: one caller
+    thread drives ``add_request`` / ``step`` / ``abort`` (``AsyncLLMEngine`` wraps it in a thread).
+
+    Attributes:
+        tokenizer: the model's Hugging Face tokenizer (chat template included).
+        max_model_len: most tokens (prompt + output) one request may hold.
+        kv_cache: the runner's ``VirtualKVCache``.
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        from engine.model_runner import ModelRunner
+        from engine.tokenizer import load_tokenizer
+
+        self.config = config if config is not None else EngineConfig()
+        self.runner = ModelRunner(self.config.model, self.config.cache)
+        self.kv_cache = self.runner.kv_cache
+        self.tokenizer = load_tokenizer(self.runner.resolved)
+        self.device = torch.device(self.config.model.resolved_device())
+        self.max_model_len = min(self.kv_cache.config.max_seq_len, self.runner.max_model_len)
+        self.eos_token_ids = frozenset(self.runner.eos_token_ids)
+        self.vocab_size = int(self.runner.hf_config.vocab_size)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
+        self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
+        self.requests: dict[str, Request] = {}
+        self._pending_outputs: list[RequestOutput] = []  # aborts, delivered by the next step()
+        self._request_counter = itertools.count()
+        self.num_steps = 0
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. A text prompt is tokenized with the tokenizer's special tokens (BOS where the
+        model uses one); pass token ids to control tokenization (e.g. an applied chat template).
+
+        Raises:
+            InvalidRequestError: duplicate id, empty or malformed prompt, bad sampling parameter.
+            PromptTooLongError: prompt + max_tokens beyond ``max_model_len``, or more KV pages than the
+                whole pool holds, i.e. a request that could never run.
+        """
+        params = params if params is not None else SamplingParams()
+        params.validate()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        prompt_token_ids = self._tokenize(prompt)
+        max_tokens = self._check_fits(len(prompt_token_ids), params)
+
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            max_tokens=max_tokens,
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop),
+            generator=generator,
+            arrival_time=arrival_time if arrival_time is not None else time.time(),
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its slot. Its final output (finish_reason "abort") comes out of the
+        next ``step()``. Returns False when the id is unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.is_finished:
+            return False
+        self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration and return the outputs of every request that progressed or finished.
+
+        schedule (grow slots) -> build batch -> launch forward -> map pages for the next iteration
+        while the device works -> sample (synchronizes) -> append tokens, check stops, free slots.
+        """
+        outputs, self._pending_outputs = self._pending_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        self.num_steps += 1
+        # [N, vocab]; asynchronous on GPU, decode steps replayed from a CUDA graph there.
+        logits = self.runner.run([(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled])
+        # Page mapping for the next iteration overlaps the forward just launched.
+        self.kv_cache.prepare(self.scheduler.next_step_tokens(plan.scheduled))
+
+        for item in plan.scheduled:
+            item.request.num_computed_tokens = item.start_pos + item.num_tokens
+        rows = [i for i, item in enumerate(plan.scheduled) if item.completes_prompt]
+        if not rows:
+            return outputs
+        requests = [plan.scheduled[i].request for i in rows]
+        sampled = self.sampler(
+            logits[rows] if len(rows) != len(plan.scheduled) else logits,
+            [r.params for r in requests],
+            [r.output_token_ids for r in requests],
+            [r.generator for r in requests],
+        )
+        for request, token_id, logprob in zip(requests, sampled.token_ids, sampled.logprobs):
+            try:
+                self._append_token(request, token_id, logprob)
+                outputs.append(self._make_output(request))
+            except Exception as exc:  # one request's failure must not take the others down
+                logger.exception("request %s failed while processing its token", request.request_id)
+                request.error = exc
+                self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
+                outputs.extend(self._pending_outputs)
+                self._pending_outputs = []
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Offline batch generation: run every prompt to completion; outputs are ordered like
+        ``prompts`` and hold the whole completion (``new_*`` fields = everything).
+
+        It drives ``step()`` itself: outputs of requests added separately with ``add_request`` are
+        consumed and dropped meanwhile, so don't mix the two styles on one engine."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise InvalidRequestError("prompts must be a list of prompts (strings or token id lists)", "prompt")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts", "params")
+        batch_id = next(self._request_counter)
+        ids = [f"generate-{batch_id}-{i}" for i in range(len(prompts))]
+        added = []
+        try:
+            for request_id, prompt, p in zip(ids, prompts, params):
+                self.add_request(request_id, prompt, p)
+                added.append(request_id)
+        except Exception:
+            for request_id in added:
+                self.abort(request_id)
+            self.step()  # deliver (and drop) the abort outputs
+            raise
+        requests = {i: self.requests[i] for i in ids}
+        logprobs: dict[str, list[dict]] = {i: [] for i in ids}
+        final: dict[str, RequestOutput] = {}
+        progress = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            progress = tqdm(total=len(ids), desc="generate", unit="req")
+        while len(final) < len(ids):
+            if not self.has_unfinished():
+                raise RuntimeError("engine stopped before every request finished")
+            for out in self.step():
+                if out.request_id not in requests:
+                    continue
+                logprobs[out.request_id].extend(out.new_logprobs or [])
+                if out.finished:
+                    final[out.request_id] = out
+                    if progress is not None:
+                        progress.update(1)
+        if progress is not None:
+            progress.close()
+        results = []
+        for request_id in ids:
+            out = final[request_id]
+            if out.error is not None:
+                raise out.error
+            out.new_token_ids = list(out.token_ids)
+            out.new_text = out.text
+            out.new_logprobs = logprobs[request_id] if requests[request_id].params.logprobs is not None else None
+            results.append(out)
+        return results
+
+    def stats(self) -> EngineStats:
+        cache = self.kv_cache.stats()
+        return EngineStats(
+            num_total_pages=cache.total_pages,
+            num_free_pages=cache.free_pages,
+            num_mapped_pages=cache.mapped_pages,
+            num_reclaimable_pages=cache.reclaimable_pages,
+            tokens_per_page=cache.tokens_per_page,
+            page_size_bytes=cache.page_size_bytes,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=cache.usage,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_free_slots=cache.num_free_slots,
+            max_batch_size=cache.max_batch_size,
+        )
+
+    def shutdown(self) -> None:
+        """Abort everything and release the KV cache's memory."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+        self._pending_outputs = []
+        self.runner.close()
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return list(self.tokenizer.encode(prompt))
+        try:
+            token_ids = [int(t) for t in prompt]
+            valid = all(t == orig and not isinstance(orig, bool) for t, orig in zip(token_ids, prompt))
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
+        return token_ids
+
+    def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        """The request's output budget; raises ``PromptTooLongError`` if it could never run."""
+        limit = self.max_model_len
+        if params.max_tokens is None:
+            max_tokens = limit - num_prompt_tokens
+            if max_tokens < 1:
+                raise PromptTooLongError(
+                    f"this model's maximum context length is {limit} tokens; the prompt has {num_prompt_tokens}",
+                    "prompt",
+                )
+        else:
+            max_tokens = params.max_tokens
+            if num_prompt_tokens + max_tokens > limit:
+                param = "prompt" if num_prompt_tokens >= limit else "max_tokens"
+                raise PromptTooLongError(
+                    f"this model's maximum context length is {limit} tokens, but {num_prompt_tokens + max_tokens} "
+                    f"were requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion)",
+                    param,
+                )
+        total_pages = self.kv_cache.stats().total_pages
+        pages = self.kv_cache.pages_for_tokens(num_prompt_tokens + max_tokens)
+        if pages > total_pages:
+            raise PromptTooLongError(
+                f"the request needs {pages} KV pages for {num_prompt_tokens} prompt + {max_tokens} output tokens "
+                f"but the whole pool holds {total_pages}",
+                "prompt",
+            )
+        return max_tokens
+
+    def _append_token(self, request: Request, token_id: int, logprob: dict | None) -> None:
+        now = time.time()
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.output_token_ids.append(token_id)
+        if logprob is not None:
+            request.pending_logprobs.append(logprob)
+        params = request.params
+        status = None
+        if token_id in params.stop_token_ids:
+            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
+        elif token_id in request.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        else:
+            stop_string = request.detokenizer.append(token_id)
+            if stop_string is not None:
+                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
+        if status is None and request.num_output_tokens >= request.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(request, status)
+            del self.requests[request.request_id]
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        finished = request.is_finished
+        new_token_ids = request.output_token_ids[request.num_reported_tokens :]
+        request.num_reported_tokens = request.num_output_tokens
+        new_logprobs = None
+        if request.params.logprobs is not None:
+            new_logprobs, request.pending_logprobs = request.pending_logprobs, []
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=new_token_ids,
+            new_text=request.detokenizer.take_new_text(finished=finished),
+            text=request.detokenizer.emitted_text,
+            token_ids=list(request.output_token_ids),
+            finished=finished,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            new_logprobs=new_logprobs,
+            error=request.error,
+        )
+
+    def _finish_with_output(self, request: Request, status: RequestStatus) -> None:
+        self.scheduler.finish(request, status)
+        self.requests.pop(request.request_id, None)
+        self._pending_outputs.append(self._make_output(request))

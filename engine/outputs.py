@@ -1,0 +1,83 @@
+"""What the engine hands back: per-request deltas and engine-wide statistics."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """One request's progress since its previous output (``new_*``) plus the cumulative state.
+
+    Attributes:
+        request_id: the caller's id.
+        prompt_token_ids: the prompt's tokens (set on every output; cheap, and handy for usage).
+        new_token_ids: tokens generated since the previous output.
+        new_text: text released since the previous output (complete characters, no stop string).
+        text: all text released so far.
+        token_ids: all generated tokens so far (EOS / stop token included when it ended the request).
+        finished: whether this is the request's last output.
+        finish_reason: "stop" (EOS, stop token or stop string), "length", "abort", or None.
+        stop_reason: the stop string or stop token id that ended it; None for EOS or other reasons.
+        new_logprobs: one dict per new token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``,
+            when the request asked for logprobs; else None.
+        num_prompt_tokens, num_output_tokens: usage counts.
+        arrival_time, first_token_time: ``time.time()`` stamps (first token: None until sampled).
+        error: set when the request failed inside the engine (finish_reason "abort"); the async engine
+            raises it to the request's consumer.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int] | None
+    new_token_ids: list[int]
+    new_text: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float
+    first_token_time: float | None
+    new_logprobs: list[dict] | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Engine load and KV page accounting, for the router (placement) and metrics.
+
+    Attributes:
+        num_total_pages / num_free_pages / num_mapped_pages / num_reclaimable_pages: physical page
+            pool accounting (``free + mapped == total``; reclaimable pages are mapped but owned by no
+            live token, so a new request can take them).
+        tokens_per_page: tokens of one layer's K or V per page; page_size_bytes: its size.
+        num_running / num_waiting: requests holding a slot / queued (new or preempted).
+        kv_usage: fraction of the pool holding live tokens, 0..1.
+        num_preemptions: total since start.
+        num_free_slots / max_batch_size: cache batch slots free / in all.
+    """
+
+    num_total_pages: int
+    num_free_pages: int
+    num_mapped_pages: int
+    num_reclaimable_pages: int
+    tokens_per_page: float
+    page_size_bytes: int
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_preemptions: int
+    num_free_slots: int
+    max_batch_size: int
+
+    @property
+    def num_available_pages(self) -> int:
+        """Pages a new request could get now: free or reclaimable."""
+        return self.num_free_pages + self.num_reclaimable_pages
+
+    def as_dict(self) -> dict:
+        values = asdict(self)
+        values["num_available_pages"] = self.num_available_pages
+        return values

@@ -1,0 +1,98 @@
+"""One generation request and its sequence state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # not holding a cache slot (new, or preempted and waiting to be recomputed)
+    RUNNING = "running"  # holds a slot; prefilling in chunks or decoding
+    FINISHED_STOPPED = "stop"  # EOS, a stop token or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_seq_len reached
+    FINISHED_ABORTED = "abort"  # cancelled by the caller or failed
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's tokens, progress and stopping state.
+
+    The KV of ``all_token_ids[:num_computed_tokens]`` is in the cache slot ``slot``; the tokens from
+    ``num_computed_tokens`` on are what the next forward must run (the whole prompt at first, one
+    token while decoding). Preemption by recompute frees the slot and resets ``num_computed_tokens``
+    to 0: the prompt and the output so far are run again as one longer prefill.
+
+    Attributes:
+        max_tokens: the effective output budget (``params.max_tokens`` or what ``max_seq_len`` leaves).
+        generator: per-request ``torch.Generator`` when ``params.seed`` is set.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    eos_token_ids: frozenset[int]
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    arrival_time: float = field(default_factory=time.time)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    slot: int | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    first_token_time: float | None = None
+    num_preemptions: int = 0
+    error: BaseException | None = None
+    # Progress reported to the caller so far (outputs carry only what is new).
+    num_reported_tokens: int = 0
+    pending_logprobs: list[dict] = field(default_factory=list)  # sampled since the last output
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without concatenating the whole sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not in the cache yet: what the next forwards must run."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        """OpenAI's finish_reason: "stop", "length", "abort", or None while running."""
+        return self.status.value if self.is_finished else None

@@ -1,0 +1,101 @@
+"""Per-request sampling parameters (OpenAI-compatible semantics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    Attributes:
+        max_tokens: most output tokens to generate; ``None`` = up to the cache's ``max_seq_len``.
+        temperature: 0 = greedy; otherwise logits are divided by it. In [0, 2].
+        top_p: nucleus sampling mass in (0, 1]; 1 = off.
+        top_k: keep the k most likely tokens; -1 = off.
+        seed: seeds a per-request ``torch.Generator`` so the sample is reproducible whatever else
+            runs in the batch; ``None`` = engine-wide randomness.
+        stop: strings that end generation; the matched string is not part of the output text.
+        stop_token_ids: token ids that end generation (their text is not emitted).
+        ignore_eos: keep generating past the model's EOS tokens (benchmarks).
+        logprobs: ``None`` = off; k in [0, 20] = the sampled token's logprob plus the k most likely
+            alternatives.
+        presence_penalty: subtracted once from the logit of every token already generated, in [-2, 2].
+        frequency_penalty: subtracted per occurrence from the logit of generated tokens, in [-2, 2].
+        n: completions per prompt; only 1 is supported.
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        # OpenAI accepts a single string for ``stop`` and null for the lists.
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(self.stop_token_ids)
+        self.validate()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self) -> None:
+        """Raise ``InvalidRequestError(param=<field>)`` for the first out-of-range field."""
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
+            raise InvalidRequestError(f"max_tokens must be None or an int >= 1, got {self.max_tokens!r}", "max_tokens")
+        if not is_num(self.temperature) or not (0.0 <= self.temperature <= 2.0):
+            raise InvalidRequestError(f"temperature must be in [0, 2], got {self.temperature!r}", "temperature")
+        if not is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if not is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
+            raise InvalidRequestError(f"top_k must be -1 (off) or an int >= 1, got {self.top_k!r}", "top_k")
+        if self.seed is not None and (not is_int(self.seed) or not (0 <= self.seed < 2**63)):
+            raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}", "seed")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop")
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise InvalidRequestError(
+                f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}", "stop_token_ids"
+            )
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be a bool, got {self.ignore_eos!r}", "ignore_eos")
+        if self.logprobs is not None and (not is_int(self.logprobs) or not (0 <= self.logprobs <= MAX_LOGPROBS)):
+            raise InvalidRequestError(
+                f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not is_num(value) or not (-2.0 <= value <= 2.0):
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
+        if not is_int(self.n) or self.n != 1:
+            raise InvalidRequestError(f"n must be 1 (only one completion per request is supported), got {self.n!r}", "n")

@@ -1,0 +1,194 @@
+"""AsyncLLMEngine: streaming, concurrency, cancellation, errors, on the embedded model."""
+
+import asyncio
+import time
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, InvalidRequestError, PromptTooLongError
+from engine.sampling_params import SamplingParams
+
+NUM_SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncLLMEngine(
+        EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 512, "max_num_batched_tokens": 128})
+    )
+    yield eng
+    eng.shutdown()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+async def wait_idle(engine, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_slots == NUM_SLOTS:
+            return stats
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+def test_streaming_yields_deltas_that_add_up(engine):
+    async def main():
+        outs = [o async for o in engine.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))]
+        return outs
+
+    outs = run(main())
+    assert len(outs) == 12  # one output per token
+    assert sum(o.finished for o in outs) == 1 and outs[-1].finished
+    assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids
+    assert outs[-1].finish_reason == "length"
+    assert outs[-1].first_token_time >= outs[-1].arrival_time
+
+
+def test_concurrent_requests_and_the_event_loop_stays_responsive(engine):
+    prompts = [f"Count from {i} to {i + 20}:" for i in range(6)]  # 6 requests > 4 slots: some queue
+
+    async def collect(i, prompt):
+        text = ""
+        async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=16), request_id=f"cc{i}"):
+            text += out.new_text
+        return text, out
+
+    async def ticker(stop):
+        gaps, last = [], time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+        return max(gaps)
+
+    async def main():
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop))
+        results = await asyncio.gather(*(collect(i, p) for i, p in enumerate(prompts)))
+        stop.set()
+        return results, await tick
+
+    results, max_gap_s = run(main())
+    for text, final in results:
+        assert text == final.text and final.num_output_tokens == 16
+    # Steps run on the engine thread: the loop is never stuck behind a forward.
+    assert max_gap_s < 0.5
+
+
+def test_cancelling_the_consumer_aborts_and_frees_the_slot(engine):
+    async def main():
+        got = []
+
+        async def consume():
+            async for out in engine.generate("Tell me a very long story.", SamplingParams(max_tokens=400, ignore_eos=True)):
+                got.append(out)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+        assert engine.stats().num_running == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+        return got
+
+    got = run(main())
+    assert not got[-1].finished
+
+
+def test_breaking_out_of_the_stream_aborts_the_request(engine):
+    async def main():
+        stream = engine.generate("Once upon a time", SamplingParams(max_tokens=400, ignore_eos=True))
+        async for out in stream:
+            if out.num_output_tokens >= 2:
+                break
+        await stream.aclose()
+        return await wait_idle(engine)
+
+    run(main())
+
+
+def test_explicit_abort_delivers_a_final_abort_output(engine):
+    async def main():
+        outs = []
+        async for out in engine.generate("Once upon a time", SamplingParams(max_tokens=400, ignore_eos=True), "ab1"):
+            outs.append(out)
+            if len(outs) == 2:
+                await engine.abort("ab1")
+        return outs
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert outs[-1].num_output_tokens < 400
+
+
+def test_bad_requests_fail_only_themselves(engine):
+    async def main():
+        with pytest.raises(InvalidRequestError) as info:
+            async for _ in engine.generate("hi", _bad_params()):
+                pass
+        assert info.value.param == "temperature"
+        with pytest.raises(PromptTooLongError):
+            async for _ in engine.generate([5] * 600, SamplingParams(max_tokens=4)):
+                pass
+        with pytest.raises(InvalidRequestError):
+            async for _ in engine.generate("", SamplingParams(max_tokens=4)):
+                pass
+        # The engine keeps serving.
+        outs = [o async for o in engine.generate("Hello", SamplingParams(max_tokens=3, temperature=0))]
+        return outs
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_output_tokens == 3
+    assert not engine.is_dead
+
+
+def _bad_params() -> SamplingParams:
+    params = SamplingParams()
+    params.temperature = 5.0
+    return params
+
+
+def test_duplicate_running_request_id_is_rejected(engine):
+    async def main():
+        first = engine.generate("Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True), "dup")
+        await first.__anext__()
+        with pytest.raises(InvalidRequestError) as info:
+            async for _ in engine.generate("Hi", SamplingParams(max_tokens=2), "dup"):
+                pass
+        assert info.value.param == "request_id"
+        await first.aclose()
+        await wait_idle(engine)
+
+    run(main())
+
+
+def test_shutdown_fails_pending_and_new_requests_with_engine_dead(engine):
+    # Runs last in this module: it kills the module's engine.
+    async def main():
+        outs = []
+
+        async def consume():
+            async for out in engine.generate("Once upon a time", SamplingParams(max_tokens=400, ignore_eos=True)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineDeadError):
+            await task
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate("Hi", SamplingParams(max_tokens=2)):
+                pass
+
+    run(main())
+    assert engine.is_dead

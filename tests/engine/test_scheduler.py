@@ -1,0 +1,132 @@
+"""Scheduler policy over a real (host-memory) VirtualKVCache; no model needed."""
+
+import pytest
+import torch
+
+from engine.config import SchedulerConfig
+from engine.request import Request, RequestStatus
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from kvcache import KVCacheConfig, VirtualKVCache
+
+PAGE_BYTES = 64 << 10
+TOKENS_PER_PAGE = 256  # 1 head * 64 dims * 4 bytes = 256 bytes a token
+NUM_BUFFERS = 4  # 2 layers, K and V
+
+
+@pytest.fixture
+def make_scheduler():
+    caches = []
+
+    def make(page_rows=8, max_batch_size=4, max_num_seqs=None, max_num_batched_tokens=1024):
+        cache = VirtualKVCache(
+            KVCacheConfig(
+                num_layers=2, num_kv_heads=1, head_dim=64, max_batch_size=max_batch_size, max_seq_len=1024,
+                dtype=torch.float32, device="cpu", pool_size_bytes=page_rows * NUM_BUFFERS * PAGE_BYTES,
+            )
+        )
+        caches.append(cache)
+        return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), cache)
+
+    yield make
+    for cache in caches:
+        cache.close()
+
+
+def make_request(request_id: str, num_prompt_tokens: int) -> Request:
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=list(range(num_prompt_tokens)),
+        params=SamplingParams(),
+        max_tokens=1000,
+        eos_token_ids=frozenset(),
+        detokenizer=None,  # the scheduler never detokenizes
+    )
+
+
+def run_step(scheduler):
+    """What the engine does after the forward: advance, and sample where the prompt is complete."""
+    plan = scheduler.schedule()
+    for item in plan.scheduled:
+        # Every row the forward writes must be mapped.
+        assert scheduler.kv_cache.capacity_tokens(item.request.slot) >= item.start_pos + item.num_tokens
+        item.request.num_computed_tokens = item.start_pos + item.num_tokens
+        if item.completes_prompt:
+            item.request.output_token_ids.append(7)
+    return plan
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decoded(make_scheduler):
+    scheduler = make_scheduler(max_num_batched_tokens=100)
+    request = make_request("a", 250)
+    scheduler.add(request)
+    chunks = [[(s.start_pos, s.num_tokens, s.completes_prompt) for s in run_step(scheduler).scheduled] for _ in range(5)]
+    assert chunks == [[(0, 100, False)], [(100, 100, False)], [(200, 50, True)], [(250, 1, True)], [(251, 1, True)]]
+    assert request.num_output_tokens == 3
+
+
+def test_decodes_go_first_and_share_the_token_budget_with_prefill_chunks(make_scheduler):
+    scheduler = make_scheduler(max_num_batched_tokens=64)
+    first = make_request("first", 10)
+    scheduler.add(first)
+    run_step(scheduler)
+    second = make_request("second", 200)
+    scheduler.add(second)
+    plan = run_step(scheduler)
+    assert [(s.request.request_id, s.num_tokens) for s in plan.scheduled] == [("first", 1), ("second", 63)]
+    assert plan.num_batched_tokens == 64
+
+
+def test_admission_waits_for_pages_in_fifo_order(make_scheduler):
+    scheduler = make_scheduler(page_rows=2)  # two requests of one page row each
+    requests = [make_request(str(i), 200) for i in range(3)]
+    for request in requests:
+        scheduler.add(request)
+    run_step(scheduler)
+    assert [r.status for r in requests] == [RequestStatus.RUNNING, RequestStatus.RUNNING, RequestStatus.WAITING]
+    scheduler.finish(requests[0], RequestStatus.FINISHED_STOPPED)
+    assert requests[0].slot is None
+    plan = run_step(scheduler)
+    assert requests[2].status == RequestStatus.RUNNING
+    assert {s.request.request_id for s in plan.scheduled} == {"1", "2"}
+
+
+def test_max_num_seqs_caps_the_running_set(make_scheduler):
+    scheduler = make_scheduler(max_num_seqs=2)
+    for i in range(4):
+        scheduler.add(make_request(str(i), 5))
+    run_step(scheduler)
+    assert scheduler.num_running == 2 and scheduler.num_waiting == 2
+
+
+def test_pool_exhaustion_preempts_the_newest_and_it_resumes_by_recompute(make_scheduler):
+    scheduler = make_scheduler(page_rows=2)
+    old, new = make_request("old", 250), make_request("new", 250)
+    scheduler.add(old)
+    scheduler.add(new)
+    run_step(scheduler)  # both prefilled: one page row each, pool full
+    preempted = []
+    for _ in range(10):
+        preempted += run_step(scheduler).preempted
+    # Crossing 256 tokens needs a second page row: the newest request gives its pages up.
+    assert preempted == [new]
+    assert scheduler.num_preemptions == 1 and new.num_preemptions == 1
+    assert new.status == RequestStatus.WAITING and new.slot is None and new.num_computed_tokens == 0
+    assert scheduler.waiting[0] is new
+    assert old.num_output_tokens == 11  # the oldest kept going
+    tokens_before = new.num_tokens
+    scheduler.finish(old, RequestStatus.FINISHED_LENGTH)
+    plan = run_step(scheduler)
+    # Re-admitted: prompt and the output so far are recomputed in one prefill, then it samples.
+    assert [(s.request, s.start_pos, s.num_tokens) for s in plan.scheduled] == [(new, 0, tokens_before)]
+    assert new.num_tokens == tokens_before + 1
+
+
+def test_next_step_tokens_for_prepare(make_scheduler):
+    scheduler = make_scheduler(max_num_batched_tokens=100)
+    a, b = make_request("a", 10), make_request("b", 300)
+    scheduler.add(a)
+    scheduler.add(b)
+    plan = scheduler.schedule()
+    need = scheduler.next_step_tokens(plan.scheduled)
+    assert need == {a.slot: 11, b.slot: 90 + 100}  # a decodes one more; b at most a full budget more
