@@ -321,6 +321,19 @@ class VirtualKVCache:
             mapped += count * self.num_buffers
         return mapped
 
+    def reclaim(self) -> int:
+        """Unmaps every reclaimable page now (free slots' pages, pages prefetched past a slot's length), e.g. to
+        hand memory back or to measure from a cold cache. Returns the pages unmapped."""
+        if self._closed:
+            raise KVCacheError("the cache is closed")
+        unmapped = 0
+        for slot in range(len(self._active)):
+            count = self._excess(slot)
+            if count:
+                self._unmap_tail(slot, count)
+                unmapped += count * self.num_buffers
+        return unmapped
+
     # ---- mapping ----------------------------------------------------------------------------------------------
 
     def _address(self, buffer: int, slot: int, page_index: int) -> int:

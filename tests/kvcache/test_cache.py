@@ -142,6 +142,20 @@ def test_reclamation_under_pressure(make_cache):
     assert_accounting(cache)
 
 
+def test_reclaim_unmaps_only_what_no_request_uses(make_cache):
+    cache = make_cache(max_batch_size=3, prefetch_tokens=1)
+    tpp = int(cache.tokens_per_page)
+    a, b = cache.allocate(2 * tpp), cache.allocate(tpp)
+    fill(cache, b, 0, tpp, 3.0)
+    cache.prepare({b: tpp})  # one page per buffer mapped ahead for b
+    cache.free(a)
+    assert cache.reclaim() == (2 + 1) * 2 * 2
+    stats = cache.stats()
+    assert stats.reclaimable_pages == 0 and stats.mapped_pages == stats.used_pages == 2 * 2
+    check(cache, b, tpp, 3.0)
+    assert_accounting(cache)
+
+
 def test_prepare_maps_ahead_best_effort(make_cache):
     cache = make_cache(max_batch_size=2, pages_per_slot=5, pool_pages=2 * 2 * 4, prefetch_tokens=1)
     tpp = int(cache.tokens_per_page)
