@@ -20,11 +20,13 @@ def machine_info(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
+    # The device machine gets a copy of the tree without .git: the caller passes the commit in VATTN_COMMIT.
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                                        cwd=Path(__file__).parent).stdout.strip()
     except OSError:
-        info["commit"] = "unknown"
+        info["commit"] = ""
+    info["commit"] = info["commit"] or os.environ.get("VATTN_COMMIT", "unknown")
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
