@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from engine.config import EngineConfig
+from engine.executor import ExecutorFactory
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.outputs import EngineStats, RequestOutput
@@ -28,16 +29,20 @@ class LLMEngine:
     Attributes:
         tokenizer: the model's Hugging Face tokenizer (chat template included).
         max_model_len: most tokens (prompt + output) one request may hold.
-        kv_cache: the runner's ``VirtualKVCache``.
+        kv_cache: the runner's ``VirtualKVCache`` (rank 0's, recording its operations, under tensor parallelism).
+        executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
     """
 
-    def __init__(self, config: EngineConfig | None = None) -> None:
-        from engine.model_runner import ModelRunner
+    def __init__(self, config: EngineConfig | None = None, executor_factory: "ExecutorFactory | None" = None) -> None:
+        """``executor_factory(config) -> Executor`` runs the forwards; default: this process's device
+        (``tensor_parallel_size`` 1). Tensor parallelism needs one (``deployments.tp_workers``)."""
+        from engine.executor import LocalExecutor
         from engine.tokenizer import load_tokenizer
 
         self.config = config if config is not None else EngineConfig()
-        self.runner = ModelRunner(self.config.model, self.config.cache)
-        self.kv_cache = self.runner.kv_cache
+        self.executor = (executor_factory or LocalExecutor)(self.config)
+        self.runner = self.executor.runner
+        self.kv_cache = self.executor.kv_cache
         self.tokenizer = load_tokenizer(self.runner.resolved)
         self.device = torch.device(self.config.model.resolved_device())
         self.max_model_len = min(self.kv_cache.config.max_seq_len, self.runner.max_model_len)
@@ -119,7 +124,7 @@ class LLMEngine:
             return outputs
         self.num_steps += 1
         # [N, vocab]; asynchronous on GPU, decode steps replayed from a CUDA graph there.
-        logits = self.runner.run([(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled])
+        logits = self.executor.run([(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled])
         # Page mapping for the next iteration overlaps the forward just launched.
         self.kv_cache.prepare(self.scheduler.next_step_tokens(plan.scheduled))
 
@@ -209,7 +214,8 @@ class LLMEngine:
         return results
 
     def stats(self) -> EngineStats:
-        cache = self.kv_cache.stats()
+        # Under tensor parallelism the replica is as full as its tightest rank.
+        cache = min(self.executor.cache_stats(), key=lambda s: s.free_pages + s.reclaimable_pages)
         return EngineStats(
             num_total_pages=cache.total_pages,
             num_free_pages=cache.free_pages,
@@ -230,7 +236,7 @@ class LLMEngine:
         for request_id in list(self.requests):
             self.abort(request_id)
         self._pending_outputs = []
-        self.runner.close()
+        self.executor.close()
 
     # ---- internals --------------------------------------------------------------------------------------------
 

@@ -30,6 +30,15 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def _min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over the tensor-parallel group (every rank calls this at the same point)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 class ModelRunner:
     """Owns the model and its KV cache on one device (one tensor-parallel rank).
 
@@ -73,6 +82,11 @@ class ModelRunner:
         pool_kwargs = {}
         if cache_config.kv_cache_bytes is not None:
             pool_kwargs["pool_size_bytes"] = cache_config.kv_cache_bytes
+        elif self.device.type == "cuda" and model_config.tensor_parallel_size > 1:
+            # Ranks replay rank 0's page decisions, so every rank's pool must hold the same number of pages:
+            # size them all by the rank with the least free memory.
+            pool_kwargs["pool_size_bytes"] = _min_over_ranks(
+                int(torch.cuda.mem_get_info(self.device)[0] * cache_config.gpu_memory_fraction), self.device)
         elif self.device.type == "cuda":
             pool_kwargs["memory_fraction"] = cache_config.gpu_memory_fraction
         else:

@@ -1,0 +1,306 @@
+"""Tensor parallelism on 2 GPUs: TP=2 against TP=1 on the same seeded weights, in the same run.
+
+    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py                       # 2x H100, dummy:llama-3-8b bf16
+    python benchmarks/bench_tp.py --num-prompts 8 --input-len 64 --output-len 16 --skip-serve   # quick look
+
+Parts (each in its own try/except; a failure is recorded in the result and the next part still runs):
+  1. correctness: greedy tokens of ``--check-prompts`` prompts (``--check-tokens`` new tokens) at TP=1 and
+     TP=2; dummy weights are generated at TP=1 shapes from ``--seed`` and then sharded, so both runs hold the
+     same model. Reported: exact matches and the common prefix per prompt (bf16 reductions run in another
+     order at TP=2, so a near-tie may flip late; ``--check-dtype float32`` makes the comparison exact).
+  2. throughput: ``--num-prompts`` requests of ``--input-len`` random tokens, ``--output-len`` greedy tokens
+     each (ignore_eos), all at once, at TP=1 and at TP=2: output tokens/s, total tokens/s, speedup, and the
+     decode floor (weights bytes per rank / measured copy bandwidth).
+  3. serve: a Serve app with ``tensor_parallel_size: 2`` (a STRICT_PACK placement group of two GPU bundles,
+     serve_config.gpu.yaml-like args) answers an HTTP chat request.
+
+Every engine runs inside a Ray actor holding one GPU (rank 0); TP=2's rank 1 is a ``TPWorkerActor`` in the
+same placement group, exactly as in a Serve replica. Writes ``results/tp_h100x2.json`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+import ray  # noqa: E402
+from ray.util.placement_group import placement_group, remove_placement_group  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+
+from benchmarks.common import machine_info, write_result  # noqa: E402
+
+
+@ray.remote
+class EngineRank0:
+    """An ``LLMEngine`` in its own process: rank 0 of a TP group (or the whole engine at TP=1)."""
+
+    def __init__(self, engine_config: dict) -> None:
+        from deployments.tp_workers import make_executor_factory
+        from engine.config import EngineConfig
+        from engine.llm_engine import LLMEngine
+
+        start = time.perf_counter()
+        self.engine = LLMEngine(EngineConfig.from_dict(engine_config), executor_factory=make_executor_factory())
+        self.load_s = time.perf_counter() - start
+
+    def info(self) -> dict:
+        stats = self.engine.stats()
+        runner = self.engine.runner
+        weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+        return {"load_s": round(self.load_s, 1), "num_total_pages": stats.num_total_pages,
+                "tokens_per_page": stats.tokens_per_page, "weight_bytes_per_rank": weight_bytes,
+                "num_kv_heads_per_rank": self.engine.kv_cache.config.num_kv_heads,
+                "attention_backend": runner.attention_backend,
+                "cuda_graphs": runner.graph_runner is not None}
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        from engine.sampling_params import SamplingParams
+
+        outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        return [list(o.token_ids) for o in outs]
+
+    def throughput(self, prompts: list[list[int]], output_len: int) -> dict:
+        from engine.sampling_params import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        self.engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+        steps_before = self.engine.num_steps
+        start = time.perf_counter()
+        outs = self.engine.generate(prompts, params)  # ends with a sampled token on the host: synchronized
+        elapsed = time.perf_counter() - start
+        out_tokens = sum(len(o.token_ids) for o in outs)
+        in_tokens = sum(len(p) for p in prompts)
+        return {"elapsed_s": round(elapsed, 2), "output_tokens": out_tokens,
+                "output_tok_s": round(out_tokens / elapsed, 1),
+                "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
+                "steps": self.engine.num_steps - steps_before,
+                "num_preemptions": self.engine.scheduler.num_preemptions}
+
+    def copy_bandwidth_gbs(self) -> float:
+        from benchmarks.common import measure_copy_bandwidth
+
+        return round(measure_copy_bandwidth(str(self.engine.device), 1 << 28), 1)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int):
+    """(actor, placement group) of an engine with ``tp`` ranks, rank 0 in bundle 0."""
+    gpus = 1 if args.device == "cuda" else 0
+    pg = placement_group([{"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}] * tp, strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=120)
+    config = {"model": args.model, "device": args.device, "dtype": dtype, "tensor_parallel_size": tp, "seed": args.seed,
+              "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
+              "gpu_memory_fraction": args.gpu_memory_fraction, "enforce_eager": args.enforce_eager,
+              "max_num_batched_tokens": args.max_num_batched_tokens}
+    actor = EngineRank0.options(
+        num_gpus=gpus, num_cpus=1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
+                                                             placement_group_capture_child_tasks=True),
+    ).remote(config)
+    return actor, pg
+
+
+def stop_engine(actor, pg) -> None:
+    try:
+        ray.get(actor.shutdown.remote(), timeout=120)
+    except Exception:  # noqa: BLE001 - killing it below frees everything anyway
+        pass
+    ray.kill(actor)
+    remove_placement_group(pg)
+    time.sleep(2)  # let the GPUs' memory go back before the next engine sizes its KV pool
+
+
+def run_engine_part(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, work) -> dict:
+    actor, pg = start_engine(args, tp, dtype, max_batch_size, max_seq_len)
+    try:
+        info = ray.get(actor.info.remote(), timeout=args.timeout_s)
+        result = {"info": info}
+        result.update(work(actor))
+        return result
+    finally:
+        stop_engine(actor, pg)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+def part_correctness(args, result: dict) -> None:
+    prompts = random_prompts(args.check_prompts, 32, 32000, args.seed + 1)
+    tokens = {}
+    for tp in (1, args.tp):
+        part = run_engine_part(args, tp, args.check_dtype, max(8, args.check_prompts), 512,
+                               lambda a: {"tokens": ray.get(a.greedy.remote(prompts, args.check_tokens),
+                                                            timeout=args.timeout_s)})
+        tokens[tp] = part["tokens"]
+        result[f"tp{tp}_info_check"] = part["info"]
+    prefixes = []
+    for a, b in zip(tokens[1], tokens[args.tp]):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefixes.append(n)
+    result["correctness"] = {
+        "dtype": args.check_dtype, "prompts": len(prompts), "new_tokens": args.check_tokens,
+        "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[args.tp])),
+        "common_prefix_tokens": prefixes, "match": tokens[1] == tokens[args.tp],
+        "tp1_first_tokens": [t[:8] for t in tokens[1]], f"tp{args.tp}_first_tokens": [t[:8] for t in tokens[args.tp]],
+    }
+
+
+def part_throughput(args, result: dict) -> None:
+    prompts = random_prompts(args.num_prompts, args.input_len, 32000, args.seed)
+    max_seq_len = args.input_len + args.output_len + 16
+    for tp in (1, args.tp):
+        def work(actor):
+            out = {"throughput": ray.get(actor.throughput.remote(prompts, args.output_len), timeout=args.timeout_s)}
+            out["copy_bandwidth_gbs"] = ray.get(actor.copy_bandwidth_gbs.remote(), timeout=args.timeout_s)
+            return out
+
+        part = run_engine_part(args, tp, args.dtype, args.max_batch_size, max_seq_len, work)
+        floor_ms = part["info"]["weight_bytes_per_rank"] / (part["copy_bandwidth_gbs"] * 1e9 / 2) * 1e3
+        part["decode_floor_ms_per_step"] = round(floor_ms, 2)  # weights read once per step; copy GB/s counts r+w
+        result[f"tp{tp}"] = part
+    t1 = result["tp1"]["throughput"]["output_tok_s"]
+    t2 = result[f"tp{args.tp}"]["throughput"]["output_tok_s"]
+    result["speedup_output_tok_s"] = round(t2 / t1, 2)
+
+
+def part_serve(args, result: dict) -> None:
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = 8000 + random.Random().randrange(1000)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app_args = {
+        "model": args.model, "served_model_name": "llama-3-8b-tp2", "dtype": args.dtype, "device": args.device,
+        "tensor_parallel_size": args.tp,
+        "engine_kwargs": {"max_batch_size": 16, "max_seq_len": 2048, "gpu_memory_fraction": args.gpu_memory_fraction,
+                          "max_num_batched_tokens": 2048, "seed": args.seed,
+                          "enforce_eager": args.enforce_eager},
+        "engine": {"num_replicas": 1, "num_cpus": 1 if args.device == "cuda" else 0, "router": "page_aware"},
+        "ingress": {"num_replicas": 1, "num_cpus": 0},
+    }
+    start = time.perf_counter()
+    serve.run(build_app(app_args), name="tp", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(2)
+    ready_s = time.perf_counter() - start
+    body = {"model": "llama-3-8b-tp2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16, "temperature": 0}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    result["serve"] = {"ready_s": round(ready_s, 1), "status_code": r.status_code,
+                       "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200
+                       else None, "body": r.text[:500]}
+    stats = serve.get_deployment_handle("LLMEngine", app_name="tp").engine_stats.remote().result(timeout_s=30)
+    result["serve"]["engine_stats"] = {k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page")
+                                       if k in stats}
+    serve.delete("tp")
+    serve.shutdown()
+
+
+def print_table(result: dict, tp: int) -> None:
+    print()
+    corr = result.get("correctness")
+    if corr:
+        print(f"correctness ({corr['dtype']}, {corr['prompts']} prompts x {corr['new_tokens']} tokens): "
+              f"TP={tp} == TP=1: {corr['match']} ({corr['exact_matches']} exact; common prefixes "
+              f"{corr['common_prefix_tokens']})")
+    if "tp1" in result and f"tp{tp}" in result:
+        print(f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
+              f"{'floor ms/step':>15}{'weights/rank GB':>17}")
+        for key in ("tp1", f"tp{tp}"):
+            part = result[key]
+            t = part["throughput"]
+            print(f"{key.upper():8}{t['output_tok_s']:>14}{t['total_tok_s']:>14}{t['elapsed_s']:>11}{t['steps']:>7}"
+                  f"{t['num_preemptions']:>9}{part['decode_floor_ms_per_step']:>15}"
+                  f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}")
+        print(f"speedup TP={tp} / TP=1 (output tok/s): {result['speedup_output_tok_s']}x")
+    if "serve" in result:
+        s = result["serve"]
+        print(f"serve (TP={tp} replica): HTTP {s['status_code']}, {s['completion_tokens']} tokens, "
+              f"ready in {s['ready_s']} s")
+    for name, error in result.get("errors", {}).items():
+        print(f"FAILED {name}: {error.splitlines()[-1] if error else ''}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dummy:llama-3-8b")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--check-prompts", type=int, default=4)
+    parser.add_argument("--check-tokens", type=int, default=32)
+    parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default="bfloat16", help="throughput and serve parts")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of the script")
+    parser.add_argument("--gpu-memory-fraction", type=float, default=0.8)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP=1 and TP=2)")
+    parser.add_argument("--skip-correctness", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per Ray call (model load, a whole run)")
+    parser.add_argument("--name", default="tp_h100x2")
+    args = parser.parse_args()
+
+    import torch
+
+    num_gpus = torch.cuda.device_count() if args.device == "cuda" else 0
+    if args.device == "cuda" and num_gpus < args.tp:
+        print(f"needs {args.tp} GPUs, found {num_gpus}")
+        return 2
+    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+                "RAY_AUTH_MODE": "disabled", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+    ray.init(num_gpus=num_gpus, num_cpus=max(os.cpu_count() or 1, 2 * args.tp + 2), include_dashboard=False, runtime_env={"env_vars": env_vars},
+             logging_level="WARNING")
+    result: dict = {"machine": machine_info(args.device), "settings": vars(args), "errors": {}}
+    for name, part, skip in (("correctness", part_correctness, args.skip_correctness),
+                             ("throughput", part_throughput, args.skip_throughput),
+                             ("serve", part_serve, args.skip_serve)):
+        if skip:
+            continue
+        start = time.perf_counter()
+        try:
+            part(args, result)
+        except Exception:  # noqa: BLE001 - report and go on with the next part
+            result["errors"][name] = traceback.format_exc()
+            traceback.print_exc()
+        result.setdefault("part_seconds", {})[name] = round(time.perf_counter() - start, 1)
+        write_result(args.name, result)  # keep what we have if a later part hangs
+    path = write_result(args.name, result)
+    print_table(result, args.tp)
+    print(f"wrote {path}")
+    ray.shutdown()
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Tensor-parallel ranks as Ray actors: the Ray side of ``engine.tp_executor.TPExecutor``.
+
+A replica with ``tensor_parallel_size = tp`` runs in a placement group of ``tp`` bundles (STRICT_PACK: one
+node). The replica actor itself is rank 0 and holds bundle 0; rank ``r`` is a :class:`TPWorkerActor` pinned
+to bundle ``r``. The ranks meet at a ``tcp://`` rendezvous on rank 0's node (a free port picked there) and
+form a NCCL (GPU) or gloo (CPU) group. The actors are owned by the replica: if the replica dies, so do they;
+if one of them dies, the replica's engine fails (``WorkerDeadError`` -> ``EngineDeadError``) and its health
+check raises, so Serve replaces the whole replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.config import EngineConfig
+from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS
+from engine.executor import Executor, ExecutorFactory, LocalExecutor, WorkerDeadError
+from engine.recording_kv_cache import CacheOp
+from engine.tp_executor import TPExecutor, WorkerGroup
+
+logger = logging.getLogger("ray.serve")
+
+# A worker whose step failed exits after this delay: peers blocked in a collective waiting for it then fail
+# at once (closed sockets / the driver's death watch) instead of at the collective timeout; the delay lets
+# the error reply reach rank 0 first.
+_EXIT_AFTER_FAILURE_S = 1.0
+
+
+@ray.remote(concurrency_groups={"monitor": 1})
+class TPWorkerActor:
+    """Hosts one ``engine.tp_worker.TPWorker``. Steps run one at a time in call order (default group);
+    ``wait_until_stopped`` runs in its own thread so that rank 0 learns of the actor's death at once."""
+
+    def __init__(self, config: EngineConfig, rank: int, init_method: str, device: str | None, timeout_s: float) -> None:
+        from engine.tp_worker import TPWorker
+
+        for name, value in TP_ENV_VARS.items():
+            os.environ.setdefault(name, value)
+        self._stopped = threading.Event()
+        self._worker = TPWorker(config, rank, init_method, device=device, timeout_s=timeout_s)
+
+    def ready(self) -> int:
+        return self._worker.rank
+
+    def step(self, ops: list[CacheOp], seqs):
+        try:
+            return self._worker.step(ops, seqs)
+        except BaseException:
+            logger.exception("tensor-parallel rank %d failed a step; exiting", self._worker.rank)
+            threading.Thread(target=_exit_soon, daemon=True).start()
+            raise
+
+    def cache_state(self) -> dict:
+        return self._worker.cache_state()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @ray.method(concurrency_group="monitor")
+    def wait_until_stopped(self) -> None:
+        """Returns only when the worker is closed; its error is the death notice of the actor."""
+        self._stopped.wait()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._worker.close()
+
+
+def _exit_soon() -> None:
+    time.sleep(_EXIT_AFTER_FAILURE_S)
+    os._exit(1)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free now on ``host`` (this node) for the group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RayWorkerGroup(WorkerGroup):
+    """Ranks ``1 .. tp-1`` as :class:`TPWorkerActor` actors.
+
+    Inside a placement group (a Serve replica with ``placement_group_bundles``) rank ``r`` takes bundle ``r``
+    and exactly its resources; outside one (tests, offline benchmarks) each worker asks for one GPU on GPU
+    and nothing on CPU.
+
+    Args:
+        config: the engine config (rank 0's device already resolved).
+        on_death: called once, from a watcher thread, when a worker dies unexpectedly.
+        name_prefix: names the actors ``<prefix>-rank<r>`` (findable with ``ray.get_actor``); ``None``: unnamed.
+        ready_timeout_s: how long model loading on the workers may take.
+        timeout_s: collective timeout of the group.
+    """
+
+    def __init__(self, config: EngineConfig, on_death: Callable[[], None], name_prefix: str | None = None,
+                 ready_timeout_s: float = 900.0, timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> None:
+        tp_size = config.model.tensor_parallel_size
+        is_cuda = config.model.resolved_device().startswith("cuda")
+        host = ray.util.get_node_ip_address()
+        self.init_method = f"tcp://{host}:{free_port(host)}"
+        self.ready_timeout_s = ready_timeout_s
+        self._on_death = on_death
+        self._closing = False
+        self._dead_error: WorkerDeadError | None = None
+        pg = ray.util.get_current_placement_group()
+        if pg is not None and len(pg.bundle_specs) < tp_size:
+            raise ValueError(f"the replica's placement group has {len(pg.bundle_specs)} bundles; "
+                             f"tensor_parallel_size {tp_size} needs one per rank")
+        self.actors = []
+        for rank in range(1, tp_size):
+            options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
+            if pg is not None:
+                bundle = pg.bundle_specs[rank]
+                options.update(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   pg, placement_group_bundle_index=rank, placement_group_capture_child_tasks=False))
+            else:
+                options.update(num_cpus=0, num_gpus=1 if is_cuda else 0)
+            if is_cuda:
+                # Ray gives each actor its own CUDA_VISIBLE_DEVICES: the worker's GPU is cuda:0 there.
+                options["runtime_env"] = {"env_vars": dict(TP_ENV_VARS)}
+            if name_prefix is not None:
+                options["name"] = f"{name_prefix}-rank{rank}"
+            self.actors.append(TPWorkerActor.options(**options).remote(
+                config, rank, self.init_method, "cuda:0" if is_cuda else "cpu", timeout_s))
+        self._monitor_refs = [a.wait_until_stopped.remote() for a in self.actors]
+        self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
+        self._watcher.start()
+
+    def wait_ready(self) -> None:
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=self.ready_timeout_s)
+        except Exception as exc:
+            raise WorkerDeadError(f"a tensor-parallel worker failed to start: {_describe(exc)}") from exc
+
+    def submit_step(self, ops: list[CacheOp], seqs) -> list:
+        return [a.step.remote(ops, seqs) for a in self.actors]
+
+    def collect_step(self, handle: list, timeout_s: float | None) -> list | None:
+        ready, not_ready = ray.wait(handle, num_returns=len(handle), timeout=timeout_s)
+        try:
+            if not_ready:
+                ray.get(ready)  # a failure among those that answered is reported now
+                return None
+            return ray.get(handle)
+        except Exception as exc:
+            raise WorkerDeadError(f"a tensor-parallel worker failed: {_describe(exc)}") from exc
+
+    def call(self, method: str, *args) -> list:
+        try:
+            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.ready_timeout_s)
+        except Exception as exc:
+            raise WorkerDeadError(f"a tensor-parallel worker failed {method}: {_describe(exc)}") from exc
+
+    def check_health(self) -> None:
+        if self._dead_error is not None:
+            raise self._dead_error
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+    def _watch(self) -> None:
+        """Blocks until some worker's ``wait_until_stopped`` returns: its error says it died."""
+        ready, _ = ray.wait(self._monitor_refs, num_returns=1)
+        if self._closing:
+            return
+        try:
+            ray.get(ready)
+            error = WorkerDeadError("a tensor-parallel worker stopped")
+        except Exception as exc:  # noqa: BLE001 - the death notice
+            error = WorkerDeadError(f"a tensor-parallel worker died: {_describe(exc)}")
+        if self._closing:
+            return
+        logger.error("%s", error)
+        self._dead_error = error
+        self._on_death()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def make_executor_factory(name_prefix: str | None = None, ready_timeout_s: float = 900.0,
+                          timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> ExecutorFactory:
+    """``LLMEngine``'s ``executor_factory``: a ``LocalExecutor`` for ``tensor_parallel_size`` 1, else a
+    ``TPExecutor`` whose ranks 1.. are Ray actors (see :class:`RayWorkerGroup`). Needs ``ray.init`` done
+    (always true inside a Serve replica)."""
+
+    def factory(config: EngineConfig) -> Executor:
+        if config.model.tensor_parallel_size == 1:
+            return LocalExecutor(config)
+
+        def start_workers(cfg: EngineConfig, on_death: Callable[[], None]) -> RayWorkerGroup:
+            return RayWorkerGroup(cfg, on_death, name_prefix=name_prefix, ready_timeout_s=ready_timeout_s,
+                                  timeout_s=timeout_s)
+
+        return TPExecutor(config, start_workers)
+
+    return factory

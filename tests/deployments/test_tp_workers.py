@@ -1,0 +1,213 @@
+"""Tensor parallelism on CPU (gloo) through real Ray actors: TP=2 gives TP=1's greedy tokens, every rank's
+KV cache holds the same pages, a dead worker fails the replica cleanly, and a Serve app with
+``tensor_parallel_size: 2`` answers HTTP chat requests. One local Ray cluster for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+os.environ["RAY_AUTH_MODE"] = "disabled"
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+from ray import serve  # noqa: E402
+
+from deployments.tp_workers import make_executor_factory  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.errors import EngineDeadError  # noqa: E402
+from engine.executor import WorkerDeadError  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.weights.resolve import DUMMY_TOKENIZER_DIR  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Llama-shaped, head counts divisible by 2. head_dim 128 with 4 KV heads makes tokens big (2 KiB per layer's K
+# at TP=1, 1 KiB per rank at TP=2), so 64 KiB pages hold 32 / 64 tokens and a small pool forces preemption.
+TINY_LLAMA = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, head_dim=128, max_position_embeddings=512,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+# 20 pages of 64 KiB = 5 per layer's K and V: at TP=2 two requests past 64 tokens don't fit together.
+CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_bytes=20 << 16, max_num_batched_tokens=128)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random tiny Llama saved by transformers (loaded through our safetensors loader), with SmolLM2's
+    tokenizer and chat template so that the Serve app can serve it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-tp")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
+    with torch.no_grad():  # spread the logits: greedy choices far from ties, robust to reduction order
+        model.lm_head.weight.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    for f in DUMMY_TOKENIZER_DIR.iterdir():
+        shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(
+        address="local",
+        num_cpus=4,  # logical: the Serve TP replica's placement group takes 2 one-CPU bundles
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
+        logging_level="WARNING",
+    )
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _config(checkpoint: Path, tp: int) -> EngineConfig:
+    return EngineConfig.from_dict({"model": str(checkpoint), "device": "cpu", "tensor_parallel_size": tp, **CACHE})
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (40, 13, 57, 25, 33)]
+
+
+def _run_to_completion(engine: LLMEngine, prompts, max_tokens: int, on_step=None) -> dict[str, list[int]]:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.token_ids)
+        if on_step is not None:
+            on_step(engine)
+    return tokens
+
+
+def _assert_ranks_agree(engine: LLMEngine) -> int:
+    states = engine.executor.rank_cache_states()
+    assert len(states) == 2
+    rank0, rank1 = states
+    assert rank0["num_kv_heads"] == rank1["num_kv_heads"] == TINY_LLAMA["num_key_value_heads"] // 2
+    for field in ("total_pages", "free_pages", "mapped_pages", "reclaimable_pages", "num_active_slots"):
+        assert getattr(rank0["stats"], field) == getattr(rank1["stats"], field), field
+    assert rank0["slot_page_ids"] == rank1["slot_page_ids"]
+    return len(rank0["slot_page_ids"])
+
+
+def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
+    prompts, max_tokens = _prompts(), 40
+    ref_engine = LLMEngine(_config(checkpoint, 1))
+    try:
+        expected = _run_to_completion(ref_engine, prompts, max_tokens)
+    finally:
+        ref_engine.shutdown()
+
+    engine = LLMEngine(_config(checkpoint, 2), executor_factory=make_executor_factory())
+    try:
+        assert engine.executor.tp_size == 2
+        assert engine.kv_cache.config.num_kv_heads == 2  # each rank holds half the KV heads
+        checked_with_active = []
+
+        def check(e: LLMEngine) -> None:
+            if e.num_steps % 15 == 0:
+                checked_with_active.append(_assert_ranks_agree(e))
+
+        got = _run_to_completion(engine, prompts, max_tokens, on_step=check)
+        assert got == expected
+        assert engine.scheduler.num_preemptions > 0, "the pool should be small enough to preempt"
+        assert any(checked_with_active), "page ids were never compared while slots were active"
+        _assert_ranks_agree(engine)
+        per_rank = engine.executor.cache_stats()
+        assert engine.stats().num_free_pages == min(s.free_pages for s in per_rank)
+    finally:
+        engine.shutdown()
+
+
+def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
+    from deployments.engine_deployment import EngineDeployment
+    from deployments.routing_hint import RoutingHint
+
+    deployment = EngineDeployment({"model": str(checkpoint), "device": "cpu", "tensor_parallel_size": 2, **CACHE},
+                                  "tiny")
+
+    async def generate(request_id: str) -> list:
+        return [c async for c in deployment.generate(RoutingHint(5, 4), [5, 6, 7, 8, 9],
+                                                     SamplingParams(temperature=0.0, max_tokens=4), request_id)]
+
+    try:
+        chunks = asyncio.run(generate("ok"))
+        assert chunks[-1].finished and chunks[-1].error is None
+        deployment.check_health()
+        assert deployment.record_routing_stats()["num_free_pages"] > 0
+
+        (worker,) = deployment._llm_engine.executor.workers.actors
+        ray.kill(worker)
+        deadline = time.time() + 20
+        while True:  # the death watch notices without any request
+            try:
+                deployment.check_health()
+            except WorkerDeadError:
+                break
+            assert time.time() < deadline, "check_health never noticed the dead worker"
+            time.sleep(0.1)
+
+        chunks = asyncio.run(generate("after-kill"))
+        assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"
+        with pytest.raises((EngineDeadError, WorkerDeadError)):
+            deployment.check_health()
+    finally:
+        deployment._engine.shutdown()
+
+
+def test_serve_app_with_tp2_answers_chat(ray_cluster, checkpoint):
+    from deployments.app import build_app
+
+    http_port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    args = {
+        "model": str(checkpoint),
+        "served_model_name": "tiny",
+        "device": "cpu",
+        "tensor_parallel_size": 2,
+        "engine_kwargs": CACHE,
+        "engine": {"num_replicas": 1, "num_cpus": 0, "health_check_period_s": 1.0},
+        "ingress": {"num_cpus": 0},
+    }
+    serve.run(build_app(args), name="tp", route_prefix="/")
+    base = f"http://127.0.0.1:{http_port}"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8,
+            "temperature": 0}
+    r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 8
+
+    # Kill the replica's rank-1 worker: requests fail cleanly, Serve replaces the replica, service resumes.
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("-tp-rank1")]
+    assert len(names) == 1, names
+    namespace = next(a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == names[0])
+    ray.kill(ray.get_actor(names[0], namespace=namespace))
+    statuses = []
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
+        statuses.append(r.status_code)
+        if r.status_code == 200 and len(statuses) > 1:
+            break
+        assert r.status_code in (200, 500, 502, 503), r.text
+        time.sleep(0.5)
+    assert 503 in statuses and statuses[-1] == 200, statuses  # failed cleanly, then a new replica served
+    serve.delete("tp")
