@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu bench-kvcache clean serve serve-stop
+.PHONY: install test test-gpu bench-kvcache clean serve serve-stop soak
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# Full-size soak (2000 requests, a fifth cancelled mid-stream, on a local 2-replica cluster); CI runs 300.
+soak: install
+	SOAK_REQUESTS=2000 $(PY) -m pytest -q -s tests/deployments/test_soak.py
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -75,12 +75,18 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     else:
         engine_options["num_replicas"] = eng.num_replicas
     if config.tensor_parallel_size > 1:
-        # One GPU bundle per TP rank; the replica actor takes the first, TP workers the others.
-        engine_options["placement_group_bundles"] = [{"GPU": 1, "CPU": eng.num_cpus}] + [
-            {"GPU": 1} for _ in range(config.tensor_parallel_size - 1)
-        ]
+        # One bundle per TP rank: the replica actor (rank 0) takes bundle 0, TP worker r takes bundle r
+        # (deployments.tp_workers). A bundle may not be all zeros, hence at least one CPU per rank.
+        cpus_per_rank = max(eng.num_cpus, 1.0)
+        on_gpu = config.device != "cpu"
+        bundle = {"GPU": 1, "CPU": cpus_per_rank} if on_gpu else {"CPU": cpus_per_rank}
+        engine_options["placement_group_bundles"] = [dict(bundle) for _ in range(config.tensor_parallel_size)]
         engine_options["placement_group_strategy"] = eng.placement_group_strategy
-        engine_options["ray_actor_options"] = {"num_cpus": eng.num_cpus, "num_gpus": 1}
+        engine_options["ray_actor_options"] = {"num_cpus": eng.num_cpus, "num_gpus": 1 if on_gpu else 0}
+        if on_gpu:
+            from engine.distributed import TP_ENV_VARS
+
+            engine_options["ray_actor_options"]["runtime_env"] = {"env_vars": dict(TP_ENV_VARS)}
     else:
         engine_options["ray_actor_options"] = {"num_cpus": eng.num_cpus, "num_gpus": eng.num_gpus}
 

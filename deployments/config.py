@@ -7,11 +7,14 @@ the YAML fails at deploy time with the field's name instead of being silently ig
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DEFAULT_ROUTER_PATH = "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"
+
+# Environment variable read by the ingress replica when ``AppConfig.api_key`` is not set.
+API_KEY_ENV_VAR = "VATTN_API_KEY"
 
 
 class EngineDeploymentConfig(BaseModel):
@@ -81,6 +84,11 @@ class IngressConfig(BaseModel):
     overload_status_code: Literal[503, 429] = Field(
         default=503, description="HTTP status of overload answers."
     )
+    max_request_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Largest HTTP request body accepted; larger ones get 413 before any parsing.",
+    )
 
 
 class AppConfig(BaseModel):
@@ -108,6 +116,11 @@ class AppConfig(BaseModel):
         default_factory=EngineDeploymentConfig, description="Engine deployment scheduling and routing."
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="HTTP ingress deployment.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description=f"When set (or when the ingress's environment has {API_KEY_ENV_VAR}), every endpoint but "
+        "/health requires `Authorization: Bearer <key>`; otherwise 401. Never logged.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -115,6 +128,12 @@ class AppConfig(BaseModel):
         if not value.strip():
             raise ValueError("model must be a non-empty string")
         return value
+
+    def resolved_api_key(self, environ: Mapping[str, str]) -> str | None:
+        """The API key to enforce: the config's, else ``environ[API_KEY_ENV_VAR]``; ``None`` = no auth."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value()
+        return environ.get(API_KEY_ENV_VAR) or None
 
     @property
     def model_id(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,12 +64,20 @@ class EngineDeployment:
         from engine.async_engine import AsyncLLMEngine
         from engine.config import EngineConfig
 
-        self._engine = AsyncLLMEngine(EngineConfig.from_dict(dict(engine_config)))
-        self._model_id = model_id
+        from engine.llm_engine import LLMEngine
+
+        from deployments.tp_workers import make_executor_factory
+
         self._replica_tag = _replica_tag()
+        # tensor_parallel_size > 1: this replica is rank 0; ranks 1.. are Ray actors in its placement group.
+        self._llm_engine = LLMEngine(EngineConfig.from_dict(dict(engine_config)),
+                                     executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"))
+        self._engine = AsyncLLMEngine(engine=self._llm_engine)
+        self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
         self._inflight: dict[str, _InflightRequest] = {}
         self._pages_per_token_block = _pages_per_token_block(self._engine)
+        self._max_request_tokens = _max_request_tokens(self._engine)
         self._gauge_task: asyncio.Task | None = None
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -134,14 +143,25 @@ class EngineDeployment:
                 await self._engine.abort(request_id)
 
     async def model_info(self) -> dict[str, Any]:
-        """What the ingress needs to validate requests (max_model_len)."""
-        return {"max_model_len": int(self._engine.max_model_len), "model_id": self._model_id}
+        """What the ingress needs to validate requests.
+
+        ``max_model_len``: most tokens (prompt + output) a request may hold in a slot.
+        ``max_request_tokens``: the same, also bounded by the whole physical page pool, so that the
+        ingress can reject (or cap the default ``max_tokens`` of) a request that could never run.
+        """
+        return {
+            "max_model_len": int(self._engine.max_model_len),
+            "max_request_tokens": self._max_request_tokens,
+            "model_id": self._model_id,
+        }
 
     async def engine_stats(self) -> dict[str, Any]:
-        """``EngineStats.as_dict()`` plus the replica tag (debugging, tests)."""
+        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory (debugging, soak tests)."""
         stats = dict(self._engine.stats().as_dict())
         stats["replica"] = self._replica_tag
         stats["num_inflight"] = len(self._inflight)
+        stats["pid"] = os.getpid()
+        stats["rss_bytes"] = _rss_bytes()
         return stats
 
     # ---- Serve hooks ----------------------------------------------------------------------------------
@@ -186,6 +206,8 @@ class EngineDeployment:
 
         if getattr(self._engine, "is_dead", False):
             raise EngineDeadError("engine step loop died")
+        # A tensor-parallel worker that died while the engine was idle: fail now, not at the next request.
+        self._llm_engine.executor.check_health()
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
@@ -231,6 +253,34 @@ def _pages_per_token_block(engine: Any) -> int:
     if kv_cache is not None:
         return int(kv_cache.pages_needed(max(1, int(tokens_per_page))))
     raise RuntimeError("cannot find the engine's KV cache to size a request's pages")
+
+
+def _max_request_tokens(engine: Any) -> int:
+    """Most tokens one request may hold: ``max_model_len``, or fewer if the whole pool holds fewer."""
+    max_model_len = int(engine.max_model_len)
+    kv_cache = _find_kv_cache(engine)
+    if kv_cache is None:
+        return max_model_len
+    total_pages = int(kv_cache.stats().total_pages)
+    if kv_cache.pages_for_tokens(max_model_len) <= total_pages:
+        return max_model_len
+    lo, hi = 0, max_model_len  # pages_for_tokens is monotonic: binary search the last length that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if kv_cache.pages_for_tokens(mid) <= total_pages:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _find_kv_cache(engine: Any) -> Any:

@@ -11,8 +11,10 @@ error body even when the client asked to stream.
 # No `from __future__ import annotations`: FastAPI must see the request models' real types on the
 # methods that serve.ingress wraps, or it reads the body parameter as a query parameter.
 import asyncio
+import hmac
 import json
 import logging
+import os
 import time
 import urllib.request
 import uuid
@@ -20,13 +22,16 @@ from typing import Any, AsyncIterator
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, IngressConfig
 from deployments.engine_deployment import StreamChunk
 from deployments.metrics_merge import merge_prometheus_texts
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -39,11 +44,148 @@ app = FastAPI(title="vAttention OpenAI-compatible server")
 # Families gathered by /metrics from every node's Ray metrics export (see engine_metrics.py).
 METRIC_PREFIXES = ("ray_vllm_", "ray_vattn_")
 REPLICA_HEADER = "x-vattn-replica"
+# Paths answered without the API key (load balancers and Serve's own probes have no key).
+PUBLIC_PATHS = frozenset({"/health"})
+# Tries to place a request before its first token when the chosen engine replica turns out dead
+# (killed, node lost): nothing reached the client yet, so another replica can serve it.
+MAX_ROUTING_ATTEMPTS = 3
+
+
+class RequestGuard:
+    """ASGI middleware run before any routing or body parsing: API key, then body size.
+
+    Settings come from the ingress replica's servable object (``serve.get_replica_context()``), so the
+    FastAPI app stays a module-level object as ``serve.ingress`` requires. Outside Serve (no replica
+    context) nothing is enforced but the default body limit.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        api_key, limit_bytes = _guard_settings()
+        if api_key is not None and scope.get("path", "") not in PUBLIC_PATHS:
+            if not _is_authorized(scope, api_key):
+                err = OpenAIError(
+                    "missing or invalid API key: send `Authorization: Bearer <key>`",
+                    status_code=401,
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                await JSONResponse(err.body(), status_code=401, headers=err.headers)(scope, receive, send)
+                return
+        declared = _content_length(scope)
+        if declared is not None and declared > limit_bytes:
+            await _too_large(limit_bytes)(scope, receive, send)
+            return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        # Chunked bodies carry no Content-Length: read (at most the limit) before the app sees it.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit_bytes:
+                await _too_large(limit_bytes)(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body_message: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body_message], receive), send)
+
+
+def _guard_settings() -> tuple[str | None, int]:
+    try:
+        ingress = serve.get_replica_context().servable_object
+        return ingress._api_key, ingress._config.ingress.max_request_body_bytes
+    except Exception:  # noqa: BLE001 - not inside a Serve replica (unit use of the app)
+        return None, IngressConfig().max_request_body_bytes
+
+
+def _is_authorized(scope: Scope, api_key: str) -> bool:
+    header = b""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            header = value
+            break
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    # Constant time: the comparison must not reveal how much of a guessed key is right.
+    return hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit_bytes: int) -> JSONResponse:
+    err = OpenAIError(
+        f"request body larger than {limit_bytes} bytes", status_code=413, code="request_too_large"
+    )
+    return JSONResponse(err.body(), status_code=413)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that returns ``messages`` first, then defers to ``receive`` (disconnects)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+class ReplicaUnavailableError(OpenAIError):
+    """The engine replica serving a request died or became unreachable (answered like overload)."""
+
+
+app.add_middleware(RequestGuard)
 
 
 @app.exception_handler(OpenAIError)
 async def _openai_error_handler(request: Request, exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths, wrong methods, unparsable bodies (invalid UTF-8, nesting too deep): OpenAI's shape.
+    status = exc.status_code
+    err = OpenAIError(
+        str(exc.detail),
+        status_code=status,
+        error_type="invalid_request_error" if status < 500 else "internal_error",
+    )
+    return JSONResponse(err.body(), status_code=status, headers=getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _internal_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, ray.exceptions.TaskCancelledError):
+        # The client hung up and Serve cancelled the request: nobody reads this answer; not an error.
+        return JSONResponse({"error": None}, status_code=499)
+    logger.exception("unhandled error in %s %s", request.method, request.url.path)
+    err = OpenAIError(f"internal error: {type(exc).__name__}", status_code=500, error_type="internal_error")
+    return JSONResponse(err.body(), status_code=500)
 
 
 @app.exception_handler(RequestValidationError)
@@ -53,7 +195,7 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in errors)
     err = OpenAIError(message or "invalid request", param=loc[0] if loc else None)
-    return JSONResponse(err.body(), status_code=400)
+    return JSONResponse(jsonable_encoder(err.body()), status_code=400)
 
 
 def _usage(last: StreamChunk | None) -> dict[str, int]:
@@ -100,7 +242,9 @@ class OpenAIIngress:
         self._stream_engine = engine.options(stream=True)
         self._tokenizer = load_tokenizer(ModelConfig(model=self._config.model))
         self._max_model_len: int | None = None
+        self._max_request_tokens: int | None = None
         self._created_s = int(time.time())
+        self._api_key = self._config.resolved_api_key(os.environ)  # read by RequestGuard; never logged
 
     # ---- endpoints -----------------------------------------------------------------------------------
 
@@ -140,7 +284,7 @@ class OpenAIIngress:
             text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - template errors are the request's fault
             raise OpenAIError(f"cannot apply the chat template: {exc}", param="messages") from exc
-        prompt_ids = list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompt_ids = self._tokenize(text, "messages", add_special_tokens=False)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve(body, prompt_ids, max_tokens, logprobs, chat=True, prompt_param="messages")
@@ -158,7 +302,7 @@ class OpenAIIngress:
                 raise OpenAIError("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = list(self._tokenizer(prompt)["input_ids"])
+            prompt_ids = self._tokenize(prompt, "prompt")
         else:
             vocab_size = len(self._tokenizer)
             if any(not (0 <= t < vocab_size) for t in prompt):
@@ -184,17 +328,20 @@ class OpenAIIngress:
         if not prompt_ids:
             raise OpenAIError("the prompt is empty", param=prompt_param)
         max_model_len = await self._get_max_model_len()
-        room = max_model_len - len(prompt_ids)
+        # Also bounded by the engine's whole page pool: a longer request could never be scheduled.
+        max_request_tokens = self._max_request_tokens or max_model_len
+        room = max_request_tokens - len(prompt_ids)
         if room < 1:
             raise OpenAIError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is {max_model_len}",
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
+                f"{max_request_tokens}",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
-        if max_tokens is not None and max_tokens > room:
+        if isinstance(max_tokens, int) and max_tokens >= 1 and max_tokens > room:
             raise OpenAIError(
                 f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's maximum "
-                f"context length {max_model_len}",
+                f"context length {max_request_tokens}",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
@@ -213,25 +360,33 @@ class OpenAIIngress:
                 n=body.n,
             )
         except InvalidRequestError as exc:
-            raise OpenAIError(exc.message, param=exc.param) from exc
+            param = "top_logprobs" if chat and exc.param == "logprobs" else exc.param
+            raise OpenAIError(exc.message, param=param) from exc
 
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens)
-        # Overload errors are raised outside the except blocks: Serve renders any exception whose
-        # context is a BackPressureError with its own plain-text handler, not our OpenAI JSON.
-        overload: str | None = None
-        try:
-            # remote() itself raises BackPressureError when this caller's queue is full.
-            stream = self._stream_engine.generate.remote(hint, prompt_ids, params, request_id)
-        except BackPressureError as exc:
-            overload = str(exc)
-        if overload is not None:
-            raise self._overload_error(overload)
-        try:
-            first = await self._next_chunk(stream)
-        except BaseException:
-            _cancel_quietly(stream)
-            raise
+        for attempt in range(MAX_ROUTING_ATTEMPTS):
+            # Overload errors are raised outside the except blocks: Serve renders any exception whose
+            # context is a BackPressureError with its own plain-text handler, not our OpenAI JSON.
+            overload: str | None = None
+            try:
+                # remote() itself raises BackPressureError when this caller's queue is full.
+                stream = self._stream_engine.generate.remote(hint, prompt_ids, params, request_id)
+            except BackPressureError as exc:
+                overload = str(exc)
+            if overload is not None:
+                raise self._overload_error(overload)
+            try:
+                first = await self._next_chunk(stream)
+                break
+            except ReplicaUnavailableError:
+                _cancel_quietly(stream)
+                if attempt + 1 == MAX_ROUTING_ATTEMPTS:
+                    raise
+                logger.warning("engine replica unavailable before %s started; routing it again", request_id)
+            except BaseException:
+                _cancel_quietly(stream)
+                raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Which engine replica served the request: for operators' debugging and the routing tests.
         headers = {REPLICA_HEADER: first.replica} if first is not None else {}
@@ -257,7 +412,14 @@ class OpenAIIngress:
                 ) from exc
             overload = str(exc.cause)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            overload = f"engine replica unavailable: {exc}"
+            unavailable = self._overload_error(f"engine replica unavailable: {type(exc).__name__}")
+            raise ReplicaUnavailableError(
+                unavailable.message,
+                status_code=unavailable.status_code,
+                error_type=unavailable.error_type,
+                code=unavailable.code,
+                headers=unavailable.headers,
+            ) from None
         if overload is not None:
             raise self._overload_error(overload)
         if chunk.error is not None:
@@ -373,6 +535,14 @@ class OpenAIIngress:
 
     # ---- helpers -------------------------------------------------------------------------------------
 
+    def _tokenize(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            # JSON may carry lone surrogates (valid escapes, not valid text): the tokenizer cannot take them.
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OpenAIError(f"the text is not valid Unicode: {exc.reason}", param=param) from None
+        return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
     def _check_model(self, model: str) -> None:
         if model != self._model_id:
             raise OpenAIError(
@@ -385,6 +555,7 @@ class OpenAIIngress:
     async def _get_max_model_len(self) -> int:
         if self._max_model_len is None:
             info = await self._engine.model_info.remote()
+            self._max_request_tokens = int(info.get("max_request_tokens", info["max_model_len"]))
             self._max_model_len = int(info["max_model_len"])
         return self._max_model_len
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# Stop strings are searched after every token: bound their number and length (OpenAI allows 4).
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 512
+# Temperatures below this sample as greedy: dividing float32 logits by them overflows to inf/NaN.
+GREEDY_TEMPERATURE_EPS = 1e-5
 
 
 @dataclass
@@ -15,7 +20,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most output tokens to generate; ``None`` = up to the cache's ``max_seq_len``.
-        temperature: 0 = greedy; otherwise logits are divided by it. In [0, 2].
+        temperature: 0 (or below GREEDY_TEMPERATURE_EPS) = greedy; otherwise logits are divided by it. In [0, 2].
         top_p: nucleus sampling mass in (0, 1]; 1 = off.
         top_k: keep the k most likely tokens; -1 = off.
         seed: seeds a per-request ``torch.Generator`` so the sample is reproducible whatever else
@@ -56,7 +61,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE_EPS
 
     @property
     def has_penalties(self) -> bool:
@@ -83,6 +88,12 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}", "seed")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequestError(
+                f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}", "stop"
+            )
+        if any(len(s) > MAX_STOP_SEQUENCE_CHARS for s in self.stop):
+            raise InvalidRequestError(f"stop sequences must be at most {MAX_STOP_SEQUENCE_CHARS} characters", "stop")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError(
                 f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}", "stop_token_ids"

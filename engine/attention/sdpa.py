@@ -36,7 +36,7 @@ class SDPABackend(AttentionBackend):
                 # decode: the G query heads of a KV head are G queries at the same position, no mask
                 qi = q[start].view(1, num_kv_heads, group, head_dim)
                 oi = F.scaled_dot_product_attention(qi, ki, vi, scale=self.scale)
-                out[start] = oi.view(self.num_heads, head_dim)
+                out[start] = oi.reshape(self.num_heads, head_dim)  # the GPU kernel may return it strided
                 continue
             qi = q[start:end].view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
             qi = qi.reshape(1, num_kv_heads, group * q_len, head_dim)

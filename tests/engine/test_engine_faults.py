@@ -1,0 +1,127 @@
+"""A failure while processing one request fails that request only; the engine keeps stepping.
+
+The fault is real detokenization failing inside the engine: the engine's tokenizer is wrapped so that
+decoding a "poisoned" token id raises. The detokenizer decodes each request's last prompt tokens with
+its output, so a request whose prompt ends with the poisoned id fails on its first output token, while
+requests that never see that id are untouched. The engine itself is the real one (embedded SmolLM2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+NUM_SLOTS = 4
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+class PoisonedDecodeError(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = LLMEngine(EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 256, "max_num_batched_tokens": 128}))
+    yield eng
+    eng.shutdown()
+
+
+class PoisonedTokenizer:
+    """The engine's real tokenizer, except that decoding ``poisoned_id`` raises.
+
+    It has no ``backend_tokenizer``, so the detokenizer uses its plain ``decode`` path (the one for
+    tokenizers without a ``tokenizers`` backend), which is where the fault is injected.
+    """
+
+    backend_tokenizer = None
+
+    def __init__(self, real, poisoned_id: int) -> None:
+        self._real = real
+        self._poisoned_id = poisoned_id
+
+    def decode(self, token_ids, *args, **kwargs):
+        if self._poisoned_id in list(token_ids):
+            raise PoisonedDecodeError(f"cannot decode token {self._poisoned_id}")
+        return self._real.decode(token_ids, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture(scope="module")
+def poison(engine):
+    """A token id the greedy continuations below never produce; decoding it raises."""
+    real = engine.tokenizer
+    poisoned_id = real.convert_tokens_to_ids(real.tokenize(" zygote"))[-1]
+    engine.tokenizer = PoisonedTokenizer(real, poisoned_id)  # used for every request added from now on
+    yield poisoned_id
+    engine.tokenizer = real
+
+
+def _healthy_prompt(engine) -> list[int]:
+    return engine.tokenizer.encode("The capital of France is")
+
+
+def test_failing_request_is_finished_alone_and_others_are_unaffected(engine, poison):
+    healthy = _healthy_prompt(engine)
+    (alone,) = engine.generate([healthy], GREEDY)
+    assert poison not in alone.token_ids
+
+    engine.add_request("good-1", healthy, GREEDY)
+    engine.add_request("bad", healthy + [poison], GREEDY)
+    engine.add_request("good-2", healthy, GREEDY)
+    finals = {}
+    steps = 0
+    while engine.has_unfinished():
+        outputs = engine.step()  # must never raise for one request's failure
+        steps += 1
+        for out in outputs:
+            if out.finished:
+                finals[out.request_id] = out
+        assert steps < 100
+    assert set(finals) == {"good-1", "bad", "good-2"}
+    bad = finals["bad"]
+    assert bad.finish_reason == "abort" and isinstance(bad.error, PoisonedDecodeError)
+    for rid in ("good-1", "good-2"):
+        assert finals[rid].error is None and finals[rid].finish_reason == "length"
+        assert finals[rid].token_ids == alone.token_ids and finals[rid].text == alone.text
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == NUM_SLOTS
+    assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
+    # Still serving afterwards.
+    (again,) = engine.generate([healthy], GREEDY)
+    assert again.token_ids == alone.token_ids
+
+
+def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(engine, poison):
+    healthy = _healthy_prompt(engine)
+    (alone,) = engine.generate([healthy], GREEDY)
+    async_engine = AsyncLLMEngine(engine=engine)
+
+    async def consume(prompt, request_id):
+        text = ""
+        async for out in async_engine.generate(prompt, GREEDY, request_id):
+            text += out.new_text
+        return text
+
+    async def run():
+        return await asyncio.wait_for(
+            asyncio.gather(consume(healthy, "a-good-1"), consume(healthy + [poison], "a-bad"),
+                           consume(healthy, "a-good-2"), return_exceptions=True),
+            timeout=120,
+        )
+
+    try:
+        good_1, bad, good_2 = asyncio.run(run())
+        assert isinstance(bad, PoisonedDecodeError), bad
+        assert good_1 == good_2 == alone.text
+        assert not async_engine.is_dead
+        assert asyncio.run(asyncio.wait_for(consume(healthy, "a-after"), 60)) == alone.text
+    finally:
+        async_engine.shutdown()  # also closes the shared engine (last test of the module; close is idempotent)
