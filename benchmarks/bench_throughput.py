@@ -20,8 +20,6 @@ averaged over steps and at the peak. Writes ``results/throughput_<device>.json``
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import statistics
 import sys

@@ -76,8 +76,8 @@ class EngineDeployment:
         self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
         self._inflight: dict[str, _InflightRequest] = {}
-        self._pages_per_token_block = _pages_per_token_block(self._engine)
-        self._max_request_tokens = _max_request_tokens(self._engine)
+        self._pages_per_token_block = self._engine.stats().pages_per_token_block
+        self._max_request_tokens = self._engine.max_request_tokens
         self._gauge_task: asyncio.Task | None = None
 
     # ---- requests -----------------------------------------------------------------------------------
@@ -246,34 +246,6 @@ def _replica_tag() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-def _pages_per_token_block(engine: Any) -> int:
-    """Pages a block of ``tokens_per_page`` tokens maps: one per layer for K and one for V."""
-    tokens_per_page = float(engine.stats().as_dict()["tokens_per_page"])
-    kv_cache = _find_kv_cache(engine)
-    if kv_cache is not None:
-        return int(kv_cache.pages_needed(max(1, int(tokens_per_page))))
-    raise RuntimeError("cannot find the engine's KV cache to size a request's pages")
-
-
-def _max_request_tokens(engine: Any) -> int:
-    """Most tokens one request may hold: ``max_model_len``, or fewer if the whole pool holds fewer."""
-    max_model_len = int(engine.max_model_len)
-    kv_cache = _find_kv_cache(engine)
-    if kv_cache is None:
-        return max_model_len
-    total_pages = int(kv_cache.stats().total_pages)
-    if kv_cache.pages_for_tokens(max_model_len) <= total_pages:
-        return max_model_len
-    lo, hi = 0, max_model_len  # pages_for_tokens is monotonic: binary search the last length that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if kv_cache.pages_for_tokens(mid) <= total_pages:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def _rss_bytes() -> int:
     """Resident set size of this process (Linux /proc; 0 where unavailable)."""
     try:
@@ -281,16 +253,3 @@ def _rss_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def _find_kv_cache(engine: Any) -> Any:
-    # AsyncLLMEngine wraps an LLMEngine whose ``kv_cache`` is the runner's VirtualKVCache.
-    for path in (("kv_cache",), ("engine", "kv_cache"), ("_engine", "kv_cache"), ("llm_engine", "kv_cache"), ("_llm_engine", "kv_cache")):
-        obj = engine
-        for attr in path:
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if obj is not None and hasattr(obj, "pages_needed"):
-            return obj
-    return None

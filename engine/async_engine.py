@@ -50,6 +50,7 @@ class AsyncLLMEngine:
         self.engine = engine if engine is not None else LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
+        self.max_request_tokens = self.engine.max_request_tokens
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._dead_error: EngineDeadError | None = None

@@ -8,12 +8,15 @@ tensor-parallel executor (``engine.tp_executor.TPExecutor``) makes the other ran
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from engine.config import EngineConfig
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
 
 
 class WorkerDeadError(EngineError):
@@ -29,7 +32,7 @@ class Executor(ABC):
         tp_size: number of tensor-parallel ranks.
     """
 
-    runner: "ModelRunner"  # noqa: F821
+    runner: ModelRunner
     kv_cache: object
     tp_size: int = 1
 

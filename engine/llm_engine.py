@@ -28,7 +28,8 @@ class LLMEngine:
 
     Attributes:
         tokenizer: the model's Hugging Face tokenizer (chat template included).
-        max_model_len: most tokens (prompt + output) one request may hold.
+        max_model_len: most tokens (prompt + output) one request may hold by the model and cache shape.
+        max_request_tokens: the same, also bounded by the whole KV page pool: a longer request could never run.
         kv_cache: the runner's ``VirtualKVCache`` (rank 0's, recording its operations, under tensor parallelism).
         executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
     """
@@ -46,6 +47,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.runner.resolved)
         self.device = torch.device(self.config.model.resolved_device())
         self.max_model_len = min(self.kv_cache.config.max_seq_len, self.runner.max_model_len)
+        # Taken now, while only slots the runner keeps for itself (a CUDA-graph scratch slot) hold pages.
+        self.max_request_tokens = min(self.max_model_len, self.kv_cache.max_request_tokens)
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)
         self.vocab_size = int(self.runner.hf_config.vocab_size)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
@@ -223,6 +226,7 @@ class LLMEngine:
             num_reclaimable_pages=cache.reclaimable_pages,
             tokens_per_page=cache.tokens_per_page,
             page_size_bytes=cache.page_size_bytes,
+            pages_per_token_block=cache.num_buffers,
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
             kv_usage=cache.usage,
@@ -261,8 +265,8 @@ class LLMEngine:
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """The request's output budget; raises ``PromptTooLongError`` if it could never run."""
-        limit = self.max_model_len
-        if params.max_tokens is None:
+        if params.max_tokens is None:  # "the rest of the context", as far as the pool can ever hold
+            limit = self.max_request_tokens
             max_tokens = limit - num_prompt_tokens
             if max_tokens < 1:
                 raise PromptTooLongError(
@@ -270,6 +274,7 @@ class LLMEngine:
                     "prompt",
                 )
         else:
+            limit = self.max_model_len
             max_tokens = params.max_tokens
             if num_prompt_tokens + max_tokens > limit:
                 param = "prompt" if num_prompt_tokens >= limit else "max_tokens"
@@ -278,12 +283,12 @@ class LLMEngine:
                     f"were requested ({num_prompt_tokens} in the prompt, {max_tokens} for the completion)",
                     param,
                 )
-        total_pages = self.kv_cache.stats().total_pages
-        pages = self.kv_cache.pages_for_tokens(num_prompt_tokens + max_tokens)
-        if pages > total_pages:
+        if num_prompt_tokens + max_tokens > self.max_request_tokens:
+            pages = self.kv_cache.pages_for_tokens(num_prompt_tokens + max_tokens)
             raise PromptTooLongError(
                 f"the request needs {pages} KV pages for {num_prompt_tokens} prompt + {max_tokens} output tokens "
-                f"but the whole pool holds {total_pages}",
+                f"but the whole pool holds {self.kv_cache.stats().total_pages} "
+                f"({self.max_request_tokens} tokens)",
                 "prompt",
             )
         return max_tokens

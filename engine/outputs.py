@@ -53,6 +53,7 @@ class EngineStats:
             pool accounting (``free + mapped == total``; reclaimable pages are mapped but owned by no
             live token, so a new request can take them).
         tokens_per_page: tokens of one layer's K or V per page; page_size_bytes: its size.
+        pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens (every layer's K and V).
         num_running / num_waiting: requests holding a slot / queued (new or preempted).
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.
@@ -65,6 +66,7 @@ class EngineStats:
     num_reclaimable_pages: int
     tokens_per_page: float
     page_size_bytes: int
+    pages_per_token_block: int
     num_running: int
     num_waiting: int
     kv_usage: float

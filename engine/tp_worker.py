@@ -15,6 +15,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, destroy_tp_group, init_tp_group
 from engine.recording_kv_cache import CacheOp, replay_cache_ops
+from kvcache import KVCacheStats
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class TPWorker:
             raise
         self.num_steps = 0
 
-    def step(self, ops: list[CacheOp], seqs) -> "KVCacheStats":  # noqa: F821
+    def step(self, ops: list[CacheOp], seqs) -> KVCacheStats:
         """Replay ``ops`` on this rank's cache, then run the forward of ``seqs`` (may be empty: ops only).
         Returns this rank's cache stats after the replay (what rank 0's were when it shipped the step).
 

@@ -220,6 +220,13 @@ class VirtualKVCache:
         needed = self.pages_needed(num_tokens, slot)
         return needed <= self._pool.num_free_pages + self._reclaimable(exclude=slot)
 
+    @property
+    def max_request_tokens(self) -> int:
+        """Most tokens one more request could hold once every other request has finished: ``max_seq_len``,
+        or fewer if the pool, less the pages of the slots allocated now, backs fewer."""
+        pages_per_buffer = (self._pool.num_pages - self.stats().used_pages) // self.num_buffers
+        return min(self.config.max_seq_len, pages_per_buffer * self.page_size_bytes // self.token_bytes)
+
     def num_tokens(self, slot: int) -> int:
         """Tokens the slot's owner asked to hold."""
         return self._num_tokens[slot]

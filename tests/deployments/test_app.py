@@ -6,25 +6,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
-from pathlib import Path
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
-import ray  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.app import ENGINE_DEPLOYMENT_NAME, build_app  # noqa: E402
+from deployments.app import ENGINE_DEPLOYMENT_NAME  # noqa: E402
 from deployments.ingress import REPLICA_HEADER  # noqa: E402
+from tests.deployments.serve_harness import APP_NAME, MODEL, served_app  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-APP_NAME = "llm"
-MODEL = "smollm2"
 
 # 64 KiB host pages, SmolLM2 float32: 85.3 tokens per page, 60 pages (30 layers x K,V) per block of
 # 85 tokens; a 16 MiB pool per replica is 256 pages = 4 blocks of 85 tokens... too small: use 64 MiB
@@ -49,42 +44,11 @@ APP_ARGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
     """Base URL of the running app; tears the cluster down after the module."""
-    metrics_port = _free_port()
-    http_port = _free_port()
-    ray.init(
-        address="local",  # a fresh cluster even if `make serve` runs one
-        num_cpus=2,
-        include_dashboard=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
-        logging_level="WARNING",
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build_app(APP_ARGS), name=APP_NAME, route_prefix="/")
-    base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=15).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        pytest.fail("app did not become healthy")
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    with served_app(APP_ARGS) as app:
+        yield app.base_url
 
 
 def _chat_body(content: str, max_tokens: int = 8, **extra) -> dict:

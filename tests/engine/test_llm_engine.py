@@ -104,7 +104,6 @@ def test_greedy_one_by_one_equals_transformers(engine, reference):
 def test_concurrent_staggered_requests_with_chunked_prefill_equal_transformers(engine, reference):
     ps = prompts(engine.tokenizer)
     jobs = [(f"c{i}", ps[i % len(ps)], reference[i % len(ps)]) for i in range(18)]  # 18 > 16 slots
-    max_batch_tokens = 0
     finals, streamed = {}, {}
     pending = list(jobs)
     steps = 0

@@ -142,6 +142,14 @@ def test_reclamation_under_pressure(make_cache):
     assert_accounting(cache)
 
 
+def test_max_request_tokens_is_bounded_by_the_pool(make_cache):
+    roomy = make_cache(pages_per_slot=3)
+    assert roomy.max_request_tokens == roomy.config.max_seq_len
+    tight = make_cache(pages_per_slot=3, pool_pages=2 * 2 * 2)  # two pages per buffer in the whole pool
+    assert tight.max_request_tokens == 2 * int(tight.tokens_per_page)
+    assert tight.can_allocate(tight.max_request_tokens) and not tight.can_allocate(tight.max_request_tokens + 1)
+
+
 def test_reclaim_unmaps_only_what_no_request_uses(make_cache):
     cache = make_cache(max_batch_size=3, prefetch_tokens=1)
     tpp = int(cache.tokens_per_page)
