@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from engine.weights.weight_loader import WeightLoader, WeightLoadError, check_all_loaded
+from engine.weights.weight_loader import CheckpointWeightLoader
 
 
 def read_gguf_hf_config(gguf_path: str | Path):
@@ -35,7 +35,7 @@ def dequantize_gguf(gguf_path: str | Path, dtype: torch.dtype = torch.float32) -
     return parsed["tensors"]
 
 
-class GGUFWeightLoader(WeightLoader):
+class GGUFWeightLoader(CheckpointWeightLoader):
     """Loads a GGUF file directly (dequantizing every time: ~3 s for SmolLM2-135M). The engine
     normally goes through :func:`convert_gguf_to_hf_dir` instead, which caches the result."""
 
@@ -46,12 +46,6 @@ class GGUFWeightLoader(WeightLoader):
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         yield from dequantize_gguf(self.gguf_path, self.dtype).items()
 
-    def load_into(self, model) -> None:
-        try:
-            loaded = model.load_weights(self.iter_weights())
-        except KeyError as exc:
-            raise WeightLoadError(str(exc)) from exc
-        check_all_loaded(model, loaded)
 
 
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from engine.weights.weight_loader import WeightLoader, WeightLoadError, check_all_loaded
+from engine.weights.weight_loader import CheckpointWeightLoader, WeightLoadError
 
 
-class SafetensorsWeightLoader(WeightLoader):
+class SafetensorsWeightLoader(CheckpointWeightLoader):
     """Streams tensors one at a time (memory-mapped) into ``model.load_weights``, so peak memory
     is the model plus one tensor."""
 
@@ -31,9 +31,3 @@ class SafetensorsWeightLoader(WeightLoader):
                 for key in tqdm(keys, desc=f"Loading {path.name}", disable=not self.show_progress, leave=False):
                     yield key, f.get_tensor(key)
 
-    def load_into(self, model) -> None:
-        try:
-            loaded = model.load_weights(self.iter_weights())
-        except KeyError as exc:
-            raise WeightLoadError(str(exc)) from exc
-        check_all_loaded(model, loaded)

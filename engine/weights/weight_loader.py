@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -21,6 +23,22 @@ class WeightLoader(ABC):
 
 class WeightLoadError(RuntimeError):
     """A checkpoint does not match the model built from its config."""
+
+
+class CheckpointWeightLoader(WeightLoader):
+    """A source of named checkpoint tensors (Hugging Face names), fed through ``model.load_weights``, which
+    fuses and shards them; every parameter must be filled."""
+
+    @abstractmethod
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every tensor of the checkpoint."""
+
+    def load_into(self, model: nn.Module) -> None:
+        try:
+            loaded = model.load_weights(self.iter_weights())
+        except KeyError as exc:
+            raise WeightLoadError(str(exc)) from exc
+        check_all_loaded(model, loaded)
 
 
 def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
