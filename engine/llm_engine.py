@@ -137,23 +137,44 @@ class LLMEngine:
         if not rows:
             return outputs
         requests = [plan.scheduled[i].request for i in rows]
-        sampled = self.sampler(
-            logits[rows] if len(rows) != len(plan.scheduled) else logits,
-            [r.params for r in requests],
-            [r.output_token_ids for r in requests],
-            [r.generator for r in requests],
-        )
-        for request, token_id, logprob in zip(requests, sampled.token_ids, sampled.logprobs):
+        row_logits = logits[rows] if len(rows) != len(plan.scheduled) else logits
+        for request, token_id, logprob in self._sample(row_logits, requests, outputs):
             try:
                 self._append_token(request, token_id, logprob)
                 outputs.append(self._make_output(request))
             except Exception as exc:  # one request's failure must not take the others down
                 logger.exception("request %s failed while processing its token", request.request_id)
-                request.error = exc
-                self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
-                outputs.extend(self._pending_outputs)
-                self._pending_outputs = []
+                self._fail(request, exc, outputs)
         return outputs
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request], outputs: list[RequestOutput]):
+        """``(request, token_id, logprob)`` for each request. If the batched sampler raises, each row is
+        sampled alone, and only the requests whose row still fails are finished, with their error."""
+        def sample(rows, batch):
+            return self.sampler(rows, [r.params for r in batch], [r.output_token_ids for r in batch],
+                                [r.generator for r in batch])
+
+        try:
+            sampled = sample(logits, requests)
+            return list(zip(requests, sampled.token_ids, sampled.logprobs))
+        except Exception:
+            logger.exception("batched sampling failed; sampling the %d rows one by one", len(requests))
+        picks = []
+        for i, request in enumerate(requests):
+            try:
+                one = sample(logits[i:i + 1], [request])
+                picks.append((request, one.token_ids[0], one.logprobs[0]))
+            except Exception as exc:
+                logger.exception("request %s failed while sampling its token", request.request_id)
+                self._fail(request, exc, outputs)
+        return picks
+
+    def _fail(self, request: Request, exc: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish ``request`` with ``exc`` as its error; its final output joins ``outputs``."""
+        request.error = exc
+        self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
+        outputs.extend(self._pending_outputs)
+        self._pending_outputs = []
 
     def generate(
         self,

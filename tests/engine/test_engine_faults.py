@@ -3,7 +3,9 @@
 The fault is real detokenization failing inside the engine: the engine's tokenizer is wrapped so that
 decoding a "poisoned" token id raises. The detokenizer decodes each request's last prompt tokens with
 its output, so a request whose prompt ends with the poisoned id fails on its first output token, while
-requests that never see that id are untouched. The engine itself is the real one (embedded SmolLM2).
+requests that never see that id are untouched. A second fault is a batched sampling call that raises
+for one request's row: the engine samples the rows alone and fails only that request. The engine itself
+is the real one (embedded SmolLM2).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 
 NUM_SLOTS = 4
@@ -99,6 +102,43 @@ def test_failing_request_is_finished_alone_and_others_are_unaffected(engine, poi
     assert again.token_ids == alone.token_ids
 
 
+class SamplerFailingOnSeed(Sampler):
+    """The engine's real sampler, except that a batch holding a request with ``seed == BAD_SEED`` raises,
+    as a batched sampling kernel does when one row is invalid."""
+
+    BAD_SEED = 666
+
+    def __call__(self, logits, params, output_token_ids, generators):
+        if any(p.seed == self.BAD_SEED for p in params):
+            raise RuntimeError("invalid row in the sampling batch")
+        return super().__call__(logits, params, output_token_ids, generators)
+
+
+def test_a_sampling_failure_fails_only_its_request(engine):
+    healthy = _healthy_prompt(engine)
+    (alone,) = engine.generate([healthy], GREEDY)
+    real = engine.sampler
+    engine.sampler = SamplerFailingOnSeed(engine.device)
+    try:
+        bad_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=SamplerFailingOnSeed.BAD_SEED)
+        engine.add_request("s-good-1", healthy, GREEDY)
+        engine.add_request("s-bad", healthy, bad_params)
+        engine.add_request("s-good-2", healthy, GREEDY)
+        finals = {}
+        for _ in range(100):
+            if not engine.has_unfinished():
+                break
+            finals.update({out.request_id: out for out in engine.step() if out.finished})
+        assert set(finals) == {"s-good-1", "s-bad", "s-good-2"}
+        assert finals["s-bad"].finish_reason == "abort" and "invalid row" in str(finals["s-bad"].error)
+        for rid in ("s-good-1", "s-good-2"):
+            assert finals[rid].error is None and finals[rid].token_ids == alone.token_ids
+        stats = engine.stats()
+        assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == NUM_SLOTS
+    finally:
+        engine.sampler = real
+
+
 def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(engine, poison):
     healthy = _healthy_prompt(engine)
     (alone,) = engine.generate([healthy], GREEDY)
@@ -125,3 +165,4 @@ def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(eng
         assert asyncio.run(asyncio.wait_for(consume(healthy, "a-after"), 60)) == alone.text
     finally:
         async_engine.shutdown()  # also closes the shared engine (last test of the module; close is idempotent)
+
