@@ -1,5 +1,7 @@
 """Attention backends against a naive reference, reading and writing a real VirtualKVCache."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -75,18 +77,11 @@ def test_unknown_backend_raises():
         get_attention_backend("paged", NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
 
 
-def _flash_attn_available():
-    try:
-        import flash_attn  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["sdpa", "torch_flash", "triton_flash",
                                   pytest.param("flash_attn", marks=pytest.mark.skipif(
-                                      not _flash_attn_available(), reason="flash_attn not installed"))])
+                                      importlib.util.find_spec("flash_attn") is None, reason="flash_attn not installed"))])
 @pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
 def test_backends_mixed_batch_gpu(name, slot_order):
     run_backend(name, "cuda", torch.bfloat16, slot_order)

