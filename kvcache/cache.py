@@ -79,11 +79,6 @@ class KVCacheStats:
         return self.used_pages * self.page_size_bytes
 
     @property
-    def available_pages(self) -> int:
-        """Pages a new request can get: free now or reclaimable."""
-        return self.free_pages + self.reclaimable_pages
-
-    @property
     def usage(self) -> float:
         """Fraction of the pool holding live tokens, 0..1."""
         return self.used_pages / self.total_pages
@@ -227,10 +222,6 @@ class VirtualKVCache:
         pages_per_buffer = (self._pool.num_pages - self.stats().used_pages) // self.num_buffers
         return min(self.config.max_seq_len, pages_per_buffer * self.page_size_bytes // self.token_bytes)
 
-    def num_tokens(self, slot: int) -> int:
-        """Tokens the slot's owner asked to hold."""
-        return self._num_tokens[slot]
-
     def capacity_tokens(self, slot: int) -> int:
         """Tokens the slot can hold with the pages mapped now."""
         return min(self.config.max_seq_len, self._mapped[slot] * self.page_size_bytes // self.token_bytes)
@@ -310,21 +301,26 @@ class VirtualKVCache:
         calls overlap it. Best effort: uses free pages and pages of free slots, never raises for capacity, and
         leaves whatever it could not map to :meth:`grow`. Returns the pages mapped.
         """
+        if self._closed:
+            return 0
         mapped = 0
+        budget = None  # pages per buffer that free pages and free slots' pages can still give; counted once
         for slot, num_tokens in next_tokens.items():
-            if self._closed or not self._active[slot]:
+            if not self._active[slot]:
                 continue
             target = min(num_tokens + self.config.prefetch_tokens, self.config.max_seq_len)
             missing = self._pages_per_buffer(target) - self._mapped[slot]
             if missing <= 0:
                 continue
-            budget = self._pool.num_free_pages + sum(
-                self._mapped[s] for s in range(len(self._active)) if not self._active[s]) * self.num_buffers
-            count = min(missing, budget // self.num_buffers)
+            if budget is None:
+                budget = (self._pool.num_free_pages // self.num_buffers
+                          + sum(m for m, active in zip(self._mapped, self._active) if not active))
+            count = min(missing, budget)
             if count <= 0:
                 break
             self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True)
             self._map_tail(slot, count)
+            budget -= count
             mapped += count * self.num_buffers
         return mapped
 
