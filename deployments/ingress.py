@@ -241,8 +241,7 @@ class OpenAIIngress:
         self._engine = engine
         self._stream_engine = engine.options(stream=True)
         self._tokenizer = load_tokenizer(ModelConfig(model=self._config.model))
-        self._max_model_len: int | None = None
-        self._max_request_tokens: int | None = None
+        self._model_limits: tuple[int, int] | None = None  # (max_model_len, max_request_tokens)
         self._created_s = int(time.time())
         self._api_key = self._config.resolved_api_key(os.environ)  # read by RequestGuard; never logged
 
@@ -252,14 +251,14 @@ class OpenAIIngress:
     async def health(self) -> JSONResponse:
         """200 once an engine replica answers; 503 otherwise."""
         try:
-            await asyncio.wait_for(self._get_max_model_len(), timeout=10.0)
+            await asyncio.wait_for(self._get_model_limits(), timeout=10.0)
         except Exception as exc:  # noqa: BLE001 - any failure means "not healthy"
             return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models(self) -> JSONResponse:
-        max_model_len = await self._get_max_model_len()
+        max_model_len, _ = await self._get_model_limits()
         card = {
             "id": self._model_id,
             "object": "model",
@@ -327,9 +326,8 @@ class OpenAIIngress:
 
         if not prompt_ids:
             raise OpenAIError("the prompt is empty", param=prompt_param)
-        max_model_len = await self._get_max_model_len()
-        # Also bounded by the engine's whole page pool: a longer request could never be scheduled.
-        max_request_tokens = self._max_request_tokens or max_model_len
+        # The model's context, also bounded by the engine's whole page pool: a longer request could never run.
+        _, max_request_tokens = await self._get_model_limits()
         room = max_request_tokens - len(prompt_ids)
         if room < 1:
             raise OpenAIError(
@@ -552,12 +550,12 @@ class OpenAIIngress:
                 code="model_not_found",
             )
 
-    async def _get_max_model_len(self) -> int:
-        if self._max_model_len is None:
+    async def _get_model_limits(self) -> tuple[int, int]:
+        """``(max_model_len, max_request_tokens)`` of the engine replicas, asked once."""
+        if self._model_limits is None:
             info = await self._engine.model_info.remote()
-            self._max_request_tokens = int(info.get("max_request_tokens", info["max_model_len"]))
-            self._max_model_len = int(info["max_model_len"])
-        return self._max_model_len
+            self._model_limits = (int(info["max_model_len"]), int(info["max_request_tokens"]))
+        return self._model_limits
 
     def _token_str(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
