@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.layers.triton_dispatch import use_triton
+
 if TYPE_CHECKING:
     from engine.batch import ForwardBatch
     from kvcache import VirtualKVCache
@@ -31,7 +33,13 @@ class AttentionBackend(ABC):
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: "ForwardBatch",
                  kv_cache: "VirtualKVCache") -> None:
         """Store ``k, v [T, H_kv, D]`` at rows ``batch.slot_mapping`` of layer ``layer``'s cache.
-        The rows must be mapped (the engine grows slots before the forward)."""
+        The rows must be mapped (the engine grows slots before the forward). On CUDA one fused launch writes
+        both (``triton_ops.store_kv``), elsewhere two ``index_copy_``."""
+        if use_triton(k):
+            from engine.layers import triton_ops
+
+            triton_ops.store_kv(k, v, kv_cache.k_flat[layer], kv_cache.v_flat[layer], batch.slot_mapping)
+            return
         kv_cache.k_flat[layer].index_copy_(0, batch.slot_mapping, k)
         kv_cache.v_flat[layer].index_copy_(0, batch.slot_mapping, v)
 

@@ -1,36 +1,25 @@
 """The Triton split-KV decode kernel (engine/attention/triton_decode.py) and its benchmark-only paged twin
 (benchmarks/triton_paged_decode.py) against fp32 SDPA on gathered K/V.
 
-Without a GPU the kernels run under Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1`` must be set before
-the kernel modules are imported, so this module sets it); the ``gpu`` tests run the compiled, autotuned kernels.
-Skipped where triton is not installed (it is not a project dependency on CPU machines).
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (see ``triton_interpreter``); the ``gpu``
+tests run the compiled, autotuned kernels.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
 import torch
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("triton is not installed", allow_module_level=True)
-if not torch.cuda.is_available():
-    # Before triton's first import: its own library functions (tl.zeros, ...) are wrapped at import time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.engine.triton_interpreter import devices, triton_interpreter  # noqa: I001 (before triton)
 
 import triton  # noqa: E402
-import triton.language.standard  # noqa: E402
-import triton.runtime.interpreter as triton_interpreter  # noqa: E402
 
 from benchmarks.triton_paged_decode import triton_paged_decode_attention  # noqa: E402
 from engine.attention import triton_decode  # noqa: E402
 from engine.attention.triton_decode import plan_splits, triton_decode_attention  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
 
-# False if triton was imported (by another test module) before TRITON_INTERPRET was set: CPU cases then skip.
-INTERPRETED = all(isinstance(fn, triton_interpreter.InterpretedFunction)
-                  for fn in (triton_decode._split_kv_kernel, triton.language.standard.zeros))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,9 +38,7 @@ def _interpreter_scalar_loop_bounds():
 
 
 def _devices():
-    cpu = pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="kernels were compiled, not "
-                                                       "interpreted (module imported before TRITON_INTERPRET)"))
-    return [cpu, pytest.param("cuda", marks=pytest.mark.gpu)]
+    return devices(triton_decode._split_kv_kernel)
 
 
 def reference(q, k_rows, v_rows, scale):
