@@ -15,6 +15,17 @@ from typing import Sequence
 import torch
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Host values (a list or a CPU tensor) as a ``device`` tensor without waiting for the device: through
+    pinned memory and an asynchronous copy. A plain ``torch.tensor(..., device="cuda")`` synchronizes the
+    stream, which would stall the host behind the forward it just launched."""
+    host = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     """Metadata of one model forward. Device tensors live on ``device``; ``*_cpu`` twins are
@@ -125,23 +136,15 @@ class ForwardBatch:
         num_tokens = cu_seqlens_q[-1]
         positions = torch.arange(num_tokens, dtype=torch.int64) + torch.repeat_interleave(ctx_t - cu_t[:-1], q_lens_t)
 
-        dev = torch.device(device)
-        pin = dev.type == "cuda"
-
-        def to_dev(t: torch.Tensor) -> torch.Tensor:
-            if dev.type == "cpu":
-                return t
-            return (t.pin_memory() if pin else t).to(dev, non_blocking=True)
-
         batch = cls(
-            input_ids=to_dev(torch.tensor(input_ids, dtype=torch.int64)),
-            positions=to_dev(positions),
-            slot_ids=to_dev(torch.tensor(slot_ids, dtype=torch.int64)),
-            query_lens=to_dev(q_lens_t.to(torch.int32)),
-            context_lens=to_dev(ctx_t.to(torch.int32)),
-            seq_lens=to_dev(torch.tensor(seq_lens, dtype=torch.int32)),
-            cu_seqlens_q=to_dev(cu_t.to(torch.int32)),
-            logits_indices=to_dev(cu_t[1:] - 1),
+            input_ids=to_device(input_ids, torch.int64, device),
+            positions=to_device(positions, torch.int64, device),
+            slot_ids=to_device(slot_ids, torch.int64, device),
+            query_lens=to_device(q_lens_t, torch.int32, device),
+            context_lens=to_device(ctx_t, torch.int32, device),
+            seq_lens=to_device(seq_lens, torch.int32, device),
+            cu_seqlens_q=to_device(cu_t, torch.int32, device),
+            logits_indices=to_device(cu_t[1:] - 1, torch.int64, device),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
             slot_ids_cpu=slot_ids,
@@ -166,8 +169,6 @@ class ForwardBatch:
         q_lens = torch.tensor(self.query_lens_cpu, dtype=torch.int64)
         slot_mapping = torch.repeat_interleave(slot_starts, q_lens) + positions
         cu_seqlens_k = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
-        dev = self.device
-        if dev.type != "cpu":
-            slot_mapping = slot_mapping.pin_memory().to(dev, non_blocking=True)
-            cu_seqlens_k = cu_seqlens_k.pin_memory().to(dev, non_blocking=True)
+        slot_mapping = to_device(slot_mapping, torch.int64, self.device)
+        cu_seqlens_k = to_device(cu_seqlens_k, torch.int32, self.device)
         return replace(self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, cu_seqlens_k=cu_seqlens_k)

@@ -5,6 +5,9 @@ valid while physical pages come and go underneath. A decode batch of ``N`` seque
 bucket; padding rows point at a scratch slot the runner owns (one mapped token), so they write and read only
 memory of their own. Per step the host fills one pinned buffer and issues one copy; everything else — casts,
 the model, the logits — is inside the graph. Buckets are captured largest first into one memory pool.
+
+Under asynchronous scheduling a decode token may still be on the device (sampled by the step before): the packed
+metadata then carries its row in that step's sampled ids, and one gather fills it in before the replay.
 """
 from __future__ import annotations
 
@@ -12,8 +15,9 @@ import torch
 
 from engine.batch import ForwardBatch
 
-# Rows of the packed per-step metadata: input ids, positions, cache rows, KV lengths, KV start rows.
-_IDS, _POS, _ROWS, _LENS, _STARTS = range(5)
+# Rows of the packed per-step metadata: input ids, positions, cache rows, KV lengths, KV start rows, and the row of
+# the previous step's sampled ids that supplies the input id (-1: the host knows it).
+_IDS, _POS, _ROWS, _LENS, _STARTS, _PREV = range(6)
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -45,8 +49,13 @@ class CudaGraphRunner:
         largest = self.buckets[-1]
         stride = kv_cache.slot_stride_tokens
         self._stride = stride
-        self._host = torch.zeros(5, largest + 1, dtype=torch.int64, pin_memory=True)
-        self._packed = torch.zeros(5, largest + 1, dtype=torch.int64, device=self.device)
+        # Two staging buffers used in turn: the host fills one while the copy out of the other may still wait
+        # in the stream behind the step before (asynchronous scheduling); an event says when a buffer is free.
+        self._staging = [torch.zeros(6, largest + 1, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
+        self._host = self._staging[0]
+        self._packed = torch.zeros(6, largest + 1, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._capture_all()
@@ -100,18 +109,27 @@ class CudaGraphRunner:
         """Whether ``seqs`` (``(slot, token_ids, start_pos)`` items) is a decode batch a graph holds."""
         return len(seqs) <= self.buckets[-1] and all(len(token_ids) == 1 for _, token_ids, _ in seqs)
 
-    def run(self, seqs) -> torch.Tensor:
-        """Replays the smallest graph that holds the decode batch ``seqs``; returns logits ``[N, vocab]``."""
+    def run(self, seqs, fill: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
+        """Replays the smallest graph that holds the decode batch ``seqs``; returns logits ``[N, vocab]``.
+        ``fill = (prev_token_ids, prev_rows)``: input ids to take from the device (see ``ModelRunner.run``)."""
         n = len(seqs)
         bucket = next(b for b in self.buckets if b >= n)
         slots, token_ids, positions = zip(*seqs)
-        host = self._host
+        self._turn ^= 1
+        self._copied[self._turn].synchronize()
+        host = self._host = self._staging[self._turn]
         host[_IDS, :n] = torch.tensor([t[0] for t in token_ids])
         host[_POS, :n] = torch.tensor(positions)
         host[_STARTS, :n] = torch.tensor(slots) * self._stride
         host[_ROWS, :n] = host[_STARTS, :n] + host[_POS, :n]
         host[_LENS, :n] = host[_POS, :n] + 1
         self._pad(n, bucket)
+        if fill is not None:
+            host[_PREV, :n] = torch.tensor(fill[1])
         self._packed.copy_(host, non_blocking=True)
+        self._copied[self._turn].record()
+        if fill is not None:
+            ids, prev = self._packed[_IDS, :n], self._packed[_PREV, :n]
+            torch.where(prev >= 0, fill[0][prev.clamp(min=0)], ids, out=ids)
         self._graphs[bucket].replay()
         return self._logits[bucket][:n]

@@ -30,15 +30,19 @@ class Executor(ABC):
         runner: rank 0's ``ModelRunner`` (model config, tokenizer source, EOS ids, ``max_model_len``).
         kv_cache: the cache the scheduler manages (rank 0's; every rank mirrors its slots and pages).
         tp_size: number of tensor-parallel ranks.
+        supports_device_inputs: ``run`` accepts input ids still on the device (``prev_rows``), which
+            asynchronous scheduling needs.
     """
 
     runner: ModelRunner
     kv_cache: object
     tp_size: int = 1
+    supports_device_inputs: bool = False
 
     @abstractmethod
-    def run(self, seqs) -> torch.Tensor:
-        """Forward of ``seqs`` (``(slot, token_ids, start_pos)`` per sequence) on every rank.
+    def run(self, seqs, prev_token_ids: torch.Tensor | None = None, prev_rows: list[int] | None = None) -> torch.Tensor:
+        """Forward of ``seqs`` (``(slot, token_ids, start_pos)`` per sequence) on every rank; placeholder input
+        ids come from ``prev_token_ids`` (see ``ModelRunner.run``) where ``supports_device_inputs``.
         Returns rank 0's logits of each sequence's last token, ``[N, vocab]`` float32 (asynchronous on GPU).
 
         Raises:
@@ -73,9 +77,10 @@ class LocalExecutor(Executor):
         self.runner = ModelRunner(config.model, config.cache)
         self.kv_cache = self.runner.kv_cache
         self.tp_size = 1
+        self.supports_device_inputs = True
 
-    def run(self, seqs) -> torch.Tensor:
-        return self.runner.run(seqs)
+    def run(self, seqs, prev_token_ids=None, prev_rows=None) -> torch.Tensor:
+        return self.runner.run(seqs, prev_token_ids, prev_rows)
 
     def cache_stats(self) -> list:
         return [self.kv_cache.stats()]

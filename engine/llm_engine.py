@@ -5,21 +5,43 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from engine.batch import to_device
 from engine.config import EngineConfig
 from engine.executor import ExecutorFactory
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
-from engine.sampler import Sampler
+from engine.sampler import SampledTokens, Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LaunchedStep:
+    """A step whose forward and sampling are launched and whose tokens are not processed yet.
+
+    Attributes:
+        requests: the requests that sample in this step, in the order of ``sampled``'s rows.
+        sampled: their tokens (on the device until ``result()``), None when no request samples.
+        slots: every slot the step's forward reads or writes.
+        rows: ``request -> row`` of ``sampled.token_ids``, where the next step finds its placeholder token.
+    """
+
+    requests: list[Request]
+    sampled: SampledTokens | None
+    slots: frozenset[int]
+    rows: dict[Request, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = {request: i for i, request in enumerate(self.requests)}
 
 
 class LLMEngine:
@@ -32,6 +54,8 @@ class LLMEngine:
         max_request_tokens: the same, also bounded by the whole KV page pool: a longer request could never run.
         kv_cache: the runner's ``VirtualKVCache`` (rank 0's, recording its operations, under tensor parallelism).
         executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
+        async_scheduling: whether steps are launched before the previous step's tokens reach the host
+            (``SchedulerConfig.async_scheduling`` where the executor allows it); may be switched between steps.
     """
 
     def __init__(self, config: EngineConfig | None = None, executor_factory: "ExecutorFactory | None" = None) -> None:
@@ -57,6 +81,8 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []  # aborts, delivered by the next step()
         self._request_counter = itertools.count()
         self.num_steps = 0
+        self.async_scheduling = self.config.scheduler.async_scheduling and self.executor.supports_device_inputs
+        self._launched: _LaunchedStep | None = None  # launched, tokens not processed yet
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -102,8 +128,9 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its slot. Its final output (finish_reason "abort") comes out of the
-        next ``step()``. Returns False when the id is unknown or already finished."""
+        """Stop a request and free its slot (at once, or in the next ``step()`` while a launched step still
+        uses it). Its final output (finish_reason "abort") comes out of the next ``step()``. Returns False when
+        the id is unknown or already finished."""
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return False
@@ -111,23 +138,56 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs)
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._launched is not None
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration and return the outputs of every request that progressed or finished.
 
-        schedule (grow slots) -> build batch -> launch forward -> map pages for the next iteration
-        while the device works -> sample (synchronizes) -> append tokens, check stops, free slots.
+        schedule (grow slots) -> launch the forward and the sampling -> map pages for the next iteration while
+        the device works -> bring the previous step's tokens to the host: append them, check stops, free slots.
+
+        With asynchronous scheduling a step's tokens are processed during the next step's forward (the next
+        step reads them on the device), so an output lags its step by one call and the device never waits for
+        the host's bookkeeping; otherwise each step's tokens are processed in the same call.
         """
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._launched is not None and not self._can_overlap():
+            outputs.extend(self._process(self._take_launched()))
         plan = self.scheduler.schedule()
-        if plan.is_empty:
-            return outputs
+        previous = self._launched
+        self._launched = self._launch(plan, outputs) if not plan.is_empty else None
+        if previous is not None:
+            outputs.extend(self._process(previous))
+        if self._launched is not None and not self.async_scheduling:
+            outputs.extend(self._process(self._take_launched()))
+        if self._launched is None:
+            self.scheduler.slots_in_flight = frozenset()
+            self.scheduler.release_slots()
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may be launched before the last one's tokens are on the host: penalties need
+        each running request's whole output there."""
+        return self.async_scheduling and not any(r.params.has_penalties for r in self.scheduler.running)
+
+    def _take_launched(self) -> "_LaunchedStep":
+        launched, self._launched = self._launched, None
+        return launched
+
+    def _launch(self, plan, outputs: list[RequestOutput]) -> "_LaunchedStep":
+        """Launch ``plan``'s forward and the sampling of its completed prompts; nothing waits for the device."""
         self.num_steps += 1
+        previous = self._launched
+        prev_rows = None
+        if previous is not None and any(s.request.num_placeholder_tokens for s in plan.scheduled):
+            prev_rows = [previous.rows.get(s.request, -1) for s in plan.scheduled]
+        seqs = [(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled]
         # [N, vocab]; asynchronous on GPU, decode steps replayed from a CUDA graph there.
-        logits = self.executor.run([(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled])
+        logits = self.executor.run(seqs, previous.sampled.token_ids if prev_rows else None, prev_rows)
+        slots = frozenset(s[0] for s in seqs)
+        self.scheduler.slots_in_flight = slots | previous.slots if previous is not None else slots
         # Page mapping for the next iteration overlaps the forward just launched.
         self.kv_cache.prepare(self.scheduler.next_step_tokens(plan.scheduled))
 
@@ -135,10 +195,28 @@ class LLMEngine:
             item.request.num_computed_tokens = item.start_pos + item.num_tokens
         rows = [i for i, item in enumerate(plan.scheduled) if item.completes_prompt]
         if not rows:
-            return outputs
+            return _LaunchedStep([], None, slots)
         requests = [plan.scheduled[i].request for i in rows]
-        row_logits = logits[rows] if len(rows) != len(plan.scheduled) else logits
-        for request, token_id, logprob in self._sample(row_logits, requests, outputs):
+        if len(rows) != len(plan.scheduled):
+            logits = logits[to_device(rows, torch.int64, logits.device)]
+        requests, sampled = self._sample(logits, requests, outputs)
+        for request in requests:
+            request.num_placeholder_tokens += 1
+        return _LaunchedStep(requests, sampled, slots)
+
+    def _process(self, launched: "_LaunchedStep") -> list[RequestOutput]:
+        """Wait for ``launched``'s tokens and hand them to their requests (stops, outputs, freed slots)."""
+        outputs: list[RequestOutput] = []
+        result = launched.sampled.result() if launched.sampled is not None else None
+        # Done on the device: its slots may be given back, unless the step in flight uses them too.
+        self.scheduler.slots_in_flight = self._launched.slots if self._launched is not None else frozenset()
+        self.scheduler.release_slots()
+        if result is None:
+            return outputs
+        for request, token_id, logprob in zip(launched.requests, result.token_ids, result.logprobs):
+            request.num_placeholder_tokens -= 1
+            if request.is_finished:  # aborted, or stopped by the token before (a row run for nothing)
+                continue
             try:
                 self._append_token(request, token_id, logprob)
                 outputs.append(self._make_output(request))
@@ -148,26 +226,29 @@ class LLMEngine:
         return outputs
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], outputs: list[RequestOutput]):
-        """``(request, token_id, logprob)`` for each request. If the batched sampler raises, each row is
-        sampled alone, and only the requests whose row still fails are finished, with their error."""
+        """``(requests, samples)``: one token per row, on the device. If the batched sampler raises, each row is
+        sampled alone (waiting for it), and the requests whose row still fails are finished with their error
+        and left out."""
         def sample(rows, batch):
-            return self.sampler(rows, [r.params for r in batch], [r.output_token_ids for r in batch],
-                                [r.generator for r in batch])
+            return self.sampler.sample(rows, [r.params for r in batch], [r.output_token_ids for r in batch],
+                                       [r.generator for r in batch])
 
         try:
-            sampled = sample(logits, requests)
-            return list(zip(requests, sampled.token_ids, sampled.logprobs))
+            return requests, sample(logits, requests)
         except Exception:
             logger.exception("batched sampling failed; sampling the %d rows one by one", len(requests))
-        picks = []
+        kept, token_ids, logprobs = [], [], []
         for i, request in enumerate(requests):
             try:
-                one = sample(logits[i:i + 1], [request])
-                picks.append((request, one.token_ids[0], one.logprobs[0]))
+                one = sample(logits[i:i + 1], [request]).result()
             except Exception as exc:
                 logger.exception("request %s failed while sampling its token", request.request_id)
                 self._fail(request, exc, outputs)
-        return picks
+                continue
+            kept.append(request)
+            token_ids.append(one.token_ids[0])
+            logprobs.append(one.logprobs[0])
+        return kept, SampledTokens.from_host(SamplerOutput(token_ids, logprobs), logits.device)
 
     def _fail(self, request: Request, exc: Exception, outputs: list[RequestOutput]) -> None:
         """Finish ``request`` with ``exc`` as its error; its final output joins ``outputs``."""
@@ -261,6 +342,9 @@ class LLMEngine:
         for request_id in list(self.requests):
             self.abort(request_id)
         self._pending_outputs = []
+        if self._launched is not None and self._launched.sampled is not None:
+            self._launched.sampled.result()  # the device is done with the cache before it is released
+        self._launched = None
         self.executor.close()
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -350,7 +434,7 @@ class LLMEngine:
             new_token_ids=new_token_ids,
             new_text=request.detokenizer.take_new_text(finished=finished),
             text=request.detokenizer.emitted_text,
-            token_ids=list(request.output_token_ids),
+            token_ids=list(request.output_token_ids) if finished else [],
             finished=finished,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from engine.batch import ForwardBatch
+from engine.batch import ForwardBatch, to_device
 from engine.config import CacheConfig, ModelConfig
 from engine.model import LlamaForCausalLM
 from engine.weights import get_weight_loader, resolve_model
@@ -152,13 +152,28 @@ class ModelRunner:
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     @torch.inference_mode()
-    def run(self, seqs) -> torch.Tensor:
+    def run(self, seqs, prev_token_ids: torch.Tensor | None = None, prev_rows: list[int] | None = None) -> torch.Tensor:
         """Forward of ``seqs`` (``(slot, token_ids, start_pos)`` per sequence, as ``ForwardBatch.build``):
         decode batches replay a CUDA graph when one holds them, anything else runs eagerly.
+
+        A sequence whose last token was sampled by the previous step and is not on the host yet has it as a
+        placeholder in ``token_ids``: ``prev_rows[i]`` is then its row in ``prev_token_ids`` (the previous
+        step's sampled ids, on the device), else -1.
+
         Returns the logits of each sequence's last token, ``[N, vocab]`` float32 (asynchronous on GPU)."""
+        fill = None
+        if prev_rows is not None and any(r >= 0 for r in prev_rows):
+            fill = (prev_token_ids, prev_rows)
         if self.graph_runner is not None and self.graph_runner.can_run(seqs):
-            return self.graph_runner.run(seqs)
-        return self.execute(self.build_batch(seqs))
+            return self.graph_runner.run(seqs, fill)
+        batch = self.build_batch(seqs)
+        if fill is not None:
+            # Each placeholder is the last token of its sequence: the row before the next sequence starts.
+            rows = [(batch.cu_seqlens_q_cpu[i + 1] - 1, r) for i, r in enumerate(prev_rows) if r >= 0]
+            dst, src = zip(*rows)
+            index = to_device([list(dst), list(src)], torch.int64, self.device)
+            batch.input_ids[index[0]] = prev_token_ids[index[1]]
+        return self.execute(batch)
 
     def close(self) -> None:
         """Release the KV cache's memory."""

@@ -12,6 +12,11 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
 
+# Stands for a token sampled on the device but not read back yet; never a valid id, so a forward that was not
+# given the device value fails loudly (embedding index out of range) instead of running a wrong token.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not holding a cache slot (new, or preempted and waiting to be recomputed)
     RUNNING = "running"  # holds a slot; prefilling in chunks or decoding
@@ -32,6 +37,10 @@ class Request:
     ``num_computed_tokens`` on are what the next forward must run (the whole prompt at first, one
     token while decoding). Preemption by recompute frees the slot and resets ``num_computed_tokens``
     to 0: the prompt and the output so far are run again as one longer prefill.
+
+    With asynchronous scheduling a step is launched before the previous step's sampled tokens reach the
+    host: such a token counts in ``num_tokens`` as a placeholder (``num_placeholder_tokens``, id
+    ``PLACEHOLDER_TOKEN_ID`` in ``token_slice``) that the forward reads from the device.
 
     Attributes:
         max_tokens: the effective output budget (``params.max_tokens`` or what ``max_seq_len`` leaves).
@@ -57,6 +66,8 @@ class Request:
     # Progress reported to the caller so far (outputs carry only what is new).
     num_reported_tokens: int = 0
     pending_logprobs: list[dict] = field(default_factory=list)  # sampled since the last output
+    # Sampled on the device by a launched step, not yet appended to output_token_ids (0 or 1).
+    num_placeholder_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -68,20 +79,26 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt, output and placeholder tokens: the sequence length once in-flight samples land."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholder_tokens
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def has_all_output_tokens(self) -> bool:
+        """``max_tokens`` tokens are sampled (some maybe still in flight): nothing more to run."""
+        return len(self.output_token_ids) + self.num_placeholder_tokens >= self.max_tokens
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        """``all_token_ids[start:end]`` without concatenating the whole sequence."""
+        """Tokens ``[start, end)`` of prompt + output, placeholders as ``PLACEHOLDER_TOKEN_ID``, without
+        concatenating the whole sequence."""
         num_prompt = len(self.prompt_token_ids)
+        num_known = num_prompt + len(self.output_token_ids)
+        tail = [PLACEHOLDER_TOKEN_ID] * (end - max(start, num_known)) if end > num_known else []
+        end = min(end, num_known)
         if end <= num_prompt:
-            return self.prompt_token_ids[start:end]
+            return self.prompt_token_ids[start:end] + tail
         if start >= num_prompt:
-            return self.output_token_ids[start - num_prompt : end - num_prompt]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+            return self.output_token_ids[start - num_prompt : end - num_prompt] + tail
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt] + tail
 
     @property
     def num_uncomputed_tokens(self) -> int:

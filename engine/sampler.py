@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.batch import to_device
 from engine.sampling_params import SamplingParams
 
 
@@ -25,6 +26,50 @@ class SamplerOutput:
     logprobs: list[dict | None]
 
 
+class SampledTokens:
+    """One step's samples, still on the device: ``token_ids [N]`` feeds the next step's forward directly;
+    :meth:`result` brings ids and logprobs to the host (copies started at construction, waited for there)."""
+
+    def __init__(self, token_ids: torch.Tensor, logprob_rows: list[int], logprob_tensors: tuple,
+                 logprob_counts: list[int]) -> None:
+        self.token_ids = token_ids
+        self._logprob_rows = logprob_rows
+        self._logprob_counts = logprob_counts
+        device = token_ids.device
+        pin = device.type == "cuda"
+        tensors = (token_ids, *logprob_tensors)
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in tensors]
+        for host, t in zip(self._host, tensors):
+            host.copy_(t, non_blocking=pin)
+        self._event = None
+        if pin:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(device))
+        self._output: SamplerOutput | None = None
+
+    @classmethod
+    def from_host(cls, output: SamplerOutput, device: torch.device) -> "SampledTokens":
+        """Samples already on the host (rows sampled one by one), their ids also put on ``device``."""
+        samples = cls(to_device(output.token_ids, torch.int64, device), [], (), [])
+        samples._output = output
+        return samples
+
+    def result(self) -> SamplerOutput:
+        """Wait for the copies and return the ids and logprobs as Python values."""
+        if self._output is not None:
+            return self._output
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._host[0].tolist()
+        logprobs: list[dict | None] = [None] * len(token_ids)
+        if self._logprob_rows:
+            chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
+            for j, (i, k) in enumerate(zip(self._logprob_rows, self._logprob_counts)):
+                logprobs[i] = {"token_id": token_ids[i], "logprob": chosen[j],
+                               "top": list(zip(top_ids[j][:k], top_values[j][:k]))}
+        return SamplerOutput(token_ids, logprobs)
+
+
 class Sampler:
     """Turns one row of logits per sequence into one next token per sequence.
 
@@ -39,7 +84,6 @@ class Sampler:
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(random.getrandbits(63) if seed is None else seed)
 
-    @torch.inference_mode()
     def __call__(
         self,
         logits: torch.Tensor,
@@ -47,7 +91,18 @@ class Sampler:
         output_token_ids: list[list[int]],
         generators: list[torch.Generator | None],
     ) -> SamplerOutput:
-        """Sample one token per row.
+        """Sample one token per row and wait for the result (see :meth:`sample`)."""
+        return self.sample(logits, params, output_token_ids, generators).result()
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        output_token_ids: list[list[int]],
+        generators: list[torch.Generator | None],
+    ) -> SampledTokens:
+        """Sample one token per row on the logits' device, without waiting for it.
 
         Args:
             logits: [N, vocab] float logits (raw model output).
@@ -61,6 +116,7 @@ class Sampler:
                 f"sampler got {num_rows} logit rows but {len(params)} params, "
                 f"{len(output_token_ids)} histories, {len(generators)} generators"
             )
+        device = logits.device
         logits = logits.float()
         raw_logits = logits
 
@@ -68,39 +124,51 @@ class Sampler:
         if penalized_rows:
             logits = logits.clone()
             for i in penalized_rows:
-                history = torch.tensor(output_token_ids[i], dtype=torch.long, device=logits.device)
+                history = to_device(output_token_ids[i], torch.long, device)
                 counts = torch.bincount(history, minlength=vocab_size).to(logits.dtype)
                 logits[i] -= params[i].frequency_penalty * counts + params[i].presence_penalty * (counts > 0)
 
         token_ids = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
-            token_ids[random_rows] = self._sample_random(
-                logits[random_rows],
+            rows = to_device(random_rows, torch.long, device) if len(random_rows) < num_rows else None
+            sampled = self._sample_random(
+                logits if rows is None else logits[rows],
                 [params[i] for i in random_rows],
                 [generators[i] for i in random_rows],
             )
+            if rows is None:
+                token_ids = sampled
+            else:
+                token_ids[rows] = sampled
 
-        token_ids_list = token_ids.tolist()
-        return SamplerOutput(token_ids_list, self._logprobs(raw_logits, params, token_ids_list))
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        logprob_tensors: tuple = ()
+        if logprob_rows:
+            logprob_tensors = self._logprobs(raw_logits, token_ids, logprob_rows,
+                                             max(params[i].logprobs for i in logprob_rows))
+        return SampledTokens(token_ids, logprob_rows, logprob_tensors, [params[i].logprobs for i in logprob_rows])
 
     def _sample_random(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> torch.Tensor:
         """logits: [M, vocab] -> [M] sampled ids."""
         num_rows, vocab_size = logits.shape
-        temperatures = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        device = logits.device
+        temperatures = to_device([p.temperature for p in params], logits.dtype, device)
         logits = logits / temperatures[:, None]
         # Sorting the vocabulary is the costly part: only for the rows that truncate it.
         truncated = [i for i, p in enumerate(params) if p.top_k != -1 or p.top_p < 1.0]
         if truncated:
-            logits[truncated] = _apply_top_k_top_p(logits[truncated], [params[i] for i in truncated])
+            rows = to_device(truncated, torch.long, device)
+            logits[rows] = _apply_top_k_top_p(logits[rows], [params[i] for i in truncated])
         probs = torch.softmax(logits, dim=-1)
 
         noise = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), vocab_size, dtype=probs.dtype, device=probs.device).exponential_(
+            rows = to_device(unseeded, torch.long, device)
+            noise[rows] = torch.empty(len(unseeded), vocab_size, dtype=probs.dtype, device=device).exponential_(
                 generator=self._generator
             )
         for i, generator in enumerate(generators):
@@ -109,26 +177,17 @@ class Sampler:
         return torch.argmax(probs / noise, dim=-1)
 
     @staticmethod
-    def _logprobs(raw_logits: torch.Tensor, params: list[SamplingParams], token_ids: list[int]) -> list[dict | None]:
-        rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        result: list[dict | None] = [None] * len(params)
-        if not rows:
-            return result
-        logprobs = torch.log_softmax(raw_logits[rows], dim=-1)
-        chosen = logprobs.gather(1, torch.tensor([[token_ids[i]] for i in rows], device=logprobs.device))
-        max_top = max(params[i].logprobs for i in rows)
-        top_values, top_ids = (
-            torch.topk(logprobs, max_top, dim=-1) if max_top > 0 else (logprobs[:, :0], logprobs[:, :0].long())
-        )
-        chosen, top_values, top_ids = chosen.cpu().tolist(), top_values.cpu().tolist(), top_ids.cpu().tolist()
-        for j, i in enumerate(rows):
-            k = params[i].logprobs
-            result[i] = {
-                "token_id": token_ids[i],
-                "logprob": chosen[j][0],
-                "top": list(zip(top_ids[j][:k], top_values[j][:k])),
-            }
-        return result
+    def _logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, rows: list[int], max_top: int) -> tuple:
+        """``(chosen [M], top_values [M, max_top], top_ids [M, max_top])`` for the rows asking for logprobs:
+        log-softmax of the raw logits at the sampled token and at the most likely ones, on the device."""
+        index = to_device(rows, torch.long, raw_logits.device)
+        logprobs = torch.log_softmax(raw_logits[index], dim=-1)
+        chosen = logprobs.gather(1, token_ids[index].unsqueeze(1)).squeeze(1)
+        if max_top > 0:
+            top_values, top_ids = torch.topk(logprobs, max_top, dim=-1)
+        else:
+            top_values, top_ids = logprobs[:, :0], logprobs[:, :0].long()
+        return chosen, top_values, top_ids
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -138,14 +197,13 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     """
     num_rows, vocab_size = logits.shape
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
-    top_k = torch.tensor(
-        [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], device=logits.device
-    )
+    top_k = to_device([vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], torch.long,
+                      logits.device)
     positions = torch.arange(vocab_size, device=logits.device)
     sorted_logits = sorted_logits.masked_fill(positions[None, :] >= top_k[:, None], float("-inf"))
 
     # top_p == 1 means off: 2.0 is above any cumulative mass, so float rounding never masks a tail token.
-    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else 2.0 for p in params], dtype=logits.dtype, device=logits.device)
+    top_p = to_device([p.top_p if p.top_p < 1.0 else 2.0 for p in params], logits.dtype, logits.device)
     sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # Mass strictly before each token: a token is kept while the mass before it is below top_p.
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs

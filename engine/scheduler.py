@@ -64,6 +64,11 @@ class Scheduler:
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
 
     The scheduler only grows and frees slots; it never maps ahead (that is ``kv_cache.prepare``).
+
+    Slots of launched steps still running on the device (``slots_in_flight``, kept by the engine) are not
+    given back when their request finishes or is preempted: a freed slot's pages may be unmapped and handed
+    to another request, under a kernel still writing them. They are freed by ``release_slots`` once the
+    step is done.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: VirtualKVCache) -> None:
@@ -76,6 +81,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
+        self.slots_in_flight: frozenset[int] = frozenset()
+        self._slots_to_release: list[int] = []
 
     # ---- queue management --------------------------------------------------------------------------------------
 
@@ -95,6 +102,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def release_slots(self) -> None:
+        """Free the slots held back for a step in flight that are no longer in ``slots_in_flight``."""
+        held = []
+        for slot in self._slots_to_release:
+            if slot in self.slots_in_flight:
+                held.append(slot)
+            else:
+                self.kv_cache.free(slot)
+        self._slots_to_release = held
+
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -111,7 +128,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         planned: dict[int, ScheduledRequest] = {}  # id(request) -> plan, to undo when a victim was planned
 
-        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        # A request whose last token is still in flight has nothing left to run: it finishes when it lands.
+        decodes = [r for r in self.running if r.num_uncomputed_tokens == 1 and not r.has_all_output_tokens]
         prefills = [r for r in self.running if r.num_uncomputed_tokens > 1]
         for request in decodes + prefills:
             if budget <= 0:
@@ -189,5 +207,8 @@ class Scheduler:
 
     def _release_slot(self, request: Request) -> None:
         if request.slot is not None:
-            self.kv_cache.free(request.slot)
+            if request.slot in self.slots_in_flight:
+                self._slots_to_release.append(request.slot)
+            else:
+                self.kv_cache.free(request.slot)
             request.slot = None

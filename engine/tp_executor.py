@@ -135,7 +135,10 @@ class TPExecutor(Executor):
 
     # ---- Executor ------------------------------------------------------------------------------------------
 
-    def run(self, seqs) -> torch.Tensor:
+    def run(self, seqs, prev_token_ids=None, prev_rows=None) -> torch.Tensor:
+        # The other ranks get their input ids from the host: no input may still be on rank 0's device.
+        if prev_rows is not None and any(r >= 0 for r in prev_rows):
+            raise ValueError("a tensor-parallel step needs every input id on the host (no asynchronous scheduling)")
         self.check_health()
         self._collect(timeout_s=self.step_timeout_s)
         ops = self.kv_cache.take_ops()

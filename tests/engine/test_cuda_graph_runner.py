@@ -37,3 +37,34 @@ def test_graph_decode_matches_eager(num_seqs):
         assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_placeholder_inputs_are_read_from_the_previous_steps_device_ids(device):
+    """Asynchronous scheduling: a decode token the host has not seen yet is a placeholder, filled on the device from
+    the previous step's sampled ids, on the graph path (decode batch) and the eager one (mixed with a prefill)."""
+    from engine.model_runner import ModelRunner
+    from engine.request import PLACEHOLDER_TOKEN_ID
+
+    runner = ModelRunner(ModelConfig(model="dummy:tiny-llama", device=device, dtype="float32"),
+                         CacheConfig(max_batch_size=8, max_seq_len=512, kv_cache_bytes=64 << 20))
+    try:
+        cache = runner.kv_cache
+        prompts = [[5 + i] * (20 + 7 * i) for i in range(3)]
+        slots = [cache.allocate(len(p) + 1) for p in prompts]
+        runner.execute(runner.build_batch([(s, p, 0) for s, p in zip(slots, prompts)]))
+        new_ids = [11, 12, 13]
+        prev_token_ids = torch.tensor([99, *reversed(new_ids)], device=device)  # row 3 - i holds sequence i's
+        known = [(s, [t], len(p)) for s, t, p in zip(slots, new_ids, prompts)]
+        held = [(s, [PLACEHOLDER_TOKEN_ID], len(p)) for s, p in zip(slots, prompts)]
+        prev_rows = [3, 2, 1]
+        expected = runner.run(known).clone()
+        torch.testing.assert_close(runner.run(held, prev_token_ids, prev_rows), expected)
+
+        prefill_slot = cache.allocate(9)
+        mixed_known = known[:2] + [(prefill_slot, list(range(30, 39)), 0)]
+        mixed_held = held[:2] + [(prefill_slot, list(range(30, 39)), 0)]
+        expected = runner.run(mixed_known).clone()
+        torch.testing.assert_close(runner.run(mixed_held, prev_token_ids, prev_rows[:2] + [-1]), expected)
+    finally:
+        runner.close()

@@ -130,3 +130,39 @@ def test_next_step_tokens_for_prepare(make_scheduler):
     plan = scheduler.schedule()
     need = scheduler.next_step_tokens(plan.scheduled)
     assert need == {a.slot: 11, b.slot: 90 + 100}  # a decodes one more; b at most a full budget more
+
+
+def test_slots_of_a_step_in_flight_are_freed_only_once_it_is_done(make_scheduler):
+    scheduler = make_scheduler(max_batch_size=2)
+    a, b = make_request("a", 10), make_request("b", 10)
+    scheduler.add(a)
+    scheduler.add(b)
+    run_step(scheduler)
+    slot_a, slot_b = a.slot, b.slot
+    scheduler.slots_in_flight = frozenset({slot_a})
+    scheduler.finish(a, RequestStatus.FINISHED_STOPPED)
+    scheduler.finish(b, RequestStatus.FINISHED_STOPPED)
+    # b's slot is free at once; a's pages stay owned (not reclaimable) while a kernel may still write them.
+    assert scheduler.kv_cache.stats().num_free_slots == 1
+    scheduler.release_slots()
+    assert scheduler.kv_cache.stats().num_free_slots == 1
+    scheduler.slots_in_flight = frozenset()
+    scheduler.release_slots()
+    assert scheduler.kv_cache.stats().num_free_slots == 2
+    assert a.slot is None and b.slot is None
+
+
+def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again(make_scheduler):
+    scheduler = make_scheduler()
+    request = make_request("r", 10)
+    request.max_tokens = 2
+    scheduler.add(request)
+    plan = scheduler.schedule()
+    assert plan.scheduled[0].num_tokens == 10
+    request.num_computed_tokens = 10
+    request.num_placeholder_tokens = 1  # the first token, sampled on the device
+    (decode,) = scheduler.schedule().scheduled
+    assert decode.token_ids == [-1] and decode.start_pos == 10 and decode.completes_prompt
+    request.num_computed_tokens = 11
+    request.output_token_ids.append(5)  # the first landed; the second is in flight: max_tokens reached
+    assert scheduler.schedule().is_empty
