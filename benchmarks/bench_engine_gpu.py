@@ -10,9 +10,9 @@
    KV bytes read, over the copy bandwidth), prefill model FLOPs utilisation against the GEMM rate, and host
    overhead per decode step (step wall time not covered by the forward's GPU time). Then 256 x (256 / 512) with
    asynchronous scheduling and again without (each step's tokens processed before the next step is launched).
-4. Page mapping hidden: 128 requests whose decode crosses a 1024-token page boundary, run on a cold cache
-   (every page mapped on demand, while the GPU computes) and again on the pages the first run left mapped
-   (deferred reclamation: nothing to map). Decode step times compared.
+4. Page mapping hidden: 128 requests whose decode crosses a 1024-token page boundary in lockstep, run on a cold
+   cache (every page mapped on demand, while the GPU computes) and again on the pages the first run left mapped
+   (deferred reclamation: nothing to map). Decode-loop times compared (and whole runs, and median decode steps).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def summarize(steps: list[dict], bandwidth_gb_s: float, gemm: float, weight_byte
               kv_bytes_per_token: int) -> dict:
     decode = [s for s in steps if s["decode"] and s["num_seqs"] >= 64]
     prefill = [s for s in steps if not s["decode"] and s["num_tokens"] >= 1024]
-    out = {}
+    out = {"decode_seconds": sum(s["wall_s"] for s in steps if s["decode"])}
     if decode:
         floors = [(weight_bytes + s["kv_tokens"] * kv_bytes_per_token) / (bandwidth_gb_s * 1e9) for s in decode]
         ratios = [s["wall_s"] / f for s, f in zip(decode, floors)]
@@ -216,8 +216,12 @@ def main() -> None:
     measure("mapping_on_demand", cross)
     measure("mapping_premapped", cross)
     on, pre = result["mapping_on_demand"], result["mapping_premapped"]
+    # The whole decode loop, not the median step: pages mapped in a burst at the boundary stall a few steps only.
+    # (The cold run also maps every request's first pages at admission, before its prefill: in whole-run seconds.)
+    result["mapping_overhead"] = on["decode_seconds"] / pre["decode_seconds"] - 1
+    result["mapping_overhead_whole_run"] = on["seconds"] / pre["seconds"] - 1
     if "decode_step_ms_median" in on and "decode_step_ms_median" in pre:
-        result["mapping_overhead"] = on["decode_step_ms_median"] / pre["decode_step_ms_median"] - 1
+        result["mapping_overhead_median_step"] = on["decode_step_ms_median"] / pre["decode_step_ms_median"] - 1
     engine.shutdown()
 
     baseline = result["hf_baseline"].get("output_tok_s")

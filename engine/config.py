@@ -119,7 +119,10 @@ class CacheConfig:
         kv_cache_bytes: size of the physical page pool; if ``None``, ``gpu_memory_fraction`` of the
             free device memory is used on GPU, and 256 MiB on CPU.
         gpu_memory_fraction: fraction of free GPU memory for the pool when ``kv_cache_bytes`` is None.
-        prefetch_tokens: tokens mapped eagerly beyond what the next step needs; ``None`` = cache default.
+        prefetch_tokens: tokens mapped eagerly beyond what the next step needs; ``None`` = 128 on GPU (a
+            request's next page is mapped over the 128 steps before it is written), 0 on CPU.
+        prefetch_pages_per_step: most pages mapped ahead per step; ``None`` = 128 on GPU (~3.5 ms of driver
+            calls on an H100, hidden behind the forward), no limit on CPU.
     """
 
     max_batch_size: int = 16
@@ -128,6 +131,7 @@ class CacheConfig:
     kv_cache_bytes: int | None = None
     gpu_memory_fraction: float = 0.9
     prefetch_tokens: int | None = None
+    prefetch_pages_per_step: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
@@ -144,6 +148,11 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
         if self.prefetch_tokens is not None and (not _is_int(self.prefetch_tokens) or self.prefetch_tokens < 0):
             raise ValueError(f"prefetch_tokens must be None or an int >= 0, got {self.prefetch_tokens!r}")
+        if self.prefetch_pages_per_step is not None and (
+            not _is_int(self.prefetch_pages_per_step) or self.prefetch_pages_per_step < 1
+        ):
+            raise ValueError(
+                f"prefetch_pages_per_step must be None or an int >= 1, got {self.prefetch_pages_per_step!r}")
 
 
 @dataclass

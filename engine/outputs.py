@@ -15,7 +15,8 @@ class RequestOutput:
         new_token_ids: tokens generated since the previous output.
         new_text: text released since the previous output (complete characters, no stop string).
         text: all text released so far.
-        token_ids: all generated tokens so far (EOS / stop token included when it ended the request).
+        token_ids: all generated tokens (EOS / stop token included when it ended the request), on the final
+            output only (empty before; streams read ``new_token_ids``): copying them every step costs O(length).
         finished: whether this is the request's last output.
         finish_reason: "stop" (EOS, stop token or stop string), "length", "abort", or None.
         stop_reason: the stop string or stop token id that ended it; None for EOS or other reasons.

@@ -295,11 +295,13 @@ class VirtualKVCache:
         self._num_tokens[slot] = 0
 
     def prepare(self, next_tokens: Mapping[int, int]) -> int:
-        """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, plus ``prefetch_tokens``.
+        """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
 
         Called once per iteration after the device work of the current one is launched, so that the driver
-        calls overlap it. Best effort: uses free pages and pages of free slots, never raises for capacity, and
-        leaves whatever it could not map to :meth:`grow`. Returns the pages mapped.
+        calls overlap it. Best effort: never raises for capacity, and leaves whatever it could not map to
+        :meth:`grow`. The next iteration's need may take free pages and pages of free slots; prefetching (up to
+        ``prefetch_tokens`` beyond the need, slots nearest to their next page first, at most
+        ``prefetch_pages_per_step`` pages) takes free pages only. Returns the pages mapped.
         """
         if self._closed:
             return 0
@@ -308,8 +310,7 @@ class VirtualKVCache:
         for slot, num_tokens in next_tokens.items():
             if not self._active[slot]:
                 continue
-            target = min(num_tokens + self.config.prefetch_tokens, self.config.max_seq_len)
-            missing = self._pages_per_buffer(target) - self._mapped[slot]
+            missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
             if missing <= 0:
                 continue
             if budget is None:
@@ -321,6 +322,34 @@ class VirtualKVCache:
             self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True)
             self._map_tail(slot, count)
             budget -= count
+            mapped += count * self.num_buffers
+        return mapped + self._prefetch(next_tokens)
+
+    def _prefetch(self, next_tokens: Mapping[int, int]) -> int:
+        """Maps pages within ``prefetch_tokens`` of the slots' next needs, nearest first, from free pages only and
+        at most half of them: the rest stays for growth and admissions, which would otherwise unmap prefetched
+        pages again under memory pressure."""
+        window = self.config.prefetch_tokens
+        if window == 0:
+            return 0
+        wanted = []  # (tokens before the first unmapped row is needed, slot, pages per buffer to map)
+        for slot, num_tokens in next_tokens.items():
+            if not self._active[slot]:
+                continue
+            missing = self._pages_per_buffer(min(num_tokens + window, self.config.max_seq_len)) - self._mapped[slot]
+            if missing > 0:
+                wanted.append((self._mapped[slot] * self.tokens_per_page - num_tokens, slot, missing))
+        limit = self.config.prefetch_pages_per_step
+        rows = self._pool.num_free_pages // self.num_buffers // 2
+        if limit is not None:
+            rows = min(rows, max(1, limit // self.num_buffers))
+        mapped = 0
+        for _, slot, missing in sorted(wanted):
+            count = min(missing, rows)
+            if count <= 0:
+                break
+            self._map_tail(slot, count)
+            rows -= count
             mapped += count * self.num_buffers
         return mapped
 

@@ -38,7 +38,11 @@ class KVCacheConfig:
         memory_fraction: alternatively, this fraction of the memory free at start-up.
             With neither set, the pool is sized to back the whole virtual cache, capped at
             90% of free memory.
-        prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs.
+        prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs, so that a slot's next page
+            is mapped steps before its first token is written there.
+        prefetch_pages_per_step: most pages one ``prepare`` call maps ahead beyond the next iteration's need
+            (``None``: no limit). Requests decoding in lockstep all cross a page boundary at the same step; the
+            limit spreads their mapping over the steps before it instead of stalling that one step.
     """
 
     num_layers: int
@@ -52,6 +56,7 @@ class KVCacheConfig:
     pool_size_bytes: int | None = None
     memory_fraction: float | None = None
     prefetch_tokens: int = 0
+    prefetch_pages_per_step: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size", "max_seq_len"):
@@ -75,6 +80,8 @@ class KVCacheConfig:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
         if self.prefetch_tokens < 0:
             raise ValueError(f"prefetch_tokens must be >= 0, got {self.prefetch_tokens}")
+        if self.prefetch_pages_per_step is not None and self.prefetch_pages_per_step < 0:
+            raise ValueError(f"prefetch_pages_per_step must be None or >= 0, got {self.prefetch_pages_per_step}")
 
     @property
     def token_bytes(self) -> int:

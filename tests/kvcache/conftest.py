@@ -18,7 +18,7 @@ def make_cache(device):
     made = []
 
     def make(*, num_layers=2, max_batch_size=4, pages_per_slot=3, pool_pages=None, prefetch_tokens=0,
-             dtype=torch.float32):
+             prefetch_pages_per_step=None, dtype=torch.float32):
         probe = KVCacheConfig(num_layers=num_layers, num_kv_heads=2, head_dim=64, max_batch_size=max_batch_size,
                               max_seq_len=1, dtype=dtype, device=device)
         granularity = 64 << 10 if device == "cpu" else 2 << 20
@@ -26,7 +26,8 @@ def make_cache(device):
         pool_pages = pool_pages if pool_pages is not None else max_batch_size * pages_per_slot * 2 * num_layers
         config = KVCacheConfig(num_layers=num_layers, num_kv_heads=2, head_dim=64, max_batch_size=max_batch_size,
                                max_seq_len=pages_per_slot * tokens_per_page, dtype=dtype, device=device,
-                               pool_size_bytes=pool_pages * granularity, prefetch_tokens=prefetch_tokens)
+                               pool_size_bytes=pool_pages * granularity, prefetch_tokens=prefetch_tokens,
+                               prefetch_pages_per_step=prefetch_pages_per_step)
         cache = VirtualKVCache(config)
         made.append(cache)
         return cache

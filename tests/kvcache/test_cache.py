@@ -179,6 +179,31 @@ def test_prepare_maps_ahead_best_effort(make_cache):
     assert_accounting(cache)
 
 
+def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cache):
+    """Slots decoding in lockstep towards a page boundary: each prepare maps ahead at most the step's page budget,
+    for the slot nearest to its boundary first, and the next step's own need is never held back by the budget."""
+    cache = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8,
+                       prefetch_pages_per_step=2 * 2)  # one page in each of the 4 buffers: one slot a step
+    tpp = int(cache.tokens_per_page)
+    slots = [cache.allocate(tpp - 8 + i) for i in range(4)]  # 8, 7, 6, 5 tokens before their boundary
+    lengths = {s: tpp - 8 + i for i, s in enumerate(slots)}
+    assert cache.prepare(lengths) == 2 * 2
+    assert [cache.capacity_tokens(s) for s in slots] == [tpp, tpp, tpp, 2 * tpp]  # the nearest one
+    assert cache.prepare(lengths) == 2 * 2
+    assert cache.capacity_tokens(slots[2]) == 2 * tpp
+    # The need of the next step is mapped whatever the budget: three slots cross at once.
+    assert cache.prepare({s: max(n, tpp + 1) for s, n in lengths.items()}) == 2 * 2 * 2
+    assert all(cache.capacity_tokens(s) == 2 * tpp for s in slots)
+    assert_accounting(cache)
+
+    # Without a budget, prefetch still takes at most half of the free pages (the rest is for growth).
+    tight = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 4 * 2, prefetch_tokens=8)
+    near = [tight.allocate(tpp - 4) for _ in range(4)]  # 16 pages left; 4 slots want one more page per buffer
+    assert tight.prepare({s: tpp - 4 for s in near}) == 2 * 2 * 2
+    assert tight.stats().free_pages == 8
+    assert_accounting(tight)
+
+
 def test_errors(make_cache):
     cache = make_cache(max_batch_size=1)
     with pytest.raises(SequenceTooLongError):
