@@ -55,16 +55,22 @@ class ModelRunner:
         device, dtype, attention_backend: as resolved from ``model_config``.
         max_model_len: tokens one sequence may hold (prompt + output) = the cache's ``max_seq_len``.
         eos_token_ids: token ids that end generation (generation config + model config).
+
+    ``kv_cache_factory(KVCacheConfig)`` (default ``VirtualKVCache``) and ``attention_backend`` (an ``AttentionBackend``
+    subclass instead of ``model_config``'s backend name) replace the cache and its attention: the hook through which
+    the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) runs this engine over a vLLM-style block pool.
     """
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp_rank: int = 0) -> None:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp_rank: int = 0, *,
+                 kv_cache_factory=None, attention_backend=None) -> None:
         from kvcache import KVCacheConfig, VirtualKVCache
 
         self.model_config = model_config
         self.cache_config = cache_config
         self.device = torch.device(model_config.resolved_device())
         self.dtype = model_config.resolved_dtype()
-        self.attention_backend = model_config.resolved_attention_backend()
+        backend = attention_backend or model_config.resolved_attention_backend()
+        self.attention_backend = backend if isinstance(backend, str) else backend.name
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
 
@@ -72,7 +78,7 @@ class ModelRunner:
         self.resolved = resolve_model(model_config.model)
         self.hf_config = self.resolved.hf_config
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(self.hf_config, self.attention_backend, tp_rank,
+            self.model = LlamaForCausalLM(self.hf_config, backend, tp_rank,
                                           model_config.tensor_parallel_size)
         self.model.eval()
         get_weight_loader(self.resolved, seed=model_config.seed).load_into(self.model)
@@ -101,7 +107,7 @@ class ModelRunner:
                                           else GPU_PREFETCH_TOKENS if on_gpu else 0)
         pool_kwargs["prefetch_pages_per_step"] = (cache_config.prefetch_pages_per_step
                                                   or (GPU_PREFETCH_PAGES_PER_STEP if on_gpu else None))
-        self.kv_cache = VirtualKVCache(KVCacheConfig(
+        self.kv_cache = (kv_cache_factory or VirtualKVCache)(KVCacheConfig(
             num_layers=self.hf_config.num_hidden_layers,
             num_kv_heads=self.model.num_kv_heads_local,
             head_dim=self.model.head_dim,
@@ -114,7 +120,8 @@ class ModelRunner:
         ))
         self.eos_token_ids = self._eos_token_ids()
         self.graph_runner = None
-        if self.device.type == "cuda" and not model_config.enforce_eager and cache_config.max_batch_size > 1:
+        if (self.device.type == "cuda" and not model_config.enforce_eager and cache_config.max_batch_size > 1
+                and self.model.attn_backend.supports_cuda_graphs):
             from engine.cuda_graph_runner import CudaGraphRunner
 
             start = time.perf_counter()

@@ -23,6 +23,9 @@ class AttentionBackend(ABC):
     """
 
     name: str = "abstract"
+    # Decode reads every per-sequence value from the batch's device tensors (not its host lists), so a captured
+    # CUDA graph replays correctly for new lengths and slots.
+    supports_cuda_graphs: bool = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None) -> None:
         self.num_heads = num_heads

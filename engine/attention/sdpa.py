@@ -20,6 +20,7 @@ from engine.attention.backend import AttentionBackend
 
 class SDPABackend(AttentionBackend):
     name = "sdpa"
+    supports_cuda_graphs = False  # loops over the batch's host lists: a graph would replay the captured ones
 
     def attend(self, layer, q, batch, kv_cache):
         out = torch.empty_like(q)

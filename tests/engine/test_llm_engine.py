@@ -328,9 +328,10 @@ def test_asynchronous_scheduling_changes_no_output(engine):
         sync.shutdown()
 
 
-def _greedy_choices_hold(eng, prompt: list[int], output: list[int], tie: float = 1e-3) -> bool:
-    """Teacher-forced check: each output token is the model's argmax (up to a near-tie of ``tie``) given the prompt
-    and the output before it, scored in one eager forward over the whole sequence in a fresh slot."""
+def _greedy_shortfall(eng, prompt: list[int], output: list[int]) -> float:
+    """Teacher-forced check: how far below the model's best logit each output token's logit is, at worst, given the
+    prompt and the output before it, scored in one eager forward over the whole sequence in a fresh slot (0 when
+    every token is the argmax; small when the scoring kernels round differently from decode's at a near-tie)."""
     runner, cache = eng.runner, eng.kv_cache
     tokens = prompt + output
     slot = cache.allocate(len(tokens))
@@ -339,15 +340,15 @@ def _greedy_choices_hold(eng, prompt: list[int], output: list[int], tie: float =
         with torch.inference_mode():
             logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
         chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
-        return bool((logits.max(dim=1).values - chosen <= tie).all())
+        return float((logits.max(dim=1).values - chosen).max())
     finally:
         cache.free(slot)
 
 
 @pytest.mark.gpu
 def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
-    """On the GPU the next step really runs ahead of the host (CUDA graphs reading device-side ids, slots held back
-    while in flight).
+    """On the GPU (bf16: decode replayed from CUDA graphs) the next step really runs ahead of the host (graphs reading
+    device-side ids, slots held back while in flight).
 
     8 requests admitted together run in the same batches either way: same tokens as processing each step first.
     40 requests through a pool that holds 8 at a time (a 2 MiB page of each of the 4 K/V buffers each; one is the
@@ -355,9 +356,10 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
     from the synchronous run's (slots come back a step later), so each output is checked against the model itself:
     every token is its greedy choice given the tokens before it."""
     eng = LLMEngine(EngineConfig.from_dict(
-        {"model": "dummy:tiny-llama", "device": "cuda", "dtype": "float32", "max_batch_size": 17,
+        {"model": "dummy:tiny-llama", "device": "cuda", "dtype": "bfloat16", "max_batch_size": 17,
          "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 9 * 4 * (2 << 20)}))
     try:
+        assert eng.runner.graph_runner is not None
         gen = torch.Generator().manual_seed(0)
         ps = [torch.randint(10, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(5, 300, (40,), generator=gen)]
         params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
@@ -371,7 +373,9 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
         eng.async_scheduling = True
         outs = [o.token_ids for o in eng.generate(ps, params)]
         assert [len(o) for o in outs] == [p.max_tokens for p in params]
-        assert all(_greedy_choices_hold(eng, p, o) for p, o in zip(ps, outs))
+        # A wrong input token or overwritten K/V moves the choice far more than the kernels' bf16 rounding does.
+        shortfalls = [_greedy_shortfall(eng, p, o) for p, o in zip(ps, outs)]
+        assert max(shortfalls) <= 0.03, [round(x, 4) for x in shortfalls]
         stats = eng.stats()
         assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == 16
         assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages - 4  # the scratch slot's
