@@ -20,13 +20,16 @@ def machine_info(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
-    # The device machine gets a copy of the tree without .git: the caller passes the commit in VATTN_COMMIT.
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        info["commit"] = ""
-    info["commit"] = info["commit"] or os.environ.get("VATTN_COMMIT", "unknown")
+    # The device machine's copy of the tree may carry no (or a stale) .git: the caller passes the commit there in
+    # VATTN_COMMIT, which wins.
+    info["commit"] = os.environ.get("VATTN_COMMIT", "")
+    if not info["commit"]:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent).stdout.strip()
+        except OSError:
+            pass
+    info["commit"] = info["commit"] or "unknown"
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
