@@ -65,16 +65,20 @@ ExecutorFactory = Callable[[EngineConfig], Executor]
 
 
 class LocalExecutor(Executor):
-    """One device, one ``ModelRunner`` in this process (``tensor_parallel_size == 1``)."""
+    """One device, one ``ModelRunner`` in this process (``tensor_parallel_size == 1``).
 
-    def __init__(self, config: EngineConfig) -> None:
+    ``runner_kwargs`` go to the ``ModelRunner`` (``kv_cache_factory``, ``attention_backend``): the hook through which
+    the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) swaps the cache and the attention backend.
+    """
+
+    def __init__(self, config: EngineConfig, **runner_kwargs) -> None:
         from engine.model_runner import ModelRunner
 
         if config.model.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size must be 1 for a LocalExecutor, got {config.model.tensor_parallel_size}: "
                 "pass an executor factory for tensor parallelism (deployments.tp_workers.ray_tp_executor_factory)")
-        self.runner = ModelRunner(config.model, config.cache)
+        self.runner = ModelRunner(config.model, config.cache, **runner_kwargs)
         self.kv_cache = self.runner.kv_cache
         self.tp_size = 1
         self.supports_device_inputs = True

@@ -141,11 +141,14 @@ class LlamaForCausalLM(nn.Module):
 
     Args:
         hf_config: a transformers ``PretrainedConfig`` of a supported ``model_type``.
-        attention_backend: ``sdpa``, ``torch_flash`` or ``flash_attn``.
+        attention_backend: a backend name (``sdpa``, ``torch_flash``, ``triton_flash``, ``flash_attn``), or an
+            ``AttentionBackend`` subclass, instantiated with this rank's head counts (how the benchmark-only paged
+            mode, ``benchmarks/paged_kv.py``, plugs its backend in).
         tp_rank, tp_size: tensor-parallel position; weights are sharded by ``load_weights``.
     """
 
-    def __init__(self, hf_config: Any, attention_backend: str = "sdpa", tp_rank: int = 0, tp_size: int = 1):
+    def __init__(self, hf_config: Any, attention_backend: str | type[AttentionBackend] = "sdpa", tp_rank: int = 0,
+                 tp_size: int = 1):
         super().__init__()
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {hf_config.model_type!r}")
@@ -154,8 +157,11 @@ class LlamaForCausalLM(nn.Module):
         head_dim = head_dim_of(hf_config)
         self.num_kv_heads_local = max(1, hf_config.num_key_value_heads // tp_size)
         self.head_dim = head_dim
-        self.attn_backend = get_attention_backend(
-            attention_backend, hf_config.num_attention_heads // tp_size, self.num_kv_heads_local, head_dim)
+        heads = (hf_config.num_attention_heads // tp_size, self.num_kv_heads_local, head_dim)
+        if isinstance(attention_backend, str):
+            self.attn_backend = get_attention_backend(attention_backend, *heads)
+        else:
+            self.attn_backend = attention_backend(*heads)
         self.model = LlamaModel(hf_config, self.attn_backend, tp_rank, tp_size)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
