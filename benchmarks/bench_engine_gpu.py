@@ -232,7 +232,9 @@ def main() -> None:
         preemptions = engine.stats().num_preemptions
         r = recorder.run(requests)
         summary = summarize(r["steps"], bandwidth, gemm, weight_bytes, params, kv_bytes_per_token)
-        result[name] = {"requests": len(requests), "seconds": r["seconds"], "output_tok_s": r["output_tok_s"],
+        stats = engine.stats()
+        result[name] = {"requests": len(requests), "kv_pool_bytes": stats.num_total_pages * stats.page_size_bytes,
+                        "seconds": r["seconds"], "output_tok_s": r["output_tok_s"],
                         "total_tok_s": r["total_tok_s"], "preemptions": engine.stats().num_preemptions - preemptions,
                         **summary}
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[name].items()}, flush=True)

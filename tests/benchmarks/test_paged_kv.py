@@ -246,8 +246,8 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
     """The paged engine with CUDA graphs and asynchronous scheduling (bf16: the benchmark's kernels; float32: the
     torch paths) against the vAttention engine. 40 requests through a pool of 200 blocks (about 8 requests): slots
     and blocks are reused while the next step is in flight, so a block table copied too early or too late, or a row
-    written through a stale table, moves a choice far beyond rounding. Outputs equal the vAttention engine's, except
-    at a few near-ties, where the paged output must still be the model's own greedy choice."""
+    written through a stale table, moves a choice far beyond rounding. Every output must be the model's own greedy
+    choice (teacher-forced on the paged engine); in float32 all but a few (near-ties) equal the vAttention engine's."""
     from tests.engine.test_llm_engine import _greedy_shortfall
 
     values = {"model": "dummy:tiny-llama", "device": "cuda", "dtype": dtype, "max_batch_size": 17,
@@ -270,10 +270,13 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         assert engine.kv_cache.num_blocks == 200
         outs = [o.token_ids for o in engine.generate(ps, params)]
         assert [len(o) for o in outs] == [p.max_tokens for p in params]
-        differ = [i for i, (a, b) in enumerate(zip(outs, expected_tokens)) if a != b]
-        assert len(differ) <= 4, differ
-        shortfalls = [_greedy_shortfall(engine, ps[i], outs[i]) for i in differ]
-        assert all(x <= tie for x in shortfalls), shortfalls
+        # Each output is the model's own greedy choice, token by token (up to the kernels' rounding at near-ties);
+        # in bf16 the two engines' autotuned kernels round differently, so near-ties part many outputs late.
+        shortfalls = [_greedy_shortfall(engine, p, o) for p, o in zip(ps, outs)]
+        assert max(shortfalls) <= tie, [round(x, 4) for x in shortfalls]
+        if dtype == "float32":
+            differ = [i for i, (a, b) in enumerate(zip(outs, expected_tokens)) if a != b]
+            assert len(differ) <= 4, differ
         stats = engine.stats()
         # Everything back but the graphs' scratch slot's block.
         assert stats.num_free_pages == stats.num_total_pages - engine.kv_cache.num_buffers
