@@ -190,10 +190,96 @@ def finish(result: dict) -> None:
         print(f"{name}: {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s")
     write_result("engine_h100" if "H100" in result["machine"].get("gpu", "") else "engine_gpu", result)
 
+def greedy_shortfall(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
+    """How far below the best logit each generated token's logit is, at worst, scoring prompt + output in one eager
+    forward (0: every token was the argmax; bf16 kernels round differently: a few hundredths at near-ties)."""
+    runner, cache = engine.runner, engine.kv_cache
+    tokens = prompt + output
+    slot = cache.allocate(len(tokens))
+    if hasattr(cache, "commit_block_table"):  # the paged mode's executor does this before each of its forwards
+        cache.commit_block_table()
+    try:
+        with torch.inference_mode():
+            batch = runner.build_batch([(slot, tokens, 0)])
+            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
+        return float((logits.max(dim=1).values - chosen).max())
+    finally:
+        cache.free(slot)
+
+
+def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: float, scale: int) -> None:
+    """The decode-heavy and default workloads on the layer-major cache, the token-major cache (every layer of a
+    token in one page: 16 tokens a 2 MiB page instead of 1024) and the paged-KV mode, one engine after the other.
+    Each engine's greedy outputs are first checked against the model itself (teacher-forced)."""
+    from benchmarks.paged_kv import build_paged_engine
+
+    builders = {
+        "layer_major": lambda: LLMEngine(config),
+        "token_major": lambda: LLMEngine(EngineConfig.from_dict({**config_dict(config), "kv_layout": "token_major"})),
+        "paged": lambda: build_paged_engine(config),
+    }
+    for name, build in builders.items():
+        engine = None
+        try:
+            t = time.perf_counter()
+            engine = build()
+            entry = result[name] = {"start_s": time.perf_counter() - t}
+            stats = engine.stats()
+            entry["kv_pool_bytes"] = stats.num_total_pages * stats.page_size_bytes
+            model = engine.runner.model
+            params = sum(p.numel() for p in model.parameters())
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            kv_bytes_per_token = engine.kv_cache.token_bytes * engine.kv_cache.num_buffers
+            check = workload(4, 200, 32, 128256, seed=11)
+            outs = engine.generate([p for p, _ in check], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
+            entry["greedy_shortfall_max"] = max(greedy_shortfall(engine, p, o.token_ids) for (p, _), o in zip(check, outs))
+            recorder = StepRecorder(engine)
+            for label, requests in (("decode_heavy_256_1024", workload(512 // scale, 256, 1024, 128256, seed=3)),
+                                    ("throughput_1024_128", workload(1000 // scale, 1024, 128, 128256, seed=2))):
+                preemptions = engine.stats().num_preemptions
+                r = recorder.run(requests)
+                entry[label] = {"requests": len(requests), "seconds": r["seconds"], "output_tok_s": r["output_tok_s"],
+                                "total_tok_s": r["total_tok_s"],
+                                "preemptions": engine.stats().num_preemptions - preemptions,
+                                **summarize(r["steps"], bandwidth, gemm, weight_bytes, params, kv_bytes_per_token)}
+                print(name, label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry[label].items()},
+                      flush=True)
+            del recorder, model
+        except Exception as e:  # one engine's failure must not cost the others
+            result.setdefault(name, {})["error"] = repr(e)
+            print(name, "failed:", repr(e), flush=True)
+        if engine is not None:
+            engine.shutdown()
+            del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        write_result("engine_layouts_h100", result)
+    print("\nengine        decode-heavy tok/s  default tok/s  preemptions  greedy shortfall")
+    for name in builders:
+        e = result.get(name, {})
+        if "error" in e or "throughput_1024_128" not in e:
+            print(f"{name:<12} failed: {e.get('error')}")
+            continue
+        d, t = e["decode_heavy_256_1024"], e["throughput_1024_128"]
+        print(f"{name:<12} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} {d['preemptions'] + t['preemptions']:>12} "
+              f"{e['greedy_shortfall_max']:>17.4f}")
+
+
+def config_dict(config: EngineConfig) -> dict:
+    import dataclasses
+
+    return {"model": dataclasses.asdict(config.model), "cache": dataclasses.asdict(config.cache),
+            "scheduler": dataclasses.asdict(config.scheduler), "sampler_seed": config.sampler_seed}
+
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke run)")
+    parser.add_argument("--layouts", action="store_true",
+                        help="only compare the layer-major cache, the token-major cache and the paged-KV mode "
+                             "(writes results/engine_layouts_h100.json)")
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     torch.manual_seed(0)
@@ -201,6 +287,12 @@ def main() -> None:
     gemm = gemm_tflops()
     print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 GEMM {gemm:.0f} TFLOP/s", flush=True)
     result = {"machine": machine_info("cuda"), "model": MODEL, "copy_gb_s": bandwidth, "gemm_tflops": gemm}
+    config = EngineConfig.from_dict({"model": MODEL, "device": "cuda", "dtype": "bfloat16", "max_batch_size": 257,
+                                     "max_seq_len": 2048, "max_num_batched_tokens": 8192,
+                                     "gpu_memory_fraction": 0.85})
+    if args.layouts:
+        compare_layouts(config, result, bandwidth, gemm, scale)
+        return
 
     base_requests = workload(64 // scale, 1024, 128, 128256, seed=1)
     try:
@@ -210,9 +302,6 @@ def main() -> None:
         result["hf_baseline"] = {"error": repr(e)}
         print("baseline failed:", repr(e), flush=True)
 
-    config = EngineConfig.from_dict({"model": MODEL, "device": "cuda", "dtype": "bfloat16", "max_batch_size": 257,
-                                     "max_seq_len": 2048, "max_num_batched_tokens": 8192,
-                                     "gpu_memory_fraction": 0.85})
     t = time.perf_counter()
     engine = LLMEngine(config)
     result["engine_start_s"] = time.perf_counter() - t

@@ -90,9 +90,12 @@ class VirtualKVCache:
     Attributes:
         k, v: per layer, ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]`` views.
         k_flat, v_flat: per layer, the same memory as ``[max_batch_size * slot_stride_tokens, num_kv_heads,
-            head_dim]``; slot ``i``'s token ``t`` is row ``i * slot_stride_tokens + t``.
+            head_dim]``; slot ``i``'s token ``t`` is row ``i * slot_stride_tokens + t``. Dense in the layer-major
+            layout; in the token-major one rows are ``2 * num_layers * num_kv_heads * head_dim`` elements apart.
         slot_stride_tokens: rows between consecutive slots in the flat views.
-        tokens_per_page: tokens of one layer's K (or V) per physical page.
+        num_buffers: virtual buffers mapped page by page (``config.num_buffers``).
+        token_bytes: bytes of one token in one buffer.
+        tokens_per_page: tokens of one buffer per physical page.
 
     Only rows below a slot's mapped length may be touched; anything else faults.
     """
@@ -113,7 +116,7 @@ class VirtualKVCache:
         page = config.page_size_bytes or granularity
         if page % granularity:
             raise ValueError(f"page_size_bytes must be a multiple of the backend granularity {granularity}, got {page}")
-        token_bytes = config.token_bytes
+        token_bytes = config.buffer_token_bytes
         self.page_size_bytes = page
         self.token_bytes = token_bytes
         self.tokens_per_page = page / token_bytes
@@ -121,8 +124,8 @@ class VirtualKVCache:
         step = page // math.gcd(page, token_bytes)
         self.slot_stride_tokens = -(-config.max_seq_len // step) * step
         self._slot_bytes = self.slot_stride_tokens * token_bytes
-        self.max_pages_per_slot = self._slot_bytes // page  # per K or V buffer
-        self.num_buffers = 2 * config.num_layers
+        self.max_pages_per_slot = self._slot_bytes // page  # per buffer
+        self.num_buffers = config.num_buffers
         self._buffer_bytes = config.max_batch_size * self._slot_bytes
         virtual_bytes = self.num_buffers * self._buffer_bytes
 
@@ -130,16 +133,18 @@ class VirtualKVCache:
         self._base = memory.reserve(virtual_bytes)
         self._pool = PagePool(memory, pool_pages, page)
 
-        raw = memory.as_tensor(self._base, virtual_bytes)
-        shape = (config.max_batch_size, config.max_seq_len, config.num_kv_heads, config.head_dim)
-        row = config.num_kv_heads * config.head_dim
-        strides = (self.slot_stride_tokens * row, row, config.head_dim, 1)
-        flat_shape = (config.max_batch_size * self.slot_stride_tokens, config.num_kv_heads, config.head_dim)
-        buffers = [raw[b * self._buffer_bytes:(b + 1) * self._buffer_bytes].view(config.dtype)
-                   for b in range(self.num_buffers)]
-        flat = [buf.view(flat_shape) for buf in buffers]
-        dense = [buf.as_strided(shape, strides) for buf in buffers]
-        layers = config.num_layers
+        raw = memory.as_tensor(self._base, virtual_bytes).view(config.dtype)
+        slots, heads, dim, layers = config.max_batch_size, config.num_kv_heads, config.head_dim, config.num_layers
+        rows = slots * self.slot_stride_tokens
+        if config.layout == "layer_major":
+            # [K of layer 0, ..., K of layer L-1, V of layer 0, ...], each [rows, H, D]
+            grid = raw.view(2, layers, rows, heads, dim)
+            flat = [grid[kv, layer] for kv in range(2) for layer in range(layers)]
+        else:
+            # [rows, L, 2, H, D]: a token's K and V of every layer side by side
+            grid = raw.view(rows, layers, 2, heads, dim)
+            flat = [grid[:, layer, kv] for kv in range(2) for layer in range(layers)]
+        dense = [f.unflatten(0, (slots, self.slot_stride_tokens))[:, :config.max_seq_len] for f in flat]
         self.k, self.v = dense[:layers], dense[layers:]
         self.k_flat, self.v_flat = flat[:layers], flat[layers:]
 
@@ -163,7 +168,7 @@ class VirtualKVCache:
         if pages < self.num_buffers:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "
-                f"{self.num_buffers} (a page in each layer's K and V): raise pool_size_bytes or memory_fraction")
+                f"{self.num_buffers} (a page in each buffer): raise pool_size_bytes or memory_fraction")
         return pages
 
     # ---- accounting -------------------------------------------------------------------------------------------

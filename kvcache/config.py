@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+LAYOUTS = ("layer_major", "token_major")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -38,6 +39,14 @@ class KVCacheConfig:
         memory_fraction: alternatively, this fraction of the memory free at start-up.
             With neither set, the pool is sized to back the whole virtual cache, capped at
             90% of free memory.
+        layout: how the K/V bytes are laid out in virtual memory, i.e. what one physical page holds.
+            ``"layer_major"``: one virtual buffer per layer's K and per layer's V, each slot's tokens contiguous in
+            it (the per-layer tensors are dense); a page holds ``page / (H * D * itemsize)`` tokens of one buffer
+            (1024 for Llama-3-8B on 2 MiB pages), so a request holds up to a page of unused KV per buffer.
+            ``"token_major"``: one virtual buffer, every layer's K and V of a token side by side; a page holds
+            ``page / (2 * L * H * D * itemsize)`` tokens of all layers (16 for Llama-3-8B), so a request holds at
+            most one page beyond its tokens; the per-layer views are strided (row stride ``2 * L * H * D``).
+            Either way a request's KV is one virtually contiguous range per buffer and kernels see no block table.
         prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs, so that a slot's next page
             is mapped steps before its first token is written there.
         prefetch_pages_per_step: most pages one ``prepare`` call maps ahead beyond the next iteration's need
@@ -55,6 +64,7 @@ class KVCacheConfig:
     page_size_bytes: int | None = None
     pool_size_bytes: int | None = None
     memory_fraction: float | None = None
+    layout: str = "layer_major"
     prefetch_tokens: int = 0
     prefetch_pages_per_step: int | None = None
 
@@ -78,6 +88,8 @@ class KVCacheConfig:
             raise ValueError(f"pool_size_bytes must be >= 1, got {self.pool_size_bytes}")
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.prefetch_tokens < 0:
             raise ValueError(f"prefetch_tokens must be >= 0, got {self.prefetch_tokens}")
         if self.prefetch_pages_per_step is not None and self.prefetch_pages_per_step < 0:
@@ -87,3 +99,13 @@ class KVCacheConfig:
     def token_bytes(self) -> int:
         """Bytes of one token's K (or V) in one layer on this rank."""
         return self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
+    def num_buffers(self) -> int:
+        """Virtual buffers, each mapped page by page: every layer's K and V, or one for all (token-major)."""
+        return 2 * self.num_layers if self.layout == "layer_major" else 1
+
+    @property
+    def buffer_token_bytes(self) -> int:
+        """Bytes one token takes in one buffer."""
+        return self.token_bytes * 2 * self.num_layers // self.num_buffers

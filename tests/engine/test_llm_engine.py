@@ -381,3 +381,25 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
         assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages - 4  # the scratch slot's
     finally:
         eng.shutdown()
+
+
+def test_token_major_layout_gives_the_same_tokens_under_preemption(engine):
+    """Every layer's K and V of a token side by side in one buffer (strided per-layer views): the same greedy
+    tokens as the module's layer-major engine, through chunked prefill and preemption from a small pool."""
+    ps = [f"Story {i}: " + _HISTORY * 2 for i in range(6)]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    expected = [o.token_ids for o in engine.generate(ps, params)]
+    hf = engine.runner.hf_config
+    token_bytes = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads) * 4
+    small = LLMEngine(EngineConfig.from_dict({
+        "max_batch_size": 6, "max_seq_len": 1024, "max_num_batched_tokens": 64, "kv_layout": "token_major",
+        "kv_cache_bytes": 5 * 85 * token_bytes}))  # ~5 x 85 tokens: six ~93-token requests must preempt
+    try:
+        assert small.kv_cache.num_buffers == 1
+        assert [o.token_ids for o in small.generate(ps, params)] == expected
+        stats = small.stats()
+        assert stats.num_preemptions > 0
+        assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == 6
+        assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
+    finally:
+        small.shutdown()

@@ -204,6 +204,31 @@ def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cac
     assert_accounting(tight)
 
 
+def test_token_major_layout_puts_every_layer_of_a_token_in_one_page(make_cache):
+    """One buffer for the whole cache: a page holds 2 * L * H * D elements per token, the per-layer views are strided
+    windows of it that never overlap, and a request maps pages for its tokens only (at most one page beyond)."""
+    cache = make_cache(num_layers=3, layout="token_major", pages_per_slot=4)
+    row = 3 * 2 * 2 * 64  # elements of one token: 3 layers x K/V x 2 heads x 64
+    assert cache.num_buffers == 1 and cache.tokens_per_page == cache.page_size_bytes / (row * 4)
+    assert cache.k_flat[0].stride() == (row, 64, 1) and cache.k[2].stride()[1] == row
+    tpp = int(cache.tokens_per_page)
+    a, b = cache.allocate(tpp + 1), cache.allocate(3)
+    assert cache.stats().mapped_pages == 2 + 1
+    fill(cache, a, 0, tpp + 1, 100.0)
+    fill(cache, b, 0, 3, 5000.0)
+    # Each layer's K and V land in their own place within the token's row.
+    base = cache.k_flat[0]
+    for layer in range(3):
+        assert cache.k_flat[layer].data_ptr() - base.data_ptr() == 2 * layer * 2 * 64 * 4
+        assert cache.v_flat[layer].data_ptr() - base.data_ptr() == (2 * layer + 1) * 2 * 64 * 4
+    check(cache, a, tpp + 1, 100.0)
+    check(cache, b, 3, 5000.0)
+    cache.grow(b, 2 * tpp)
+    fill(cache, b, 3, 2 * tpp, 5003.0 - 3)
+    check(cache, a, tpp + 1, 100.0)
+    assert_accounting(cache)
+
+
 def test_errors(make_cache):
     cache = make_cache(max_batch_size=1)
     with pytest.raises(SequenceTooLongError):

@@ -12,14 +12,18 @@ class CacheMachine(RuleBasedStateMachine):
     """Each live slot holds ``signature + row`` in every row it was grown to, in every layer's K and V."""
 
     device = "cpu"
+    layout = "layer_major"
 
     @initialize(pool_pages_per_buffer=st.integers(3, 12), prefetch=st.sampled_from([0, 1, 100]))
     def setup(self, pool_pages_per_buffer, prefetch):
         granularity = 64 << 10 if self.device == "cpu" else 2 << 20
-        self.tpp = granularity // (2 * 16 * 4)
-        self.cache = VirtualKVCache(KVCacheConfig(
-            num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=4 * self.tpp,
-            device=self.device, pool_size_bytes=pool_pages_per_buffer * 4 * granularity, prefetch_tokens=prefetch))
+        config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=1,
+                               device=self.device, layout=self.layout)
+        self.tpp = granularity // config.buffer_token_bytes
+        config.max_seq_len = 4 * self.tpp
+        config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
+        config.prefetch_tokens = prefetch
+        self.cache = VirtualKVCache(config)
         self.live: dict[int, tuple[int, float]] = {}  # slot -> (tokens written, signature)
         self.next_signature = 1.0
 
@@ -110,10 +114,26 @@ class CudaCacheMachine(CacheMachine):
     device = "cuda"
 
 
+class CpuTokenMajorCacheMachine(CacheMachine):
+    layout = "token_major"
+
+
+class CudaTokenMajorCacheMachine(CacheMachine):
+    device = "cuda"
+    layout = "token_major"
+
+
 TestCacheProperties = CpuCacheMachine.TestCase
 TestCacheProperties.settings = _settings
+TestTokenMajorCacheProperties = CpuTokenMajorCacheMachine.TestCase
+TestTokenMajorCacheProperties.settings = _settings
 
 
 @pytest.mark.gpu
 class TestCacheOnCuda(CudaCacheMachine.TestCase):
+    settings = _settings
+
+
+@pytest.mark.gpu
+class TestTokenMajorCacheOnCuda(CudaTokenMajorCacheMachine.TestCase):
     settings = _settings
