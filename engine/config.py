@@ -124,6 +124,8 @@ class CacheConfig:
         kv_layout: ``"layer_major"`` (a page holds one layer's K or V of ``page / (H * D * itemsize)`` tokens) or
             ``"token_major"`` (a page holds every layer's K and V of ``page / (2 * L * H * D * itemsize)`` tokens:
             far less memory held beyond a request's tokens with 2 MiB pages); see ``kvcache.KVCacheConfig.layout``.
+            ``None`` = token-major on GPU (1.25x the decode-heavy throughput of layer-major on an H100, as many
+            requests fit as with 16-token paging), layer-major on CPU (64 KiB pages waste little there).
         prefetch_tokens: tokens mapped eagerly beyond what the next step needs; ``None`` = 128 on GPU (a
             request's next page is mapped over the 128 steps before it is written), 0 on CPU.
         prefetch_pages_per_step: most pages mapped ahead per step; ``None`` = 128 on GPU (~3.5 ms of driver
@@ -135,7 +137,7 @@ class CacheConfig:
     page_size_bytes: int | None = None
     kv_cache_bytes: int | None = None
     gpu_memory_fraction: float = 0.9
-    kv_layout: str = "layer_major"
+    kv_layout: str | None = None
     prefetch_tokens: int | None = None
     prefetch_pages_per_step: int | None = None
 
@@ -152,7 +154,7 @@ class CacheConfig:
             raise ValueError(f"kv_cache_bytes must be None or an int >= 1, got {self.kv_cache_bytes!r}")
         if not isinstance(self.gpu_memory_fraction, (int, float)) or not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
-        if self.kv_layout not in LAYOUTS:
+        if self.kv_layout is not None and self.kv_layout not in LAYOUTS:
             raise ValueError(f"kv_layout must be one of {LAYOUTS}, got {self.kv_layout!r}")
         if self.prefetch_tokens is not None and (not _is_int(self.prefetch_tokens) or self.prefetch_tokens < 0):
             raise ValueError(f"prefetch_tokens must be None or an int >= 0, got {self.prefetch_tokens!r}")

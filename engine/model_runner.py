@@ -116,7 +116,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=str(self.device),
             page_size_bytes=cache_config.page_size_bytes,
-            layout=cache_config.kv_layout,
+            layout=cache_config.kv_layout or ("token_major" if on_gpu else "layer_major"),
             **pool_kwargs,
         ))
         self.eos_token_ids = self._eos_token_ids()

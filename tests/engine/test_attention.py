@@ -27,12 +27,15 @@ def reference_attention(q, k, v, context_len):
 
 
 DECODE_SEQS = [(5, 1), (130, 1), (0, 1), (200, 1), (77, 1)]
+# The scheduler's order: running decodes first, then prefill chunks and new prompts.
+DECODES_FIRST_SEQS = [(5, 1), (130, 1), (40, 1), (0, 17), (23, 9), (0, 1)]
+LAYOUTS = ["layer_major", "token_major"]
 
 
-def run_backend(name, device, dtype, slot_order, seqs=SEQS):
+def run_backend(name, device, dtype, slot_order, seqs=SEQS, layout="layer_major"):
     cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
                                          max_batch_size=len(seqs) + 1, max_seq_len=256, dtype=dtype,
-                                         device=device, pool_size_bytes=64 << 20))
+                                         device=device, pool_size_bytes=64 << 20, layout=layout))
     try:
         backend = get_attention_backend(name, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
         g = torch.Generator().manual_seed(0)
@@ -67,9 +70,10 @@ def run_backend(name, device, dtype, slot_order, seqs=SEQS):
         cache.close()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
-def test_sdpa_mixed_batch_cpu(slot_order):
-    run_backend("sdpa", "cpu", torch.float32, slot_order)
+def test_sdpa_mixed_batch_cpu(slot_order, layout):
+    run_backend("sdpa", "cpu", torch.float32, slot_order, layout=layout)
 
 
 def test_unknown_backend_raises():
@@ -88,6 +92,15 @@ def test_backends_mixed_batch_gpu(name, slot_order):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
-def test_backends_decode_only_batch_gpu(name):
-    run_backend(name, "cuda", torch.bfloat16, [3, 1, 4, 0, 2], seqs=DECODE_SEQS)
+def test_backends_decode_only_batch_gpu(name, layout):
+    run_backend(name, "cuda", torch.bfloat16, [3, 1, 4, 0, 2], seqs=DECODE_SEQS, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
+def test_backends_decodes_first_mixed_batch_gpu(name, layout):
+    """triton_flash sends the leading decode rows to its decode kernel and the rest to FA2."""
+    run_backend(name, "cuda", torch.bfloat16, [5, 2, 0, 4, 1, 3], seqs=DECODES_FIRST_SEQS, layout=layout)

@@ -357,7 +357,8 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
     every token is its greedy choice given the tokens before it."""
     eng = LLMEngine(EngineConfig.from_dict(
         {"model": "dummy:tiny-llama", "device": "cuda", "dtype": "bfloat16", "max_batch_size": 17,
-         "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 9 * 4 * (2 << 20)}))
+         "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 9 * 4 * (2 << 20),
+         "kv_layout": "layer_major"}))
     try:
         assert eng.runner.graph_runner is not None
         gen = torch.Generator().manual_seed(0)
