@@ -2,13 +2,9 @@
 
 On the H100 the split-KV kernel read the cache at 94-105% of the device copy bandwidth for batch x context >= 64K
 tokens, against 75-91% for FlashAttention-2 varlen, which does not split long sequences across the GPU
-(benchmarks/results/attention_h100.json). Prefill keeps FA2 varlen, which is faster there. A mixed batch (the
-scheduler puts running decodes first) sends its leading one-token rows to the decode kernel and the rest to FA2:
-in FA2 each decode row would read its whole context with one thread block per head.
+(benchmarks/results/attention_h100.json). Prefill and mixed batches keep FA2 varlen, which is faster there.
 """
 from __future__ import annotations
-
-import torch
 
 from engine.attention.torch_flash import TorchFlashBackend
 
@@ -23,17 +19,7 @@ class TritonFlashBackend(TorchFlashBackend):
         self._decode = triton_decode_attention
 
     def attend(self, layer, q, batch, kv_cache):
-        k_flat, v_flat = kv_cache.k_flat[layer], kv_cache.v_flat[layer]
-        if batch.is_decode_only:
-            return self._decode(q, k_flat, v_flat, batch.cu_seqlens_k[:-1], batch.seq_lens, self.scale,
-                                max_seq_len=batch.max_seq_len)
-        num_decodes = next((i for i, n in enumerate(batch.query_lens_cpu) if n != 1), batch.num_seqs)
-        if num_decodes == 0:
+        if not batch.is_decode_only:
             return super().attend(layer, q, batch, kv_cache)
-        out = torch.empty_like(q)
-        out[:num_decodes] = self._decode(q[:num_decodes], k_flat, v_flat, batch.cu_seqlens_k[:num_decodes],
-                                         batch.seq_lens[:num_decodes], self.scale, max_seq_len=batch.max_seq_len)
-        out[num_decodes:] = self._flash(q[num_decodes:], k_flat, v_flat, batch.cu_seqlens_q[num_decodes:] - num_decodes,
-                                        batch.cu_seqlens_k[num_decodes:], batch.seq_lens[num_decodes:],
-                                        batch.max_query_len, batch.max_seq_len)
-        return out
+        return self._decode(q, kv_cache.k_flat[layer], kv_cache.v_flat[layer], batch.cu_seqlens_k[:-1],
+                            batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len)

@@ -102,5 +102,5 @@ def test_backends_decode_only_batch_gpu(name, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
 def test_backends_decodes_first_mixed_batch_gpu(name, layout):
-    """triton_flash sends the leading decode rows to its decode kernel and the rest to FA2."""
+    """The scheduler's order: running decodes first, then prefill chunks and new prompts."""
     run_backend(name, "cuda", torch.bfloat16, [5, 2, 0, 4, 1, 3], seqs=DECODES_FIRST_SEQS, layout=layout)
