@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import random
 import statistics
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_info, measure_copy_bandwidth, write_result  # noqa: E402
+from benchmarks.common import greedy_shortfall, machine_info, measure_copy_bandwidth, write_result  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
@@ -190,24 +191,6 @@ def finish(result: dict) -> None:
         print(f"{name}: {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s")
     write_result("engine_h100" if "H100" in result["machine"].get("gpu", "") else "engine_gpu", result)
 
-def greedy_shortfall(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
-    """How far below the best logit each generated token's logit is, at worst, scoring prompt + output in one eager
-    forward (0: every token was the argmax; bf16 kernels round differently: a few hundredths at near-ties)."""
-    runner, cache = engine.runner, engine.kv_cache
-    tokens = prompt + output
-    slot = cache.allocate(len(tokens))
-    if hasattr(cache, "commit_block_table"):  # the paged mode's executor does this before each of its forwards
-        cache.commit_block_table()
-    try:
-        with torch.inference_mode():
-            batch = runner.build_batch([(slot, tokens, 0)])
-            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
-        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
-        return float((logits.max(dim=1).values - chosen).max())
-    finally:
-        cache.free(slot)
-
-
 def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: float, scale: int) -> None:
     """The decode-heavy and default workloads on the layer-major cache, the token-major cache (every layer of a
     token in one page: 16 tokens a 2 MiB page instead of 1024) and the paged-KV mode, one engine after the other.
@@ -216,7 +199,8 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
 
     builders = {
         "layer_major": lambda: LLMEngine(config),
-        "token_major": lambda: LLMEngine(EngineConfig.from_dict({**config_dict(config), "kv_layout": "token_major"})),
+        "token_major": lambda: LLMEngine(
+            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="token_major"))),
         "paged": lambda: build_paged_engine(config),
     }
     for name, build in builders.items():
@@ -264,14 +248,6 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
         d, t = e["decode_heavy_256_1024"], e["throughput_1024_128"]
         print(f"{name:<12} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} {d['preemptions'] + t['preemptions']:>12} "
               f"{e['greedy_shortfall_max']:>17.4f}")
-
-
-def config_dict(config: EngineConfig) -> dict:
-    import dataclasses
-
-    return {"model": dataclasses.asdict(config.model), "cache": dataclasses.asdict(config.cache),
-            "scheduler": dataclasses.asdict(config.scheduler), "sampler_seed": config.sampler_seed}
-
 
 
 def main() -> None:

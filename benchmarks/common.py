@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: where results go and what machine produced them."""
+"""Helpers shared by the benchmarks: where results go, what machine produced them, and a greedy-output check."""
 from __future__ import annotations
 
 import json
@@ -72,3 +72,21 @@ def measure_copy_bandwidth(device: str, size_bytes: int = 1 << 30) -> float:
             dst.copy_(src)
         seconds = (time.perf_counter() - t) / 3
     return 2 * size_bytes / seconds / 1e9
+
+
+def greedy_shortfall(engine, prompt: list[int], output: list[int]) -> float:
+    """How far below the best logit each generated token's logit is, at worst, scoring prompt + output in one eager
+    forward (0: every token was the argmax; bf16 kernels round differently: a few hundredths at near-ties)."""
+    runner, cache = engine.runner, engine.kv_cache
+    tokens = prompt + output
+    slot = cache.allocate(len(tokens))
+    if hasattr(cache, "commit_block_table"):  # the paged mode's executor does this before each of its forwards
+        cache.commit_block_table()
+    try:
+        with torch.inference_mode():
+            batch = runner.build_batch([(slot, tokens, 0)])
+            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
+        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
+        return float((logits.max(dim=1).values - chosen).max())
+    finally:
+        cache.free(slot)

@@ -162,9 +162,6 @@ class LLMEngine:
             outputs.extend(self._process(previous))
         if self._launched is not None and not self.async_scheduling:
             outputs.extend(self._process(self._take_launched()))
-        if self._launched is None:
-            self.scheduler.slots_in_flight = frozenset()
-            self.scheduler.release_slots()
         return outputs
 
     def _can_overlap(self) -> bool:
@@ -172,11 +169,11 @@ class LLMEngine:
         each running request's whole output there."""
         return self.async_scheduling and not any(r.params.has_penalties for r in self.scheduler.running)
 
-    def _take_launched(self) -> "_LaunchedStep":
+    def _take_launched(self) -> _LaunchedStep:
         launched, self._launched = self._launched, None
         return launched
 
-    def _launch(self, plan, outputs: list[RequestOutput]) -> "_LaunchedStep":
+    def _launch(self, plan, outputs: list[RequestOutput]) -> _LaunchedStep:
         """Launch ``plan``'s forward and the sampling of its completed prompts; nothing waits for the device."""
         self.num_steps += 1
         previous = self._launched
@@ -204,7 +201,7 @@ class LLMEngine:
             request.num_placeholder_tokens += 1
         return _LaunchedStep(requests, sampled, slots)
 
-    def _process(self, launched: "_LaunchedStep") -> list[RequestOutput]:
+    def _process(self, launched: _LaunchedStep) -> list[RequestOutput]:
         """Wait for ``launched``'s tokens and hand them to their requests (stops, outputs, freed slots)."""
         outputs: list[RequestOutput] = []
         result = launched.sampled.result() if launched.sampled is not None else None

@@ -248,7 +248,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
     and blocks are reused while the next step is in flight, so a block table copied too early or too late, or a row
     written through a stale table, moves a choice far beyond rounding. Every output must be the model's own greedy
     choice (teacher-forced on the paged engine); in float32 all but a few (near-ties) equal the vAttention engine's."""
-    from tests.engine.test_llm_engine import _greedy_shortfall
+    from benchmarks.common import greedy_shortfall
 
     values = {"model": "dummy:tiny-llama", "device": "cuda", "dtype": dtype, "max_batch_size": 17,
               "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 64 << 20, "sampler_seed": 0}
@@ -272,7 +272,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         assert [len(o) for o in outs] == [p.max_tokens for p in params]
         # Each output is the model's own greedy choice, token by token (up to the kernels' rounding at near-ties);
         # in bf16 the two engines' autotuned kernels round differently, so near-ties part many outputs late.
-        shortfalls = [_greedy_shortfall(engine, p, o) for p, o in zip(ps, outs)]
+        shortfalls = [greedy_shortfall(engine, p, o) for p, o in zip(ps, outs)]
         assert max(shortfalls) <= tie, [round(x, 4) for x in shortfalls]
         if dtype == "float32":
             differ = [i for i, (a, b) in enumerate(zip(outs, expected_tokens)) if a != b]

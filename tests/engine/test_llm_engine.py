@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from benchmarks.common import greedy_shortfall
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.llm_engine import LLMEngine
@@ -328,23 +329,6 @@ def test_asynchronous_scheduling_changes_no_output(engine):
         sync.shutdown()
 
 
-def _greedy_shortfall(eng, prompt: list[int], output: list[int]) -> float:
-    """Teacher-forced check: how far below the model's best logit each output token's logit is, at worst, given the
-    prompt and the output before it, scored in one eager forward over the whole sequence in a fresh slot (0 when
-    every token is the argmax; small when the scoring kernels round differently from decode's at a near-tie)."""
-    runner, cache = eng.runner, eng.kv_cache
-    tokens = prompt + output
-    slot = cache.allocate(len(tokens))
-    try:
-        batch = runner.build_batch([(slot, tokens, 0)])
-        with torch.inference_mode():
-            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
-        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
-        return float((logits.max(dim=1).values - chosen).max())
-    finally:
-        cache.free(slot)
-
-
 @pytest.mark.gpu
 def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
     """On the GPU (bf16: decode replayed from CUDA graphs) the next step really runs ahead of the host (graphs reading
@@ -375,7 +359,7 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
         outs = [o.token_ids for o in eng.generate(ps, params)]
         assert [len(o) for o in outs] == [p.max_tokens for p in params]
         # A wrong input token or overwritten K/V moves the choice far more than the kernels' bf16 rounding does.
-        shortfalls = [_greedy_shortfall(eng, p, o) for p, o in zip(ps, outs)]
+        shortfalls = [greedy_shortfall(eng, p, o) for p, o in zip(ps, outs)]
         assert max(shortfalls) <= 0.03, [round(x, 4) for x in shortfalls]
         stats = eng.stats()
         assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == 16
