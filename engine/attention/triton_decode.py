@@ -97,14 +97,18 @@ def _split_kv_kernel(
         mask_n = tok < end
         # With D a power of two the row mask alone keeps the loads 16-byte vectorised.
         mask_nd = mask_n[:, None] if BLOCK_D == HEAD_DIM else mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + tok[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
+        # The tile's first row in 64 bits: ``token * row stride`` passes 2**31 elements (the token-major layout's row
+        # stride is 2 * L * H * D) long before a sequence is long; offsets within a tile stay small.
+        k_tile = k_base + n0.to(tl.int64) * stride_kt
+        v_tile = v_base + n0.to(tl.int64) * stride_vt
+        k = tl.load(k_tile + offs_n[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
         qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + tok[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
+        v = tl.load(v_tile + offs_n[:, None] * stride_vt + offs_d[None, :], mask=mask_nd, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
