@@ -1,6 +1,6 @@
 """TPExecutor: a tensor-parallel replica driven from rank 0 (this process), ranks 1.. in other processes.
 
-One step: take the cache operations the scheduler did on rank 0's cache since the last step, send
+One step: take the cache changes (slots and mappings) the scheduler made on rank 0's cache since the last step, send
 ``(ops, seqs)`` to every worker (non-blocking), run rank 0's own forward (the all-reduces inside the model
 synchronize the ranks), return rank 0's logits for sampling. The workers' replies (their cache stats after
 the replay) are collected at the start of the next step and checked against rank 0's at the same point:
@@ -22,7 +22,7 @@ import torch
 from engine.config import EngineConfig
 from engine.distributed import abort_tp_group, destroy_tp_group, init_tp_group
 from engine.executor import Executor, WorkerDeadError
-from engine.recording_kv_cache import CacheOp, RecordingKVCache
+from kvcache import CacheOp
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,11 @@ class TPExecutor(Executor):
             self.workers.close()
             destroy_tp_group()
             raise
-        self.kv_cache = RecordingKVCache(self.runner.kv_cache)
-        self._worker_stats = [s["stats"] for s in self.workers.call("cache_state")]
+        self.kv_cache = self.runner.kv_cache
+        # Rank 0's decisions depend on its own fences: the other ranks replay its changes, not its calls.
+        self.kv_cache.record_ops()
         self._worker_deltas = [0] * (self.tp_size - 1)  # worker free pages - rank 0's at the same point
-        self._check_stats(self.runner.kv_cache.stats(), self._worker_stats)
+        self._check_stats(self.kv_cache.stats(), [s["stats"] for s in self.workers.call("cache_state")])
 
     # ---- Executor ------------------------------------------------------------------------------------------
 
@@ -184,7 +185,7 @@ class TPExecutor(Executor):
         self._collect(timeout_s=self.step_timeout_s)
         cache = self.runner.kv_cache
         rank0 = {"rank": 0, "stats": cache.stats(), "num_kv_heads": cache.config.num_kv_heads,
-                 "slot_page_ids": {s: cache.slot_page_ids(s) for s in range(cache.config.max_batch_size)
+                 "slot_page_ids": {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1)
                                    if cache.is_active(s)}}
         # Workers have not applied the operations recorded since the last step: ship them (no forward).
         ops = self.kv_cache.take_ops()
@@ -232,7 +233,6 @@ class TPExecutor(Executor):
             return
         snapshot, self._pending, self._pending_snapshot = self._pending_snapshot, None, None
         self._check_stats(snapshot, results)
-        self._worker_stats = results
         self._worker_deltas = [s.free_pages - snapshot.free_pages for s in results]
 
     def _check_stats(self, rank0, workers: list) -> None:

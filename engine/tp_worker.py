@@ -14,8 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, destroy_tp_group, init_tp_group
-from engine.recording_kv_cache import CacheOp, replay_cache_ops
-from kvcache import KVCacheStats
+from kvcache import CacheOp, KVCacheStats
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class TPWorker:
         Raises:
             CacheDesyncError: this rank's cache diverged from rank 0's.
         """
-        replay_cache_ops(self.runner.kv_cache, ops)
+        self.runner.kv_cache.replay(ops)
         stats = self.runner.kv_cache.stats()
         if seqs:
             self.runner.run(seqs)
@@ -68,7 +67,7 @@ class TPWorker:
     def cache_state(self) -> dict:
         """This rank's cache stats and the page ids of every active slot (to compare ranks in tests)."""
         cache = self.runner.kv_cache
-        slots = {s: cache.slot_page_ids(s) for s in range(cache.config.max_batch_size) if cache.is_active(s)}
+        slots = {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)}
         return {"rank": self.rank, "stats": cache.stats(), "slot_page_ids": slots, "num_steps": self.num_steps,
                 "num_kv_heads": cache.config.num_kv_heads}
 

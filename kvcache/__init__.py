@@ -1,5 +1,5 @@
 """vAttention KV cache: virtually contiguous per-layer K/V tensors, physical pages mapped on demand."""
-from kvcache.cache import KVCacheStats, VirtualKVCache, make_physical_memory
+from kvcache.cache import RESERVED_SLOT, CacheDesyncError, CacheOp, KVCacheStats, VirtualKVCache, make_physical_memory
 from kvcache.config import KVCacheConfig
 from kvcache.errors import (
     KVCacheError,
@@ -8,9 +8,10 @@ from kvcache.errors import (
     PoolExhaustedError,
     SequenceTooLongError,
 )
+from kvcache.fence import Fence
 from kvcache.physical_memory import PhysicalMemory
 
 __all__ = [
-    "KVCacheConfig", "KVCacheError", "KVCacheStats", "NoFreeSlotError", "PhysicalMemory", "PhysicalMemoryError",
+    "RESERVED_SLOT", "CacheDesyncError", "CacheOp", "Fence", "KVCacheConfig", "KVCacheError", "KVCacheStats", "NoFreeSlotError", "PhysicalMemory", "PhysicalMemoryError",
     "PoolExhaustedError", "SequenceTooLongError", "VirtualKVCache", "make_physical_memory",
 ]

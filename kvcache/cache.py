@@ -8,18 +8,25 @@ read the dense tensors directly: no block tables.
 
 Reclamation is deferred: a freed slot keeps its pages, the next request takes the free slot whose mapped length
 fits it best, and pages are unmapped only when the pool runs short.
+
+The device runs behind the host. Each launched step records a fence over the slots it touches (:meth:`record_use`);
+a freed slot's rows are unmapped, or the slot handed to another request, only once its fence is complete. Slot 0 is
+reserved: its first page in every buffer stays mapped for the cache's lifetime, so every view's base address is
+backed (Triton checks each tensor argument's base pointer at launch), and CUDA graphs point their padding rows at it.
 """
 from __future__ import annotations
 
 import math
 import weakref
 from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from kvcache.config import KVCacheConfig
 from kvcache.errors import KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError
+from kvcache.fence import Fence
 from kvcache.page_pool import PagePool
 from kvcache.physical_memory import PhysicalMemory
 
@@ -36,12 +43,34 @@ def make_physical_memory(device: str | torch.device) -> PhysicalMemory:
     return HostMemory()
 
 
+RESERVED_SLOT = 0
+
+
+class CacheDesyncError(KVCacheError):
+    """A replayed operation does not fit this cache's state: another rank's cache diverged from rank 0's."""
+
+
+@dataclass(frozen=True)
+class CacheOp:
+    """One change of a cache's slots or mappings, as recorded on rank 0 and replayed on the other ranks.
+
+    ``kind``: ``"map"`` / ``"unmap"`` (``count`` pages per buffer at the end of ``slot``), ``"activate"`` (the slot
+    is given to a request holding ``count`` tokens), ``"tokens"`` (the slot's request holds ``count`` tokens),
+    ``"free"`` (``count`` unused).
+    """
+
+    kind: str
+    slot: int
+    count: int = 0
+
+
 @dataclass(frozen=True)
 class KVCacheStats:
     """Page accounting read by the scheduler (admission) and the router (placement).
 
     ``free_pages + mapped_pages == total_pages``; ``mapped_pages == used_pages + reclaimable_pages``, where
-    reclaimable pages are mapped to free slots or beyond an active slot's length (prefetched).
+    reclaimable pages are mapped to free slots or beyond an active slot's length (prefetched). Whenever no slot is
+    active, ``free_pages + reclaimable_pages == total_pages``. The reserved slot's pages are in none of these counts.
     A request growing by ``tokens_per_page`` tokens maps one page in each of ``num_buffers`` buffers
     (every layer's K and V).
     """
@@ -87,15 +116,18 @@ class KVCacheStats:
 class VirtualKVCache:
     """One rank's KV cache for every layer, physically backed on demand.
 
+    Slots ``1 .. max_batch_size`` hold requests; slot ``RESERVED_SLOT`` (0) is the cache's own (see the module doc).
+
     Attributes:
-        k, v: per layer, ``[max_batch_size, max_seq_len, num_kv_heads, head_dim]`` views.
-        k_flat, v_flat: per layer, the same memory as ``[max_batch_size * slot_stride_tokens, num_kv_heads,
+        k, v: per layer, ``[max_batch_size + 1, max_seq_len, num_kv_heads, head_dim]`` views.
+        k_flat, v_flat: per layer, the same memory as ``[(max_batch_size + 1) * slot_stride_tokens, num_kv_heads,
             head_dim]``; slot ``i``'s token ``t`` is row ``i * slot_stride_tokens + t``. Dense in the layer-major
             layout; in the token-major one rows are ``2 * num_layers * num_kv_heads * head_dim`` elements apart.
         slot_stride_tokens: rows between consecutive slots in the flat views.
         num_buffers: virtual buffers mapped page by page (``config.num_buffers``).
         token_bytes: bytes of one token in one buffer.
         tokens_per_page: tokens of one buffer per physical page.
+        reserved_slot: the slot no request gets; its first ``reserved_tokens`` rows are always mapped.
 
     Only rows below a slot's mapped length may be touched; anything else faults.
     """
@@ -126,15 +158,31 @@ class VirtualKVCache:
         self._slot_bytes = self.slot_stride_tokens * token_bytes
         self.max_pages_per_slot = self._slot_bytes // page  # per buffer
         self.num_buffers = config.num_buffers
-        self._buffer_bytes = config.max_batch_size * self._slot_bytes
+        num_slots = config.max_batch_size + 1  # the reserved slot first
+        self._buffer_bytes = num_slots * self._slot_bytes
         virtual_bytes = self.num_buffers * self._buffer_bytes
 
-        pool_pages = self._pool_pages(config, page)
+        self._reserved_pages = self._pages_per_buffer(1)  # per buffer: a token's row, at least one page
+        pool_pages = self._pool_pages(config, page) + self._reserved_pages * self.num_buffers
         self._base = memory.reserve(virtual_bytes)
         self._pool = PagePool(memory, pool_pages, page)
 
+        self.reserved_slot = RESERVED_SLOT
+        self._pages: list[list[list[int]]] = [[[] for _ in range(self.num_buffers)] for _ in range(num_slots)]
+        self._mapped = [0] * num_slots  # pages per buffer mapped for each slot
+        self._num_tokens = [0] * num_slots
+        self._active = [False] * num_slots
+        self._fence: list[Fence | None] = [None] * num_slots  # the last launched step that touched the slot
+        self._last_fence: Fence | None = None
+        self._journal: list[CacheOp] | None = None
+        self._closed = False
+        self._map_tail(RESERVED_SLOT, self._reserved_pages)
+        self._active[RESERVED_SLOT] = True
+        self._num_tokens[RESERVED_SLOT] = self._reserved_pages * page // token_bytes
+        self.reserved_tokens = self._num_tokens[RESERVED_SLOT]
+
         raw = memory.as_tensor(self._base, virtual_bytes).view(config.dtype)
-        slots, heads, dim, layers = config.max_batch_size, config.num_kv_heads, config.head_dim, config.num_layers
+        slots, heads, dim, layers = num_slots, config.num_kv_heads, config.head_dim, config.num_layers
         rows = slots * self.slot_stride_tokens
         if config.layout == "layer_major":
             # [K of layer 0, ..., K of layer L-1, V of layer 0, ...], each [rows, H, D]
@@ -147,13 +195,6 @@ class VirtualKVCache:
         dense = [f.unflatten(0, (slots, self.slot_stride_tokens))[:, :config.max_seq_len] for f in flat]
         self.k, self.v = dense[:layers], dense[layers:]
         self.k_flat, self.v_flat = flat[:layers], flat[layers:]
-
-        slots = config.max_batch_size
-        self._pages: list[list[list[int]]] = [[[] for _ in range(self.num_buffers)] for _ in range(slots)]
-        self._mapped = [0] * slots  # pages per buffer mapped for each slot
-        self._num_tokens = [0] * slots
-        self._active = [False] * slots
-        self._closed = False
 
     def _pool_pages(self, config: KVCacheConfig, page: int) -> int:
         full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
@@ -189,11 +230,19 @@ class VirtualKVCache:
     def _reclaimable(self, exclude: int | None = None) -> int:
         return sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
 
+    def _is_idle(self, slot: int) -> bool:
+        """No launched step that touched ``slot`` may still be running."""
+        fence = self._fence[slot]
+        if fence is not None and fence.is_complete():
+            self._fence[slot] = fence = None
+        return fence is None
+
     def _choose_slot(self, pages_per_buffer: int) -> int | None:
-        """Best fit among free slots: the smallest mapped length that fits, else the largest mapped length."""
+        """Best fit among free, idle slots: the smallest mapped length that fits, else the largest mapped length.
+        A slot that a running step still touches is never handed to another request."""
         best, best_key = None, None
         for slot, active in enumerate(self._active):
-            if active:
+            if active or not self._is_idle(slot):
                 continue
             mapped = self._mapped[slot]
             key = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
@@ -224,7 +273,8 @@ class VirtualKVCache:
     def max_request_tokens(self) -> int:
         """Most tokens one more request could hold once every other request has finished: ``max_seq_len``,
         or fewer if the pool, less the pages of the slots allocated now, backs fewer."""
-        pages_per_buffer = (self._pool.num_pages - self.stats().used_pages) // self.num_buffers
+        stats = self.stats()
+        pages_per_buffer = (stats.total_pages - stats.used_pages) // self.num_buffers
         return min(self.config.max_seq_len, pages_per_buffer * self.page_size_bytes // self.token_bytes)
 
     def capacity_tokens(self, slot: int) -> int:
@@ -239,14 +289,15 @@ class VirtualKVCache:
         return self._active[slot]
 
     def stats(self) -> KVCacheStats:
-        mapped = sum(self._mapped) * self.num_buffers
+        reserved = self._reserved_pages * self.num_buffers
+        mapped = sum(self._mapped) * self.num_buffers - reserved
         reclaimable = self._reclaimable()
-        active = sum(self._active)
+        active = sum(self._active) - 1
         return KVCacheStats(
-            total_pages=self._pool.num_pages, free_pages=self._pool.num_free_pages, mapped_pages=mapped,
+            total_pages=self._pool.num_pages - reserved, free_pages=self._pool.num_free_pages, mapped_pages=mapped,
             reclaimable_pages=reclaimable, used_pages=mapped - reclaimable, page_size_bytes=self.page_size_bytes,
             tokens_per_page=self.tokens_per_page, num_buffers=self.num_buffers,
-            num_free_slots=len(self._active) - active, num_active_slots=active,
+            num_free_slots=self.config.max_batch_size - active, num_active_slots=active,
             max_batch_size=self.config.max_batch_size)
 
     # ---- slots ------------------------------------------------------------------------------------------------
@@ -260,26 +311,29 @@ class VirtualKVCache:
     def _check_slot(self, slot: int) -> None:
         if self._closed:
             raise KVCacheError("the cache is closed")
-        if not 0 <= slot < len(self._active) or not self._active[slot]:
+        if not 0 < slot < len(self._active) or not self._active[slot]:
             raise KVCacheError(f"slot {slot} is not allocated")
 
-    def allocate(self, num_tokens: int) -> int:
+    def allocate(self, num_tokens: int, final_tokens: int | None = None) -> int:
         """Gives a free slot to a new request and maps pages for its first ``num_tokens`` tokens.
+
+        ``final_tokens`` (default ``num_tokens``): the tokens the request will hold once its prompt is in, e.g.
+        when ``num_tokens`` is only its first prefill chunk; the slot is chosen to fit that best.
 
         Raises:
             SequenceTooLongError: ``num_tokens > max_seq_len``.
-            NoFreeSlotError: every slot is taken.
+            NoFreeSlotError: every slot is taken, or still touched by a running step.
             PoolExhaustedError: not enough free or reclaimable pages.
         """
         if self._closed:
             raise KVCacheError("the cache is closed")
         self._check_length(num_tokens)
-        slot = self._choose_slot(self._pages_per_buffer(num_tokens))
+        fit = self._pages_per_buffer(min(max(num_tokens, final_tokens or 0), self.config.max_seq_len))
+        slot = self._choose_slot(fit)
         if slot is None:
-            raise NoFreeSlotError(f"all {len(self._active)} slots are in use")
+            raise NoFreeSlotError(f"all {self.config.max_batch_size} slots are in use or still in flight")
         self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
-        self._active[slot] = True
-        self._num_tokens[slot] = num_tokens
+        self._set_active(slot, num_tokens)
         return slot
 
     def grow(self, slot: int, num_tokens: int) -> None:
@@ -291,13 +345,30 @@ class VirtualKVCache:
         self._check_slot(slot)
         self._check_length(num_tokens)
         self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
-        self._num_tokens[slot] = max(self._num_tokens[slot], num_tokens)
+        if num_tokens > self._num_tokens[slot]:
+            self._set_tokens(slot, num_tokens)
 
     def free(self, slot: int) -> None:
-        """Returns ``slot``; its pages stay mapped for the next request (deferred reclamation)."""
+        """Returns ``slot``; its pages stay mapped for the next request (deferred reclamation). Steps still running
+        may touch it: its rows are unmapped or handed out only once their fences are complete."""
         self._check_slot(slot)
         self._active[slot] = False
         self._num_tokens[slot] = 0
+        self._log("free", slot)
+
+    def record_use(self, slots: Iterable[int]) -> Fence:
+        """Marks ``slots`` as touched by the work launched so far (one step's forward): returns the fence after
+        that work. Until it completes their rows stay mapped and a freed one is not handed to another request."""
+        fence = self._memory.record_fence()
+        for slot in slots:
+            self._fence[slot] = fence
+        self._last_fence = fence
+        return fence
+
+    def wait_idle(self) -> None:
+        """Block until every step recorded with :meth:`record_use` has finished."""
+        if self._last_fence is not None:
+            self._last_fence.wait()
 
     def prepare(self, next_tokens: Mapping[int, int]) -> int:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
@@ -318,13 +389,14 @@ class VirtualKVCache:
             missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
             if missing <= 0:
                 continue
-            if budget is None:
+            if budget is None:  # free slots still in flight are left alone: prepare never waits for the device
                 budget = (self._pool.num_free_pages // self.num_buffers
-                          + sum(m for m, active in zip(self._mapped, self._active) if not active))
+                          + sum(self._mapped[s] for s, active in enumerate(self._active)
+                                if not active and self._is_idle(s)))
             count = min(missing, budget)
             if count <= 0:
                 break
-            self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True)
+            self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True, wait=False)
             self._map_tail(slot, count)
             budget -= count
             mapped += count * self.num_buffers
@@ -367,6 +439,7 @@ class VirtualKVCache:
         for slot in range(len(self._active)):
             count = self._excess(slot)
             if count:
+                self._wait_if_busy(slot)
                 self._unmap_tail(slot, count)
                 unmapped += count * self.num_buffers
         return unmapped
@@ -384,24 +457,41 @@ class VirtualKVCache:
         available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
         if needed > available:
             raise PoolExhaustedError(needed, available)
-        self._reclaim(needed, exclude=slot)
+        self._reclaim(needed, exclude=slot, wait=True)
         self._map_tail(slot, missing)
 
-    def _reclaim(self, pages: int, exclude: int, free_slots_only: bool = False) -> None:
-        """Unmaps pages until ``pages`` are free: free slots' pages first, largest first, then active excess."""
+    def _reclaim(self, pages: int, exclude: int, free_slots_only: bool = False, wait: bool = True) -> None:
+        """Unmaps pages until ``pages`` are free: idle free slots' pages first (largest first), then active slots'
+        pages beyond their tokens (no launched step touches those), then free slots still in flight, after waiting
+        for their fences (``wait``; else they are skipped)."""
         deficit = pages - self._pool.num_free_pages
         if deficit <= 0:
             return
-        candidates = sorted((s for s in range(len(self._active)) if s != exclude and self._excess(s) > 0),
-                            key=lambda s: (self._active[s], -self._excess(s)))
+
+        def order(s: int) -> tuple:
+            group = 1 if self._active[s] else (0 if self._is_idle(s) else 2)
+            return group, -self._excess(s)
+
+        candidates = sorted((s for s in range(len(self._active)) if s != exclude and self._excess(s) > 0), key=order)
         for slot in candidates:
             if deficit <= 0:
                 break
             if free_slots_only and self._active[slot]:
-                break
+                continue
+            if not self._active[slot] and not self._is_idle(slot):
+                if not wait:
+                    continue
+                self._wait_if_busy(slot)
             count = min(self._excess(slot), -(-deficit // self.num_buffers))
             self._unmap_tail(slot, count)
             deficit -= count * self.num_buffers
+
+    def _wait_if_busy(self, slot: int) -> None:
+        """Wait for the last step that touched a free ``slot``; an active slot's pages beyond its tokens were
+        touched by no step and need no wait."""
+        if not self._active[slot] and not self._is_idle(slot):
+            self._fence[slot].wait()
+            self._fence[slot] = None
 
     def _map_tail(self, slot: int, count: int) -> None:
         """Maps ``count`` more pages at the end of ``slot`` in every buffer; all or nothing."""
@@ -420,15 +510,88 @@ class VirtualKVCache:
         for buffer in range(self.num_buffers):
             self._pages[slot][buffer].extend(page_ids[buffer * count:(buffer + 1) * count])
         self._mapped[slot] = start + count
+        self._log("map", slot, count)
 
     def _unmap_tail(self, slot: int, count: int) -> None:
         start = self._mapped[slot] - count
+        if slot == RESERVED_SLOT or start < (self._pages_per_buffer(self._num_tokens[slot]) if self._active[slot] else 0):
+            raise KVCacheError(f"unmapping pages of slot {slot} that hold its tokens")
+        if not self._active[slot] and not self._is_idle(slot):
+            raise KVCacheError(f"unmapping pages of slot {slot} under a step that may still touch them")
         for buffer in range(self.num_buffers):
             self._memory.unmap(self._address(buffer, slot, start), count)
             pages = self._pages[slot][buffer]
             self._pool.give_back(pages[start:])
             del pages[start:]
         self._mapped[slot] = start
+        self._log("unmap", slot, count)
+
+    def _set_active(self, slot: int, num_tokens: int) -> None:
+        self._active[slot] = True
+        self._num_tokens[slot] = num_tokens
+        self._log("activate", slot, num_tokens)
+
+    def _set_tokens(self, slot: int, num_tokens: int) -> None:
+        self._num_tokens[slot] = num_tokens
+        self._log("tokens", slot, num_tokens)
+
+    # ---- tensor parallelism: rank 0 records, the other ranks replay ------------------------------------------
+
+    def _log(self, kind: str, slot: int, count: int = 0) -> None:
+        if self._journal is not None:
+            self._journal.append(CacheOp(kind, slot, count))
+
+    def record_ops(self) -> None:
+        """From now on, record every change of slots and mappings for :meth:`take_ops` (rank 0 under tensor
+        parallelism: the other ranks replay rank 0's decisions, which depend on its fences)."""
+        if self._journal is None:
+            self._journal = []
+
+    def take_ops(self) -> list[CacheOp]:
+        """The changes recorded since the last call, oldest first (and clears the log)."""
+        if self._journal is None:
+            return []
+        ops, self._journal = self._journal, []
+        return ops
+
+    def replay(self, ops: Iterable[CacheOp]) -> None:
+        """Applies another rank's recorded changes to this cache, in order. The device work of this rank that
+        touched the slots must be complete (a tensor-parallel worker synchronizes after each forward).
+        With the same history, the page free lists give every rank the same page ids.
+
+        Raises:
+            CacheDesyncError: an operation does not fit this cache's state.
+        """
+        for op in ops:
+            slot = op.slot
+            if not 0 < slot < len(self._active):
+                raise CacheDesyncError(f"{op}: no such slot")
+            active = self._active[slot]
+            if op.kind == "map":
+                if self._mapped[slot] + op.count > self.max_pages_per_slot:
+                    raise CacheDesyncError(f"{op}: beyond the slot")
+                if op.count * self.num_buffers > self._pool.num_free_pages:
+                    raise CacheDesyncError(f"{op}: {self._pool.num_free_pages} pages free here")
+                self._map_tail(slot, op.count)
+            elif op.kind == "unmap":
+                if op.count > self._mapped[slot]:
+                    raise CacheDesyncError(f"{op}: only {self._mapped[slot]} pages mapped here")
+                self._fence[slot] = None
+                self._unmap_tail(slot, op.count)
+            elif op.kind == "activate":
+                if active:
+                    raise CacheDesyncError(f"{op}: the slot is already active here")
+                self._set_active(slot, op.count)
+            elif op.kind == "tokens":
+                if not active:
+                    raise CacheDesyncError(f"{op}: the slot is not active here")
+                self._set_tokens(slot, op.count)
+            elif op.kind == "free":
+                if not active:
+                    raise CacheDesyncError(f"{op}: the slot is not active here")
+                self.free(slot)
+            else:
+                raise CacheDesyncError(f"unknown cache operation {op!r}")
 
     # ---- teardown ---------------------------------------------------------------------------------------------
 
@@ -436,6 +599,7 @@ class VirtualKVCache:
         """Unmaps and releases all memory. The tensors must not be used afterwards. Idempotent."""
         if self._closed:
             return
+        self.wait_idle()  # no kernel may touch the memory after it is gone
         self._closed = True
         self.k = self.v = self.k_flat = self.v_flat = []
         self._finalizer()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from kvcache.errors import PhysicalMemoryError
+from kvcache.fence import CudaFence, Fence
 from kvcache.physical_memory import PhysicalMemory, page_runs
 
 
@@ -76,7 +77,7 @@ class CudaMemory(PhysicalMemory):
         self._handles: list = []
         self._page_size = 0
         self._reservations: list[tuple[int, int]] = []
-        self._mapped: dict[int, int] = {}  # address of a mapped run -> its page count, for teardown
+        self._mapped: set[int] = set()  # address of every mapped page, for teardown
 
     @property
     def granularity_bytes(self) -> int:
@@ -108,27 +109,25 @@ class CudaMemory(PhysicalMemory):
 
     def map(self, address: int, page_ids: Sequence[int]) -> None:
         cu, size = self._cu, self._page_size
-        for position, first_id, length in page_runs(page_ids):
-            start = address + position * size
-            done = 0
-            try:
+        mapped: list[int] = []  # every page this call mapped: a failure anywhere unmaps them all (all or nothing)
+        try:
+            for position, first_id, length in page_runs(page_ids):
+                start = address + position * size
                 for i in range(length):
                     _check(cu.cuMemMap(start + i * size, size, 0, self._handles[first_id + i], 0), "cuMemMap")
-                    done += 1
+                    mapped.append(start + i * size)
                 _check(cu.cuMemSetAccess(start, length * size, self._access, 1), "cuMemSetAccess")
-            except PhysicalMemoryError:
-                for i in range(done):
-                    cu.cuMemUnmap(start + i * size, size)
-                raise
-            for i in range(length):
-                self._mapped[start + i * size] = 1
+        except PhysicalMemoryError:
+            for page_address in mapped:
+                cu.cuMemUnmap(page_address, size)
+            raise
+        self._mapped.update(mapped)
 
     def unmap(self, address: int, num_pages: int) -> None:
         size = self._page_size
         # One call may span several per-page mappings as long as none is split.
         _check(self._cu.cuMemUnmap(address, num_pages * size), "cuMemUnmap")
-        for i in range(num_pages):
-            self._mapped.pop(address + i * size, None)
+        self._mapped.difference_update(address + i * size for i in range(num_pages))
 
     def as_tensor(self, address: int, size_bytes: int) -> torch.Tensor:
         # torch asks the driver which device owns the pointer, which fails on an unmapped address:
@@ -141,6 +140,9 @@ class CudaMemory(PhysicalMemory):
         finally:
             if not first_page_mapped:
                 self.unmap(address, 1)
+
+    def record_fence(self) -> Fence:
+        return CudaFence(self.device)
 
     def _release_handles(self) -> None:
         for handle in self._handles:

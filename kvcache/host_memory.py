@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from kvcache.errors import PhysicalMemoryError
+from kvcache.fence import Fence, HostTimeline
 from kvcache.physical_memory import PhysicalMemory, page_runs
 
 _PROT_NONE = 0
@@ -49,6 +50,7 @@ class HostMemory(PhysicalMemory):
         self._fd: int | None = None
         self._page_size = 0
         self._reservations: list[tuple[int, int]] = []
+        self._timeline = HostTimeline()
 
     @property
     def granularity_bytes(self) -> int:
@@ -83,9 +85,16 @@ class HostMemory(PhysicalMemory):
 
     def map(self, address: int, page_ids: Sequence[int]) -> None:
         flags = _MAP_SHARED | _MAP_FIXED
-        for position, first_id, length in page_runs(page_ids):
-            _mmap_call(address + position * self._page_size, length * self._page_size, _PROT_RW, flags,
-                       self._fd, first_id * self._page_size)
+        done = 0  # pages mapped by this call, undone if a later run fails: all or nothing
+        try:
+            for position, first_id, length in page_runs(page_ids):
+                _mmap_call(address + position * self._page_size, length * self._page_size, _PROT_RW, flags,
+                           self._fd, first_id * self._page_size)
+                done = position + length
+        except PhysicalMemoryError:
+            if done:
+                self.unmap(address, done)
+            raise
 
     def unmap(self, address: int, num_pages: int) -> None:
         flags = _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED
@@ -94,6 +103,9 @@ class HostMemory(PhysicalMemory):
     def as_tensor(self, address: int, size_bytes: int) -> torch.Tensor:
         buffer = (ctypes.c_uint8 * size_bytes).from_address(address)
         return torch.frombuffer(buffer, dtype=torch.uint8, count=size_bytes)
+
+    def record_fence(self) -> Fence:
+        return self._timeline.record()
 
     def close(self) -> None:
         # Unmapping a reservation drops every page mapped inside it.

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kvcache.fence import Fence
+
 
 class PhysicalMemory(ABC):
     """Reserves virtual address ranges and maps pages of a pool of physical memory into them.
@@ -44,6 +46,10 @@ class PhysicalMemory(ABC):
     @abstractmethod
     def as_tensor(self, address: int, size_bytes: int) -> torch.Tensor:
         """A 1-D uint8 tensor over ``[address, address + size_bytes)`` without touching the memory."""
+
+    @abstractmethod
+    def record_fence(self) -> Fence:
+        """A fence after the work launched so far on the device (see ``kvcache.fence``)."""
 
     @abstractmethod
     def close(self) -> None:

@@ -1,15 +1,14 @@
-"""Tensor-parallel pieces that need no second process: shape checks, dummy-weight sharding, cache-op replay.
-The ranks themselves (gloo through Ray actors) are tested in tests/deployments/test_tp_workers.py."""
+"""Tensor-parallel pieces that need no second process: shape checks, dummy-weight sharding (the replay of rank 0's
+cache changes is tested with the cache, tests/kvcache). The ranks themselves (gloo through Ray actors) are tested in
+tests/deployments/test_tp_workers.py."""
 
 import pytest
 import torch
 
 from engine.model import LlamaForCausalLM
-from engine.recording_kv_cache import CacheDesyncError, RecordingKVCache, replay_cache_ops
 from engine.tp_executor import check_tp_shapes
 from engine.weights import resolve_model
 from engine.weights.dummy_loader import DummyWeightLoader
-from kvcache import KVCacheConfig, PoolExhaustedError, VirtualKVCache
 
 
 def test_shapes_that_do_not_split_are_rejected_by_name():
@@ -51,46 +50,3 @@ def test_dummy_weights_at_tp2_are_shards_of_tp1_weights():
         gate_up = r["model.layers.1.mlp.gate_up_proj.weight"]
         assert torch.equal(gate_up, cat([gate[64 * rank:64 * (rank + 1)], up[64 * rank:64 * (rank + 1)]]))
         assert torch.equal(r["model.norm.weight"], p["model.norm.weight"])
-
-
-def _cache(pages: int = 24) -> VirtualKVCache:
-    return VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=1, head_dim=64, max_batch_size=3, max_seq_len=1024,
-                                        dtype=torch.float32, device="cpu", pool_size_bytes=pages << 16,
-                                        prefetch_tokens=0))
-
-
-def test_replayed_operations_give_identical_slots_and_pages():
-    rank0, rank1 = RecordingKVCache(_cache()), _cache()
-    try:
-        a = rank0.allocate(300)
-        b = rank0.allocate(10)
-        rank0.grow(a, 700)
-        rank0.free(b)
-        rank0.prepare({a: 800})
-        with pytest.raises(PoolExhaustedError):  # failed calls change nothing and are not recorded
-            rank0.allocate(1024)
-        c = rank0.allocate(200)
-        ops = rank0.take_ops()
-        assert [op[0] for op in ops] == ["allocate", "allocate", "grow", "free", "prepare", "allocate"]
-        assert rank0.take_ops() == []
-        replay_cache_ops(rank1, ops)
-        for slot in (a, c):
-            assert rank1.slot_page_ids(slot) == rank0.slot_page_ids(slot)
-        assert rank1.stats() == rank0.stats()
-    finally:
-        rank0.close()
-        rank1.close()
-
-
-def test_replay_detects_a_diverged_cache():
-    rank0, rank1 = RecordingKVCache(_cache()), _cache()
-    try:
-        rank1.allocate(10)  # rank 1 holds a slot rank 0 does not know of
-        rank0.allocate(10)
-        with pytest.raises(CacheDesyncError, match="slot"):
-            replay_cache_ops(rank1, rank0.take_ops())
-        with pytest.raises(CacheDesyncError, match="failed here"):
-            replay_cache_ops(rank1, [("grow", 2, 10)])  # slot 2 is not allocated on rank 1
-    finally:
-        rank0.close()
-        rank1.close()

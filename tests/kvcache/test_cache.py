@@ -5,8 +5,8 @@ import textwrap
 import pytest
 import torch
 
-from kvcache import (KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError,
-                     VirtualKVCache)
+from kvcache import (CacheDesyncError, CacheOp, KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError,
+                     SequenceTooLongError, VirtualKVCache)
 
 
 def fill(cache, slot, start, end, value):
@@ -28,18 +28,21 @@ def assert_accounting(cache):
     stats = cache.stats()
     assert stats.free_pages + stats.mapped_pages == stats.total_pages
     assert stats.used_pages + stats.reclaimable_pages == stats.mapped_pages
-    ids = [p for s in range(cache.config.max_batch_size) for buf in cache.slot_page_ids(s) for p in buf]
+    ids = [p for s in range(1, cache.config.max_batch_size + 1) for buf in cache.slot_page_ids(s) for p in buf]
     assert len(ids) == len(set(ids)) == stats.mapped_pages
-    assert all(0 <= p < stats.total_pages for p in ids)
+    reserved = {p for buf in cache.slot_page_ids(cache.reserved_slot) for p in buf}
+    assert len(reserved) == cache.num_buffers and reserved.isdisjoint(ids)
+    assert all(0 <= p < stats.total_pages + len(reserved) for p in ids)
 
 
 def test_tensors_have_the_configured_shape_and_dtype(make_cache):
     cache = make_cache(num_layers=3, dtype=torch.bfloat16)
     tpp = int(cache.tokens_per_page)
     assert len(cache.k) == len(cache.v) == 3
-    assert cache.k[0].shape == (4, 3 * tpp, 2, 64) and cache.k[0].dtype == torch.bfloat16
-    assert cache.k_flat[0].shape == (4 * cache.slot_stride_tokens, 2, 64)
-    assert cache.stats().mapped_pages == 0  # nothing is backed at start-up
+    # Slot 0 is the reserved slot, then the 4 request slots.
+    assert cache.k[0].shape == (5, 3 * tpp, 2, 64) and cache.k[0].dtype == torch.bfloat16
+    assert cache.k_flat[0].shape == (5 * cache.slot_stride_tokens, 2, 64)
+    assert cache.stats().mapped_pages == 0  # nothing is backed at start-up for requests
 
 
 def test_data_survives_growth_of_other_slots(make_cache):
@@ -62,7 +65,6 @@ def test_data_survives_growth_of_other_slots(make_cache):
 def test_flat_view_aliases_the_dense_view(make_cache):
     cache = make_cache()
     slot = cache.allocate(10)
-    slot = cache.allocate(10) if slot == 0 else slot
     cache.k_flat[1][slot * cache.slot_stride_tokens + 7] = 42.0
     assert torch.all(cache.k[1][slot, 7] == 42.0)
 
@@ -71,7 +73,7 @@ def test_slots_never_alias(make_cache):
     cache = make_cache(max_batch_size=4)
     tpp = int(cache.tokens_per_page)
     slots = [cache.allocate(2 * tpp + 1) for _ in range(4)]
-    assert sorted(slots) == [0, 1, 2, 3]
+    assert sorted(slots) == [1, 2, 3, 4]  # never the reserved slot 0
     for i, slot in enumerate(slots):
         fill(cache, slot, 0, 2 * tpp + 1, 10000.0 * (i + 1))
     for i, slot in enumerate(slots):
@@ -296,3 +298,75 @@ def test_teardown_at_exit_with_the_cache_alive(device):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "alive-after-teardown False" in out.stdout
+
+
+def test_replayed_changes_give_identical_slots_and_pages(make_cache):
+    """Tensor parallelism: rank 0 records its changes, another rank replays them and holds the same pages."""
+    rank0, rank1 = (make_cache(pages_per_slot=4, pool_pages=2 * 2 * 5, prefetch_tokens=1) for _ in range(2))
+    tpp = int(rank0.tokens_per_page)
+    rank0.record_ops()
+    a = rank0.allocate(tpp + 1)
+    b = rank0.allocate(10)
+    rank0.grow(a, 2 * tpp + 1)
+    rank0.record_use([a, b])  # a step in flight over both
+    rank0.free(b)
+    rank0.prepare({a: 3 * tpp})
+    with pytest.raises(PoolExhaustedError):  # failed calls change nothing and are not recorded
+        rank0.allocate(4 * tpp)
+    c = rank0.allocate(tpp)
+    ops = rank0.take_ops()
+    assert {op.kind for op in ops} == {"activate", "map", "tokens", "free"} and rank0.take_ops() == []
+    rank1.replay(ops)
+    for slot in (a, b, c):
+        assert rank1.slot_page_ids(slot) == rank0.slot_page_ids(slot)
+    assert rank1.stats() == rank0.stats()
+
+
+def test_replay_detects_a_diverged_cache(make_cache):
+    rank0, rank1 = make_cache(), make_cache()
+    rank0.record_ops()
+    rank1.allocate(10)  # rank 1 holds a slot rank 0 does not know of
+    rank0.allocate(10)
+    with pytest.raises(CacheDesyncError, match="already active"):
+        rank1.replay(rank0.take_ops())
+    with pytest.raises(CacheDesyncError, match="not active"):
+        rank1.replay([CacheOp("tokens", 3, 10)])
+
+
+def test_a_freed_slot_keeps_its_pages_until_the_step_that_used_it_is_done(make_cache):
+    cache = make_cache(max_batch_size=2, pool_pages=2 * 2 * 3)
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(2 * tpp)
+    fence = cache.record_use([a])  # a step on the device reads and writes a
+    pages = cache.slot_page_ids(a)
+    cache.free(a)
+    assert cache.stats().reclaimable_pages == 2 * 2 * 2  # counted as reclaimable at once...
+    assert cache.prepare({}) == 0 and cache.slot_page_ids(a) == pages
+    assert not cache.can_allocate(1) or cache.allocate(1) != a  # ...but the slot goes to no one
+    assert cache.slot_page_ids(a) == pages and not fence.is_complete()
+    b = next(s for s in range(1, 3) if cache.is_active(s))
+    cache.grow(b, 2 * tpp)  # needs a's pages: the cache waits for the step, then reclaims
+    assert fence.is_complete() and cache.slot_page_ids(a)[0] == [pages[0][0]]
+    assert_accounting(cache)
+
+
+def test_the_reserved_slot_keeps_every_view_based_on_mapped_memory(make_cache):
+    cache = make_cache(max_batch_size=2)
+    a = cache.allocate(int(cache.tokens_per_page) * 3)
+    cache.free(a)
+    cache.reclaim()
+    stats = cache.stats()
+    assert stats.mapped_pages == 0 and stats.free_pages == stats.total_pages
+    assert all(len(buf) == 1 for buf in cache.slot_page_ids(cache.reserved_slot))
+    for view in cache.k_flat + cache.v_flat:
+        view[0] = 1.0  # the first row of every view is backed (on CUDA, Triton's launch check reads its base)
+        assert float(view[0].sum()) == view[0].numel()
+    with pytest.raises(KVCacheError):
+        cache.free(cache.reserved_slot)
+
+
+def test_close_waits_for_the_last_step(make_cache):
+    cache = make_cache()
+    fence = cache.record_use([cache.allocate(1)])
+    cache.close()
+    assert fence.is_complete()

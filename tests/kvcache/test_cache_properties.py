@@ -1,4 +1,9 @@
-"""Random sequences of allocate / grow / free / prepare, checked against the cache's invariants."""
+"""Random sequences of allocate / grow / free / prepare / launch / wait, checked against the cache's invariants.
+
+``launch`` stands for a step put on the device over some slots (``record_use``), ``wait`` for the host waiting on
+one: until then the machine checks that the step's slots keep their pages and are not handed to a new request, as
+the GPU needs. A second cache replays the first one's recorded changes, as a tensor-parallel rank does.
+"""
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -24,12 +29,19 @@ class CacheMachine(RuleBasedStateMachine):
         config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
         config.prefetch_tokens = prefetch
         self.cache = VirtualKVCache(config)
+        self.cache.record_ops()
+        self.replica = VirtualKVCache(config)  # another rank, following the recorded changes
         self.live: dict[int, tuple[int, float]] = {}  # slot -> (tokens written, signature)
         self.next_signature = 1.0
+        self.in_flight: list[tuple] = []  # (fence, {slot: its page ids when the step was launched})
 
     def teardown(self):
         if hasattr(self, "cache"):
             self.cache.close()
+            self.replica.close()
+
+    def _busy_slots(self) -> set[int]:
+        return {slot for fence, pages in self.in_flight if not fence.is_complete() for slot in pages}
 
     def _write(self, slot, start, end, signature):
         rows = torch.arange(start, end, dtype=torch.float32, device=self.cache.k[0].device).view(-1, 1, 1)
@@ -49,6 +61,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.cache.stats() == before
             return
         assert can and slot not in self.live
+        assert slot not in self._busy_slots(), "a slot handed out under a step that may still touch it"
         signature, self.next_signature = self.next_signature * 1000.0, self.next_signature + 1
         self._write(slot, 0, num_tokens, signature)
         self.live[slot] = (num_tokens, signature)
@@ -80,12 +93,50 @@ class CacheMachine(RuleBasedStateMachine):
     def prepare(self, step):
         self.cache.prepare({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
 
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def launch(self, data):
+        slots = data.draw(st.sets(st.sampled_from(sorted(self.live)), min_size=1))
+        # The step touches each slot's rows up to its tokens; pages mapped ahead beyond them are not its own.
+        pages = {slot: [buf[:-(-self.live[slot][0] // self.tpp)] for buf in self.cache.slot_page_ids(slot)]
+                 for slot in slots}
+        self.in_flight.append((self.cache.record_use(slots), pages))
+
+    @precondition(lambda self: self.in_flight)
+    @rule(data=st.data())
+    def wait(self, data):
+        fence, _ = data.draw(st.sampled_from(self.in_flight))
+        fence.wait()
+        self.in_flight = [(f, p) for f, p in self.in_flight if not f.is_complete()]
+
+    @rule()
+    def reclaim(self):
+        self.cache.reclaim()
+
+    @invariant()
+    def no_page_of_a_running_step_is_unmapped(self):
+        for fence, launched in self.in_flight:
+            if fence.is_complete():
+                continue
+            for slot, pages in launched.items():
+                now = self.cache.slot_page_ids(slot)
+                assert all(buf[:len(old)] == old for buf, old in zip(now, pages)), f"slot {slot} lost pages"
+
+    @invariant()
+    def replayed_rank_has_the_same_pages(self):
+        self.replica.replay(self.cache.take_ops())
+        assert self.replica.stats() == self.cache.stats()
+        for slot in range(1, 5):
+            assert self.replica.slot_page_ids(slot) == self.cache.slot_page_ids(slot)
+
     @invariant()
     def pages_are_owned_once_and_counted(self):
         stats = self.cache.stats()
         assert stats.free_pages + stats.mapped_pages == stats.total_pages
         assert stats.used_pages + stats.reclaimable_pages == stats.mapped_pages
-        owned = [p for s in range(4) for buf in self.cache.slot_page_ids(s) for p in buf]
+        if not self.live:
+            assert stats.free_pages + stats.reclaimable_pages == stats.total_pages
+        owned = [p for s in range(1, 5) for buf in self.cache.slot_page_ids(s) for p in buf]
         assert len(owned) == len(set(owned)) == stats.mapped_pages
         assert stats.num_active_slots == len(self.live)
         for slot, (written, _) in self.live.items():
