@@ -50,6 +50,7 @@ from engine.layers.triton_dispatch import use_triton
 from engine.llm_engine import LLMEngine
 from kvcache import (KVCacheConfig, KVCacheError, KVCacheStats, NoFreeSlotError, PoolExhaustedError,
                      SequenceTooLongError, VirtualKVCache)
+from kvcache.fence import CudaFence, Fence, HostTimeline
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
 DEFAULT_MEMORY_FRACTION = 0.9  # as VirtualKVCache when neither pool_size_bytes nor memory_fraction is set
@@ -88,16 +89,16 @@ class PagedKVCache:
         self.slot_stride_tokens = self.max_blocks_per_seq * BLOCK_SIZE_TOKENS
         self.num_blocks = self._pool_blocks(config)
 
-        rows = self.num_blocks * BLOCK_SIZE_TOKENS
+        rows = (self.num_blocks + 1) * BLOCK_SIZE_TOKENS  # one more block for the reserved slot
         heads, dim = config.num_kv_heads, config.head_dim
         self.k_flat = [torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device)
                        for _ in range(config.num_layers)]
         self.v_flat = [torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device)
                        for _ in range(config.num_layers)]
-        self.k = [t.view(self.num_blocks, BLOCK_SIZE_TOKENS, heads, dim) for t in self.k_flat]
-        self.v = [t.view(self.num_blocks, BLOCK_SIZE_TOKENS, heads, dim) for t in self.v_flat]
+        self.k = [t.view(-1, BLOCK_SIZE_TOKENS, heads, dim) for t in self.k_flat]
+        self.v = [t.view(-1, BLOCK_SIZE_TOKENS, heads, dim) for t in self.v_flat]
 
-        slots = config.max_batch_size
+        slots = config.max_batch_size + 1  # slot 0 is the reserved slot, as in the vAttention cache
         # The host table is the truth; the device copy is brought up to date, stream-ordered, by commit_block_table.
         # Entries past a slot's blocks keep stale (always valid) block ids: the kernels mask them out.
         self._table_cpu = torch.zeros(slots, self.max_blocks_per_seq, dtype=torch.int32)
@@ -113,12 +114,18 @@ class PagedKVCache:
             self.block_table = self._table_cpu
         self._dirty: tuple[int, int] | None = None  # [first, last + 1) table rows changed since the last commit
 
-        self._free_blocks: deque[int] = deque(range(self.num_blocks))  # FIFO, as vLLM's free block queue
+        self._free_blocks: deque[int] = deque(range(self.num_blocks + 1))  # FIFO, as vLLM's free block queue
         self._blocks: list[list[int]] = [[] for _ in range(slots)]
         self._num_tokens = [0] * slots
         self._active = [False] * slots
-        self._free_slots = list(range(slots))  # a heap: the lowest free slot first
+        self._free_slots = list(range(1, slots))  # a heap: the lowest free slot first
         self._closed = False
+        self._last_fence = None
+        # The reserved slot (CUDA graphs' padding rows) holds one block, outside the accounting.
+        self.reserved_slot = 0
+        self._active[0] = True
+        self._num_tokens[0] = 1
+        self._append_blocks(0, 1)
 
     def _pool_blocks(self, config: KVCacheConfig) -> int:
         block_bytes = self.page_size_bytes * self.num_buffers
@@ -152,6 +159,17 @@ class PagedKVCache:
         have = len(self._blocks[slot]) if slot is not None else 0
         return max(0, _cdiv(num_tokens, BLOCK_SIZE_TOKENS) - have) * self.num_buffers
 
+    def record_use(self, slots) -> Fence:
+        """A fence after the work launched so far. Freed blocks go back to the queue at once: they are only ever
+        rewritten by later, stream-ordered kernels (nothing is unmapped)."""
+        fence = CudaFence(self.device) if self.device.type == "cuda" else HostTimeline().record()
+        self._last_fence = fence
+        return fence
+
+    def wait_idle(self) -> None:
+        if self._last_fence is not None:
+            self._last_fence.wait()
+
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""
         return (0 <= num_tokens <= self.config.max_seq_len and bool(self._free_slots)
@@ -160,7 +178,7 @@ class PagedKVCache:
     @property
     def max_request_tokens(self) -> int:
         """Most tokens one more request could hold once every other request has finished (slots the runner keeps
-        for itself, the CUDA graphs' scratch slot, still hold theirs)."""
+        for itself, the reserved slot, still hold theirs)."""
         used = self.num_blocks - len(self._free_blocks)
         return min(self.config.max_seq_len, (self.num_blocks - used) * BLOCK_SIZE_TOKENS)
 
@@ -177,12 +195,12 @@ class PagedKVCache:
 
     def stats(self) -> KVCacheStats:
         used = (self.num_blocks - len(self._free_blocks)) * self.num_buffers
-        active = sum(self._active)
+        active = sum(self._active) - 1
         return KVCacheStats(
             total_pages=self.num_blocks * self.num_buffers, free_pages=len(self._free_blocks) * self.num_buffers,
             mapped_pages=used, reclaimable_pages=0, used_pages=used, page_size_bytes=self.page_size_bytes,
             tokens_per_page=self.tokens_per_page, num_buffers=self.num_buffers,
-            num_free_slots=len(self._active) - active, num_active_slots=active,
+            num_free_slots=self.config.max_batch_size - active, num_active_slots=active,
             max_batch_size=self.config.max_batch_size)
 
     # ---- slots ------------------------------------------------------------------------------------------------
@@ -195,8 +213,9 @@ class PagedKVCache:
         if count > len(self._free_blocks):
             raise PoolExhaustedError(count * self.num_buffers, len(self._free_blocks) * self.num_buffers)
 
-    def allocate(self, num_tokens: int) -> int:
-        """Gives the lowest free slot to a new request, with blocks for its first ``num_tokens`` tokens.
+    def allocate(self, num_tokens: int, final_tokens: int | None = None) -> int:
+        """Gives the lowest free slot to a new request, with blocks for its first ``num_tokens`` tokens
+        (``final_tokens`` is the vAttention cache's slot-fit hint: every slot fits here).
 
         Raises:
             SequenceTooLongError, NoFreeSlotError, PoolExhaustedError: the cache is left as it was.
@@ -229,8 +248,8 @@ class PagedKVCache:
         self._num_tokens[slot] = max(self._num_tokens[slot], num_tokens)
 
     def free(self, slot: int) -> None:
-        """Returns ``slot`` and its blocks at once. The caller (the scheduler) frees a slot only once no launched
-        step reads it, so its table row needs no update: the next owner rewrites the entries it uses."""
+        """Returns ``slot`` and its blocks at once. A step in flight still reads the device table it was launched
+        with (table updates are stream-ordered copies) and its blocks are rewritten only by later kernels."""
         self._check_slot(slot)
         self._free_blocks.extend(self._blocks[slot])
         self._blocks[slot] = []

@@ -2,8 +2,8 @@
 
 The vAttention cache makes this simple: K/V live at virtual addresses reserved once, so a captured graph stays
 valid while physical pages come and go underneath. A decode batch of ``N`` sequences is padded up to the next
-bucket; padding rows point at a scratch slot the runner owns (one mapped token), so they write and read only
-memory of their own. Per step the host fills one pinned buffer and issues one copy; everything else — casts,
+bucket; padding rows point at the cache's reserved slot (never given to a request, its first rows always mapped),
+so they write and read only memory of their own. Per step the host fills one pinned buffer and issues one copy; everything else — casts,
 the model, the logits — is inside the graph. Buckets are captured largest first into one memory pool.
 
 Under asynchronous scheduling a decode token may still be on the device (sampled by the step before): the packed
@@ -34,7 +34,7 @@ class CudaGraphRunner:
 
     Args:
         model: the ``LlamaForCausalLM``; its ``forward`` and ``compute_logits`` are captured.
-        kv_cache: the ``VirtualKVCache``; one slot is taken as scratch for padding rows.
+        kv_cache: the ``VirtualKVCache``; padding rows use its reserved slot.
         max_batch_size: largest decode batch to capture.
         max_seq_len: KV length bound passed to the kernels (a capture-time constant).
     """
@@ -44,7 +44,7 @@ class CudaGraphRunner:
         self.kv_cache = kv_cache
         self.device = kv_cache.k[0].device
         self.max_seq_len = max_seq_len
-        self.scratch_slot = kv_cache.allocate(1)
+        self.scratch_slot = kv_cache.reserved_slot
         self.buckets = graph_buckets(max_batch_size)
         largest = self.buckets[-1]
         stride = kv_cache.slot_stride_tokens

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -19,29 +18,9 @@ from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import LaunchedStep, Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _LaunchedStep:
-    """A step whose forward and sampling are launched and whose tokens are not processed yet.
-
-    Attributes:
-        requests: the requests that sample in this step, in the order of ``sampled``'s rows.
-        sampled: their tokens (on the device until ``result()``), None when no request samples.
-        slots: every slot the step's forward reads or writes.
-        rows: ``request -> row`` of ``sampled.token_ids``, where the next step finds its placeholder token.
-    """
-
-    requests: list[Request]
-    sampled: SampledTokens | None
-    slots: frozenset[int]
-    rows: dict[Request, int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.rows = {request: i for i, request in enumerate(self.requests)}
 
 
 class LLMEngine:
@@ -82,7 +61,7 @@ class LLMEngine:
         self._request_counter = itertools.count()
         self.num_steps = 0
         self.async_scheduling = self.config.scheduler.async_scheduling and self.executor.supports_device_inputs
-        self._launched: _LaunchedStep | None = None  # launched, tokens not processed yet
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not processed yet
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -128,9 +107,9 @@ class LLMEngine:
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its slot (at once, or in the next ``step()`` while a launched step still
-        uses it). Its final output (finish_reason "abort") comes out of the next ``step()``. Returns False when
-        the id is unknown or already finished."""
+        """Stop a request and free its slot (the cache keeps the slot's rows until the steps in flight that touch
+        them are done). Its final output (finish_reason "abort") comes out of the next ``step()``. Returns False
+        when the id is unknown or already finished."""
         request = self.requests.get(request_id)
         if request is None or request.is_finished:
             return False
@@ -138,30 +117,44 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._launched is not None
+        return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._in_flight is not None
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration and return the outputs of every request that progressed or finished.
 
-        schedule (grow slots) -> launch the forward and the sampling -> map pages for the next iteration while
-        the device works -> bring the previous step's tokens to the host: append them, check stops, free slots.
+        The pipeline, with the scheduler owning every request's state:
 
-        With asynchronous scheduling a step's tokens are processed during the next step's forward (the next
-        step reads them on the device), so an output lags its step by one call and the device never waits for
-        the host's bookkeeping; otherwise each step's tokens are processed in the same call.
+        1. ``scheduler.schedule()``: the plan (grows slots, preempts);
+        2. launch: the forward (placeholder inputs read on the device from the step in flight), then the sampling
+           of the rows that complete their known tokens; nothing waits for the device;
+        3. ``scheduler.on_launched()``: the step's fence over its slots, progress, placeholders, and the page
+           mapping for the next step while the device works;
+        4. ``scheduler.update_from_output()`` of the step launched before: wait for it, append tokens, stop;
+           then the outputs.
+
+        With asynchronous scheduling step 4 handles the previous step, so an output lags its step by one call and
+        the device never waits for the host's bookkeeping; otherwise each step's tokens are handled in the same call.
+        A step is finished first when the next one needs its tokens on the host (penalties), or when nothing can be
+        scheduled before it lands.
         """
-        outputs, self._pending_outputs = self._pending_outputs, []
-        if self._launched is not None and not self._can_overlap():
-            outputs.extend(self._process(self._take_launched()))
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and not self._can_overlap():
+            outputs += self._finish(self._take_in_flight())
         plan = self.scheduler.schedule()
-        previous = self._launched
-        self._launched = self._launch(plan, outputs) if not plan.is_empty else None
+        if plan.is_empty and self._in_flight is not None:
+            outputs += self._finish(self._take_in_flight())
+            plan = self.scheduler.schedule()
+        previous = self._take_in_flight()
+        if not plan.is_empty:
+            self._in_flight = self._launch(plan, previous)
         if previous is not None:
-            outputs.extend(self._process(previous))
-        if self._launched is not None and not self.async_scheduling:
-            outputs.extend(self._process(self._take_launched()))
+            outputs += self._finish(previous)
+        if self._in_flight is not None and not self.async_scheduling:
+            outputs += self._finish(self._take_in_flight())
+        outputs += self._pending_outputs
+        self._pending_outputs = []
         return outputs
 
     def _can_overlap(self) -> bool:
@@ -169,60 +162,35 @@ class LLMEngine:
         each running request's whole output there."""
         return self.async_scheduling and not any(r.params.has_penalties for r in self.scheduler.running)
 
-    def _take_launched(self) -> _LaunchedStep:
-        launched, self._launched = self._launched, None
+    def _take_in_flight(self) -> LaunchedStep | None:
+        launched, self._in_flight = self._in_flight, None
         return launched
 
-    def _launch(self, plan, outputs: list[RequestOutput]) -> _LaunchedStep:
+    def _launch(self, plan: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
         """Launch ``plan``'s forward and the sampling of its completed prompts; nothing waits for the device."""
         self.num_steps += 1
-        previous = self._launched
-        prev_rows = None
-        if previous is not None and any(s.request.num_placeholder_tokens for s in plan.scheduled):
-            prev_rows = [previous.rows.get(s.request, -1) for s in plan.scheduled]
-        seqs = [(s.request.slot, s.token_ids, s.start_pos) for s in plan.scheduled]
+        prev_rows = previous.placeholder_rows(plan) if previous is not None else None
         # [N, vocab]; asynchronous on GPU, decode steps replayed from a CUDA graph there.
-        logits = self.executor.run(seqs, previous.sampled.token_ids if prev_rows else None, prev_rows)
-        slots = frozenset(s[0] for s in seqs)
-        self.scheduler.slots_in_flight = slots | previous.slots if previous is not None else slots
-        # Page mapping for the next iteration overlaps the forward just launched.
-        self.kv_cache.prepare(self.scheduler.next_step_tokens(plan.scheduled))
-
-        for item in plan.scheduled:
-            item.request.num_computed_tokens = item.start_pos + item.num_tokens
-        rows = [i for i, item in enumerate(plan.scheduled) if item.completes_prompt]
-        if not rows:
-            return _LaunchedStep([], None, slots)
+        logits = self.executor.run(plan.chunks, previous.sampled.token_ids if prev_rows else None, prev_rows)
+        rows = plan.sampling_rows
         requests = [plan.scheduled[i].request for i in rows]
-        if len(rows) != len(plan.scheduled):
-            logits = logits[to_device(rows, torch.int64, logits.device)]
-        requests, sampled = self._sample(logits, requests, outputs)
-        for request in requests:
-            request.num_placeholder_tokens += 1
-        return _LaunchedStep(requests, sampled, slots)
+        sampled = None
+        if rows:
+            if len(rows) != len(plan.scheduled):
+                logits = logits[to_device(rows, torch.int64, logits.device)]
+            requests, sampled = self._sample(logits, requests)
+        return self.scheduler.on_launched(plan, requests, sampled)
 
-    def _process(self, launched: _LaunchedStep) -> list[RequestOutput]:
-        """Wait for ``launched``'s tokens and hand them to their requests (stops, outputs, freed slots)."""
-        outputs: list[RequestOutput] = []
-        result = launched.sampled.result() if launched.sampled is not None else None
-        # Done on the device: its slots may be given back, unless the step in flight uses them too.
-        self.scheduler.slots_in_flight = self._launched.slots if self._launched is not None else frozenset()
-        self.scheduler.release_slots()
-        if result is None:
-            return outputs
-        for request, token_id, logprob in zip(launched.requests, result.token_ids, result.logprobs):
-            request.num_placeholder_tokens -= 1
-            if request.is_finished:  # aborted, or stopped by the token before (a row run for nothing)
-                continue
-            try:
-                self._append_token(request, token_id, logprob)
-                outputs.append(self._make_output(request))
-            except Exception as exc:  # one request's failure must not take the others down
-                logger.exception("request %s failed while processing its token", request.request_id)
-                self._fail(request, exc, outputs)
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for ``launched``; the outputs of the requests its tokens reached."""
+        outputs = []
+        for request in self.scheduler.update_from_output(launched):
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+            outputs.append(self._make_output(request))
         return outputs
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request], outputs: list[RequestOutput]):
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> tuple[list[Request], SampledTokens]:
         """``(requests, samples)``: one token per row, on the device. If the batched sampler raises, each row is
         sampled alone (waiting for it), and the requests whose row still fails are finished with their error
         and left out."""
@@ -240,19 +208,13 @@ class LLMEngine:
                 one = sample(logits[i:i + 1], [request]).result()
             except Exception as exc:
                 logger.exception("request %s failed while sampling its token", request.request_id)
-                self._fail(request, exc, outputs)
+                request.error = exc
+                self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
                 continue
             kept.append(request)
             token_ids.append(one.token_ids[0])
             logprobs.append(one.logprobs[0])
         return kept, SampledTokens.from_host(SamplerOutput(token_ids, logprobs), logits.device)
-
-    def _fail(self, request: Request, exc: Exception, outputs: list[RequestOutput]) -> None:
-        """Finish ``request`` with ``exc`` as its error; its final output joins ``outputs``."""
-        request.error = exc
-        self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
-        outputs.extend(self._pending_outputs)
-        self._pending_outputs = []
 
     def generate(
         self,
@@ -335,13 +297,14 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        """Abort everything and release the KV cache's memory."""
+        """Abort everything and release the KV cache's memory, once the device is done with it."""
         for request_id in list(self.requests):
             self.abort(request_id)
         self._pending_outputs = []
-        if self._launched is not None and self._launched.sampled is not None:
-            self._launched.sampled.result()  # the device is done with the cache before it is released
-        self._launched = None
+        launched = self._take_in_flight()
+        if launched is not None:
+            launched.fence.wait()
+        self.kv_cache.wait_idle()
         self.executor.close()
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -394,29 +357,6 @@ class LLMEngine:
                 "prompt",
             )
         return max_tokens
-
-    def _append_token(self, request: Request, token_id: int, logprob: dict | None) -> None:
-        now = time.time()
-        if request.first_token_time is None:
-            request.first_token_time = now
-        request.output_token_ids.append(token_id)
-        if logprob is not None:
-            request.pending_logprobs.append(logprob)
-        params = request.params
-        status = None
-        if token_id in params.stop_token_ids:
-            status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
-        elif token_id in request.eos_token_ids:
-            status = RequestStatus.FINISHED_STOPPED
-        else:
-            stop_string = request.detokenizer.append(token_id)
-            if stop_string is not None:
-                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
-        if status is None and request.num_output_tokens >= request.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(request, status)
-            del self.requests[request.request_id]
 
     def _make_output(self, request: Request) -> RequestOutput:
         finished = request.is_finished

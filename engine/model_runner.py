@@ -121,13 +121,13 @@ class ModelRunner:
         ))
         self.eos_token_ids = self._eos_token_ids()
         self.graph_runner = None
-        if (self.device.type == "cuda" and not model_config.enforce_eager and cache_config.max_batch_size > 1
+        if (self.device.type == "cuda" and not model_config.enforce_eager
                 and self.model.attn_backend.supports_cuda_graphs):
             from engine.cuda_graph_runner import CudaGraphRunner
 
             start = time.perf_counter()
             self.graph_runner = CudaGraphRunner(
-                self.model, self.kv_cache, min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size - 1),
+                self.model, self.kv_cache, min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size),
                 self.max_model_len)
             logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.graph_runner.buckets,
                         time.perf_counter() - start)

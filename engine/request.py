@@ -109,6 +109,27 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def append_output_token(self, token_id: int, logprob: dict | None) -> RequestStatus | None:
+        """Append a sampled token (and its logprobs) and detokenize it. Returns the finished status it causes
+        (EOS, a stop token or string, ``max_tokens``), or None. The caller finishes the request."""
+        if self.first_token_time is None:
+            self.first_token_time = time.time()
+        self.output_token_ids.append(token_id)
+        if logprob is not None:
+            self.pending_logprobs.append(logprob)
+        if token_id in self.params.stop_token_ids:
+            self.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in self.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        stop_string = self.detokenizer.append(token_id)
+        if stop_string is not None:
+            self.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
+        if self.num_output_tokens >= self.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
     @property
     def finish_reason(self) -> str | None:
         """OpenAI's finish_reason: "stop", "length", "abort", or None while running."""

@@ -1,14 +1,40 @@
-"""Continuous-batching scheduler over the vAttention cache's slots and pages."""
+"""Continuous-batching scheduler over the vAttention cache's slots and pages; the owner of every request's lifecycle.
+
+A step goes through three calls, as in vLLM v1:
+
+* ``schedule() -> SchedulerOutput``: which requests run and how many tokens each; grows their slots, preempts;
+* ``on_launched(plan, sampled_requests, sampled) -> LaunchedStep``: the step's forward and sampling are on the
+  device: record its fence, count its tokens as computed, add the in-flight samples as placeholders, and map the
+  next step's pages while the device works;
+* ``update_from_output(launched) -> requests that got a token``: wait for the step, append its tokens, check stops,
+  finish requests (their slots go back to the cache, which keeps them out of reach until the step's fence is done).
+
+Requests change state here and nowhere else (``add``, ``finish``, the three calls above).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from kvcache import NoFreeSlotError, PoolExhaustedError, VirtualKVCache
+from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
 
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
+from engine.sampler import SampledTokens, SamplerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceChunk(NamedTuple):
+    """What the executor runs for one sequence: ``token_ids`` at positions ``start_pos ..`` of cache slot ``slot``
+    (``start_pos`` tokens of the sequence are in the slot already)."""
+
+    slot: int
+    token_ids: list[int]
+    start_pos: int
 
 
 @dataclass
@@ -16,18 +42,21 @@ class ScheduledRequest:
     """Run ``num_tokens`` tokens of ``request`` starting at ``start_pos`` (tokens already in its slot).
 
     Attributes:
+        slot: the request's cache slot when scheduled.
         token_ids: the chunk to run, ``all_token_ids[start_pos : start_pos + num_tokens]``.
         completes_prompt: the chunk reaches the last known token, so its logits give the next token.
-            Both are fixed when scheduled (before the step appends a sampled token).
+            All are fixed when scheduled (before the step appends a sampled token or the request finishes).
     """
 
     request: Request
     num_tokens: int
     start_pos: int
+    slot: int = field(init=False)
     token_ids: list[int] = field(init=False)
     completes_prompt: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.slot = self.request.slot
         end = self.start_pos + self.num_tokens
         self.token_ids = self.request.token_slice(self.start_pos, end)
         self.completes_prompt = end == self.request.num_tokens
@@ -41,6 +70,16 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
 
     @property
+    def chunks(self) -> list[SequenceChunk]:
+        """The executor's input, one chunk per scheduled request, in order."""
+        return [SequenceChunk(s.slot, s.token_ids, s.start_pos) for s in self.scheduled]
+
+    @property
+    def sampling_rows(self) -> list[int]:
+        """Rows of the plan whose logits give a next token (their chunk completes the known tokens)."""
+        return [i for i, s in enumerate(self.scheduled) if s.completes_prompt]
+
+    @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_tokens for s in self.scheduled)
 
@@ -49,8 +88,37 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass
+class LaunchedStep:
+    """A step on the device whose tokens have not been processed yet.
+
+    Attributes:
+        plan: what ran.
+        fence: complete once the step's kernels (forward and sampling) have finished.
+        requests: the requests that sample in this step, in the order of ``sampled``'s rows.
+        sampled: their tokens (on the device until read), None when no request samples.
+        rows: ``request -> row`` of ``sampled.token_ids``, where the next step finds a placeholder's token.
+    """
+
+    plan: SchedulerOutput
+    fence: Fence
+    requests: list[Request]
+    sampled: SampledTokens | None
+    rows: dict[Request, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = {request: i for i, request in enumerate(self.requests)}
+
+    def placeholder_rows(self, plan: SchedulerOutput) -> list[int] | None:
+        """For each request of ``plan``, the row of its last input token in this step's samples (-1: on the host);
+        None when no input of ``plan`` is a placeholder."""
+        if self.sampled is None or not any(s.request.num_placeholder_tokens for s in plan.scheduled):
+            return None
+        return [self.rows.get(s.request, -1) for s in plan.scheduled]
+
+
 class Scheduler:
-    """Decides each iteration which requests run and how many tokens each.
+    """Decides each iteration which requests run and how many tokens each, and moves requests through their states.
 
     Policy:
       * running requests first, decodes before prefill chunks (inter-token latency of running
@@ -58,17 +126,14 @@ class Scheduler:
         long prompts are prefilled in chunks;
       * each running request's slot is grown to the rows this step writes; if the pool is exhausted,
         the most recently admitted request is preempted (slot freed, KV recomputed later) until the
-        grow succeeds, so the oldest requests always progress;
+        grow succeeds, so the oldest requests always progress. A victim's pages are usable at once: the cache
+        waits for the step in flight that still touches them, so no more requests are preempted than pages require;
       * then waiting requests in FIFO order (no overtaking: the head waits until it fits), admitted only
         when a slot is free and the cache can hold their whole prompt plus one decode token, so that
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
 
-    The scheduler only grows and frees slots; it never maps ahead (that is ``kv_cache.prepare``).
-
-    Slots of launched steps still running on the device (``slots_in_flight``, kept by the engine) are not
-    given back when their request finishes or is preempted: a freed slot's pages may be unmapped and handed
-    to another request, under a kernel still writing them. They are freed by ``release_slots`` once the
-    step is done.
+    Slots go back to the cache as soon as their request finishes or is preempted; the cache itself keeps a slot's
+    rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: VirtualKVCache) -> None:
@@ -81,8 +146,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last one is preempted first
         self.num_preemptions = 0
-        self.slots_in_flight: frozenset[int] = frozenset()
-        self._slots_to_release: list[int] = []
 
     # ---- queue management --------------------------------------------------------------------------------------
 
@@ -102,16 +165,6 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def release_slots(self) -> None:
-        """Free the slots held back for a step in flight that are no longer in ``slots_in_flight``."""
-        held = []
-        for slot in self._slots_to_release:
-            if slot in self.slots_in_flight:
-                held.append(slot)
-            else:
-                self.kv_cache.free(slot)
-        self._slots_to_release = held
-
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -120,7 +173,7 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    # ---- the plan ---------------------------------------------------------------------------------------------
+    # ---- the step ---------------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         """Plan one iteration; grows the slots of everything scheduled so the forward may write its rows."""
@@ -159,11 +212,12 @@ class Scheduler:
         # Admitting while preempting would thrash: the pages just freed belong to the preempted.
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
-            if not self.kv_cache.can_allocate(min(request.num_tokens + 1, self.max_seq_len)):
+            final_tokens = min(request.num_tokens + 1, self.max_seq_len)
+            if not self.kv_cache.can_allocate(final_tokens):
                 break
             num_tokens = min(request.num_uncomputed_tokens, budget)
             try:
-                request.slot = self.kv_cache.allocate(num_tokens)
+                request.slot = self.kv_cache.allocate(num_tokens, final_tokens=final_tokens)
             except (NoFreeSlotError, PoolExhaustedError):
                 break
             self.waiting.popleft()
@@ -176,6 +230,43 @@ class Scheduler:
         # Keep the batch in a stable order: decodes, then prefill chunks, then newly admitted.
         out.scheduled = list(planned.values())
         return out
+
+    def on_launched(self, plan: SchedulerOutput, sampled_requests: list[Request],
+                    sampled: SampledTokens | None) -> LaunchedStep:
+        """``plan``'s forward and the sampling of ``sampled_requests`` are launched: record the step's fence over
+        its slots, count its tokens as computed and its samples as placeholders, then map the next step's pages
+        (the driver calls overlap the device work just launched)."""
+        fence = self.kv_cache.record_use(s.slot for s in plan.scheduled)
+        for item in plan.scheduled:
+            item.request.num_computed_tokens = item.start_pos + item.num_tokens
+        for request in sampled_requests:
+            request.num_placeholder_tokens += 1
+        self.kv_cache.prepare(self.next_step_tokens(plan.scheduled))
+        return LaunchedStep(plan, fence, sampled_requests, sampled)
+
+    def update_from_output(self, launched: LaunchedStep) -> list[Request]:
+        """Wait for ``launched`` and hand its tokens to their requests: append, check stops, finish. Returns the
+        requests that got a token (finished ones included), in sampling order; a request whose token cannot be
+        processed (e.g. its detokenization fails) is finished as aborted with ``request.error`` set."""
+        launched.fence.wait()
+        if launched.sampled is None:
+            return []
+        result: SamplerOutput = launched.sampled.result()
+        progressed = []
+        for request, token_id, logprob in zip(launched.requests, result.token_ids, result.logprobs):
+            request.num_placeholder_tokens -= 1
+            if request.is_finished:  # aborted, or stopped by the token before (a row run for nothing)
+                continue
+            try:
+                status = request.append_output_token(token_id, logprob)
+            except Exception as exc:  # one request's failure must not take the others down
+                logger.exception("request %s failed while processing its token", request.request_id)
+                request.error = exc
+                status = RequestStatus.FINISHED_ABORTED
+            if status is not None:
+                self.finish(request, status)
+            progressed.append(request)
+        return progressed
 
     def next_step_tokens(self, scheduled: list[ScheduledRequest]) -> dict[int, int]:
         """``{slot: rows the next iteration will need}`` for ``kv_cache.prepare``, assuming each request
@@ -207,8 +298,5 @@ class Scheduler:
 
     def _release_slot(self, request: Request) -> None:
         if request.slot is not None:
-            if request.slot in self.slots_in_flight:
-                self._slots_to_release.append(request.slot)
-            else:
-                self.kv_cache.free(request.slot)
+            self.kv_cache.free(request.slot)
             request.slot = None

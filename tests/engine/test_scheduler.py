@@ -132,24 +132,46 @@ def test_next_step_tokens_for_prepare(make_scheduler):
     assert need == {a.slot: 11, b.slot: 90 + 100}  # a decodes one more; b at most a full budget more
 
 
-def test_slots_of_a_step_in_flight_are_freed_only_once_it_is_done(make_scheduler):
+def test_a_slot_freed_under_a_step_in_flight_goes_to_no_one_until_the_step_is_done(make_scheduler):
     scheduler = make_scheduler(max_batch_size=2)
-    a, b = make_request("a", 10), make_request("b", 10)
+    a, b, c = make_request("a", 10), make_request("b", 10), make_request("c", 10)
     scheduler.add(a)
     scheduler.add(b)
-    run_step(scheduler)
-    slot_a, slot_b = a.slot, b.slot
-    scheduler.slots_in_flight = frozenset({slot_a})
+    launched = scheduler.on_launched(scheduler.schedule(), [], None)  # a and b run on the device
+    slot_a = a.slot
     scheduler.finish(a, RequestStatus.FINISHED_STOPPED)
-    scheduler.finish(b, RequestStatus.FINISHED_STOPPED)
-    # b's slot is free at once; a's pages stay owned (not reclaimable) while a kernel may still write them.
-    assert scheduler.kv_cache.stats().num_free_slots == 1
-    scheduler.release_slots()
-    assert scheduler.kv_cache.stats().num_free_slots == 1
-    scheduler.slots_in_flight = frozenset()
-    scheduler.release_slots()
-    assert scheduler.kv_cache.stats().num_free_slots == 2
-    assert a.slot is None and b.slot is None
+    assert a.slot is None and scheduler.kv_cache.stats().num_free_slots == 1  # given back at once...
+    scheduler.add(c)
+    assert scheduler.schedule().is_empty  # ...but not to c while the step may write slot_a
+    assert c.slot is None and scheduler.num_waiting == 1
+    scheduler.update_from_output(launched)  # waits for the step
+    plan = scheduler.schedule()
+    assert c in [s.request for s in plan.scheduled] and c.slot == slot_a
+
+
+def test_preemption_under_a_step_in_flight_takes_one_victim(make_scheduler):
+    """The victim's slot is still in the step on the device: its pages are reclaimed after waiting for that step,
+    so one victim is enough, and the request that grows keeps running."""
+    scheduler = make_scheduler(page_rows=4)
+    old, mid, new = make_request("old", 250), make_request("mid", 250), make_request("new", 250)
+    for r in (old, mid, new):
+        scheduler.add(r)
+    plan = scheduler.schedule()  # three prefills, one page row each: one row left
+    launched = scheduler.on_launched(plan, [s.request for s in plan.scheduled], None)
+    for r in (old, mid, new):  # the samples landed (what update_from_output would append)
+        r.num_placeholder_tokens -= 1
+        r.output_token_ids.append(7)
+    for _ in range(6):  # decode to 256 tokens, the page row's end, with each step left in flight
+        plan = scheduler.schedule()
+        assert not plan.preempted
+        launched = scheduler.on_launched(plan, [], None)
+        for item in plan.scheduled:
+            item.request.output_token_ids.append(7)
+    # old and mid cross into a second page row: the free row, then the newest request's row, exactly one victim.
+    plan = scheduler.schedule()
+    assert plan.preempted == [new] and scheduler.num_preemptions == 1
+    assert [s.request for s in plan.scheduled] == [old, mid]
+    assert launched.fence.is_complete()  # reclaiming new's pages waited for the step that used them
 
 
 def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again(make_scheduler):
