@@ -1,7 +1,9 @@
 """Online serving benchmark against any OpenAI-compatible server (in the style of ``vllm bench serve``).
 
 Poisson arrivals, random or ShareGPT-like lengths (or a skewed long/short mix), streaming completions;
-reports request throughput, output tokens/s, TTFT / TPOT / ITL / E2E p50 / p99.
+reports request throughput, output tokens/s, TTFT / TPOT / ITL / E2E p50 / p99. A figure that could not
+be read (no request produced it, or the replicas' metrics were out of reach) is reported as missing
+(``null`` in the JSON, "n/a" in the table), never as 0.
 
 Two modes:
   * client only:  ``bench_serving.py --base-url http://localhost:8000 --model smollm2``
@@ -49,7 +51,7 @@ class RequestResult:
     status: int
     num_prompt_tokens: int
     num_output_tokens: int = 0
-    ttft_s: float = 0.0
+    ttft_s: float | None = None  # None: no output text arrived, so there is no first-token time
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     replica: str = ""
@@ -162,11 +164,12 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
     out_tokens = sum(r.num_output_tokens for r in ok)
     in_tokens = sum(r.num_prompt_tokens for r in ok)
 
-    def pct(values: list[float], p: float) -> float:
-        return float(np.percentile(values, p) * 1000.0) if values else float("nan")
+    def pct(values: list[float], p: float) -> float | None:
+        return float(np.percentile(values, p) * 1000.0) if values else None
 
-    ttft = [r.ttft_s for r in ok]
-    tpot = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in ok if r.num_output_tokens > 1]
+    timed = [r for r in ok if r.ttft_s is not None]
+    ttft = [r.ttft_s for r in timed]
+    tpot = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in timed if r.num_output_tokens > 1]
     itl = [x for r in ok for x in r.itl_s]
     e2e = [r.e2e_s for r in ok]
     summary = {
@@ -183,11 +186,11 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "total_token_throughput_tok_s": (in_tokens + out_tokens) / duration_s,
     }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
-        summary[f"mean_{name}_ms"] = float(np.mean(values) * 1000.0) if values else float("nan")
+        summary[f"mean_{name}_ms"] = float(np.mean(values) * 1000.0) if values else None
         summary[f"p50_{name}_ms"] = pct(values, 50)
         summary[f"p99_{name}_ms"] = pct(values, 99)
     for kind in sorted({r.kind for r in ok}):
-        kind_ttft = [r.ttft_s for r in ok if r.kind == kind]
+        kind_ttft = [r.ttft_s for r in timed if r.kind == kind]
         summary[f"p99_ttft_ms_{kind}"] = pct(kind_ttft, 99)
         summary[f"p50_ttft_ms_{kind}"] = pct(kind_ttft, 50)
     by_replica: dict[str, dict[str, int]] = {}
@@ -196,6 +199,11 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         by_replica[r.replica][r.kind] += 1
     summary["requests_by_replica_and_kind"] = by_replica
     return summary
+
+
+def _figure(value: float | None, spec: str = ">10.2f") -> str:
+    """``value`` formatted for the table, or "n/a" when it could not be read."""
+    return f"{'n/a':>10}" if value is None else format(value, spec)
 
 
 def print_summary(title: str, s: dict) -> None:
@@ -209,23 +217,37 @@ def print_summary(title: str, s: dict) -> None:
                         ("itl", "Inter-token Latency"), ("e2e", "End-to-end Latency")):
         print(f"{'-' * 10}{label}{'-' * 10}")
         for stat in ("mean", "p50", "p99"):
-            print(f"{f'{stat.upper()} {name.upper()} (ms):':<40}{s[f'{stat}_{name}_ms']:>10.2f}")
+            print(f"{f'{stat.upper()} {name.upper()} (ms):':<40}{_figure(s[f'{stat}_{name}_ms'])}")
     if "num_preemptions" in s:
-        print(f"{'Preemptions (all replicas):':<40}{s['num_preemptions']:>10}")
+        print(f"{'Preemptions (all replicas):':<40}{_figure(s['num_preemptions'], '>10')}")
     print(f"{'Requests by replica and kind:':<40}{s['requests_by_replica_and_kind']}")
 
 
 # ---- metrics --------------------------------------------------------------------------------------
 
 
-def scrape_counter(base_url: str, family: str) -> float:
+def scrape_preemptions(base_url: str, num_replicas: int) -> int | None:
+    """Preemptions so far, summed over the engine replicas, from the ingress's ``/metrics``.
+
+    None when it cannot be read: ``/metrics`` does not answer, or does not cover ``num_replicas``
+    replicas (the ingress could not scrape a node's metrics port). A replica's counter is exported only
+    once it has counted something, so the replicas are recognised by a gauge each of them always sets.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    for fam in text_string_to_metric_families(text):
-        if fam.name == family:
-            return float(sum(s.value for s in fam.samples if s.name.endswith("_total")))
-    return 0.0
+    try:
+        resp = httpx.get(f"{base_url}/metrics", timeout=30)
+        resp.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
+    pool = families.get("ray_vattn_num_total_pages")
+    if pool is None or len({sample.labels.get("replica") for sample in pool.samples}) < num_replicas:
+        return None
+    counter = families.get("ray_vllm_num_preemptions")
+    if counter is None:
+        return 0
+    return int(sum(sample.value for sample in counter.samples if sample.name.endswith("_total")))
 
 
 # ---- router comparison ----------------------------------------------------------------------------
@@ -284,11 +306,15 @@ def compare_routers(args: argparse.Namespace) -> None:
         # Warm-up: one short request per replica (first forward allocates buffers).
         asyncio.run(run_load(base, "smollm2", specs[:2], float("inf"), args.seed, None))
         time.sleep(2.0)
-        preempt_before = scrape_counter(base, "ray_vllm_num_preemptions")
+        num_replicas = COMPARE_APP_ARGS["engine"]["num_replicas"]
+        preempt_before = scrape_preemptions(base, num_replicas)
         results, duration = asyncio.run(run_load(base, "smollm2", specs, args.request_rate, args.seed, None))
         time.sleep(3.0)  # counters reach the metrics export once per second
         summary = summarize(results, duration)
-        summary["num_preemptions"] = int(scrape_counter(base, "ray_vllm_num_preemptions") - preempt_before)
+        preempt_after = scrape_preemptions(base, num_replicas)
+        summary["num_preemptions"] = (
+            None if preempt_before is None or preempt_after is None else preempt_after - preempt_before
+        )
         print_summary(f"router={router}", summary)
         runs[router] = summary
         serve.delete("bench")
@@ -327,10 +353,11 @@ def plot(runs: dict, path: Path) -> None:
     colors = ["tab:blue", "tab:orange"]
     for ax, (key, label) in zip(axes, metrics):
         values = [runs[r][key] for r in routers]
-        ax.bar(routers, values, color=colors[: len(routers)])
+        # A figure that could not be read is an empty slot marked n/a, not a measured 0.
+        ax.bar(routers, [0 if v is None else v for v in values], color=colors[: len(routers)])
         ax.set_title(label)
         for i, v in enumerate(values):
-            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+            ax.text(i, v or 0, "n/a" if v is None else f"{v:.0f}", ha="center", va="bottom")
     fig.suptitle("Page-aware vs default (power-of-two) router: skewed workload, 2 CPU replicas, SmolLM2-135M")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
+
+from ray.serve.context import _get_serve_request_context
 
 from deployments.engine_metrics import EngineMetrics
 from deployments.routing_hint import RoutingHint, pages_for_tokens
@@ -26,10 +29,12 @@ logger = logging.getLogger("ray.serve")
 class _InflightRequest:
     """What the replica knows of a request it accepted, to report pages it will still claim."""
 
+    serve_request_id: str  # Serve's id of the call, the one the router knows it by
     num_prompt_tokens: int
     max_tokens: int
-    num_output_tokens: int = 0
-    started: bool = False  # produced its first token: its prompt's pages are mapped and counted
+    # None until the first token; then its prompt's and outputs' pages are mapped and counted as used.
+    # One field, so that a reader in another thread never sees a half-updated request.
+    num_output_tokens: int | None = None
 
 
 @dataclass
@@ -75,7 +80,11 @@ class EngineDeployment:
         self._engine = AsyncLLMEngine(engine=self._llm_engine)
         self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
+        # Written by generate() on the replica's event loop, read by record_routing_stats() in Serve's
+        # thread pool: every access goes through the lock.
         self._inflight: dict[str, _InflightRequest] = {}
+        self._inflight_lock = threading.Lock()
+        self._num_routing_reports = 0
         self._pages_per_token_block = self._engine.stats().pages_per_token_block
         self._max_request_tokens = self._engine.max_request_tokens
         self._gauge_task: asyncio.Task | None = None
@@ -98,13 +107,14 @@ class EngineDeployment:
         self._ensure_gauge_task()
         arrival_s = time.monotonic()
         last_token_s: float | None = None
-        self._inflight[request_id] = _InflightRequest(routing_hint.num_prompt_tokens, routing_hint.max_tokens)
+        inflight = _InflightRequest(_serve_request_id(), routing_hint.num_prompt_tokens, routing_hint.max_tokens)
+        with self._inflight_lock:
+            self._inflight[request_id] = inflight
         finished = False
         try:
             async for out in self._engine.generate(prompt_token_ids, sampling_params, request_id):
                 now_s = time.monotonic()
                 num_new = len(out.new_token_ids)
-                inflight = self._inflight[request_id]
                 if num_new:
                     if last_token_s is None:
                         self._metrics.time_to_first_token.observe(now_s - arrival_s)
@@ -115,7 +125,6 @@ class EngineDeployment:
                             self._metrics.inter_token_latency.observe(gap_s)
                     self._metrics.generation_tokens.inc(num_new)
                     last_token_s = now_s
-                    inflight.started = True
                     inflight.num_output_tokens = out.num_output_tokens
                 if out.finished:
                     finished = True
@@ -137,7 +146,8 @@ class EngineDeployment:
         except EngineDeadError as exc:
             yield StreamChunk(error=_error_body(str(exc), "engine_dead", None), status_code=503)
         finally:
-            self._inflight.pop(request_id, None)
+            with self._inflight_lock:
+                self._inflight.pop(request_id, None)
             if not finished:
                 # Client disconnect cancels this generator: free the request's slot and pages now.
                 await self._engine.abort(request_id)
@@ -159,7 +169,8 @@ class EngineDeployment:
         """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory (debugging, soak tests)."""
         stats = dict(self._engine.stats().as_dict())
         stats["replica"] = self._replica_tag
-        stats["num_inflight"] = len(self._inflight)
+        with self._inflight_lock:
+            stats["num_inflight"] = len(self._inflight)
         stats["pid"] = os.getpid()
         stats["rss_bytes"] = _rss_bytes()
         return stats
@@ -172,42 +183,41 @@ class EngineDeployment:
         ``num_free_pages`` counts reclaimable pages (held by finished requests' slots) as free, since the
         cache hands them out when the pool runs short. ``num_reserved_pages`` is what the requests this
         replica already accepted will still claim: the whole footprint (prompt + max_tokens) of those not
-        yet started, and the remaining growth of running ones.
+        yet started, and the remaining growth of running ones. ``accepted_request_ids`` are Serve's ids of
+        those requests: the router counts what it routed here that the report does not include yet.
+        ``report_seq`` grows by one per report, so the router ages reports by its own clock. A dead engine
+        reports ``healthy: False`` and no free pages or slots: it can take nothing.
         """
         stats = self._engine.stats().as_dict()
         self._metrics.record_engine_stats(stats)
+        with self._inflight_lock:
+            inflight = list(self._inflight.values())
+        self._num_routing_reports += 1
+        healthy = self._engine_failure() is None
         tokens_per_page = float(stats["tokens_per_page"])
-        reserved = 0
-        for req in self._inflight.values():
-            final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
-            held = (
-                pages_for_tokens(req.num_prompt_tokens + req.num_output_tokens, tokens_per_page, self._pages_per_token_block)
-                if req.started
-                else 0
-            )
-            reserved += max(0, final - held)
+        num_free_pages = int(stats["num_free_pages"]) + int(stats.get("num_reclaimable_pages", 0))
         return {
-            "num_free_pages": int(stats["num_free_pages"]) + int(stats.get("num_reclaimable_pages", 0)),
+            "healthy": healthy,
+            # Not the dead engine's last snapshot: that would keep attracting requests that fail at once.
+            "num_free_pages": num_free_pages if healthy else 0,
             "num_total_pages": int(stats["num_total_pages"]),
             "tokens_per_page": tokens_per_page,
             "pages_per_token_block": self._pages_per_token_block,
-            "num_reserved_pages": reserved,
+            "num_reserved_pages": sum(self._pages_still_claimed(req, tokens_per_page) for req in inflight),
             "num_running": int(stats["num_running"]),
             "num_waiting": int(stats["num_waiting"]),
-            "num_free_slots": int(stats.get("num_free_slots", 0)),
+            "num_free_slots": int(stats.get("num_free_slots", 0)) if healthy else 0,
             "num_preemptions": int(stats.get("num_preemptions", 0)),
+            "accepted_request_ids": [req.serve_request_id for req in inflight],
+            "report_seq": self._num_routing_reports,
             "replica": self._replica_tag,
-            "timestamp_s": time.time(),
         }
 
     def check_health(self) -> None:
         """Serve health check: a dead engine makes the replica unhealthy so Serve replaces it."""
-        from engine.errors import EngineDeadError
-
-        if getattr(self._engine, "is_dead", False):
-            raise EngineDeadError("engine step loop died")
-        # A tensor-parallel worker that died while the engine was idle: fail now, not at the next request.
-        self._llm_engine.executor.check_health()
+        failure = self._engine_failure()
+        if failure is not None:
+            raise failure
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)
@@ -218,6 +228,27 @@ class EngineDeployment:
                 pass
 
     # ---- internals ------------------------------------------------------------------------------------
+
+    def _engine_failure(self) -> Exception | None:
+        """Why this replica cannot serve (its engine's step loop or a tensor-parallel worker died), or None."""
+        from engine.errors import EngineDeadError
+
+        if self._engine.is_dead:
+            return EngineDeadError("engine step loop died")
+        try:
+            # A tensor-parallel worker that died while the engine was idle: fail now, not at the next request.
+            self._llm_engine.executor.check_health()
+        except Exception as exc:  # noqa: BLE001 - whatever the executor raises is the failure to report
+            return exc
+        return None
+
+    def _pages_still_claimed(self, req: _InflightRequest, tokens_per_page: float) -> int:
+        final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
+        if req.num_output_tokens is None:
+            return final
+        held = pages_for_tokens(req.num_prompt_tokens + req.num_output_tokens, tokens_per_page,
+                                self._pages_per_token_block)
+        return max(0, final - held)
 
     def _ensure_gauge_task(self) -> None:
         # Gauges also move between routing-stats calls so a scrape sees fresh running/waiting counts.
@@ -235,6 +266,12 @@ class EngineDeployment:
 
 def _error_body(message: str, error_type: str, param: str | None) -> dict:
     return {"message": message, "type": error_type, "param": param, "code": None}
+
+
+def _serve_request_id() -> str:
+    """Serve's internal id of the call being handled (what the router sees as ``internal_request_id``);
+    empty outside Serve. Ray exposes it only through its private request context."""
+    return _get_serve_request_context()._internal_request_id
 
 
 def _replica_tag() -> str:

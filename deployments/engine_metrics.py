@@ -9,6 +9,8 @@ Each sample is tagged with ``model_name`` and ``replica`` so per-replica series 
 
 from __future__ import annotations
 
+import threading
+
 from ray.util.metrics import Counter, Gauge, Histogram
 
 # Seconds; vLLM's buckets trimmed to what a CPU replica and a GPU replica both produce.
@@ -59,10 +61,13 @@ class EngineMetrics:
         self.e2e_request_latency = histogram(
             "vllm_e2e_request_latency_seconds", "Arrival at the replica to the last token.", E2E_BUCKETS_S
         )
+        # record_engine_stats() runs on the replica's event loop (gauge task) and in Serve's thread pool
+        # (routing stats): the read-compare-increment of the preemption counter must not interleave.
+        self._preemptions_lock = threading.Lock()
         self._last_num_preemptions = 0
 
     def record_engine_stats(self, stats: dict) -> None:
-        """Update the gauges from ``EngineStats.as_dict()``."""
+        """Update the gauges (and the preemption counter) from ``EngineStats.as_dict()``; thread-safe."""
         self.num_requests_running.set(stats["num_running"])
         self.num_requests_waiting.set(stats["num_waiting"])
         self.kv_cache_usage.set(stats["kv_usage"])
@@ -70,6 +75,7 @@ class EngineMetrics:
         self.num_mapped_pages.set(stats["num_mapped_pages"])
         self.num_total_pages.set(stats["num_total_pages"])
         preemptions = int(stats.get("num_preemptions", 0))
-        if preemptions > self._last_num_preemptions:
-            self.num_preemptions.inc(preemptions - self._last_num_preemptions)
-            self._last_num_preemptions = preemptions
+        with self._preemptions_lock:
+            if preemptions > self._last_num_preemptions:
+                self.num_preemptions.inc(preemptions - self._last_num_preemptions)
+                self._last_num_preemptions = preemptions

@@ -1,27 +1,37 @@
-"""Ray Serve request router that places each request on the replica with the most free KV pages.
+"""Ray Serve request router that sends each request where its KV pages fit, on the shortest queue.
 
 In vAttention the physical page pool is the capacity that matters: a replica with free batch slots
 but few free pages will admit the request late (or preempt others to fit it). Each engine replica
-reports its pages through ``record_routing_stats()`` (see ``EngineDeployment``); those reports reach
-the router about one ``request_routing_stats_period_s`` late, so the router also subtracts the pages
-of every request it has routed to a replica since that replica's last report. Without that local
-accounting a burst arriving between two reports would all go to the same "emptiest" replica.
+reports its pages through ``record_routing_stats()`` (see ``EngineDeployment``).
 
-Ranking (one replica per rank, so free pages are the primary key: for each rank Serve only picks the
-shortest queue among that rank's replicas):
-  1. replicas where the request fits (predicted free pages after it >= 0), most predicted free first;
-  2. replicas without fresh stats (e.g. just started);
-  3. replicas where it does not fit, least short first.
-Ties are broken by queue length. Without a ``RoutingHint`` or without any stats the router falls back
-to power-of-two choices.
+Prediction: a replica's free pages after the request are its reported free pages, minus what its
+accepted requests will still claim (``num_reserved_pages``), minus the pages of requests this router
+sent there that the report does not list among the replica's accepted requests (routed after the
+report was taken, or not yet started there), minus the pages of requests being routed right now (a
+burst is ranked before any of it is routed), minus the request's own pages. A request routed again
+(Serve retries while every rank is full; the ingress retries after a dead replica) is first taken out
+of that accounting, so it never counts against itself. A report is fresh for ``stats_max_age_s`` after
+the router saw its ``report_seq`` change, by the router's own clock: the replica's clock is never
+compared with the router's.
+
+Ranking: Serve tries the returned ranks in order and, within a rank, takes the replica with the
+shortest queue. Pages should decide only where they are scarce (ranking one replica per rank by pages,
+whatever the queues, gave 2-3x the median TTFT of power-of-two choices at saturation), so:
+  1. roomy replicas: the request fits and leaves at least ``roomy_free_page_fraction`` of the pool
+     free. All share the first rank: queue length decides among them;
+  2. tight fits, one per rank, most predicted free pages first;
+  3. replicas without fresh stats (e.g. just started), one rank;
+  4. replicas where it does not fit, one per rank, least short first.
+Replicas whose engine reports itself unhealthy (dead) are left out while any other replica is there.
+Without a ``RoutingHint`` or without any stats the router falls back to power-of-two choices.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +43,7 @@ logger = logging.getLogger("ray.serve")
 
 # Keys of the dict returned by EngineDeployment.record_routing_stats() that the router reads.
 REQUIRED_STATS_KEYS = (
+    "healthy",
     "num_free_pages",
     "num_total_pages",
     "tokens_per_page",
@@ -40,7 +51,8 @@ REQUIRED_STATS_KEYS = (
     "num_reserved_pages",
     "num_running",
     "num_waiting",
-    "timestamp_s",
+    "accepted_request_ids",
+    "report_seq",
 )
 
 
@@ -54,20 +66,34 @@ class _RoutedRequest:
     num_pages: int
 
 
+@dataclass
+class _ReportSeen:
+    report_seq: int
+    received_at_s: float  # router's clock
+
+
+class Tier(enum.IntEnum):
+    """Where a replica stands for one request, best first (see the module docstring)."""
+
+    ROOMY = 0
+    TIGHT = 1
+    UNKNOWN = 2
+    SHORT = 3
+    UNHEALTHY = 4
+
+
+# Tiers ranked as one group (Serve picks the shortest queue in it); the others one replica per rank.
+_GROUPED_TIERS = (Tier.ROOMY, Tier.UNKNOWN, Tier.UNHEALTHY)
+
+
 @dataclass(frozen=True)
 class ReplicaScore:
     """Why a replica got its rank (exposed for logging and tests)."""
 
     replica_id: ReplicaID
-    has_stats: bool
-    fits: bool
+    tier: Tier
     predicted_free_pages: float
     queue_len: int
-
-    def sort_key(self) -> tuple:
-        # 0: fits, 1: unknown, 2: does not fit; then most predicted free pages; then shortest queue.
-        group = 1 if not self.has_stats else (0 if self.fits else 2)
-        return (group, -self.predicted_free_pages, self.queue_len)
 
 
 def find_routing_hint(pending_request: PendingRequest | None) -> RoutingHint | None:
@@ -81,70 +107,104 @@ def find_routing_hint(pending_request: PendingRequest | None) -> RoutingHint | N
 
 
 class PageAwareRequestRouter(FIFOMixin, RequestRouter):
-    """Ranks replicas by predicted free physical KV pages after the pending request.
+    """Ranks replicas by predicted free physical KV pages after the pending request, and by queue
+    length among those with room to spare.
 
     ``request_router_kwargs``:
-        stats_max_age_s: reports older than this are ignored (the replica is treated as unknown).
+        stats_max_age_s: a report not renewed for this long is ignored (the replica is treated as unknown).
+        roomy_free_page_fraction: the fraction of a replica's pool that must stay free after the request
+            for the replica to be "roomy" (ranked with the others by queue length). 0 ranks every replica
+            where the request fits by queue length; 1 ranks all by pages.
     """
 
-    def initialize_state(self, stats_max_age_s: float = 30.0, **kwargs: Any) -> None:
+    def initialize_state(
+        self, stats_max_age_s: float = 30.0, roomy_free_page_fraction: float = 0.2, **kwargs: Any
+    ) -> None:
         if stats_max_age_s <= 0:
             raise ValueError(f"stats_max_age_s must be > 0, got {stats_max_age_s}")
+        if not 0.0 <= roomy_free_page_fraction <= 1.0:
+            raise ValueError(f"roomy_free_page_fraction must be in [0, 1], got {roomy_free_page_fraction}")
         if kwargs:
             raise ValueError(f"unknown request_router_kwargs for PageAwareRequestRouter: {sorted(kwargs)}")
         self._stats_max_age_s = float(stats_max_age_s)
+        self._roomy_free_page_fraction = float(roomy_free_page_fraction)
         # replica -> internal_request_id -> what this router sent there and has not seen complete.
         self._routed: dict[ReplicaID, dict[str, _RoutedRequest]] = {}
         # internal_request_id -> (replica ranked first, pages): requests being routed right now. Serve
         # routes concurrent requests concurrently, so a burst is ranked before any of it is routed;
         # counting these keeps the burst from piling onto one replica.
         self._tentative: dict[str, tuple[ReplicaID, _RoutedRequest]] = {}
+        # replica -> the last report seen and when, by this router's clock.
+        self._reports: dict[ReplicaID, _ReportSeen] = {}
 
     # ---- scoring ----------------------------------------------------------------------------------
+
+    def _note_report(self, replica_id: ReplicaID, report_seq: int, now_s: float) -> _ReportSeen:
+        """The replica's last report and when this router first saw it (now, if it is new)."""
+        seen = self._reports.get(replica_id)
+        if seen is None or seen.report_seq != report_seq:
+            seen = self._reports[replica_id] = _ReportSeen(report_seq, now_s)
+        return seen
 
     def _fresh_stats(self, replica: RunningReplica, now_s: float) -> dict[str, Any] | None:
         stats = replica.routing_stats
         if not stats or any(key not in stats for key in REQUIRED_STATS_KEYS):
             return None
-        if now_s - float(stats["timestamp_s"]) > self._stats_max_age_s:
-            return None
-        return stats
+        seen = self._note_report(replica.replica_id, stats["report_seq"], now_s)
+        return stats if now_s - seen.received_at_s <= self._stats_max_age_s else None
 
     def score_replica(self, replica: RunningReplica, hint: RoutingHint, now_s: float) -> ReplicaScore:
-        """Predicted free pages on ``replica`` if ``hint``'s request were sent there now."""
+        """Predicted free pages on ``replica`` if ``hint``'s request were sent there now, and its tier."""
         routed = dict(self._routed.get(replica.replica_id, {}))
         for request_id, (replica_id, tentative) in self._tentative.items():
             if replica_id == replica.replica_id and now_s - tentative.routed_at_s < TENTATIVE_TTL_S:
                 routed[request_id] = tentative
         stats = self._fresh_stats(replica, now_s)
         cached_queue_len = self._replica_queue_len_cache.get(replica.replica_id)
-        if stats is None:
+        if stats is None or not stats["healthy"]:
             queue_len = cached_queue_len if cached_queue_len is not None else len(routed)
-            return ReplicaScore(replica.replica_id, False, False, -math.inf, queue_len)
-        report_time_s = float(stats["timestamp_s"])
-        # Requests routed after the report are invisible in it: subtract their pages here.
-        unseen = [r for r in routed.values() if r.routed_at_s >= report_time_s]
-        unseen_pages = sum(r.num_pages for r in unseen)
-        need_pages = pages_for_tokens(hint.num_tokens, float(stats["tokens_per_page"]), int(stats["pages_per_token_block"]))
+            tier = Tier.UNKNOWN if stats is None else Tier.UNHEALTHY
+            return ReplicaScore(replica.replica_id, tier, -math.inf, queue_len)
+        # What this router sent here that the report does not count yet.
+        accepted = set(stats["accepted_request_ids"])
+        unseen = [r for request_id, r in routed.items() if request_id not in accepted]
         predicted = (
-            int(stats["num_free_pages"]) - int(stats["num_reserved_pages"]) - unseen_pages - need_pages
+            int(stats["num_free_pages"])
+            - int(stats["num_reserved_pages"])
+            - sum(r.num_pages for r in unseen)
+            - self._pages_of(hint, stats)
         )
+        if predicted < 0:
+            tier = Tier.SHORT
+        elif predicted >= self._roomy_free_page_fraction * int(stats["num_total_pages"]):
+            tier = Tier.ROOMY
+        else:
+            tier = Tier.TIGHT
         if cached_queue_len is not None:
             queue_len = cached_queue_len
         else:
             queue_len = int(stats["num_running"]) + int(stats["num_waiting"]) + len(unseen)
-        return ReplicaScore(replica.replica_id, True, predicted >= 0, float(predicted), queue_len)
+        return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len)
 
     def rank_replicas(
-        self, candidate_replicas: list[RunningReplica], hint: RoutingHint
-    ) -> tuple[list[RunningReplica], list[ReplicaScore]]:
-        """Candidates best first, with the score of each (same order)."""
-        now_s = time.time()
+        self, candidate_replicas: list[RunningReplica], hint: RoutingHint, now_s: float
+    ) -> list[list[tuple[ReplicaScore, RunningReplica]]]:
+        """Ranks of (score, replica), best first; within a rank, the replica Serve would take first."""
         scored = [(self.score_replica(r, hint, now_s), r) for r in candidate_replicas]
-        # Shuffle before the stable sort so equal scores do not always favour the same replica.
+        # Shuffle before the stable sorts so equal scores do not always favour the same replica.
         random.shuffle(scored)
-        scored.sort(key=lambda pair: pair[0].sort_key())
-        return [r for _, r in scored], [s for s, _ in scored]
+        if any(score.tier != Tier.UNHEALTHY for score, _ in scored):
+            scored = [pair for pair in scored if pair[0].tier != Tier.UNHEALTHY]
+        ranks: list[list[tuple[ReplicaScore, RunningReplica]]] = []
+        for tier in Tier:
+            members = [pair for pair in scored if pair[0].tier == tier]
+            if tier in _GROUPED_TIERS:
+                if members:
+                    ranks.append(sorted(members, key=lambda pair: pair[0].queue_len))
+            else:
+                members.sort(key=lambda pair: (-pair[0].predicted_free_pages, pair[0].queue_len))
+                ranks.extend([pair] for pair in members)
+        return ranks
 
     # ---- RequestRouter interface ------------------------------------------------------------------
 
@@ -155,28 +215,35 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        now_s = self._get_curr_time_s()
         if pending_request is not None:
             # All ranks full (every replica at max_ongoing_requests): back off instead of spinning.
             pending_request.routing_context.should_backoff = True
+            # Routed again (a retry): its earlier placement must not count against its new one.
+            self._forget_request(pending_request.metadata.internal_request_id)
         hint = find_routing_hint(pending_request)
-        now_s = time.time()
         if hint is None or all(self._fresh_stats(r, now_s) is None for r in candidate_replicas):
             return [self._power_of_two(candidate_replicas)]
-        ranked, scores = self.rank_replicas(candidate_replicas, hint)
+        ranks = self.rank_replicas(candidate_replicas, hint, now_s)
         if pending_request is not None:
-            request_id = pending_request.metadata.internal_request_id
-            self._tentative.pop(request_id, None)
-            stats = ranked[0].routing_stats if scores[0].has_stats else None
-            pages = self._pages_of(hint, stats)
+            score, likely = ranks[0][0]
+            stats = likely.routing_stats if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
             self._prune_tentative(now_s)
-            self._tentative[request_id] = (ranked[0].replica_id, _RoutedRequest(now_s, pages))
-        return [[r] for r in ranked]
+            self._tentative[pending_request.metadata.internal_request_id] = (
+                likely.replica_id, _RoutedRequest(now_s, self._pages_of(hint, stats))
+            )
+        return [[replica for _, replica in rank] for rank in ranks]
 
     @staticmethod
     def _pages_of(hint: RoutingHint | None, stats: dict[str, Any] | None) -> int:
         if hint is None or not stats or "tokens_per_page" not in stats or "pages_per_token_block" not in stats:
             return 0
         return pages_for_tokens(hint.num_tokens, float(stats["tokens_per_page"]), int(stats["pages_per_token_block"]))
+
+    def _forget_request(self, request_id: str) -> None:
+        self._tentative.pop(request_id, None)
+        for routed in self._routed.values():
+            routed.pop(request_id, None)
 
     def _prune_tentative(self, now_s: float) -> None:
         # Requests cancelled while being routed never reach on_request_routed/completed.
@@ -194,7 +261,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         self._tentative.pop(request_id, None)
         replica = self._replicas.get(replica_id)
         pages = self._pages_of(find_routing_hint(pending_request), replica.routing_stats if replica else None)
-        self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(time.time(), pages)
+        self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(self._get_curr_time_s(), pages)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)
@@ -204,7 +271,12 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
+        # Stats arrive with replica updates: note each new report when it arrives, by this router's clock.
+        now_s = self._get_curr_time_s()
+        for replica in replicas:
+            if replica.routing_stats and "report_seq" in replica.routing_stats:
+                self._note_report(replica.replica_id, replica.routing_stats["report_seq"], now_s)
         live = {r.replica_id for r in replicas}
-        for replica_id in list(self._routed):
-            if replica_id not in live:
-                del self._routed[replica_id]
+        for table in (self._routed, self._reports):
+            for replica_id in [k for k in table if k not in live]:
+                del table[replica_id]

@@ -1,0 +1,90 @@
+"""The engine replica's routing report, outside Serve: a plain ``EngineDeployment`` over a tiny dummy model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+from ray.serve.context import _RequestContext, _serve_request_context  # noqa: E402
+
+from deployments import engine_deployment  # noqa: E402
+from deployments.engine_deployment import EngineDeployment, _InflightRequest  # noqa: E402
+from deployments.routing_hint import RoutingHint  # noqa: E402
+from engine.errors import EngineDeadError  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+
+# 16 pages of 64 KiB, 512 tokens per page, 4 pages (2 layers x K,V) per block of 512 tokens.
+ENGINE_CONFIG = {"model": "dummy:tiny-llama", "device": "cpu", "max_batch_size": 4, "max_seq_len": 256,
+                 "kv_cache_bytes": 1 << 20}
+
+
+@pytest.fixture
+def deployment():
+    replica = EngineDeployment(dict(ENGINE_CONFIG), "tiny")
+    yield replica
+    replica._engine.shutdown()
+
+
+def _generate(replica: EngineDeployment, request_id: str, max_tokens: int = 4):
+    return replica.generate(RoutingHint(5, max_tokens), [5, 6, 7, 8, 9],
+                            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), request_id)
+
+
+def test_report_lists_the_serve_ids_of_accepted_requests(deployment):
+    async def run() -> dict:
+        # Inside Serve, the replica's request context carries the id the router knows the call by.
+        _serve_request_context.set(_RequestContext(_internal_request_id="serve-id-1"))
+        stream = _generate(deployment, "engine-id-1", max_tokens=100)
+        await stream.__anext__()  # accepted and running; keep it open
+        try:
+            return deployment.record_routing_stats()
+        finally:
+            await stream.aclose()
+
+    first_seq = deployment.record_routing_stats()["report_seq"]
+    report = asyncio.run(run())
+    assert report["healthy"] is True
+    assert report["accepted_request_ids"] == ["serve-id-1"]
+    assert report["num_reserved_pages"] == 0  # 105 tokens fit the block its prompt already mapped
+    assert report["report_seq"] == first_seq + 1
+    assert deployment.record_routing_stats()["accepted_request_ids"] == []
+
+
+def test_report_reads_a_snapshot_while_the_event_loop_accepts_requests(deployment, monkeypatch):
+    pages_for_tokens = engine_deployment.pages_for_tokens
+
+    def while_a_request_arrives(*args):
+        # The replica's event loop accepts a request while Serve's thread pool computes the report.
+        deployment._inflight[f"late-{len(deployment._inflight)}"] = _InflightRequest("late", 10, 10)
+        return pages_for_tokens(*args)
+
+    deployment._inflight["early"] = _InflightRequest("early", 10, 10)
+    monkeypatch.setattr(engine_deployment, "pages_for_tokens", while_a_request_arrives)
+    report = deployment.record_routing_stats()
+    assert report["accepted_request_ids"] == ["early"]
+    assert report["num_reserved_pages"] == 4  # its whole footprint: one block of 4 pages
+    deployment._inflight.clear()
+
+
+def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
+    assert deployment.record_routing_stats()["num_free_pages"] == 16
+
+    def failing_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(deployment._llm_engine, "step", failing_step)
+
+    async def run() -> list:
+        return [chunk async for chunk in _generate(deployment, "doomed")]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"
+    report = deployment.record_routing_stats()
+    # Its requests fail at once, so nothing stays reserved: without this it would look the emptiest.
+    assert report["healthy"] is False
+    assert report["num_free_pages"] == 0 and report["num_free_slots"] == 0
+    with pytest.raises(EngineDeadError):
+        deployment.check_health()

@@ -1,0 +1,224 @@
+"""Unit tests of the page-aware router's ranking and accounting, with in-memory replicas (no Ray cluster).
+
+Pages: every fake replica has a pool of 1000 pages, 100 tokens per page and 1 page per block, so a
+request of N tokens (prompt + max_tokens) needs ceil(N / 100) pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata  # noqa: E402
+from ray.serve.request_router import PendingRequest, RunningReplica  # noqa: E402
+
+from deployments.page_aware_router import PageAwareRequestRouter, Tier  # noqa: E402
+from deployments.routing_hint import RoutingHint  # noqa: E402
+
+DEPLOYMENT_ID = DeploymentID(name="LLMEngine", app_name="llm")
+TOTAL_PAGES = 1000
+# The loop the router's calls run on; a PendingRequest's future belongs to it.
+LOOP = asyncio.new_event_loop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_loop():
+    yield
+    LOOP.close()
+
+
+class FakeReplica(RunningReplica):
+    """What the router reads of a replica: its id, its routing stats and its queue length."""
+
+    def __init__(self, name: str, max_ongoing_requests: int = 8) -> None:
+        self._replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT_ID)
+        self._max_ongoing_requests = max_ongoing_requests
+        self.stats: dict = {}
+        self.queue_len = 0
+
+    def report(self, free_pages: int, *, reserved_pages: int = 0, accepted: tuple[str, ...] = (),
+               healthy: bool = True, num_running: int = 0, **extra) -> None:
+        """A new routing-stats report, as ``EngineDeployment.record_routing_stats()`` writes it."""
+        self.stats = {
+            "healthy": healthy, "num_free_pages": free_pages, "num_total_pages": TOTAL_PAGES,
+            "tokens_per_page": 100.0, "pages_per_token_block": 1, "num_reserved_pages": reserved_pages,
+            "num_running": num_running, "num_waiting": 0, "accepted_request_ids": list(accepted),
+            "report_seq": self.stats.get("report_seq", 0) + 1, **extra,
+        }
+
+    @property
+    def replica_id(self) -> ReplicaID:
+        return self._replica_id
+
+    @property
+    def routing_stats(self) -> dict:
+        return self.stats
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        return self._max_ongoing_requests
+
+    @property
+    def node_id(self) -> str:
+        return ""
+
+    @property
+    def availability_zone(self) -> None:
+        return None
+
+    @property
+    def multiplexed_model_ids(self) -> set[str]:
+        return set()
+
+    def push_proxy_handle(self, handle) -> None:
+        pass
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return self.queue_len
+
+
+class Clock:
+    def __init__(self, now_s: float = 1000.0) -> None:
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def make_router(replicas: list[FakeReplica], clock: Clock | None = None, **kwargs) -> PageAwareRequestRouter:
+    """A router that knows ``replicas`` (and has probed their queue lengths), as Serve hands them over."""
+    router = PageAwareRequestRouter(DEPLOYMENT_ID, DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True,
+                                    get_curr_time_s=clock or Clock())
+    router.initialize_state(**kwargs)
+
+    async def update() -> None:
+        router.update_replicas(replicas)
+        await asyncio.sleep(0.01)  # the router probes new replicas' queue lengths in a task
+
+    LOOP.run_until_complete(update())
+    return router
+
+
+def request(request_id: str, num_tokens: int) -> PendingRequest:
+    """A pending ``generate`` call whose request needs ``ceil(num_tokens / 100)`` pages."""
+    metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="generate")
+    return PendingRequest(args=[RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)], kwargs={}, metadata=metadata,
+                          future=LOOP.create_future())
+
+
+def choose(router: PageAwareRequestRouter, replicas: list[FakeReplica], pending: PendingRequest) -> list[list[str]]:
+    ranks = LOOP.run_until_complete(router.choose_replicas(replicas, pending))
+    return [[r.replica_id.unique_id for r in rank] for rank in ranks]
+
+
+def scores(router: PageAwareRequestRouter, replicas: list[FakeReplica], num_tokens: int) -> dict[str, tuple]:
+    """``{replica: (tier, predicted free pages)}`` for a request of ``num_tokens`` tokens, now."""
+    hint = RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)
+    now_s = router._get_curr_time_s()
+    return {r.replica_id.unique_id: (s.tier, s.predicted_free_pages)
+            for r, s in ((r, router.score_replica(r, hint, now_s)) for r in replicas)}
+
+
+# ---- dead engines ----------------------------------------------------------------------------------
+
+
+def test_unhealthy_replica_gets_nothing_while_others_exist():
+    dead, full, ok = FakeReplica("dead"), FakeReplica("full"), FakeReplica("ok")
+    # The dead engine's report: no pages; a live one nearly full, one with room.
+    dead.report(0, healthy=False)
+    full.report(50, num_running=8)
+    ok.report(600)
+    router = make_router([dead, full, ok])
+    ranks = choose(router, [dead, full, ok], request("r1", 10_000))  # needs 100 pages: fits only on "ok"
+    assert ranks[0] == ["ok"] and all("dead" not in rank for rank in ranks), ranks
+    # Only dead replicas left: still ranked, so the request fails fast rather than hanging.
+    assert choose(router, [dead], request("r2", 100)) == [["dead"]]
+
+
+# ---- retries ---------------------------------------------------------------------------------------
+
+
+def test_request_routed_again_does_not_count_against_itself():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(450)
+    b.report(400)
+    router = make_router([a, b], roomy_free_page_fraction=1.0)  # rank by pages alone
+    pending = request("r1", 10_000)  # 100 pages
+    assert choose(router, [a, b], pending)[0] == ["a"]  # 350 left vs 300
+    # Every rank was full: Serve asks again for the same request. "a" is still the better place.
+    assert choose(router, [a, b], pending)[0] == ["a"]
+    # The ingress retries a request after its replica died: its routed entry does not count either.
+    router.on_request_routed(pending, a.replica_id, None)
+    assert choose(router, [a, b], pending)[0] == ["a"]
+
+
+# ---- stats lag -------------------------------------------------------------------------------------
+
+
+def test_routed_requests_count_until_a_report_lists_them_whatever_the_replica_clock():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    # Reports stamped by a replica clock two minutes ahead of the router's: the router must not use the stamp.
+    skewed_s = 1000.0 + 120.0
+    a.report(500, timestamp_s=skewed_s)
+    b.report(400, timestamp_s=skewed_s)
+    router = make_router([a, b], roomy_free_page_fraction=1.0)
+    first = request("r1", 30_000)  # 300 pages
+    assert choose(router, [a, b], first)[0] == ["a"]
+    router.on_request_routed(first, a.replica_id, None)
+    # A new report from "a" taken before r1 started there: it does not list r1.
+    a.report(500, timestamp_s=skewed_s + 1)
+    assert scores(router, [a], 30_000)["a"] == (Tier.SHORT, 500 - 300 - 300)
+    assert choose(router, [a, b], request("r2", 30_000))[0] == ["b"]
+    # Once a report lists r1, its pages are in the report's reserved pages: not counted twice.
+    a.report(500, reserved_pages=300, accepted=("r1",), timestamp_s=skewed_s + 2)
+    assert scores(router, [a], 30_000)["a"] == (Tier.SHORT, 500 - 300 - 300)
+
+
+def test_reports_age_by_the_router_clock():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900, timestamp_s=0.0)  # a replica clock far behind the router's: the report is still new
+    b.report(100, timestamp_s=0.0)
+    clock = Clock()
+    router = make_router([a, b], clock, stats_max_age_s=30.0, roomy_free_page_fraction=1.0)
+    assert choose(router, [a, b], request("r1", 100)) == [["a"], ["b"]]
+    clock.now_s += 31.0  # "a" keeps reporting, "b" stopped 31 s ago
+    a.report(900)
+    assert scores(router, [a, b], 100) == {"a": (Tier.TIGHT, 899.0), "b": (Tier.UNKNOWN, float("-inf"))}
+
+
+# ---- ranking: queue length where pages are plentiful ------------------------------------------------
+
+
+def test_roomy_replicas_share_a_rank_so_the_shorter_queue_wins():
+    a, b, c, d = FakeReplica("a"), FakeReplica("b"), FakeReplica("c"), FakeReplica("d")
+    a.report(900)  # roomy, busy
+    b.report(500)  # roomy, idle
+    c.report(150)  # fits, but under the 20% headroom
+    d.report(50)  # does not fit
+    router = make_router([a, b, c, d])
+    router.on_new_queue_len_info(a.replica_id, 6)
+    router.on_new_queue_len_info(b.replica_id, 1)
+    ranks = choose(router, [a, b, c, d], request("r1", 10_000))  # 100 pages
+    # Serve takes the shortest queue of the first rank: "b", though "a" has more free pages.
+    assert ranks == [["b", "a"], ["c"], ["d"]]
+    # The request being routed counts against "b", the replica Serve will likely take.
+    assert scores(router, [a, b], 10_000) == {"a": (Tier.ROOMY, 800.0), "b": (Tier.ROOMY, 300.0)}
+
+
+def test_tight_replicas_rank_by_pages_whatever_their_queues():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(250)
+    b.report(200)
+    router = make_router([a, b])
+    router.on_new_queue_len_info(a.replica_id, 7)
+    router.on_new_queue_len_info(b.replica_id, 0)
+    assert choose(router, [a, b], request("r1", 10_000)) == [["a"], ["b"]]  # 150 and 100 left: < 20%
+
+
+@pytest.mark.parametrize("kwargs", [{"roomy_free_page_fraction": 1.5}, {"stats_max_age_s": 0}, {"bogus": 1}])
+def test_bad_router_kwargs_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        make_router([], **kwargs)
