@@ -123,7 +123,7 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
                     cache.grow(slot, n + steps + 1)
             slots_t = torch.tensor(slots, device=dev)
             lengths = list(start)
-            for warm in range(3):
+            for _ in range(3):
                 device_work(cache, slots_t, torch.tensor(lengths, device=dev))
             torch.cuda.synchronize()
             mapped_before = cache.stats().mapped_pages

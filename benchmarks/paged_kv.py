@@ -48,8 +48,14 @@ from engine.config import EngineConfig
 from engine.executor import LocalExecutor
 from engine.layers.triton_dispatch import use_triton
 from engine.llm_engine import LLMEngine
-from kvcache import (KVCacheConfig, KVCacheError, KVCacheStats, NoFreeSlotError, PoolExhaustedError,
-                     SequenceTooLongError, VirtualKVCache)
+from kvcache import (
+    KVCacheConfig,
+    KVCacheError,
+    KVCacheStats,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    VirtualKVCache,
+)
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
 DEFAULT_MEMORY_FRACTION = 0.9  # as VirtualKVCache when neither pool_size_bytes nor memory_fraction is set

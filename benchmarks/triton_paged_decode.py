@@ -13,7 +13,13 @@ import triton
 import triton.language as tl
 
 from engine.attention.triton_decode import (
-    DECODE_CONFIGS, DEFAULT_CONFIG, autotune_bench, check_decode_inputs, launch_decode, prune_configs)
+    DECODE_CONFIGS,
+    DEFAULT_CONFIG,
+    autotune_bench,
+    check_decode_inputs,
+    launch_decode,
+    prune_configs,
+)
 
 
 @triton.jit

@@ -7,7 +7,8 @@ the YAML fails at deploy time with the field's name instead of being silently ig
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -57,7 +58,7 @@ class EngineDeploymentConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_autoscaling(self) -> "EngineDeploymentConfig":
+    def _check_autoscaling(self) -> EngineDeploymentConfig:
         if self.num_replicas == "auto" and self.autoscaling_config is None:
             self.autoscaling_config = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
         if isinstance(self.num_replicas, int) and self.num_replicas < 1:

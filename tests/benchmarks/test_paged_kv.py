@@ -20,16 +20,27 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton: its kernels then run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.paged_kv import (BLOCK_SIZE_TOKENS, PagedAttentionBackend, PagedExecutor,  # noqa: E402
-                                 PagedKVCache, build_paged_engine)
+from benchmarks.paged_kv import (  # noqa: E402
+    BLOCK_SIZE_TOKENS,
+    PagedAttentionBackend,
+    PagedExecutor,
+    PagedKVCache,
+    build_paged_engine,
+)
 from engine.attention.sdpa import SDPABackend  # noqa: E402
 from engine.batch import ForwardBatch  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.executor import LocalExecutor  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from kvcache import (KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError,  # noqa: E402
-                     SequenceTooLongError, VirtualKVCache)
+from kvcache import (  # noqa: E402
+    KVCacheConfig,
+    KVCacheError,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    SequenceTooLongError,
+    VirtualKVCache,
+)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -114,6 +125,7 @@ def _triton_interpreter():
     pytest.importorskip("triton")
     from tests.engine.triton_interpreter import interpreted, triton_interpreter
 
+    # isort: split
     from benchmarks.triton_paged_decode import _paged_split_kv_kernel
 
     if not interpreted(_paged_split_kv_kernel):

@@ -20,7 +20,6 @@ from deployments.app import ENGINE_DEPLOYMENT_NAME  # noqa: E402
 from deployments.ingress import REPLICA_HEADER  # noqa: E402
 from tests.deployments.serve_harness import APP_NAME, MODEL, served_app  # noqa: E402
 
-
 # 64 KiB host pages, SmolLM2 float32: 85.3 tokens per page, 60 pages (30 layers x K,V) per block of
 # 85 tokens; a 16 MiB pool per replica is 256 pages = 4 blocks of 85 tokens... too small: use 64 MiB
 # (1024 pages = 17 blocks, ~1450 tokens per replica) so page differences are visible but requests fit.

@@ -121,7 +121,7 @@ def test_concurrent_staggered_requests_with_chunked_prefill_equal_transformers(e
         assert engine.scheduler.num_running <= 16
         assert steps < 2000
     assert engine.stats().num_running == 0 and engine.stats().num_free_slots == 16
-    for request_id, prompt, ref in jobs:
+    for request_id, _, ref in jobs:
         out = finals[request_id]
         assert out.token_ids == ref, request_id
         chunks = streamed[request_id]

@@ -101,7 +101,7 @@ def run_schedule(runner, sequences, slots, chunk_sizes):
 ])
 def test_logits_match_transformers_mixed_batches(runner, sequences, slots, chunk_sizes):
     ours = run_schedule(runner, sequences, slots, chunk_sizes)
-    for (tokens, ref), got in zip(sequences, ours):
+    for (_, ref), got in zip(sequences, ours):
         torch.testing.assert_close(got, ref, atol=LOGITS_ATOL, rtol=0)
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.98
 
@@ -161,7 +161,7 @@ def test_gpu_backends_match_transformers(sequences, tokenizer, backend, dtype):
                       CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=512 << 20))
     try:
         ours = run_schedule(gpu, sequences, [3, 0, 2, 1], [7, 1, 16, 1])
-        for (tokens, ref), got in zip(sequences, ours):
+        for (_, ref), got in zip(sequences, ours):
             if dtype == "float32":
                 torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)
             else:  # bf16 weights and activations: compare decisions, not digits

@@ -57,9 +57,8 @@ def test_legacy_rope_scaling_field_is_read():
 
 
 def test_apply_rotary_matches_transformers():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters={"rope_type": "default",
                                                                                    "rope_theta": 10000.0})

@@ -11,15 +11,14 @@ import os
 import pytest
 import torch
 
-from tests.engine.triton_interpreter import devices, triton_interpreter  # noqa: I001 (before triton)
+# Sets TRITON_INTERPRET on CPU machines: imported before anything that imports triton.
+from tests.engine.triton_interpreter import devices, triton_interpreter
 
-import triton  # noqa: E402
-
+# isort: split
 from benchmarks.triton_paged_decode import triton_paged_decode_attention  # noqa: E402
 from engine.attention import triton_decode  # noqa: E402
 from engine.attention.triton_decode import plan_splits, triton_decode_attention  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="module")

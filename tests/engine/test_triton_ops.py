@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine.triton_interpreter import devices, triton_interpreter  # noqa: I001 (before triton)
+# Sets TRITON_INTERPRET on CPU machines: imported before anything that imports triton.
+from tests.engine.triton_interpreter import devices, triton_interpreter
 
+# isort: split
 import triton.language as tl  # noqa: E402
 
-from engine.layers import RMSNorm, SiluAndMul, apply_rotary  # noqa: E402
-from engine.layers import triton_ops  # noqa: E402
+from engine.layers import RMSNorm, SiluAndMul, apply_rotary, triton_ops  # noqa: E402
 from engine.layers.triton_dispatch import use_triton  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="module")

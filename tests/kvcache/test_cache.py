@@ -5,8 +5,14 @@ import textwrap
 import pytest
 import torch
 
-from kvcache import (KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError,
-                     VirtualKVCache)
+from kvcache import (
+    KVCacheConfig,
+    KVCacheError,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    SequenceTooLongError,
+    VirtualKVCache,
+)
 
 
 def fill(cache, slot, start, end, value):

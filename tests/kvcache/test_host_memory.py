@@ -32,7 +32,7 @@ def test_unmapped_range_is_inaccessible_again():
         memory.map(base, [0])
         memory.unmap(base, 1)
         with open("/proc/self/maps") as f:
-            line = next(l for l in f if int(l.split("-")[0], 16) <= base < int(l.split()[0].split("-")[1], 16))
+            line = next(ln for ln in f if int(ln.split("-")[0], 16) <= base < int(ln.split()[0].split("-")[1], 16))
         assert line.split()[1].startswith("---p")  # reserved, PROT_NONE, private: no physical page behind it
     finally:
         memory.close()
