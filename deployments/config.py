@@ -82,9 +82,7 @@ class IngressConfig(BaseModel):
     retry_after_s: float = Field(
         default=1.0, ge=0, description="Retry-After header (seconds) on overload answers (503/429)."
     )
-    overload_status_code: Literal[503, 429] = Field(
-        default=503, description="HTTP status of overload answers."
-    )
+    overload_status_code: Literal[503, 429] = Field(default=503, description="HTTP status of overload answers.")
     max_request_body_bytes: int = Field(
         default=1 << 20,
         ge=1024,

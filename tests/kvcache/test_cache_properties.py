@@ -1,4 +1,5 @@
 """Random sequences of allocate / grow / free / prepare, checked against the cache's invariants."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -17,8 +18,15 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(pool_pages_per_buffer=st.integers(3, 12), prefetch=st.sampled_from([0, 1, 100]))
     def setup(self, pool_pages_per_buffer, prefetch):
         granularity = 64 << 10 if self.device == "cpu" else 2 << 20
-        config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=1,
-                               device=self.device, layout=self.layout)
+        config = KVCacheConfig(
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=16,
+            max_batch_size=4,
+            max_seq_len=1,
+            device=self.device,
+            layout=self.layout,
+        )
         self.tpp = granularity // config.buffer_token_bytes
         config.max_seq_len = 4 * self.tpp
         config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
@@ -102,8 +110,9 @@ class CacheMachine(RuleBasedStateMachine):
                 assert torch.equal(self.cache.v[layer][slot, :written], (signature - rows).expand(-1, 2, 16))
 
 
-_settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 class CpuCacheMachine(CacheMachine):

@@ -13,12 +13,12 @@ def test_one_physical_page_mapped_twice_aliases():
         memory.map(base + 2 * page, [1])
         view = memory.as_tensor(base, 4 * page)
         view[:page] = 7
-        assert torch.all(view[2 * page:3 * page] == 7)
+        assert torch.all(view[2 * page : 3 * page] == 7)
         memory.unmap(base, 1)
         memory.map(base + page, [0, 1])  # a run of two pages, one of them already mapped elsewhere
-        assert torch.all(view[2 * page:3 * page] == 7)
-        view[page:2 * page] = 3
-        assert torch.all(view[2 * page:3 * page] == 7)
+        assert torch.all(view[2 * page : 3 * page] == 7)
+        view[page : 2 * page] = 3
+        assert torch.all(view[2 * page : 3 * page] == 7)
     finally:
         memory.close()
 
