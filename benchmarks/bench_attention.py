@@ -27,6 +27,7 @@ that errors (compile failure, OOM) or disagrees is recorded as failed with the e
 medians of CUDA-event timings after warm-up, with L2 flushed before each call. The optional, slow-to-compile Flex
 variants are skipped once the time budget (--budget-s) is spent, so the whole run stays under 6 minutes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, measure_copy_bandwidth,
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B, TP=1
 GROUP = NUM_HEADS // NUM_KV_HEADS
 DTYPE = torch.bfloat16
-SCALE = HEAD_DIM ** -0.5
+SCALE = HEAD_DIM**-0.5
 PAGE_SIZE = 16
 KV_LIMIT_BYTES = 40e9  # decode points whose K+V (one layer) exceed this are skipped
 DEVICE = "cuda"  # "cpu" only under --dry-run-cpu
@@ -72,15 +73,24 @@ PREFILL_KERNELS = ["fa2_varlen", "flex_paged"]
 
 # FlexAttention needs block sizes that divide the 16-token pages; tried in order, the first that compiles and
 # passes the check is kept for the rest of the run.
-FLEX_DECODE_OPTIONS = [{"BLOCK_M": 16, "BLOCK_N": 16}, {"BLOCK_N": 16}, None,
-                       {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": 16}]
-FLEX_PREFILL_OPTIONS = [{"BLOCK_M": 128, "BLOCK_N": 16}, {"BLOCK_M": 64, "BLOCK_N": 16},
-                        {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2}, None]
+FLEX_DECODE_OPTIONS = [
+    {"BLOCK_M": 16, "BLOCK_N": 16},
+    {"BLOCK_N": 16},
+    None,
+    {"FORCE_USE_FLEX_ATTENTION": True, "BLOCK_M": 16, "BLOCK_N": 16},
+]
+FLEX_PREFILL_OPTIONS = [
+    {"BLOCK_M": 128, "BLOCK_N": 16},
+    {"BLOCK_M": 64, "BLOCK_N": 16},
+    {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 2},
+    None,
+]
 
 REL_TOL, ABS_TOL = 2e-2, 5e-4  # bf16 output vs fp32 reference: |err| <= REL_TOL * max|ref| + ABS_TOL
 
 
 # ---- timing ------------------------------------------------------------------------------------------------------
+
 
 class Timer:
     """Median kernel time by CUDA events, one pair per call, 256 MiB written between calls to flush L2 (50 MiB on
@@ -126,10 +136,11 @@ def measure_gemm_tflops(timer: Timer, n: int) -> float:
     b = torch.randn(n, n, dtype=DTYPE, device=DEVICE)
     c = torch.empty(n, n, dtype=DTYPE, device=DEVICE)
     ms = timer(lambda: torch.matmul(a, b, out=c))
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 # ---- references and checks ---------------------------------------------------------------------------------------
+
 
 def expand_kv(rows: torch.Tensor) -> torch.Tensor:
     """``[L, Hkv, D]`` cache rows -> ``[Hq, L, D]`` fp32 (each KV head repeated for its query heads)."""
@@ -138,8 +149,9 @@ def expand_kv(rows: torch.Tensor) -> torch.Tensor:
 
 def decode_reference(q_row: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor) -> torch.Tensor:
     """``q_row [Hq, D]`` over ``[L, Hkv, D]`` -> ``[Hq, D]`` fp32."""
-    out = torch.nn.functional.scaled_dot_product_attention(q_row.float()[:, None], expand_kv(k_rows),
-                                                           expand_kv(v_rows), scale=SCALE)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_row.float()[:, None], expand_kv(k_rows), expand_kv(v_rows), scale=SCALE
+    )
     return out[:, 0]
 
 
@@ -167,6 +179,7 @@ def free_gpu_memory() -> None:
 
 # ---- the cache and the decode batches ----------------------------------------------------------------------------
 
+
 class DecodeBatch:
     """Queries and per-sequence metadata for one decode step over slots ``slots`` with lengths ``lens``.
 
@@ -191,8 +204,8 @@ class DecodeBatch:
     def reference_rows(self, cache, rows: list[int]) -> dict[int, torch.Tensor]:
         out = {}
         for b in rows:
-            k = cache.k[0][self.slots[b], :self.lens[b]]
-            v = cache.v[0][self.slots[b], :self.lens[b]]
+            k = cache.k[0][self.slots[b], : self.lens[b]]
+            v = cache.v[0][self.slots[b], : self.lens[b]]
             out[b] = decode_reference(self.q[b], k, v)
         return out
 
@@ -224,12 +237,12 @@ class PagedCopy:
         k_blocks = self.k.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
         v_blocks = self.v.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
         for b, (slot, n) in enumerate(zip(slots, pages)):
-            ids = perm[used:used + n]
+            ids = perm[used : used + n]
             used += n
             table[b, :n] = ids.to(torch.int32)
             # Rows up to the page boundary are mapped: slots are allocated at the longest context, a multiple of 16.
-            k_src = cache.k[0][slot, :n * PAGE_SIZE].view(n, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
-            v_src = cache.v[0][slot, :n * PAGE_SIZE].view(n, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+            k_src = cache.k[0][slot, : n * PAGE_SIZE].view(n, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+            v_src = cache.v[0][slot, : n * PAGE_SIZE].view(n, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
             k_blocks[ids] = k_src
             v_blocks[ids] = v_src
             if self.k_flex is not None:
@@ -255,9 +268,11 @@ def flex_page_table(num_pages: int, table: torch.Tensor, lens: list[int]):
 
 # ---- the kernels -------------------------------------------------------------------------------------------------
 
+
 def fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, seqused_k):
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                   scale=SCALE, seqused_k=seqused_k)[0]
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=SCALE, seqused_k=seqused_k
+    )[0]
 
 
 class Runner:
@@ -276,8 +291,12 @@ class Runner:
         try:
             import torch._dynamo.config as dynamo_config
 
-            for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
-                         "accumulated_recompile_limit"):
+            for name in (
+                "cache_size_limit",
+                "recompile_limit",
+                "accumulated_cache_size_limit",
+                "accumulated_recompile_limit",
+            ):
                 if hasattr(dynamo_config, name):
                     setattr(dynamo_config, name, max(getattr(dynamo_config, name), 256))
         except Exception:  # noqa: BLE001 - only raises limits; the defaults still work for small grids
@@ -323,8 +342,9 @@ class Runner:
             return {"status": "skipped", "error": str(skip)}
         except Exception as exc:  # noqa: BLE001 - one kernel's failure must not end the run
             result = {"status": "failed", "error": short_error(exc)}
-            self.failures.append({"kernel": name, "point": point, **result,
-                                  "traceback": traceback.format_exc(limit=6)[-3000:]})
+            self.failures.append(
+                {"kernel": name, "point": point, **result, "traceback": traceback.format_exc(limit=6)[-3000:]}
+            )
             free_gpu_memory()
             return result
 
@@ -338,16 +358,19 @@ class Runner:
         k, v = cache.k_flat[0], cache.v_flat[0]
 
         def build_fa2():
-            return lambda: fa2(batch.q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, 1, batch.max_len, False,
-                               batch.seq_lens)
+            return lambda: fa2(
+                batch.q, k, v, batch.cu_seqlens_q, batch.cu_seqlens_k, 1, batch.max_len, False, batch.seq_lens
+            )
 
         def build_triton():
-            return lambda: triton_decode_attention(batch.q, k, v, batch.slot_starts, batch.seq_lens, SCALE,
-                                                   max_seq_len=batch.max_len)
+            return lambda: triton_decode_attention(
+                batch.q, k, v, batch.slot_starts, batch.seq_lens, SCALE, max_seq_len=batch.max_len
+            )
 
         def build_triton_paged():
-            return lambda: triton_paged_decode_attention(batch.q, paged.k, paged.v, table, batch.seq_lens, SCALE,
-                                                         PAGE_SIZE, max_seq_len=batch.max_len)
+            return lambda: triton_paged_decode_attention(
+                batch.q, paged.k, paged.v, table, batch.seq_lens, SCALE, PAGE_SIZE, max_seq_len=batch.max_len
+            )
 
         def build_flex():
             why = self.flex_allowed("decode")
@@ -357,8 +380,12 @@ class Runner:
                 raise _Skip("skipped: no Flex copy of the pages (time budget spent before this batch)")
             return self.flex_decode_fn(batch, paged, table, flex_state)
 
-        return {"fa2_varlen": build_fa2, "triton_split": build_triton, "triton_paged": build_triton_paged,
-                "flex_paged": build_flex}
+        return {
+            "fa2_varlen": build_fa2,
+            "triton_split": build_triton,
+            "triton_paged": build_triton_paged,
+            "flex_paged": build_flex,
+        }
 
     def flex_decode_fn(self, batch: DecodeBatch, paged: PagedCopy, table, flex_state):
         from torch.nn.attention.flex_attention import create_block_mask
@@ -371,8 +398,9 @@ class Runner:
                 return kv_idx < lens[b]
 
             kv_len = -(-batch.max_len // PAGE_SIZE) * PAGE_SIZE
-            logical = create_block_mask(within_length, batch.batch, None, 1, kv_len, device=DEVICE,
-                                        BLOCK_SIZE=(PAGE_SIZE, PAGE_SIZE))
+            logical = create_block_mask(
+                within_length, batch.batch, None, 1, kv_len, device=DEVICE, BLOCK_SIZE=(PAGE_SIZE, PAGE_SIZE)
+            )
             pa = flex_page_table(paged.num_pages, table, batch.lens)
             flex_state["block_mask"] = pa.convert_logical_block_mask(logical)
             flex_state["keep"] = (lens, pa)
@@ -380,8 +408,9 @@ class Runner:
         q4 = batch.q.unsqueeze(2)  # [B, Hq, 1, D]
 
         def call(options):
-            return flex(q4, paged.k_flex, paged.v_flex, block_mask=mask, scale=SCALE, enable_gqa=True,
-                        kernel_options=options).squeeze(2)
+            return flex(
+                q4, paged.k_flex, paged.v_flex, block_mask=mask, scale=SCALE, enable_gqa=True, kernel_options=options
+            ).squeeze(2)
 
         return self._with_flex_options("decode", FLEX_DECODE_OPTIONS, call)
 
@@ -406,8 +435,10 @@ class Runner:
             return lambda: call(options)
         self.flex_attempts[phase] = errors
         self.disabled_flex(phase, errors)
-        raise RuntimeError(f"no FlexAttention kernel_options compiled for {phase}: "
-                           + "; ".join(f"{e['kernel_options']}: {e['error'][:300]}" for e in errors))
+        raise RuntimeError(
+            f"no FlexAttention kernel_options compiled for {phase}: "
+            + "; ".join(f"{e['kernel_options']}: {e['error'][:300]}" for e in errors)
+        )
 
     def disabled_flex(self, phase, errors):
         # Remember the failure: compiling again at every point would burn the time budget.
@@ -444,8 +475,15 @@ def run_decode(runner: Runner, args) -> dict:
     cache = runner.cache
     points = QUICK_DECODE if args.quick else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
     token_bytes_kv = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2
-    skipped = [{"batch": b, "context": n, "status": f"skipped: K+V {b * n * token_bytes_kv / 1e9:.1f} GB > "
-                f"{KV_LIMIT_BYTES / 1e9:.0f} GB"} for b, n in points if b * n * token_bytes_kv > KV_LIMIT_BYTES]
+    skipped = [
+        {
+            "batch": b,
+            "context": n,
+            "status": f"skipped: K+V {b * n * token_bytes_kv / 1e9:.1f} GB > {KV_LIMIT_BYTES / 1e9:.0f} GB",
+        }
+        for b, n in points
+        if b * n * token_bytes_kv > KV_LIMIT_BYTES
+    ]
     points = [(b, n) for b, n in points if b * n * token_bytes_kv <= KV_LIMIT_BYTES]
     max_context = max(n for _, n in points)
     batches = sorted({b for b, _ in points} | {CHECK_BATCH}, key=lambda b: (b != CHECK_BATCH, b))
@@ -497,8 +535,17 @@ def decode_checks(runner: Runner, paged: PagedCopy) -> dict:
         sorted_batch = DecodeBatch(cache, [slots[i] for i in order], [lens[i] for i in order], seed=7)
         refs = sorted_batch.reference_rows(cache, list(range(CHECK_BATCH)))
         try:
-            out = fa2(sorted_batch.q, cache.k_flat[0], cache.v_flat[0], sorted_batch.cu_seqlens_q,
-                      sorted_batch.cu_seqlens_k, 1, sorted_batch.max_len, False, sorted_batch.seq_lens)
+            out = fa2(
+                sorted_batch.q,
+                cache.k_flat[0],
+                cache.v_flat[0],
+                sorted_batch.cu_seqlens_q,
+                sorted_batch.cu_seqlens_k,
+                1,
+                sorted_batch.max_len,
+                False,
+                sorted_batch.seq_lens,
+            )
             report["fa2_with_sorted_slots_ok"] = all(compare(out[b], refs[b])[0] for b in range(CHECK_BATCH))
         except Exception as exc:  # noqa: BLE001
             report["fa2_with_sorted_slots_ok"] = False
@@ -507,11 +554,14 @@ def decode_checks(runner: Runner, paged: PagedCopy) -> dict:
         if report.get("fa2_with_sorted_slots_ok"):
             runner.disabled.pop("fa2_varlen", None)
     for name, result in kernels.items():
-        if result.get("status") in ("wrong", "failed") and not (name == "fa2_varlen"
-                                                                 and report.get("fa2_with_sorted_slots_ok")):
+        if result.get("status") in ("wrong", "failed") and not (
+            name == "fa2_varlen" and report.get("fa2_with_sorted_slots_ok")
+        ):
             runner.disabled[name] = f"failed the varied-length check: {result.get('error', '')[:300]}"
-    print(f"decode check (B={CHECK_BATCH}, varied lengths, slots out of order): "
-          + ", ".join(f"{k}={v.get('status')}" for k, v in kernels.items()))
+    print(
+        f"decode check (B={CHECK_BATCH}, varied lengths, slots out of order): "
+        + ", ".join(f"{k}={v.get('status')}" for k, v in kernels.items())
+    )
     return report
 
 
@@ -530,18 +580,20 @@ def summarise_decode_point(point: dict, copy_gb_s: float) -> dict:
     if paged:
         point["best_paged"] = min(paged, key=lambda k: paged[k]["time_us"])
     if nonpaged and paged:
-        point["speedup_vs_best_paged"] = paged[point["best_paged"]]["time_us"] / nonpaged[point["best_nonpaged"]][
-            "time_us"]
+        point["speedup_vs_best_paged"] = (
+            paged[point["best_paged"]]["time_us"] / nonpaged[point["best_nonpaged"]]["time_us"]
+        )
         point["speedup_target_met"] = point["speedup_vs_best_paged"] >= DECODE_SPEEDUP_TARGET
     return point
 
 
 def print_decode_header(copy_gb_s: float) -> None:
-    print(f"\nDecode, Llama-3-8B shapes, {str(DTYPE).removeprefix('torch.')}. Cells: GB/s (% of copy bandwidth {copy_gb_s:.0f} GB/s). Targets: "
-          f">= {BW_TARGET:.0%} of copy where B*L >= {BW_TARGET_MIN_TOKENS // 1024}K; best non-paged >= "
-          f"{DECODE_SPEEDUP_TARGET}x best paged")
-    print(f"{'B':>4} {'L':>6} {'tokens':>7} | " + " | ".join(f"{k:>15}" for k in DECODE_KERNELS)
-          + " | np/paged  bw  x")
+    print(
+        f"\nDecode, Llama-3-8B shapes, {str(DTYPE).removeprefix('torch.')}. Cells: GB/s (% of copy bandwidth {copy_gb_s:.0f} GB/s). Targets: "
+        f">= {BW_TARGET:.0%} of copy where B*L >= {BW_TARGET_MIN_TOKENS // 1024}K; best non-paged >= "
+        f"{DECODE_SPEEDUP_TARGET}x best paged"
+    )
+    print(f"{'B':>4} {'L':>6} {'tokens':>7} | " + " | ".join(f"{k:>15}" for k in DECODE_KERNELS) + " | np/paged  bw  x")
 
 
 def print_decode_row(point: dict, copy_gb_s: float) -> None:
@@ -553,14 +605,21 @@ def print_decode_row(point: dict, copy_gb_s: float) -> None:
         else:
             cells.append(f"{r.get('status', '-'):>15}")
     speed = point.get("speedup_vs_best_paged")
-    flags = ("ok" if point.get("bw_target_met") else ("--" if "bw_target_met" not in point else "NO"),
-             "ok" if point.get("speedup_target_met") else ("--" if "speedup_target_met" not in point else "NO"))
+    flags = (
+        "ok" if point.get("bw_target_met") else ("--" if "bw_target_met" not in point else "NO"),
+        "ok" if point.get("speedup_target_met") else ("--" if "speedup_target_met" not in point else "NO"),
+    )
     speed_cell = f"{speed:6.2f}x" if speed else "     - "
-    print(f"{point['batch']:>4} {point['context']:>6} {point['tokens'] // 1024:>6}K | " + " | ".join(cells)
-          + f" | {speed_cell} {flags[0]:>3} {flags[1]:>2}", flush=True)
+    print(
+        f"{point['batch']:>4} {point['context']:>6} {point['tokens'] // 1024:>6}K | "
+        + " | ".join(cells)
+        + f" | {speed_cell} {flags[0]:>3} {flags[1]:>2}",
+        flush=True,
+    )
 
 
 # ---- prefill -----------------------------------------------------------------------------------------------------
+
 
 def causal_flops(chunk: int, prior: int) -> int:
     """Multiply-adds x2 of QK^T and PV for one request: query i of the chunk sees prior + i + 1 keys."""
@@ -571,17 +630,24 @@ def causal_flops(chunk: int, prior: int) -> int:
 def run_prefill(runner: Runner, args) -> dict:
     cache = runner.cache
     points = QUICK_PREFILL if args.quick else PREFILL_POINTS
-    print(f"\nPrefill, causal chunk after cached context. Cells: TFLOP/s (% of bf16 GEMM {runner.gemm_tflops:.0f} "
-          f"TFLOP/s). Target: fa2_varlen >= {PREFILL_SPEEDUP_TARGET}x flex_paged")
-    print(f"{'reqs':>4} {'chunk':>6} {'prior':>6} | " + " | ".join(f"{k:>16}" for k in PREFILL_KERNELS)
-          + " | speedup")
+    print(
+        f"\nPrefill, causal chunk after cached context. Cells: TFLOP/s (% of bf16 GEMM {runner.gemm_tflops:.0f} "
+        f"TFLOP/s). Target: fa2_varlen >= {PREFILL_SPEEDUP_TARGET}x flex_paged"
+    )
+    print(f"{'reqs':>4} {'chunk':>6} {'prior':>6} | " + " | ".join(f"{k:>16}" for k in PREFILL_KERNELS) + " | speedup")
     results = []
     for requests, chunk, prior in points:
         total = prior + chunk
         label = f"prefill {requests}x{chunk}+{prior}"
         if requests > cache.config.max_batch_size or total > cache.config.max_seq_len:
-            results.append({"requests": requests, "chunk": chunk, "prior": prior,
-                            "status": "skipped: larger than the benchmark cache"})
+            results.append(
+                {
+                    "requests": requests,
+                    "chunk": chunk,
+                    "prior": prior,
+                    "status": "skipped: larger than the benchmark cache",
+                }
+            )
             continue
         gen = torch.Generator(device=DEVICE).manual_seed(requests * 7 + chunk)
         q = torch.randn(requests * chunk, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE).to(DTYPE)
@@ -611,10 +677,15 @@ def run_prefill(runner: Runner, args) -> dict:
             return worst_ok, {"queries_checked_per_request": 64, "max_abs_err": worst_err, "max_abs_ref": worst_scale}
 
         k_flat, v_flat = cache.k_flat[0], cache.v_flat[0]
-        kernels = {"fa2_varlen": runner.measure(
-            "fa2_varlen", label,
-            lambda: (lambda: fa2(q, k_flat, v_flat, cu_q, cu_k, chunk, total, True, seqused)), check,
-            disabled_key="fa2_varlen_prefill")}
+        kernels = {
+            "fa2_varlen": runner.measure(
+                "fa2_varlen",
+                label,
+                lambda: lambda: fa2(q, k_flat, v_flat, cu_q, cu_k, chunk, total, True, seqused),
+                check,
+                disabled_key="fa2_varlen_prefill",
+            )
+        }
         kernels["flex_paged"] = measure_flex_prefill(runner, label, q, requests, chunk, prior, slots, check)
         flops = causal_flops(chunk, prior) * requests
         for r in kernels.values():
@@ -629,12 +700,18 @@ def run_prefill(runner: Runner, args) -> dict:
         cells = []
         for name in PREFILL_KERNELS:
             r = kernels[name]
-            cells.append(f"{r['tflops']:7.1f} ({r['fraction_of_gemm']:5.0%})" if r.get("status") == "ok"
-                         else f"{r.get('status', '-'):>16}")
+            cells.append(
+                f"{r['tflops']:7.1f} ({r['fraction_of_gemm']:5.0%})"
+                if r.get("status") == "ok"
+                else f"{r.get('status', '-'):>16}"
+            )
         speed = point.get("speedup_vs_paged")
-        print(f"{requests:>4} {chunk:>6} {prior:>6} | " + " | ".join(cells)
-              + (f" | {speed:5.2f}x {'ok' if point['speedup_target_met'] else 'NO'}" if speed else " |     -"),
-              flush=True)
+        print(
+            f"{requests:>4} {chunk:>6} {prior:>6} | "
+            + " | ".join(cells)
+            + (f" | {speed:5.2f}x {'ok' if point['speedup_target_met'] else 'NO'}" if speed else " |     -"),
+            flush=True,
+        )
         free_gpu_memory()
     return {"points": results}
 
@@ -660,16 +737,24 @@ def measure_flex_prefill(runner: Runner, label, q, requests, chunk, prior, slots
         def causal_after_prior(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + prior
 
-        logical = create_block_mask(causal_after_prior, requests, None, chunk, pages_per_request * PAGE_SIZE,
-                                    device=DEVICE, BLOCK_SIZE=(128, PAGE_SIZE))
+        logical = create_block_mask(
+            causal_after_prior,
+            requests,
+            None,
+            chunk,
+            pages_per_request * PAGE_SIZE,
+            device=DEVICE,
+            BLOCK_SIZE=(128, PAGE_SIZE),
+        )
         mask = pa.convert_logical_block_mask(logical)
         q4 = q.view(requests, chunk, NUM_HEADS, HEAD_DIM).transpose(1, 2).contiguous()  # [R, Hq, C, D]
         state["keep"] = (paged, pa, mask, q4)
         flex = runner.flex_fn()
 
         def call(options):
-            out = flex(q4, paged.k_flex, paged.v_flex, block_mask=mask, scale=SCALE, enable_gqa=True,
-                       kernel_options=options)
+            out = flex(
+                q4, paged.k_flex, paged.v_flex, block_mask=mask, scale=SCALE, enable_gqa=True, kernel_options=options
+            )
             return out.transpose(1, 2).reshape(requests * chunk, NUM_HEADS, HEAD_DIM)
 
         return runner._with_flex_options("prefill", FLEX_PREFILL_OPTIONS, call)
@@ -682,6 +767,7 @@ def measure_flex_prefill(runner: Runner, label, q, requests, chunk, prior, slots
 
 
 # ---- plots -------------------------------------------------------------------------------------------------------
+
 
 def plot(payload: dict, out_dir: Path) -> list[Path]:
     """Decode bandwidth vs B*L per kernel, prefill TFLOP/s bars; returns the PNGs written (none without
@@ -753,6 +839,7 @@ def plot(payload: dict, out_dir: Path) -> list[Path]:
 
 # ---- main --------------------------------------------------------------------------------------------------------
 
+
 def summarise_targets(payload: dict) -> dict:
     decode = [p for p in payload["decode"]["points"] if "kernels" in p]
     big = [p for p in decode if p["tokens"] >= BW_TARGET_MIN_TOKENS]
@@ -769,18 +856,27 @@ def summarise_targets(payload: dict) -> dict:
         fr = [p["kernels"][name]["fraction_of_copy_bw"] for p in big if p["kernels"][name].get("status") == "ok"]
         per_kernel_bw[name] = stats(fr)
     return {
-        "decode_bandwidth": {"target": f">= {BW_TARGET:.0%} of copy bandwidth (best non-paged) at every point with "
-                                       f"B*L >= {BW_TARGET_MIN_TOKENS}",
-                             "best_nonpaged": stats(bw), "per_kernel": per_kernel_bw,
-                             "met": bool(bw) and len(bw) == len(big) and min(bw) >= BW_TARGET},
-        "decode_speedup_vs_paged": {"target": f">= {DECODE_SPEEDUP_TARGET}x best paged at every point",
-                                    "all_points": stats(speed_all), "points_b_l_ge_64k": stats(speed_big),
-                                    "points_meeting": sum(s >= DECODE_SPEEDUP_TARGET for s in speed_all),
-                                    "met": bool(speed_all) and len(speed_all) == len(decode)
-                                    and min(speed_all) >= DECODE_SPEEDUP_TARGET},
-        "prefill_speedup_vs_paged": {"target": f">= {PREFILL_SPEEDUP_TARGET}x flex_paged", **stats(prefill),
-                                     "met": bool(prefill) and len(prefill) == len(payload["prefill"]["points"])
-                                     and min(prefill) >= PREFILL_SPEEDUP_TARGET},
+        "decode_bandwidth": {
+            "target": f">= {BW_TARGET:.0%} of copy bandwidth (best non-paged) at every point with "
+            f"B*L >= {BW_TARGET_MIN_TOKENS}",
+            "best_nonpaged": stats(bw),
+            "per_kernel": per_kernel_bw,
+            "met": bool(bw) and len(bw) == len(big) and min(bw) >= BW_TARGET,
+        },
+        "decode_speedup_vs_paged": {
+            "target": f">= {DECODE_SPEEDUP_TARGET}x best paged at every point",
+            "all_points": stats(speed_all),
+            "points_b_l_ge_64k": stats(speed_big),
+            "points_meeting": sum(s >= DECODE_SPEEDUP_TARGET for s in speed_all),
+            "met": bool(speed_all) and len(speed_all) == len(decode) and min(speed_all) >= DECODE_SPEEDUP_TARGET,
+        },
+        "prefill_speedup_vs_paged": {
+            "target": f">= {PREFILL_SPEEDUP_TARGET}x flex_paged",
+            **stats(prefill),
+            "met": bool(prefill)
+            and len(prefill) == len(payload["prefill"]["points"])
+            and min(prefill) >= PREFILL_SPEEDUP_TARGET,
+        },
     }
 
 
@@ -791,8 +887,10 @@ def autotune_choices() -> dict:
         from benchmarks import triton_paged_decode
         from engine.attention import triton_decode
 
-        for name, tuner in (("triton_split", triton_decode._split_kv_autotuned),
-                            ("triton_paged", triton_paged_decode._paged_split_kv_autotuned)):
+        for name, tuner in (
+            ("triton_split", triton_decode._split_kv_autotuned),
+            ("triton_paged", triton_paged_decode._paged_split_kv_autotuned),
+        ):
             out[name] = {str(key[:4]): str(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
     except Exception as exc:  # noqa: BLE001 - informational only
         out["error"] = short_error(exc)
@@ -804,8 +902,16 @@ def make_cache(max_batch: int, max_context: int):
 
     token_bytes = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
     pool = 2 * max_batch * max_context * token_bytes + (64 << 20)
-    config = KVCacheConfig(num_layers=1, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, max_batch_size=max_batch,
-                           max_seq_len=max_context, dtype=DTYPE, device=DEVICE, pool_size_bytes=pool)
+    config = KVCacheConfig(
+        num_layers=1,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_batch_size=max_batch,
+        max_seq_len=max_context,
+        dtype=DTYPE,
+        device=DEVICE,
+        pool_size_bytes=pool,
+    )
     cache = VirtualKVCache(config)
     for _ in range(max_batch):
         cache.allocate(max_context)
@@ -822,12 +928,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few points (smoke run)")
     parser.add_argument("--plot-only", type=Path, metavar="RESULT_JSON", help="write the PNGs from a result file")
-    parser.add_argument("--budget-s", type=float, default=250.0,
-                        help="seconds after which the slow-to-compile Flex baselines are skipped")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=250.0,
+        help="seconds after which the slow-to-compile Flex baselines are skipped",
+    )
     parser.add_argument("--name", default=None, help="result name (default attention_<gpu>[_quick])")
-    parser.add_argument("--dry-run-cpu", type=Path, metavar="OUT_DIR", default=None,
-                        help="exercise every code path on CPU with tiny shapes (Triton interpreted, FA2 failing); "
-                             "writes the JSON and PNGs to OUT_DIR, not to results/")
+    parser.add_argument(
+        "--dry-run-cpu",
+        type=Path,
+        metavar="OUT_DIR",
+        default=None,
+        help="exercise every code path on CPU with tiny shapes (Triton interpreted, FA2 failing); "
+        "writes the JSON and PNGs to OUT_DIR, not to results/",
+    )
     args = parser.parse_args()
 
     if args.plot_only:
@@ -851,8 +966,9 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     info = machine_info(DEVICE)
     gpu = info.get("gpu", "cpu")
-    name = args.name or "attention_" + next((tag for tag in ("h100", "h200", "a100", "b200", "cpu")
-                                             if tag in gpu.lower()), "gpu") + ("_quick" if args.quick else "")
+    name = args.name or "attention_" + next(
+        (tag for tag in ("h100", "h200", "a100", "b200", "cpu") if tag in gpu.lower()), "gpu"
+    ) + ("_quick" if args.quick else "")
     copy_gb_s = measure_copy_bandwidth(DEVICE, size_bytes=1 << 30 if DEVICE == "cuda" else 64 << 20)
     print(f"{gpu}: device copy bandwidth {copy_gb_s:.0f} GB/s (read+write)", flush=True)
 
@@ -861,8 +977,11 @@ def main() -> int:
     max_batch = max([b for b, _ in decode_points] + [CHECK_BATCH] + [r for r, _, _ in prefill_points])
     max_context = max([n for _, n in decode_points] + [max(CHECK_LENS)] + [c + p for _, c, p in prefill_points])
     cache = make_cache(max_batch, max_context)
-    print(f"cache: {max_batch} slots x {max_context} tokens, slot stride {cache.slot_stride_tokens} rows, "
-          f"{cache.stats().mapped_bytes / 2**30:.1f} GiB mapped ({time.perf_counter() - start:.1f} s)", flush=True)
+    print(
+        f"cache: {max_batch} slots x {max_context} tokens, slot stride {cache.slot_stride_tokens} rows, "
+        f"{cache.stats().mapped_bytes / 2**30:.1f} GiB mapped ({time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
 
     runner = Runner(args, cache)
     runner.t0 = start
@@ -874,12 +993,20 @@ def main() -> int:
     payload = {
         "benchmark": "attention",
         "machine": info,
-        "settings": {"num_heads": NUM_HEADS, "num_kv_heads": NUM_KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE),
-                     "page_size_tokens": PAGE_SIZE, "quick": args.quick, "budget_s": args.budget_s,
-                     "cache_page_size_bytes": cache.page_size_bytes, "slot_stride_tokens": cache.slot_stride_tokens,
-                     "timing": "median of CUDA-event timings per call after warm-up, L2 flushed (256 MiB) before each",
-                     "bytes_moved": "K+V rows read + q read + output written",
-                     "tolerance": f"|err| <= {REL_TOL} * max|ref| + {ABS_TOL} vs fp32 SDPA on gathered K/V"},
+        "settings": {
+            "num_heads": NUM_HEADS,
+            "num_kv_heads": NUM_KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "dtype": str(DTYPE),
+            "page_size_tokens": PAGE_SIZE,
+            "quick": args.quick,
+            "budget_s": args.budget_s,
+            "cache_page_size_bytes": cache.page_size_bytes,
+            "slot_stride_tokens": cache.slot_stride_tokens,
+            "timing": "median of CUDA-event timings per call after warm-up, L2 flushed (256 MiB) before each",
+            "bytes_moved": "K+V rows read + q read + output written",
+            "tolerance": f"|err| <= {REL_TOL} * max|ref| + {ABS_TOL} vs fp32 SDPA on gathered K/V",
+        },
         "copy_bandwidth_gb_s": copy_gb_s,
         "gemm_tflops": runner.gemm_tflops,
     }
@@ -912,15 +1039,21 @@ def main() -> int:
 
     t = payload["targets"]
     print("\nTargets:")
-    print(f"  decode bandwidth  {t['decode_bandwidth']['target']}: best non-paged "
-          f"{_fmt_stats(t['decode_bandwidth']['best_nonpaged'], pct=True)} -> "
-          f"{'MET' if t['decode_bandwidth']['met'] else 'NOT MET'}")
-    print(f"  decode vs paged   {t['decode_speedup_vs_paged']['target']}: "
-          f"{_fmt_stats(t['decode_speedup_vs_paged']['all_points'])} "
-          f"({t['decode_speedup_vs_paged']['points_meeting']} points meet it) -> "
-          f"{'MET' if t['decode_speedup_vs_paged']['met'] else 'NOT MET'}")
-    print(f"  prefill vs paged  {t['prefill_speedup_vs_paged']['target']}: "
-          f"{_fmt_stats(t['prefill_speedup_vs_paged'])} -> {'MET' if t['prefill_speedup_vs_paged']['met'] else 'NOT MET'}")
+    print(
+        f"  decode bandwidth  {t['decode_bandwidth']['target']}: best non-paged "
+        f"{_fmt_stats(t['decode_bandwidth']['best_nonpaged'], pct=True)} -> "
+        f"{'MET' if t['decode_bandwidth']['met'] else 'NOT MET'}"
+    )
+    print(
+        f"  decode vs paged   {t['decode_speedup_vs_paged']['target']}: "
+        f"{_fmt_stats(t['decode_speedup_vs_paged']['all_points'])} "
+        f"({t['decode_speedup_vs_paged']['points_meeting']} points meet it) -> "
+        f"{'MET' if t['decode_speedup_vs_paged']['met'] else 'NOT MET'}"
+    )
+    print(
+        f"  prefill vs paged  {t['prefill_speedup_vs_paged']['target']}: "
+        f"{_fmt_stats(t['prefill_speedup_vs_paged'])} -> {'MET' if t['prefill_speedup_vs_paged']['met'] else 'NOT MET'}"
+    )
     if runner.failures:
         print(f"{len(runner.failures)} kernel failures recorded (see 'failures' in the JSON):")
         for f in runner.failures[:12]:

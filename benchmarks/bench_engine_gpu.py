@@ -16,6 +16,7 @@
 5. The paged baseline: the same engine over a vLLM-style block pool with block tables and the paged twin of the
    decode kernel (``benchmarks/paged_kv.py``), on the decode-heavy and the default throughput workloads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,12 +71,13 @@ def hf_baseline(requests, batch_size: int) -> dict:
     torch.cuda.synchronize()
     t = time.perf_counter()
     for i in range(0, len(requests), batch_size):
-        chunk = requests[i:i + batch_size]
+        chunk = requests[i : i + batch_size]
         ids = torch.tensor([p for p, _ in chunk], device="cuda")  # equal prompt lengths: no padding needed
         new = max(n for _, n in chunk)
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                           do_sample=False)
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False
+            )
         tokens += sum(n for _, n in chunk)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
@@ -99,17 +101,24 @@ class StepRecorder:
         start.record()
         logits = self._run(seqs, *args)
         end.record()
-        self.records.append({"num_seqs": len(seqs), "num_tokens": sum(len(t) for _, t, _ in seqs),
-                             "decode": all(len(t) == 1 for _, t, _ in seqs),
-                             "kv_tokens": sum(p + len(t) for _, t, p in seqs), "events": (start, end)})
+        self.records.append(
+            {
+                "num_seqs": len(seqs),
+                "num_tokens": sum(len(t) for _, t, _ in seqs),
+                "decode": all(len(t) == 1 for _, t, _ in seqs),
+                "kv_tokens": sum(p + len(t) for _, t, p in seqs),
+                "events": (start, end),
+            }
+        )
         return logits
 
     def run(self, requests) -> dict:
         engine = self.engine
         self.records = []
         for i, (prompt, n) in enumerate(requests):
-            engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt,
-                               SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            engine.add_request(
+                f"r{i}-{time.monotonic_ns()}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            )
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         output_tokens = 0
@@ -127,12 +136,17 @@ class StepRecorder:
             start, end = rec.pop("events")
             rec["gpu_s"] = start.elapsed_time(end) / 1e3
         prompt_tokens = sum(len(p) for p, _ in requests)
-        return {"seconds": seconds, "output_tok_s": output_tokens / seconds,
-                "total_tok_s": (output_tokens + prompt_tokens) / seconds, "steps": list(self.records)}
+        return {
+            "seconds": seconds,
+            "output_tok_s": output_tokens / seconds,
+            "total_tok_s": (output_tokens + prompt_tokens) / seconds,
+            "steps": list(self.records),
+        }
 
 
-def summarize(steps: list[dict], bandwidth_gb_s: float, gemm: float, weight_bytes: int, params: int,
-              kv_bytes_per_token: int) -> dict:
+def summarize(
+    steps: list[dict], bandwidth_gb_s: float, gemm: float, weight_bytes: int, params: int, kv_bytes_per_token: int
+) -> dict:
     decode = [s for s in steps if s["decode"] and s["num_seqs"] >= 64]
     prefill = [s for s in steps if not s["decode"] and s["num_tokens"] >= 1024]
     out = {"decode_seconds": sum(s["wall_s"] for s in steps if s["decode"])}
@@ -142,11 +156,17 @@ def summarize(steps: list[dict], bandwidth_gb_s: float, gemm: float, weight_byte
         overhead = [max(0.0, 1 - s["gpu_s"] / s["wall_s"]) for s in decode]
         out["decode_gpu_over_floor_median"] = statistics.median(s["gpu_s"] / f for s, f in zip(decode, floors))
         # The device's idle share over all decode steps (per-step figures can't see a host that runs ahead).
-        out["decode_host_overhead_total"] = max(0.0, 1 - sum(s["gpu_s"] for s in decode) / sum(s["wall_s"] for s in decode))
+        out["decode_host_overhead_total"] = max(
+            0.0, 1 - sum(s["gpu_s"] for s in decode) / sum(s["wall_s"] for s in decode)
+        )
         out["decode_steps"] = len(decode)
         out["decode_step_ms_median"] = statistics.median(s["wall_s"] for s in decode) * 1e3
-        out["decode_floor_ms_median"] = statistics.median(
-            (weight_bytes + s["kv_tokens"] * kv_bytes_per_token) / (bandwidth_gb_s * 1e9) for s in decode) * 1e3
+        out["decode_floor_ms_median"] = (
+            statistics.median(
+                (weight_bytes + s["kv_tokens"] * kv_bytes_per_token) / (bandwidth_gb_s * 1e9) for s in decode
+            )
+            * 1e3
+        )
         out["decode_step_over_floor_median"] = statistics.median(ratios)
         out["decode_host_overhead_median"] = statistics.median(overhead)
         out["decode_batch_median"] = statistics.median(s["num_seqs"] for s in decode)
@@ -163,24 +183,35 @@ def finish(result: dict) -> None:
     same = result["same_as_baseline"]["output_tok_s"]
     result["targets"] = {
         "decode_step_over_floor_at_batch_ge_64": {
-            "figure": result["decode_heavy_256_1024"].get("decode_step_over_floor_median"), "limit": 1.3},
-        "prefill_mfu_vs_gemm": {"figure": result["throughput_1024_128"].get("prefill_mfu_vs_gemm_median"),
-                                "limit": 0.5},
+            "figure": result["decode_heavy_256_1024"].get("decode_step_over_floor_median"),
+            "limit": 1.3,
+        },
+        "prefill_mfu_vs_gemm": {
+            "figure": result["throughput_1024_128"].get("prefill_mfu_vs_gemm_median"),
+            "limit": 0.5,
+        },
         "host_overhead_per_decode_step": {
-            "figure": result["decode_heavy_256_1024"].get("decode_host_overhead_median"), "limit": 0.10},
+            "figure": result["decode_heavy_256_1024"].get("decode_host_overhead_median"),
+            "limit": 0.10,
+        },
         "async_over_sync_scheduling_output_tok_s": {
             "figure": result["decode_256_512_async"]["output_tok_s"] / result["decode_256_512_sync"]["output_tok_s"],
-            "baseline": 1.0},
+            "baseline": 1.0,
+        },
         "mapping_overhead_vs_premapped": {"figure": result.get("mapping_overhead"), "limit": 0.02},
         "engine_vs_transformers_same_workload": {"figure": same / baseline if baseline else None, "baseline": baseline},
     }
     if "paged_decode_heavy_256_1024" in result:
         result["targets"]["vattention_over_paged_decode_heavy"] = {
             "figure": result["decode_heavy_256_1024"]["output_tok_s"]
-            / result["paged_decode_heavy_256_1024"]["output_tok_s"], "limit": 1.15}
+            / result["paged_decode_heavy_256_1024"]["output_tok_s"],
+            "limit": 1.15,
+        }
         result["targets"]["vattention_over_paged_throughput_1024_128"] = {
             "figure": result["throughput_1024_128"]["output_tok_s"]
-            / result["paged_throughput_1024_128"]["output_tok_s"], "baseline": 1.0}
+            / result["paged_throughput_1024_128"]["output_tok_s"],
+            "baseline": 1.0,
+        }
     print("\ntarget                                   figure    limit/baseline")
     for name, t in result["targets"].items():
         fig = t["figure"]
@@ -191,6 +222,7 @@ def finish(result: dict) -> None:
         print(f"{name}: {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s")
     write_result("engine_h100" if "H100" in result["machine"].get("gpu", "") else "engine_gpu", result)
 
+
 def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: float, scale: int) -> None:
     """The decode-heavy and default workloads on the layer-major cache, the token-major cache (every layer of a
     token in one page: 16 tokens a 2 MiB page instead of 1024) and the paged-KV mode, one engine after the other.
@@ -200,7 +232,8 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
     builders = {
         "layer_major": lambda: LLMEngine(config),
         "token_major": lambda: LLMEngine(
-            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="token_major"))),
+            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="token_major"))
+        ),
         "paged": lambda: build_paged_engine(config),
     }
     for name, build in builders.items():
@@ -216,19 +249,33 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             kv_bytes_per_token = engine.kv_cache.token_bytes * engine.kv_cache.num_buffers
             check = workload(4, 200, 32, 128256, seed=11)
-            outs = engine.generate([p for p, _ in check], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-            entry["greedy_shortfall_max"] = max(greedy_shortfall(engine, p, o.token_ids) for (p, _), o in zip(check, outs))
+            outs = engine.generate(
+                [p for p, _ in check], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+            )
+            entry["greedy_shortfall_max"] = max(
+                greedy_shortfall(engine, p, o.token_ids) for (p, _), o in zip(check, outs)
+            )
             recorder = StepRecorder(engine)
-            for label, requests in (("decode_heavy_256_1024", workload(512 // scale, 256, 1024, 128256, seed=3)),
-                                    ("throughput_1024_128", workload(1000 // scale, 1024, 128, 128256, seed=2))):
+            for label, requests in (
+                ("decode_heavy_256_1024", workload(512 // scale, 256, 1024, 128256, seed=3)),
+                ("throughput_1024_128", workload(1000 // scale, 1024, 128, 128256, seed=2)),
+            ):
                 preemptions = engine.stats().num_preemptions
                 r = recorder.run(requests)
-                entry[label] = {"requests": len(requests), "seconds": r["seconds"], "output_tok_s": r["output_tok_s"],
-                                "total_tok_s": r["total_tok_s"],
-                                "preemptions": engine.stats().num_preemptions - preemptions,
-                                **summarize(r["steps"], bandwidth, gemm, weight_bytes, params, kv_bytes_per_token)}
-                print(name, label, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry[label].items()},
-                      flush=True)
+                entry[label] = {
+                    "requests": len(requests),
+                    "seconds": r["seconds"],
+                    "output_tok_s": r["output_tok_s"],
+                    "total_tok_s": r["total_tok_s"],
+                    "preemptions": engine.stats().num_preemptions - preemptions,
+                    **summarize(r["steps"], bandwidth, gemm, weight_bytes, params, kv_bytes_per_token),
+                }
+                print(
+                    name,
+                    label,
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry[label].items()},
+                    flush=True,
+                )
             del recorder, model
         except Exception as e:  # one engine's failure must not cost the others
             result.setdefault(name, {})["error"] = repr(e)
@@ -246,16 +293,21 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
             print(f"{name:<12} failed: {e.get('error')}")
             continue
         d, t = e["decode_heavy_256_1024"], e["throughput_1024_128"]
-        print(f"{name:<12} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} {d['preemptions'] + t['preemptions']:>12} "
-              f"{e['greedy_shortfall_max']:>17.4f}")
+        print(
+            f"{name:<12} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} {d['preemptions'] + t['preemptions']:>12} "
+            f"{e['greedy_shortfall_max']:>17.4f}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small workloads (smoke run)")
-    parser.add_argument("--layouts", action="store_true",
-                        help="only compare the layer-major cache, the token-major cache and the paged-KV mode "
-                             "(writes results/engine_layouts_h100.json)")
+    parser.add_argument(
+        "--layouts",
+        action="store_true",
+        help="only compare the layer-major cache, the token-major cache and the paged-KV mode "
+        "(writes results/engine_layouts_h100.json)",
+    )
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     torch.manual_seed(0)
@@ -263,9 +315,17 @@ def main() -> None:
     gemm = gemm_tflops()
     print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 GEMM {gemm:.0f} TFLOP/s", flush=True)
     result = {"machine": machine_info("cuda"), "model": MODEL, "copy_gb_s": bandwidth, "gemm_tflops": gemm}
-    config = EngineConfig.from_dict({"model": MODEL, "device": "cuda", "dtype": "bfloat16", "max_batch_size": 257,
-                                     "max_seq_len": 2048, "max_num_batched_tokens": 8192,
-                                     "gpu_memory_fraction": 0.85})
+    config = EngineConfig.from_dict(
+        {
+            "model": MODEL,
+            "device": "cuda",
+            "dtype": "bfloat16",
+            "max_batch_size": 257,
+            "max_seq_len": 2048,
+            "max_num_batched_tokens": 8192,
+            "gpu_memory_fraction": 0.85,
+        }
+    )
     if args.layouts:
         compare_layouts(config, result, bandwidth, gemm, scale)
         return
@@ -288,8 +348,11 @@ def main() -> None:
     kv = engine.kv_cache
     kv_bytes_per_token = kv.token_bytes * kv.num_buffers  # read per token per decode step, all layers K and V
     stats = engine.stats()
-    print(f"engine up in {result['engine_start_s']:.0f} s: {params / 1e9:.2f} B params, {stats.num_total_pages} KV "
-          f"pages of {stats.page_size_bytes >> 20} MiB, {stats.tokens_per_page:.0f} tokens/page", flush=True)
+    print(
+        f"engine up in {result['engine_start_s']:.0f} s: {params / 1e9:.2f} B params, {stats.num_total_pages} KV "
+        f"pages of {stats.page_size_bytes >> 20} MiB, {stats.tokens_per_page:.0f} tokens/page",
+        flush=True,
+    )
     current = {"engine": engine, "recorder": recorder}
 
     def measure(name, requests):
@@ -298,10 +361,15 @@ def main() -> None:
         r = recorder.run(requests)
         summary = summarize(r["steps"], bandwidth, gemm, weight_bytes, params, kv_bytes_per_token)
         stats = engine.stats()
-        result[name] = {"requests": len(requests), "kv_pool_bytes": stats.num_total_pages * stats.page_size_bytes,
-                        "seconds": r["seconds"], "output_tok_s": r["output_tok_s"],
-                        "total_tok_s": r["total_tok_s"], "preemptions": engine.stats().num_preemptions - preemptions,
-                        **summary}
+        result[name] = {
+            "requests": len(requests),
+            "kv_pool_bytes": stats.num_total_pages * stats.page_size_bytes,
+            "seconds": r["seconds"],
+            "output_tok_s": r["output_tok_s"],
+            "total_tok_s": r["total_tok_s"],
+            "preemptions": engine.stats().num_preemptions - preemptions,
+            **summary,
+        }
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[name].items()}, flush=True)
 
     measure("warmup", workload(16, 128, 16, 128256, seed=9))
@@ -352,6 +420,7 @@ def main() -> None:
         print("paged engine failed:", repr(e), flush=True)
 
     finish(result)
+
 
 if __name__ == "__main__":
     main()

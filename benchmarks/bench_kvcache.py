@@ -10,6 +10,7 @@ requests crossing page boundaries, three ways: pages mapped inline before each s
 step's GPU work (``prepare`` after launch), and a fully pre-mapped cache (the floor).
 The paper's need for Llama-3-8B is at most 750 MB/s of allocation: the margin is printed beside each bandwidth.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,14 +74,26 @@ def bench_cache_grow(device: str) -> dict:
                 cache.grow(slot, step * tpp + 1)
         seconds = time.perf_counter() - t
         pages = (steps - 1) * slots * cache.num_buffers
-        return {"pages": pages, "us_per_page": seconds / pages * 1e6,
-                "gb_s": pages * cache.page_size_bytes / seconds / 1e9, "shape": {k: str(v) for k, v in shape.items()}}
+        return {
+            "pages": pages,
+            "us_per_page": seconds / pages * 1e6,
+            "gb_s": pages * cache.page_size_bytes / seconds / 1e9,
+            "shape": {k: str(v) for k, v in shape.items()},
+        }
 
 
 def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256) -> dict:
     """Per-step time of a Llama-3-8B-shaped decode loop whose requests cross page boundaries, three ways."""
-    config = KVCacheConfig(num_layers=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16,
-                           max_batch_size=num_requests, max_seq_len=4096, device=device, memory_fraction=0.6)
+    config = KVCacheConfig(
+        num_layers=32,
+        num_kv_heads=8,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        max_batch_size=num_requests,
+        max_seq_len=4096,
+        device=device,
+        memory_fraction=0.6,
+    )
     dev = torch.device(device)
     # Device work of one Llama-3-8B decode step over the cache, layer by layer: QKV projection, this step's K/V
     # written in place, FlashAttention-2 varlen reading every request's K/V from the virtual tensors, output
@@ -104,8 +117,18 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
             cache.k_flat[layer].index_copy_(0, rows, k.reshape(-1, kv_heads, head_dim))
             cache.v_flat[layer].index_copy_(0, rows, v.reshape(-1, kv_heads, head_dim))
             attn = torch.ops.aten._flash_attention_forward(
-                q.reshape(-1, heads, head_dim), cache.k_flat[layer], cache.v_flat[layer], cu_q, cu_k, 1,
-                cache.config.max_seq_len, 0.0, True, False, seqused_k=lens32)[0]
+                q.reshape(-1, heads, head_dim),
+                cache.k_flat[layer],
+                cache.v_flat[layer],
+                cu_q,
+                cu_k,
+                1,
+                cache.config.max_seq_len,
+                0.0,
+                True,
+                False,
+                seqused_k=lens32,
+            )[0]
             h = h + attn.reshape(-1, heads * head_dim) @ w_o
             gate, up = (h @ w_gate_up).chunk(2, dim=-1)
             h = h + (torch.nn.functional.silu(gate) * up) @ w_down
@@ -123,7 +146,7 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
                     cache.grow(slot, n + steps + 1)
             slots_t = torch.tensor(slots, device=dev)
             lengths = list(start)
-            for warm in range(3):
+            for _ in range(3):
                 device_work(cache, slots_t, torch.tensor(lengths, device=dev))
             torch.cuda.synchronize()
             mapped_before = cache.stats().mapped_pages
@@ -143,9 +166,12 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0
             mapped = cache.stats().mapped_pages - mapped_before
-            results[mode] = {"ms_per_step": elapsed / steps * 1e3, "pages_mapped": mapped,
-                             "map_ms_total": map_seconds * 1e3,
-                             "map_gb_s": (mapped * cache.page_size_bytes / map_seconds / 1e9) if map_seconds else None}
+            results[mode] = {
+                "ms_per_step": elapsed / steps * 1e3,
+                "pages_mapped": mapped,
+                "map_ms_total": map_seconds * 1e3,
+                "map_gb_s": (mapped * cache.page_size_bytes / map_seconds / 1e9) if map_seconds else None,
+            }
     floor = results["premapped"]["ms_per_step"]
     for mode in ("inline", "overlapped"):
         results[mode]["overhead_vs_premapped"] = results[mode]["ms_per_step"] / floor - 1
@@ -167,11 +193,15 @@ def main() -> None:
     print(f"create (pool, up front): {backend['create_us_per_page']:8.1f} us/page")
     for batch in (1, 64):
         gbs = backend[f"map_gb_s_batch{batch}"]
-        print(f"map   batch {batch:>2}: {backend[f'map_us_per_page_batch{batch}']:8.1f} us/page  "
-              f"{gbs:8.2f} GB/s  ({gbs * 1e3 / NEED_MB_S:6.1f}x the {NEED_MB_S:.0f} MB/s Llama-3-8B needs)")
+        print(
+            f"map   batch {batch:>2}: {backend[f'map_us_per_page_batch{batch}']:8.1f} us/page  "
+            f"{gbs:8.2f} GB/s  ({gbs * 1e3 / NEED_MB_S:6.1f}x the {NEED_MB_S:.0f} MB/s Llama-3-8B needs)"
+        )
         print(f"unmap batch {batch:>2}: {backend[f'unmap_us_per_page_batch{batch}']:8.1f} us/page")
-    print(f"\n== cache grow path (bookkeeping included): {grow['us_per_page']:.1f} us/page, {grow['gb_s']:.2f} GB/s "
-          f"({grow['gb_s'] * 1e3 / NEED_MB_S:.1f}x the need)")
+    print(
+        f"\n== cache grow path (bookkeeping included): {grow['us_per_page']:.1f} us/page, {grow['gb_s']:.2f} GB/s "
+        f"({grow['gb_s'] * 1e3 / NEED_MB_S:.1f}x the need)"
+    )
     if is_cuda:
         overlap = bench_decode_overlap(args.device)
         result["decode_overlap"] = overlap
@@ -181,8 +211,10 @@ def main() -> None:
             r = overlap[mode]
             over = f"{r['overhead_vs_premapped'] * 100:+.2f}%" if "overhead_vs_premapped" in r else "floor"
             gbs = f"{r['map_gb_s']:.2f}" if r["map_gb_s"] else "-"
-            print(f"{mode:<11} {r['ms_per_step']:8.3f} {over:>13} {r['pages_mapped']:>13} {r['map_ms_total']:8.1f} "
-                  f"{gbs:>9}")
+            print(
+                f"{mode:<11} {r['ms_per_step']:8.3f} {over:>13} {r['pages_mapped']:>13} {r['map_ms_total']:8.1f} "
+                f"{gbs:>9}"
+            )
     card = result["machine"].get("gpu", "cpu")
     name = "h100" if "H100" in card else "h200" if "H200" in card else "gpu" if is_cuda else "cpu"
     path = write_result(f"kvcache_{name}", result)

@@ -17,6 +17,7 @@ second (one full read of the weights per engine step) against the copy bandwidth
 KV memory: physical pages mapped vs the bytes the live tokens need (fragmentation of 64 KiB / 2 MiB pages),
 averaged over steps and at the peak. Writes ``results/throughput_<device>.json`` and ``.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ def run_engine(engine: LLMEngine, workload) -> dict:
     cache = engine.kv_cache
     bytes_per_token_all_buffers = cache.token_bytes * cache.num_buffers
     for i, (prompt, output_len) in enumerate(workload):
-        engine.add_request(f"bench-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True))
+        engine.add_request(
+            f"bench-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+        )
     # held: pages covering live tokens (page-granularity waste only); mapped: also prefetched pages and pages
     # kept on free slots for reuse (deferred reclamation).
     held_bytes, mapped_bytes, needed_bytes, batch_sizes = [], [], [], []
@@ -253,9 +256,7 @@ def main(argv=None) -> int:
     if result_hf is not None:
         result_hf.update(rates(result_hf["elapsed_s"]))
         payload["transformers_generate"] = result_hf
-        payload["speedup_output_tokens_per_s"] = (
-            result_engine["output_tokens_per_s"] / result_hf["output_tokens_per_s"]
-        )
+        payload["speedup_output_tokens_per_s"] = result_engine["output_tokens_per_s"] / result_hf["output_tokens_per_s"]
 
     name = args.name or f"throughput_{device.type}"
     path = write_result(name, payload)

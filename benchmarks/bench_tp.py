@@ -17,6 +17,7 @@ Parts (each in its own try/except; a failure is recorded in the result and the n
 Every engine runs inside a Ray actor holding one GPU (rank 0); TP=2's rank 1 is a ``TPWorkerActor`` in the
 same placement group, exactly as in a Serve replica. Writes ``results/tp_h100x2.json`` and prints a table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,11 +59,15 @@ class EngineRank0:
         stats = self.engine.stats()
         runner = self.engine.runner
         weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-        return {"load_s": round(self.load_s, 1), "num_total_pages": stats.num_total_pages,
-                "tokens_per_page": stats.tokens_per_page, "weight_bytes_per_rank": weight_bytes,
-                "num_kv_heads_per_rank": self.engine.kv_cache.config.num_kv_heads,
-                "attention_backend": runner.attention_backend,
-                "cuda_graphs": runner.graph_runner is not None}
+        return {
+            "load_s": round(self.load_s, 1),
+            "num_total_pages": stats.num_total_pages,
+            "tokens_per_page": stats.tokens_per_page,
+            "weight_bytes_per_rank": weight_bytes,
+            "num_kv_heads_per_rank": self.engine.kv_cache.config.num_kv_heads,
+            "attention_backend": runner.attention_backend,
+            "cuda_graphs": runner.graph_runner is not None,
+        }
 
     def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         from engine.sampling_params import SamplingParams
@@ -81,11 +86,14 @@ class EngineRank0:
         elapsed = time.perf_counter() - start
         out_tokens = sum(len(o.token_ids) for o in outs)
         in_tokens = sum(len(p) for p in prompts)
-        return {"elapsed_s": round(elapsed, 2), "output_tokens": out_tokens,
-                "output_tok_s": round(out_tokens / elapsed, 1),
-                "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
-                "steps": self.engine.num_steps - steps_before,
-                "num_preemptions": self.engine.scheduler.num_preemptions}
+        return {
+            "elapsed_s": round(elapsed, 2),
+            "output_tokens": out_tokens,
+            "output_tok_s": round(out_tokens / elapsed, 1),
+            "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
+            "steps": self.engine.num_steps - steps_before,
+            "num_preemptions": self.engine.scheduler.num_preemptions,
+        }
 
     def copy_bandwidth_gbs(self) -> float:
         from benchmarks.common import measure_copy_bandwidth
@@ -101,14 +109,24 @@ def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: in
     gpus = 1 if args.device == "cuda" else 0
     pg = placement_group([{"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}] * tp, strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=120)
-    config = {"model": args.model, "device": args.device, "dtype": dtype, "tensor_parallel_size": tp, "seed": args.seed,
-              "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
-              "gpu_memory_fraction": args.gpu_memory_fraction, "enforce_eager": args.enforce_eager,
-              "max_num_batched_tokens": args.max_num_batched_tokens}
+    config = {
+        "model": args.model,
+        "device": args.device,
+        "dtype": dtype,
+        "tensor_parallel_size": tp,
+        "seed": args.seed,
+        "max_batch_size": max_batch_size,
+        "max_seq_len": max_seq_len,
+        "gpu_memory_fraction": args.gpu_memory_fraction,
+        "enforce_eager": args.enforce_eager,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+    }
     actor = EngineRank0.options(
-        num_gpus=gpus, num_cpus=1,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0,
-                                                             placement_group_capture_child_tasks=True),
+        num_gpus=gpus,
+        num_cpus=1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True
+        ),
     ).remote(config)
     return actor, pg
 
@@ -143,9 +161,14 @@ def part_correctness(args, result: dict) -> None:
     prompts = random_prompts(args.check_prompts, 32, 32000, args.seed + 1)
     tokens = {}
     for tp in (1, args.tp):
-        part = run_engine_part(args, tp, args.check_dtype, max(8, args.check_prompts), 512,
-                               lambda a: {"tokens": ray.get(a.greedy.remote(prompts, args.check_tokens),
-                                                            timeout=args.timeout_s)})
+        part = run_engine_part(
+            args,
+            tp,
+            args.check_dtype,
+            max(8, args.check_prompts),
+            512,
+            lambda a: {"tokens": ray.get(a.greedy.remote(prompts, args.check_tokens), timeout=args.timeout_s)},
+        )
         tokens[tp] = part["tokens"]
         result[f"tp{tp}_info_check"] = part["info"]
     prefixes = []
@@ -155,10 +178,14 @@ def part_correctness(args, result: dict) -> None:
             n += 1
         prefixes.append(n)
     result["correctness"] = {
-        "dtype": args.check_dtype, "prompts": len(prompts), "new_tokens": args.check_tokens,
+        "dtype": args.check_dtype,
+        "prompts": len(prompts),
+        "new_tokens": args.check_tokens,
         "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[args.tp])),
-        "common_prefix_tokens": prefixes, "match": tokens[1] == tokens[args.tp],
-        "tp1_first_tokens": [t[:8] for t in tokens[1]], f"tp{args.tp}_first_tokens": [t[:8] for t in tokens[args.tp]],
+        "common_prefix_tokens": prefixes,
+        "match": tokens[1] == tokens[args.tp],
+        "tp1_first_tokens": [t[:8] for t in tokens[1]],
+        f"tp{args.tp}_first_tokens": [t[:8] for t in tokens[args.tp]],
     }
 
 
@@ -166,6 +193,7 @@ def part_throughput(args, result: dict) -> None:
     prompts = random_prompts(args.num_prompts, args.input_len, 32000, args.seed)
     max_seq_len = args.input_len + args.output_len + 16
     for tp in (1, args.tp):
+
         def work(actor):
             out = {"throughput": ray.get(actor.throughput.remote(prompts, args.output_len), timeout=args.timeout_s)}
             out["copy_bandwidth_gbs"] = ray.get(actor.copy_bandwidth_gbs.remote(), timeout=args.timeout_s)
@@ -189,11 +217,19 @@ def part_serve(args, result: dict) -> None:
     port = 8000 + random.Random().randrange(1000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {
-        "model": args.model, "served_model_name": "llama-3-8b-tp2", "dtype": args.dtype, "device": args.device,
+        "model": args.model,
+        "served_model_name": "llama-3-8b-tp2",
+        "dtype": args.dtype,
+        "device": args.device,
         "tensor_parallel_size": args.tp,
-        "engine_kwargs": {"max_batch_size": 16, "max_seq_len": 2048, "gpu_memory_fraction": args.gpu_memory_fraction,
-                          "max_num_batched_tokens": 2048, "seed": args.seed,
-                          "enforce_eager": args.enforce_eager},
+        "engine_kwargs": {
+            "max_batch_size": 16,
+            "max_seq_len": 2048,
+            "gpu_memory_fraction": args.gpu_memory_fraction,
+            "max_num_batched_tokens": 2048,
+            "seed": args.seed,
+            "enforce_eager": args.enforce_eager,
+        },
         "engine": {"num_replicas": 1, "num_cpus": 1 if args.device == "cuda" else 0, "router": "page_aware"},
         "ingress": {"num_replicas": 1, "num_cpus": 0},
     }
@@ -209,15 +245,23 @@ def part_serve(args, result: dict) -> None:
             pass
         time.sleep(2)
     ready_s = time.perf_counter() - start
-    body = {"model": "llama-3-8b-tp2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 16, "temperature": 0}
+    body = {
+        "model": "llama-3-8b-tp2",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
-    result["serve"] = {"ready_s": round(ready_s, 1), "status_code": r.status_code,
-                       "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200
-                       else None, "body": r.text[:500]}
+    result["serve"] = {
+        "ready_s": round(ready_s, 1),
+        "status_code": r.status_code,
+        "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None,
+        "body": r.text[:500],
+    }
     stats = serve.get_deployment_handle("LLMEngine", app_name="tp").engine_stats.remote().result(timeout_s=30)
-    result["serve"]["engine_stats"] = {k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page")
-                                       if k in stats}
+    result["serve"]["engine_stats"] = {
+        k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page") if k in stats
+    }
     serve.delete("tp")
     serve.shutdown()
 
@@ -226,23 +270,31 @@ def print_table(result: dict, tp: int) -> None:
     print()
     corr = result.get("correctness")
     if corr:
-        print(f"correctness ({corr['dtype']}, {corr['prompts']} prompts x {corr['new_tokens']} tokens): "
-              f"TP={tp} == TP=1: {corr['match']} ({corr['exact_matches']} exact; common prefixes "
-              f"{corr['common_prefix_tokens']})")
+        print(
+            f"correctness ({corr['dtype']}, {corr['prompts']} prompts x {corr['new_tokens']} tokens): "
+            f"TP={tp} == TP=1: {corr['match']} ({corr['exact_matches']} exact; common prefixes "
+            f"{corr['common_prefix_tokens']})"
+        )
     if "tp1" in result and f"tp{tp}" in result:
-        print(f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
-              f"{'floor ms/step':>15}{'weights/rank GB':>17}")
+        print(
+            f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
+            f"{'floor ms/step':>15}{'weights/rank GB':>17}"
+        )
         for key in ("tp1", f"tp{tp}"):
             part = result[key]
             t = part["throughput"]
-            print(f"{key.upper():8}{t['output_tok_s']:>14}{t['total_tok_s']:>14}{t['elapsed_s']:>11}{t['steps']:>7}"
-                  f"{t['num_preemptions']:>9}{part['decode_floor_ms_per_step']:>15}"
-                  f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}")
+            print(
+                f"{key.upper():8}{t['output_tok_s']:>14}{t['total_tok_s']:>14}{t['elapsed_s']:>11}{t['steps']:>7}"
+                f"{t['num_preemptions']:>9}{part['decode_floor_ms_per_step']:>15}"
+                f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}"
+            )
         print(f"speedup TP={tp} / TP=1 (output tok/s): {result['speedup_output_tok_s']}x")
     if "serve" in result:
         s = result["serve"]
-        print(f"serve (TP={tp} replica): HTTP {s['status_code']}, {s['completion_tokens']} tokens, "
-              f"ready in {s['ready_s']} s")
+        print(
+            f"serve (TP={tp} replica): HTTP {s['status_code']}, {s['completion_tokens']} tokens, "
+            f"ready in {s['ready_s']} s"
+        )
     for name, error in result.get("errors", {}).items():
         print(f"FAILED {name}: {error.splitlines()[-1] if error else ''}")
 
@@ -277,14 +329,25 @@ def main() -> int:
     if args.device == "cuda" and num_gpus < args.tp:
         print(f"needs {args.tp} GPUs, found {num_gpus}")
         return 2
-    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
-                "RAY_AUTH_MODE": "disabled", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-    ray.init(num_gpus=num_gpus, num_cpus=max(os.cpu_count() or 1, 2 * args.tp + 2), include_dashboard=False, runtime_env={"env_vars": env_vars},
-             logging_level="WARNING")
+    env_vars = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
+        "RAY_AUTH_MODE": "disabled",
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    }
+    ray.init(
+        num_gpus=num_gpus,
+        num_cpus=max(os.cpu_count() or 1, 2 * args.tp + 2),
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars},
+        logging_level="WARNING",
+    )
     result: dict = {"machine": machine_info(args.device), "settings": vars(args), "errors": {}}
-    for name, part, skip in (("correctness", part_correctness, args.skip_correctness),
-                             ("throughput", part_throughput, args.skip_throughput),
-                             ("serve", part_serve, args.skip_serve)):
+    for name, part, skip in (
+        ("correctness", part_correctness, args.skip_correctness),
+        ("throughput", part_throughput, args.skip_throughput),
+        ("serve", part_serve, args.skip_serve),
+    ):
         if skip:
             continue
         start = time.perf_counter()

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: where results go, what machine produced them, and a greedy-output check."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def machine_info(device: str) -> dict:
     info["commit"] = os.environ.get("VATTN_COMMIT", "")
     if not info["commit"]:
         try:
-            info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip()
+            info["commit"] = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
         except OSError:
             pass
     info["commit"] = info["commit"] or "unknown"
@@ -85,7 +87,7 @@ def greedy_shortfall(engine, prompt: list[int], output: list[int]) -> float:
     try:
         with torch.inference_mode():
             batch = runner.build_batch([(slot, tokens, 0)])
-            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1:-1]
+            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1 : -1]
         chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
         return float((logits.max(dim=1).values - chosen).max())
     finally:

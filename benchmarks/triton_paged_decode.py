@@ -6,6 +6,7 @@ The cache is ``[num_pages * PAGE_SIZE, Hkv, D]`` (a page is ``PAGE_SIZE`` consec
 ``[num_blocks, block_size, Hkv, D]``); ``block_table[b, j]`` is the page holding tokens ``[j*PAGE_SIZE, (j+1)*PAGE_SIZE)``
 of sequence ``b``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,22 +14,48 @@ import triton
 import triton.language as tl
 
 from engine.attention.triton_decode import (
-    DECODE_CONFIGS, DEFAULT_CONFIG, autotune_bench, check_decode_inputs, launch_decode, prune_configs)
+    DECODE_CONFIGS,
+    DEFAULT_CONFIG,
+    autotune_bench,
+    check_decode_inputs,
+    launch_decode,
+    prune_configs,
+)
 
 
 @triton.jit
 def _paged_split_kv_kernel(
-    Q, K, V, BlockTable, stride_btb, SeqLens, Out, MidO, MidLse,
+    Q,
+    K,
+    V,
+    BlockTable,
+    stride_btb,
+    SeqLens,
+    Out,
+    MidO,
+    MidLse,
     scale_log2,
-    stride_qb, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_ob, stride_oh,
-    stride_mob, stride_moh, stride_mos,
-    stride_mlb, stride_mlh,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
     split_len,
-    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
 ):
     # KV heads vary fastest across the grid: the programs reading one token's heads (adjacent 256-byte pieces of
     # one cache row) run side by side.
@@ -79,11 +106,17 @@ def _paged_split_kv_kernel(
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if DIRECT_OUT:
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_hd)
+        tl.store(
+            Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=mask_hd,
+        )
     else:
-        tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
-                 out, mask=mask_hd)
+        tl.store(
+            MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
+            out,
+            mask=mask_hd,
+        )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
@@ -91,13 +124,24 @@ def _paged_split_kv_kernel(
 _paged_split_kv_autotuned = triton.autotune(
     configs=[triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages) for c in DECODE_CONFIGS],
     key=["split_len", "GROUP_SIZE", "HEAD_DIM", "PAGE_SIZE"],
-    prune_configs_by={"early_config_prune": prune_configs}, do_bench=autotune_bench)(_paged_split_kv_kernel)
+    prune_configs_by={"early_config_prune": prune_configs},
+    do_bench=autotune_bench,
+)(_paged_split_kv_kernel)
 
 
-def triton_paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-                                  block_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, page_size: int,
-                                  *, max_seq_len: int | None = None, num_splits: int | None = None,
-                                  config: dict | None = None) -> torch.Tensor:
+def triton_paged_decode_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    page_size: int,
+    *,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Decode attention over a paged cache.
 
     Args:
@@ -114,8 +158,16 @@ def triton_paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_page
         raise ValueError("block_table needs a contiguous last dimension")
     if config is None and q.device.type != "cuda":
         config = DEFAULT_CONFIG
-    return launch_decode((_paged_split_kv_kernel, _paged_split_kv_autotuned), q, k_pages, v_pages, seq_lens, scale,
-                         max_seq_len, num_splits, config, (block_table, block_table.stride(0)),
-                         PAGE_SIZE=page_size)
-
-
+    return launch_decode(
+        (_paged_split_kv_kernel, _paged_split_kv_autotuned),
+        q,
+        k_pages,
+        v_pages,
+        seq_lens,
+        scale,
+        max_seq_len,
+        num_splits,
+        config,
+        (block_table, block_table.stride(0)),
+        PAGE_SIZE=page_size,
+    )

@@ -7,7 +7,8 @@ the YAML fails at deploy time with the field's name instead of being silently ig
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -57,7 +58,7 @@ class EngineDeploymentConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_autoscaling(self) -> "EngineDeploymentConfig":
+    def _check_autoscaling(self) -> EngineDeploymentConfig:
         if self.num_replicas == "auto" and self.autoscaling_config is None:
             self.autoscaling_config = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
         if isinstance(self.num_replicas, int) and self.num_replicas < 1:
@@ -81,9 +82,7 @@ class IngressConfig(BaseModel):
     retry_after_s: float = Field(
         default=1.0, ge=0, description="Retry-After header (seconds) on overload answers (503/429)."
     )
-    overload_status_code: Literal[503, 429] = Field(
-        default=503, description="HTTP status of overload answers."
-    )
+    overload_status_code: Literal[503, 429] = Field(default=503, description="HTTP status of overload answers.")
     max_request_body_bytes: int = Field(
         default=1 << 20,
         ge=1024,

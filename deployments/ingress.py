@@ -1,157 +1,50 @@
-"""OpenAI-compatible HTTP ingress (FastAPI through ``serve.ingress``).
+"""OpenAI-compatible HTTP ingress (FastAPI through ``serve.ingress``): the endpoints and the route/retry loop.
 
 The ingress tokenizes (chat template applied here), validates the sampling parameters, then calls the
 engine deployment through a streaming handle with a ``RoutingHint`` as the first argument, so the
 engine deployment's page-aware router can place the request (a router on an HTTP-ingress deployment
 would be bypassed in HAProxy mode). The first chunk is awaited before the HTTP status is chosen:
 bad requests, overload (503/429 + Retry-After) and a dead engine get a proper status and an OpenAI
-error body even when the client asked to stream.
+error body even when the client asked to stream. Around it: ``request_guard`` (API key, body size),
+``openai_format`` (request and response bodies, SSE) and ``metrics_scrape`` (``/metrics``).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request models' real types on the
 # methods that serve.ingress wraps, or it reads the body parameter as a query parameter.
 import asyncio
-import hmac
-import json
 import logging
 import os
 import time
-import urllib.request
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import AppConfig, IngressConfig
+from deployments.config import AppConfig
 from deployments.engine_deployment import StreamChunk
-from deployments.metrics_merge import merge_prometheus_texts
+from deployments.metrics_scrape import scrape_engine_metrics
+from deployments.openai_format import SSE_DONE, ResponseFormatter, StreamEvents, sampling_params
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from deployments.request_guard import GuardSettings, RequestGuard
 from deployments.routing_hint import RoutingHint
 
 logger = logging.getLogger("ray.serve")
 
 app = FastAPI(title="vAttention OpenAI-compatible server")
 
-# Families gathered by /metrics from every node's Ray metrics export (see engine_metrics.py).
-METRIC_PREFIXES = ("ray_vllm_", "ray_vattn_")
 REPLICA_HEADER = "x-vattn-replica"
-# Paths answered without the API key (load balancers and Serve's own probes have no key).
-PUBLIC_PATHS = frozenset({"/health"})
 # Tries to place a request before its first token when the chosen engine replica turns out dead
 # (killed, node lost): nothing reached the client yet, so another replica can serve it.
 MAX_ROUTING_ATTEMPTS = 3
-
-
-class RequestGuard:
-    """ASGI middleware run before any routing or body parsing: API key, then body size.
-
-    Settings come from the ingress replica's servable object (``serve.get_replica_context()``), so the
-    FastAPI app stays a module-level object as ``serve.ingress`` requires. Outside Serve (no replica
-    context) nothing is enforced but the default body limit.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        api_key, limit_bytes = _guard_settings()
-        if api_key is not None and scope.get("path", "") not in PUBLIC_PATHS:
-            if not _is_authorized(scope, api_key):
-                err = OpenAIError(
-                    "missing or invalid API key: send `Authorization: Bearer <key>`",
-                    status_code=401,
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
-                await JSONResponse(err.body(), status_code=401, headers=err.headers)(scope, receive, send)
-                return
-        declared = _content_length(scope)
-        if declared is not None and declared > limit_bytes:
-            await _too_large(limit_bytes)(scope, receive, send)
-            return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        # Chunked bodies carry no Content-Length: read (at most the limit) before the app sees it.
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit_bytes:
-                await _too_large(limit_bytes)(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body_message: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body_message], receive), send)
-
-
-def _guard_settings() -> tuple[str | None, int]:
-    try:
-        ingress = serve.get_replica_context().servable_object
-        return ingress._api_key, ingress._config.ingress.max_request_body_bytes
-    except Exception:  # noqa: BLE001 - not inside a Serve replica (unit use of the app)
-        return None, IngressConfig().max_request_body_bytes
-
-
-def _is_authorized(scope: Scope, api_key: str) -> bool:
-    header = b""
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            header = value
-            break
-    scheme, _, token = header.partition(b" ")
-    if scheme.lower() != b"bearer":
-        return False
-    # Constant time: the comparison must not reveal how much of a guessed key is right.
-    return hmac.compare_digest(token.strip(), api_key.encode("utf-8"))
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _too_large(limit_bytes: int) -> JSONResponse:
-    err = OpenAIError(
-        f"request body larger than {limit_bytes} bytes", status_code=413, code="request_too_large"
-    )
-    return JSONResponse(err.body(), status_code=413)
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive() that returns ``messages`` first, then defers to ``receive`` (disconnects)."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replayed
 
 
 class ReplicaUnavailableError(OpenAIError):
@@ -198,34 +91,12 @@ async def _validation_error_handler(request: Request, exc: RequestValidationErro
     return JSONResponse(jsonable_encoder(err.body()), status_code=400)
 
 
-def _usage(last: StreamChunk | None) -> dict[str, int]:
-    prompt = last.num_prompt_tokens if last is not None else 0
-    completion = last.num_output_tokens if last is not None else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 def _cancel_quietly(stream: Any) -> None:
     """Cancel an engine call; a call that never got a replica re-raises its routing error on cancel."""
     try:
         stream.cancel()
     except Exception:  # noqa: BLE001 - the original error is what the client must see
         pass
-
-
-def _scrape_ray_nodes() -> list[str]:
-    """Prometheus text from the metrics export port of every alive Ray node."""
-    texts = []
-    for node in ray.nodes():
-        port = node.get("MetricsExportPort")
-        if not node.get("Alive") or not port:
-            continue
-        url = f"http://{node['NodeManagerAddress']}:{port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                texts.append(resp.read().decode("utf-8", errors="replace"))
-        except OSError as exc:
-            logger.warning("cannot scrape %s: %s", url, exc)
-    return texts
 
 
 @serve.ingress(app)
@@ -243,7 +114,12 @@ class OpenAIIngress:
         self._tokenizer = load_tokenizer(ModelConfig(model=self._config.model))
         self._model_limits: tuple[int, int] | None = None  # (max_model_len, max_request_tokens)
         self._created_s = int(time.time())
-        self._api_key = self._config.resolved_api_key(os.environ)  # read by RequestGuard; never logged
+        self._formatter = ResponseFormatter(self._model_id, self._token_str)
+        # Read by RequestGuard on every request (through the replica context); the key is never logged.
+        self.guard_settings = GuardSettings(
+            api_key=self._config.resolved_api_key(os.environ),
+            max_request_body_bytes=self._config.ingress.max_request_body_bytes,
+        )
 
     # ---- endpoints -----------------------------------------------------------------------------------
 
@@ -272,8 +148,8 @@ class OpenAIIngress:
     @app.get("/metrics")
     async def metrics(self) -> Response:
         """Prometheus text of every engine replica, gathered from each node's Ray metrics export."""
-        texts = await asyncio.to_thread(_scrape_ray_nodes)
-        return Response(merge_prometheus_texts(texts, METRIC_PREFIXES), media_type="text/plain; version=0.0.4")
+        exposition = await asyncio.to_thread(scrape_engine_metrics)
+        return Response(exposition, media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
@@ -321,9 +197,6 @@ class OpenAIIngress:
         chat: bool,
         prompt_param: str,
     ) -> Response:
-        from engine.errors import InvalidRequestError
-        from engine.sampling_params import SamplingParams
-
         if not prompt_ids:
             raise OpenAIError("the prompt is empty", param=prompt_param)
         # The model's context, also bounded by the engine's whole page pool: a longer request could never run.
@@ -331,8 +204,7 @@ class OpenAIIngress:
         room = max_request_tokens - len(prompt_ids)
         if room < 1:
             raise OpenAIError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is "
-                f"{max_request_tokens}",
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is {max_request_tokens}",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -343,23 +215,7 @@ class OpenAIIngress:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        try:
-            params = SamplingParams(
-                max_tokens=max_tokens if max_tokens is not None else room,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p,
-                top_k=-1 if body.top_k is None else body.top_k,
-                seed=body.seed,
-                stop=body.stop,
-                ignore_eos=body.ignore_eos,
-                logprobs=logprobs,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                n=body.n,
-            )
-        except InvalidRequestError as exc:
-            param = "top_logprobs" if chat and exc.param == "logprobs" else exc.param
-            raise OpenAIError(exc.message, param=param) from exc
+        params = sampling_params(body, max_tokens, logprobs, room, chat=chat)
 
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens)
@@ -453,79 +309,34 @@ class OpenAIIngress:
         finally:
             # Also runs when the client disconnects (this task is cancelled): abort in the engine.
             _cancel_quietly(stream)
-        text = "".join(text_parts)
-        finish_reason = last.finish_reason if last is not None else "abort"
-        usage = _usage(last)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self._chat_logprobs(logprobs) if logprobs else None,
-                "finish_reason": finish_reason,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": self._completion_logprobs(logprobs) if logprobs else None,
-                "finish_reason": finish_reason,
-            }
-            obj = "text_completion"
-        return {
-            "id": request_id,
-            "object": obj,
-            "created": int(time.time()),
-            "model": self._model_id,
-            "choices": [choice],
-            "usage": usage,
-        }
+        return self._formatter.completion(request_id, "".join(text_parts), logprobs, last, chat=chat)
 
     async def _sse(
         self, stream: Any, first: StreamChunk | None, request_id: str, *, chat: bool, include_usage: bool
     ) -> AsyncIterator[str]:
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choices: list[dict], usage: dict | None = None) -> str:
-            payload: dict[str, Any] = {
-                "id": request_id,
-                "object": obj,
-                "created": created,
-                "model": self._model_id,
-                "choices": choices,
-            }
-            if include_usage:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n"
-
+        events = StreamEvents(self._formatter, request_id, chat=chat, include_usage=include_usage)
         last = first
         chunk = first
         try:
-            if chat:
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            for opening in events.opening():
+                yield opening
             while chunk is not None:
                 last = chunk
-                lp = chunk.new_logprobs or []
-                if chunk.new_text or chunk.finished:
-                    finish = chunk.finish_reason if chunk.finished else None
-                    if chat:
-                        delta = {"content": chunk.new_text} if chunk.new_text else {}
-                        choice = {"index": 0, "delta": delta, "logprobs": self._chat_logprobs(lp) if lp else None, "finish_reason": finish}
-                    else:
-                        choice = {"index": 0, "text": chunk.new_text, "logprobs": self._completion_logprobs(lp) if lp else None, "finish_reason": finish}
-                    yield event([choice])
+                event = events.chunk(chunk)
+                if event is not None:
+                    yield event
                 if chunk.finished:
                     break
                 try:
                     chunk = await self._next_chunk(stream)
                 except OpenAIError as exc:
-                    # Headers are gone: report in-band as OpenAI's servers do, then end the stream.
-                    yield f"data: {json.dumps(exc.body())}\n\n"
+                    # Headers are gone: report in-band, then end the stream.
+                    yield events.error(exc)
                     return
-            if include_usage:
-                yield event([], _usage(last))
-            yield "data: [DONE]\n\n"
+            usage = events.usage(last)
+            if usage is not None:
+                yield usage
+            yield SSE_DONE
         finally:
             # Client disconnect cancels this generator: cancelling the handle call aborts the request
             # in the engine replica, which frees its batch slot and KV pages.
@@ -559,29 +370,3 @@ class OpenAIIngress:
 
     def _token_str(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
-
-    def _chat_logprobs(self, entries: list[dict]) -> dict:
-        content = []
-        for e in entries:
-            token = self._token_str(e["token_id"])
-            content.append(
-                {
-                    "token": token,
-                    "logprob": float(e["logprob"]),
-                    "bytes": list(token.encode("utf-8")),
-                    "top_logprobs": [
-                        {"token": (t := self._token_str(tid)), "logprob": float(lp), "bytes": list(t.encode("utf-8"))}
-                        for tid, lp in e.get("top", [])
-                    ],
-                }
-            )
-        return {"content": content}
-
-    def _completion_logprobs(self, entries: list[dict]) -> dict:
-        tokens = [self._token_str(e["token_id"]) for e in entries]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [float(e["logprob"]) for e in entries],
-            "top_logprobs": [{self._token_str(tid): float(lp) for tid, lp in e.get("top", [])} for e in entries],
-            "text_offset": [],
-        }

@@ -15,7 +15,8 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -101,8 +102,14 @@ class RayWorkerGroup(WorkerGroup):
         timeout_s: collective timeout of the group.
     """
 
-    def __init__(self, config: EngineConfig, on_death: Callable[[], None], name_prefix: str | None = None,
-                 ready_timeout_s: float = 900.0, timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_death: Callable[[], None],
+        name_prefix: str | None = None,
+        ready_timeout_s: float = 900.0,
+        timeout_s: float = DEFAULT_TP_TIMEOUT_S,
+    ) -> None:
         tp_size = config.model.tensor_parallel_size
         is_cuda = config.model.resolved_device().startswith("cuda")
         host = ray.util.get_node_ip_address()
@@ -113,16 +120,22 @@ class RayWorkerGroup(WorkerGroup):
         self._dead_error: WorkerDeadError | None = None
         pg = ray.util.get_current_placement_group()
         if pg is not None and len(pg.bundle_specs) < tp_size:
-            raise ValueError(f"the replica's placement group has {len(pg.bundle_specs)} bundles; "
-                             f"tensor_parallel_size {tp_size} needs one per rank")
+            raise ValueError(
+                f"the replica's placement group has {len(pg.bundle_specs)} bundles; "
+                f"tensor_parallel_size {tp_size} needs one per rank"
+            )
         self.actors = []
         for rank in range(1, tp_size):
             options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}
             if pg is not None:
                 bundle = pg.bundle_specs[rank]
-                options.update(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-                               scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                   pg, placement_group_bundle_index=rank, placement_group_capture_child_tasks=False))
+                options.update(
+                    num_cpus=bundle.get("CPU", 0),
+                    num_gpus=bundle.get("GPU", 0),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        pg, placement_group_bundle_index=rank, placement_group_capture_child_tasks=False
+                    ),
+                )
             else:
                 options.update(num_cpus=0, num_gpus=1 if is_cuda else 0)
             if is_cuda:
@@ -130,8 +143,11 @@ class RayWorkerGroup(WorkerGroup):
                 options["runtime_env"] = {"env_vars": dict(TP_ENV_VARS)}
             if name_prefix is not None:
                 options["name"] = f"{name_prefix}-rank{rank}"
-            self.actors.append(TPWorkerActor.options(**options).remote(
-                config, rank, self.init_method, "cuda:0" if is_cuda else "cpu", timeout_s))
+            self.actors.append(
+                TPWorkerActor.options(**options).remote(
+                    config, rank, self.init_method, "cuda:0" if is_cuda else "cpu", timeout_s
+                )
+            )
         self._monitor_refs = [a.wait_until_stopped.remote() for a in self.actors]
         self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
         self._watcher.start()
@@ -197,8 +213,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 
 
-def make_executor_factory(name_prefix: str | None = None, ready_timeout_s: float = 900.0,
-                          timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> ExecutorFactory:
+def make_executor_factory(
+    name_prefix: str | None = None, ready_timeout_s: float = 900.0, timeout_s: float = DEFAULT_TP_TIMEOUT_S
+) -> ExecutorFactory:
     """``LLMEngine``'s ``executor_factory``: a ``LocalExecutor`` for ``tensor_parallel_size`` 1, else a
     ``TPExecutor`` whose ranks 1.. are Ray actors (see :class:`RayWorkerGroup`). Needs ``ray.init`` done
     (always true inside a Serve replica)."""
@@ -208,8 +225,9 @@ def make_executor_factory(name_prefix: str | None = None, ready_timeout_s: float
             return LocalExecutor(config)
 
         def start_workers(cfg: EngineConfig, on_death: Callable[[], None]) -> RayWorkerGroup:
-            return RayWorkerGroup(cfg, on_death, name_prefix=name_prefix, ready_timeout_s=ready_timeout_s,
-                                  timeout_s=timeout_s)
+            return RayWorkerGroup(
+                cfg, on_death, name_prefix=name_prefix, ready_timeout_s=ready_timeout_s, timeout_s=timeout_s
+            )
 
         return TPExecutor(config, start_workers)
 

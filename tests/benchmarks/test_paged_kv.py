@@ -9,6 +9,7 @@ or was imported before ``TRITON_INTERPRET`` was set). On the GPU only (``gpu`` t
 FA2 prefill over gathered K/V, the compiled paged kernel, CUDA graph capture and replay, and the stream-ordered
 block-table copies under asynchronous scheduling, in float32 and in bf16 (the benchmark's kernels).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,23 +21,41 @@ import torch
 if not torch.cuda.is_available():  # before anything imports triton: its kernels then run interpreted on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.paged_kv import (BLOCK_SIZE_TOKENS, PagedAttentionBackend, PagedExecutor,  # noqa: E402
-                                 PagedKVCache, build_paged_engine)
+from benchmarks.paged_kv import (  # noqa: E402
+    BLOCK_SIZE_TOKENS,
+    PagedAttentionBackend,
+    PagedExecutor,
+    PagedKVCache,
+    build_paged_engine,
+)
 from engine.attention.sdpa import SDPABackend  # noqa: E402
 from engine.batch import ForwardBatch  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.executor import LocalExecutor  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from kvcache import (KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError,  # noqa: E402
-                     SequenceTooLongError, VirtualKVCache)
+from kvcache import (  # noqa: E402
+    KVCacheConfig,
+    KVCacheError,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    SequenceTooLongError,
+    VirtualKVCache,
+)
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 64
 
 
 def small_config(**overrides) -> KVCacheConfig:
-    values = dict(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, max_batch_size=4, max_seq_len=200,
-                  dtype=torch.float32, device="cpu")
+    values = dict(
+        num_layers=2,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        max_batch_size=4,
+        max_seq_len=200,
+        dtype=torch.float32,
+        device="cpu",
+    )
     values.update(overrides)
     return KVCacheConfig(**values)
 
@@ -114,6 +133,7 @@ def _triton_interpreter():
     pytest.importorskip("triton")
     from tests.engine.triton_interpreter import interpreted, triton_interpreter
 
+    # isort: split
     from benchmarks.triton_paged_decode import _paged_split_kv_kernel
 
     if not interpreted(_paged_split_kv_kernel):
@@ -140,8 +160,10 @@ def test_attention_through_the_table_matches_sdpa_over_the_vattention_cache(deco
         config = small_config(num_layers=1, pool_size_bytes=14 * block_bytes(small_config(num_layers=1)))
         paged = PagedKVCache(config)
         dense = VirtualKVCache(small_config(num_layers=1, pool_size_bytes=64 << 20))
-        backends = [(PagedAttentionBackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, decode_kernel=decode_kernel), paged),
-                    (SDPABackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), dense)]
+        backends = [
+            (PagedAttentionBackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, decode_kernel=decode_kernel), paged),
+            (SDPABackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), dense),
+        ]
         # Scatter the blocks: a request grows after another took blocks, then leaves; its blocks are reused late.
         tmp = paged.allocate(20)
         a = paged.allocate(30)
@@ -181,10 +203,18 @@ def test_attention_through_the_table_matches_sdpa_over_the_vattention_cache(deco
 # ---- the engine -------------------------------------------------------------------------------------------------
 
 ENGINE_CONFIG = {"max_batch_size": 8, "max_seq_len": 512, "max_num_batched_tokens": 48, "sampler_seed": 0}
-_HISTORY = ("The history of the city goes back to a small fishing village on the river bank. "
-            "Over the centuries it grew into a market town, then an industrial centre with mills and railways. ")
-PROMPTS = ["Hi", "The capital of France is", "def fibonacci(n):\n    ", _HISTORY * 2 + "In summary,",
-           "List three colours:", "Story 5: " + _HISTORY + "The next day,"]
+_HISTORY = (
+    "The history of the city goes back to a small fishing village on the river bank. "
+    "Over the centuries it grew into a market town, then an industrial centre with mills and railways. "
+)
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    _HISTORY * 2 + "In summary,",
+    "List three colours:",
+    "Story 5: " + _HISTORY + "The next day,",
+]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
 
 
@@ -250,13 +280,24 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
     choice (teacher-forced on the paged engine); in float32 all but a few (near-ties) equal the vAttention engine's."""
     from benchmarks.common import greedy_shortfall
 
-    values = {"model": "dummy:tiny-llama", "device": "cuda", "dtype": dtype, "max_batch_size": 17,
-              "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 64 << 20, "sampler_seed": 0}
+    values = {
+        "model": "dummy:tiny-llama",
+        "device": "cuda",
+        "dtype": dtype,
+        "max_batch_size": 17,
+        "max_seq_len": 512,
+        "max_num_batched_tokens": 256,
+        "kv_cache_bytes": 64 << 20,
+        "sampler_seed": 0,
+    }
     gen = torch.Generator().manual_seed(0)
-    ps = [torch.randint(10, 1000, (int(n),), generator=gen).tolist()
-          for n in torch.randint(5, 300, (40,), generator=gen)]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
-              for n in torch.randint(1, 120, (40,), generator=gen)]
+    ps = [
+        torch.randint(10, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(5, 300, (40,), generator=gen)
+    ]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
+        for n in torch.randint(1, 120, (40,), generator=gen)
+    ]
     reference = LLMEngine(EngineConfig.from_dict(values))
     try:
         expected_tokens = [o.token_ids for o in reference.generate(ps, params)]
@@ -289,13 +330,21 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
 def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs():
     """bf16: the paged Triton decode (graph replay) and FA2 over gathered K/V (prefill, mixed batch) against the
     product's Triton decode and in-place FA2, teacher-forced on the same tokens."""
-    values = {"model": "dummy:tiny-llama", "device": "cuda", "dtype": "bfloat16", "max_batch_size": 20,
-              "max_seq_len": 2048, "kv_cache_bytes": 256 << 20}
+    values = {
+        "model": "dummy:tiny-llama",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "max_batch_size": 20,
+        "max_seq_len": 2048,
+        "kv_cache_bytes": 256 << 20,
+    }
     executors = [PagedExecutor(EngineConfig.from_dict(values)), LocalExecutor(EngineConfig.from_dict(values))]
     try:
         gen = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(0, 1000, (int(n),), generator=gen).tolist()
-                   for n in torch.randint(1, 700, (9,), generator=gen)]
+        prompts = [
+            torch.randint(0, 1000, (int(n),), generator=gen).tolist()
+            for n in torch.randint(1, 700, (9,), generator=gen)
+        ]
         logits = []
         for ex in executors:
             assert ex.runner.graph_runner is not None

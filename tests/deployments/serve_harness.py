@@ -11,9 +11,10 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -67,8 +68,9 @@ class ServedApp:
 
 
 @contextlib.contextmanager
-def served_app(app_args: dict[str, Any], *, headers: dict[str, str] | None = None,
-               env_vars: dict[str, str] | None = None) -> Iterator[ServedApp]:
+def served_app(
+    app_args: dict[str, Any], *, headers: dict[str, str] | None = None, env_vars: dict[str, str] | None = None
+) -> Iterator[ServedApp]:
     """Start a fresh local cluster with the app of ``app_args``; ``headers`` go with the health probe."""
     metrics_port = free_port()
     http_port = free_port()
@@ -78,9 +80,7 @@ def served_app(app_args: dict[str, Any], *, headers: dict[str, str] | None = Non
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
-        runtime_env={
-            "env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled", **(env_vars or {})}
-        },
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled", **(env_vars or {})}},
         logging_level="WARNING",
     )
     try:

@@ -20,7 +20,6 @@ from deployments.app import ENGINE_DEPLOYMENT_NAME  # noqa: E402
 from deployments.ingress import REPLICA_HEADER  # noqa: E402
 from tests.deployments.serve_harness import APP_NAME, MODEL, served_app  # noqa: E402
 
-
 # 64 KiB host pages, SmolLM2 float32: 85.3 tokens per page, 60 pages (30 layers x K,V) per block of
 # 85 tokens; a 16 MiB pool per replica is 256 pages = 4 blocks of 85 tokens... too small: use 64 MiB
 # (1024 pages = 17 blocks, ~1450 tokens per replica) so page differences are visible but requests fit.
@@ -85,7 +84,7 @@ def _sse_events(lines) -> list[dict]:
     for line in lines:
         if not line.startswith("data: "):
             continue
-        data = line[len("data: "):]
+        data = line[len("data: ") :]
         if data == "[DONE]":
             events.append({"done": True})
         else:
@@ -125,8 +124,14 @@ def test_chat_completion_streaming_http(server):
     with httpx.stream(
         "POST",
         f"{server}/v1/chat/completions",
-        json=_chat_body("Count: one, two,", max_tokens=6, temperature=0, stream=True,
-                        stream_options={"include_usage": True}, ignore_eos=True),
+        json=_chat_body(
+            "Count: one, two,",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            ignore_eos=True,
+        ),
         timeout=60,
     ) as r:
         assert r.status_code == 200
@@ -159,13 +164,19 @@ def test_completion_http_stream_and_not(server):
 def test_openai_client(server):
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=12, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
     )
     assert "Paris" in chat.choices[0].message.content
     assert chat.usage.completion_tokens > 0
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=5, stream=True, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=5,
+        stream=True,
+        temperature=0,
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(pieces)
@@ -201,7 +212,9 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param):
 
 
 def test_bad_json_then_server_keeps_serving(server):
-    r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{server}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 400 and "error" in r.json()
     ok = httpx.post(f"{server}/v1/chat/completions", json=_chat_body("hi", max_tokens=2), timeout=60)
     assert ok.status_code == 200
@@ -223,7 +236,12 @@ def test_overload_answers_503_with_retry_after(server):
     assert all(r.headers.get("retry-after") == "2" for r in rejected)
     assert all(r.json()["error"]["type"] == "server_overloaded" for r in rejected)
     assert time.time() - start < 90
-    assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60).status_code == 200
+    assert (
+        httpx.post(
+            f"{server}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60
+        ).status_code
+        == 200
+    )
 
 
 # ---- disconnect, routing ---------------------------------------------------------------------------
@@ -233,8 +251,15 @@ def _start_long_stream(server: str, prompt_words: int, max_tokens: int):
     """Open a streaming request that runs for a while; returns (client, response, replica)."""
     client = httpx.Client(timeout=60)
     req = client.build_request(
-        "POST", f"{server}/v1/completions",
-        json={"model": MODEL, "prompt": "word " * prompt_words, "max_tokens": max_tokens, "ignore_eos": True, "stream": True},
+        "POST",
+        f"{server}/v1/completions",
+        json={
+            "model": MODEL,
+            "prompt": "word " * prompt_words,
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+            "stream": True,
+        },
     )
     resp = client.send(req, stream=True)
     assert resp.status_code == 200
@@ -281,7 +306,9 @@ def test_new_requests_avoid_replica_with_fewer_free_pages(server):
         time.sleep(1.0)  # let a stats report show the long request's pages
         served_by = []
         for _ in range(4):
-            r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}, timeout=60)
+            r = httpx.post(
+                f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2}, timeout=60
+            )
             assert r.status_code == 200
             served_by.append(r.headers[REPLICA_HEADER])
         assert busy_replica not in served_by, (busy_replica, served_by)
@@ -303,10 +330,12 @@ def test_burst_is_spread_despite_stats_lag(server):
         async def burst():
             body = {"model": MODEL, "prompt": "word " * 40, "max_tokens": 260, "ignore_eos": True, "stream": True}
             async with httpx.AsyncClient(timeout=60) as ac:
+
                 async def one():
                     async with ac.stream("POST", f"{server}/v1/completions", json=body) as r:
                         assert r.status_code == 200
                         return r.headers[REPLICA_HEADER]  # leaving the block disconnects: aborts it
+
                 return await asyncio.gather(*(one() for _ in range(3)))
 
         replicas = asyncio.run(burst())
@@ -330,10 +359,16 @@ def _total(samples, suffix: str = "") -> float:
 
 def test_metrics_cover_replicas_and_move(server):
     expected = [
-        "ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
-        "ray_vllm_time_to_first_token_seconds", "ray_vllm_inter_token_latency_seconds",
-        "ray_vllm_e2e_request_latency_seconds", "ray_vllm_prompt_tokens", "ray_vllm_generation_tokens",
-        "ray_vattn_num_free_pages", "ray_vattn_num_mapped_pages",
+        "ray_vllm_num_requests_running",
+        "ray_vllm_num_requests_waiting",
+        "ray_vllm_kv_cache_usage_perc",
+        "ray_vllm_time_to_first_token_seconds",
+        "ray_vllm_inter_token_latency_seconds",
+        "ray_vllm_e2e_request_latency_seconds",
+        "ray_vllm_prompt_tokens",
+        "ray_vllm_generation_tokens",
+        "ray_vattn_num_free_pages",
+        "ray_vattn_num_mapped_pages",
     ]
     deadline = time.time() + 30
     while True:
@@ -345,7 +380,11 @@ def test_metrics_cover_replicas_and_move(server):
         time.sleep(1)
     before = _total(fams["ray_vllm_generation_tokens"], "_total")
     ttft_before = _total(fams["ray_vllm_time_to_first_token_seconds"], "_count")
-    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 7, "ignore_eos": True}, timeout=60)
+    r = httpx.post(
+        f"{server}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 7, "ignore_eos": True},
+        timeout=60,
+    )
     assert r.status_code == 200
     deadline = time.time() + 30
     while True:

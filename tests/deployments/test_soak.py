@@ -77,7 +77,7 @@ def app():
 def _sse_data(line: str) -> dict | None:
     if not line.startswith("data: "):
         return None
-    data = line[len("data: "):]
+    data = line[len("data: ") :]
     return {"done": True} if data == "[DONE]" else json.loads(data)
 
 
@@ -137,6 +137,7 @@ def test_soak_with_client_cancellations_leaves_nothing_behind(app):
         done = 0
 
         async with httpx.AsyncClient(base_url=app.base_url, headers=AUTH, timeout=120) as ac:
+
             async def guarded(i):
                 nonlocal done
                 async with sem:
@@ -152,8 +153,10 @@ def test_soak_with_client_cancellations_leaves_nothing_behind(app):
     elapsed = time.time() - start
     stats = app.wait_engines_idle(timeout_s=60)
     rss_samples.append(_rss_by_pid(app))
-    print(f"\nsoak: {SOAK_REQUESTS} requests in {elapsed:.1f}s ({SOAK_REQUESTS / elapsed:.1f} req/s), {results}; "
-          f"RSS MiB per replica pid: {[{p: v >> 20 for p, v in s.items()} for s in rss_samples]}")
+    print(
+        f"\nsoak: {SOAK_REQUESTS} requests in {elapsed:.1f}s ({SOAK_REQUESTS / elapsed:.1f} req/s), {results}; "
+        f"RSS MiB per replica pid: {[{p: v >> 20 for p, v in s.items()} for s in rss_samples]}"
+    )
 
     assert results == {"cancelled": (SOAK_REQUESTS + 4) // 5, "completed": SOAK_REQUESTS - (SOAK_REQUESTS + 4) // 5}
     assert len(stats) == 2
@@ -234,7 +237,11 @@ def test_killing_a_replica_mid_load_fails_its_streams_cleanly_and_serve_recovers
         assert time.time() < deadline, status
         time.sleep(1)
     for _ in range(4):
-        r = httpx.post(f"{app.base_url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
-                       headers=AUTH, timeout=60)
+        r = httpx.post(
+            f"{app.base_url}/v1/completions",
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+            headers=AUTH,
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
     assert httpx.get(f"{app.base_url}/v1/models", timeout=30).status_code == 401  # env-var API key holds

@@ -31,9 +31,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Llama-shaped, head counts divisible by 2. head_dim 128 with 4 KV heads makes tokens big (2 KiB per layer's K
 # at TP=1, 1 KiB per rank at TP=2), so 64 KiB pages hold 32 / 64 tokens and a small pool forces preemption.
-TINY_LLAMA = dict(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=4, head_dim=128, max_position_embeddings=512,
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+TINY_LLAMA = dict(
+    vocab_size=49152,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # 20 pages of 64 KiB = 5 per layer's K and V: at TP=2 two requests past 64 tokens don't fit together.
 CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_bytes=20 << 16, max_num_batched_tokens=128)
 
@@ -141,12 +151,17 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
     from deployments.engine_deployment import EngineDeployment
     from deployments.routing_hint import RoutingHint
 
-    deployment = EngineDeployment({"model": str(checkpoint), "device": "cpu", "tensor_parallel_size": 2, **CACHE},
-                                  "tiny")
+    deployment = EngineDeployment(
+        {"model": str(checkpoint), "device": "cpu", "tensor_parallel_size": 2, **CACHE}, "tiny"
+    )
 
     async def generate(request_id: str) -> list:
-        return [c async for c in deployment.generate(RoutingHint(5, 4), [5, 6, 7, 8, 9],
-                                                     SamplingParams(temperature=0.0, max_tokens=4), request_id)]
+        return [
+            c
+            async for c in deployment.generate(
+                RoutingHint(5, 4), [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=4), request_id
+            )
+        ]
 
     try:
         chunks = asyncio.run(generate("ok"))
@@ -189,8 +204,7 @@ def test_serve_app_with_tp2_answers_chat(ray_cluster, checkpoint):
     }
     serve.run(build_app(args), name="tp", route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8,
-            "temperature": 0}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8, "temperature": 0}
     r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 8

@@ -104,7 +104,13 @@ BAD_REQUESTS = [
     ("stream-obj", CHAT, chat(stream={"a": 1}), 400, "stream"),
     ("model-int", CHAT, {**chat(), "model": 7}, 400, "model"),
     ("body-is-list", CHAT, [chat()], 400, None),
-    ("content-part-image", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
+    (
+        "content-part-image",
+        CHAT,
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "messages",
+    ),
     # empty prompt or messages
     ("empty-messages", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
     ("empty-prompt", COMPLETIONS, completion(prompt=""), 400, "prompt"),
@@ -161,9 +167,13 @@ def test_bad_request_while_streaming_gets_a_status_not_an_event(client):
 
 def test_request_needing_more_pages_than_the_pool_is_rejected(client, max_request_tokens):
     # Fits max_seq_len (1024) but not the 256-page pool.
-    err = assert_openai_error(client.post(COMPLETIONS, json=completion(max_tokens=max_request_tokens + 10)), 400, "max_tokens")
+    err = assert_openai_error(
+        client.post(COMPLETIONS, json=completion(max_tokens=max_request_tokens + 10)), 400, "max_tokens"
+    )
     assert err["code"] == "context_length_exceeded"
-    err = assert_openai_error(client.post(COMPLETIONS, json=completion(prompt=[42] * (max_request_tokens + 1))), 400, "prompt")
+    err = assert_openai_error(
+        client.post(COMPLETIONS, json=completion(prompt=[42] * (max_request_tokens + 1))), 400, "prompt"
+    )
     assert err["code"] == "context_length_exceeded"
     # Just at the limit is accepted (greedy, stops early or at length).
     r = client.post(COMPLETIONS, json=completion(prompt=[42] * (max_request_tokens - 2), max_tokens=2))
@@ -172,8 +182,16 @@ def test_request_needing_more_pages_than_the_pool_is_rejected(client, max_reques
 
 def test_chat_without_max_tokens_is_capped_by_the_pool_not_rejected(client, max_request_tokens):
     # The default max_tokens is "the rest of the context", which must mean the context the pool can hold.
-    r = client.post(CHAT, json={"model": MODEL, "messages": [{"role": "user", "content": "Say OK."}],
-                                "temperature": 0, "stop": ["."], "stream": False})
+    r = client.post(
+        CHAT,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Say OK."}],
+            "temperature": 0,
+            "stop": ["."],
+            "stream": False,
+        },
+    )
     assert r.status_code == 200, r.text
 
 
@@ -187,11 +205,17 @@ def test_invalid_utf8(client):
     raw = b'{"model": "smollm2", "messages": [{"role": "user", "content": "caf\xe9 \xff\xfe"}], "max_tokens": 2}'
     assert_openai_error(client.post(CHAT, content=raw, headers={"content-type": "application/json"}), 400)
     # A lone surrogate escape is valid JSON but not encodable text (the tokenizer raised: was a 500).
-    r = client.post(COMPLETIONS, content=b'{"model": "smollm2", "prompt": "a\\ud800b", "max_tokens": 2}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        COMPLETIONS,
+        content=b'{"model": "smollm2", "prompt": "a\\ud800b", "max_tokens": 2}',
+        headers={"content-type": "application/json"},
+    )
     assert_openai_error(r, 400, "prompt")
-    r = client.post(CHAT, content=b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\udfff"}]}',
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        CHAT,
+        content=b'{"model": "smollm2", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        headers={"content-type": "application/json"},
+    )
     assert_openai_error(r, 400, "messages")
 
 
@@ -202,14 +226,16 @@ def test_body_over_the_size_limit_gets_413(client):
     # Without Content-Length (chunked upload) the limit holds too.
     def chunks():
         for i in range(0, len(body), 8192):
-            yield body[i:i + 8192]
+            yield body[i : i + 8192]
 
     r = client.post(COMPLETIONS, content=chunks(), headers={"content-type": "application/json"})
     assert_openai_error(r, 413)
     # A body just under the limit is parsed (and rejected for its prompt length, not its size).
     under = json.dumps(completion(prompt="x " * ((BODY_LIMIT_BYTES - 200) // 2))).encode()
     assert len(under) < BODY_LIMIT_BYTES
-    assert_openai_error(client.post(COMPLETIONS, content=under, headers={"content-type": "application/json"}), 400, "prompt")
+    assert_openai_error(
+        client.post(COMPLETIONS, content=under, headers={"content-type": "application/json"}), 400, "prompt"
+    )
 
 
 def test_unknown_path_and_method_get_openai_errors(client):
@@ -227,12 +253,25 @@ def test_tiny_temperature_samples_as_greedy(client):
 # ---- authentication ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
-                                     {"Authorization": f"Basic {API_KEY}"}, {"Authorization": f"Bearer {API_KEY}x"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": API_KEY},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": f"Bearer {API_KEY}x"},
+    ],
+)
 def test_api_key_is_required_everywhere_but_health(app, headers):
     with httpx.Client(base_url=app.base_url, headers=headers, timeout=60) as anon:
-        for method, path in (("POST", CHAT), ("POST", COMPLETIONS), ("GET", "/v1/models"), ("GET", "/metrics"),
-                             ("GET", "/v1/nope")):
+        for method, path in (
+            ("POST", CHAT),
+            ("POST", COMPLETIONS),
+            ("GET", "/v1/models"),
+            ("GET", "/metrics"),
+            ("GET", "/v1/nope"),
+        ):
             r = anon.request(method, path, json=chat() if method == "POST" else None)
             err = assert_openai_error(r, 401, None)
             assert err["code"] == "invalid_api_key" and API_KEY not in r.text
@@ -244,7 +283,12 @@ def test_api_key_is_required_everywhere_but_health(app, headers):
 
 def test_right_key_is_accepted_in_any_scheme_case(app):
     for scheme in ("Bearer", "bearer"):
-        r = httpx.post(f"{app.base_url}{COMPLETIONS}", json=completion(), headers={"Authorization": f"{scheme} {API_KEY}"}, timeout=60)
+        r = httpx.post(
+            f"{app.base_url}{COMPLETIONS}",
+            json=completion(),
+            headers={"Authorization": f"{scheme} {API_KEY}"},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
     models = httpx.get(f"{app.base_url}/v1/models", headers=AUTH, timeout=60)
     assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
@@ -308,10 +352,16 @@ def test_past_the_queue_limit_answers_503_with_retry_after(app):
 
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "1000"))
 
-_leaf = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-         | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
-_junk = st.recursive(_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
-                     max_leaves=8)
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+_junk = st.recursive(
+    _leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=8
+)
 _text = st.text(max_size=30)  # any Unicode, surrogates included
 
 # A valid request's optional fields (each drawn or left out), then 0-3 mutations that set a field to an
@@ -342,7 +392,9 @@ _EDGES = {
     "top_logprobs": st.sampled_from([-1, MAX_LOGPROBS + 1, 10**9]),
     "presence_penalty": st.sampled_from([2.5, -3, float("-inf")]),
     "prompt": st.sampled_from(["", [], [""], ["a", "b"], [-1], [49152], [10**30], [[1]], [True]]),
-    "messages": st.sampled_from([[], "hi", [{}], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": [{"type": "image_url"}]}]]),
+    "messages": st.sampled_from(
+        [[], "hi", [{}], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": [{"type": "image_url"}]}]]
+    ),
     "echo": st.just(True),
     "suffix": st.just("s"),
 }
@@ -358,7 +410,9 @@ def _fuzz_body(draw, chat: bool):
             body["logprobs"] = True
             body["top_logprobs"] = draw(st.integers(min_value=0, max_value=MAX_LOGPROBS))
     else:
-        body["prompt"] = draw(_text.filter(bool) | st.lists(st.integers(min_value=0, max_value=49151), min_size=1, max_size=8))
+        body["prompt"] = draw(
+            _text.filter(bool) | st.lists(st.integers(min_value=0, max_value=49151), min_size=1, max_size=8)
+        )
         if draw(st.booleans()):
             body["logprobs"] = draw(st.integers(min_value=0, max_value=MAX_LOGPROBS))
     for name in draw(st.lists(st.sampled_from(sorted(_VALID_OPTIONAL)), max_size=5, unique=True)):
@@ -395,8 +449,13 @@ def test_fuzz_http_api_never_answers_5xx(app, client):
     """Hypothesis-generated bodies (mostly plausible, often broken) through the real Serve HTTP proxy."""
     statuses: dict[int, int] = {}
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=_case)
     def one(case):
         path, raw = case

@@ -38,7 +38,9 @@ async def wait_idle(engine, timeout_s=10.0):
 
 def test_streaming_yields_deltas_that_add_up(engine):
     async def main():
-        outs = [o async for o in engine.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))]
+        outs = [
+            o async for o in engine.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=12))
+        ]
         return outs
 
     outs = run(main())
@@ -87,7 +89,9 @@ def test_cancelling_the_consumer_aborts_and_frees_the_slot(engine):
         got = []
 
         async def consume():
-            async for out in engine.generate("Tell me a very long story.", SamplingParams(max_tokens=400, ignore_eos=True)):
+            async for out in engine.generate(
+                "Tell me a very long story.", SamplingParams(max_tokens=400, ignore_eos=True)
+            ):
                 got.append(out)
 
         task = asyncio.create_task(consume())

@@ -19,7 +19,7 @@ def reference_attention(q, k, v, context_len):
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * HEAD_DIM ** -0.5
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * HEAD_DIM**-0.5
     q_pos = torch.arange(context_len, context_len + q.shape[0]).unsqueeze(1)
     k_pos = torch.arange(k.shape[0]).unsqueeze(0)
     scores = scores.masked_fill((k_pos > q_pos).to(scores.device), float("-inf"))
@@ -33,9 +33,19 @@ LAYOUTS = ["layer_major", "token_major"]
 
 
 def run_backend(name, device, dtype, slot_order, seqs=SEQS, layout="layer_major"):
-    cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM,
-                                         max_batch_size=len(seqs) + 1, max_seq_len=256, dtype=dtype,
-                                         device=device, pool_size_bytes=64 << 20, layout=layout))
+    cache = VirtualKVCache(
+        KVCacheConfig(
+            num_layers=2,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_DIM,
+            max_batch_size=len(seqs) + 1,
+            max_seq_len=256,
+            dtype=dtype,
+            device=device,
+            pool_size_bytes=64 << 20,
+            layout=layout,
+        )
+    )
     try:
         backend = get_attention_backend(name, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
         g = torch.Generator().manual_seed(0)
@@ -61,11 +71,11 @@ def run_backend(name, device, dtype, slot_order, seqs=SEQS, layout="layer_major"
         cu = batch.cu_seqlens_q_cpu
         for i, (slot, (ctx, n)) in enumerate(zip(slots, seqs)):
             # new K/V landed in the slot, in place
-            assert torch.equal(cache.k[layer][slot, :ctx + n], full_k[i])
-            assert torch.equal(cache.v[layer][slot, :ctx + n], full_v[i])
+            assert torch.equal(cache.k[layer][slot, : ctx + n], full_k[i])
+            assert torch.equal(cache.v[layer][slot, : ctx + n], full_v[i])
             ref = reference_attention(queries[i], full_k[i], full_v[i], ctx)
             tol = 1e-5 if dtype == torch.float32 else 2e-2
-            torch.testing.assert_close(out[cu[i]:cu[i + 1]].float(), ref, atol=tol, rtol=tol)
+            torch.testing.assert_close(out[cu[i] : cu[i + 1]].float(), ref, atol=tol, rtol=tol)
     finally:
         cache.close()
 
@@ -81,11 +91,19 @@ def test_unknown_backend_raises():
         get_attention_backend("paged", NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
 
 
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sdpa", "torch_flash", "triton_flash",
-                                  pytest.param("flash_attn", marks=pytest.mark.skipif(
-                                      importlib.util.find_spec("flash_attn") is None, reason="flash_attn not installed"))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sdpa",
+        "torch_flash",
+        "triton_flash",
+        pytest.param(
+            "flash_attn",
+            marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash_attn not installed"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
 def test_backends_mixed_batch_gpu(name, slot_order):
     run_backend(name, "cuda", torch.bfloat16, slot_order)

@@ -22,7 +22,12 @@ def test_build_fields():
     assert b.cu_seqlens_q.dtype == b.seq_lens.dtype == torch.int32
     assert b.input_ids.dtype == b.positions.dtype == b.logits_indices.dtype == torch.int64
     assert (b.slot_ids_cpu, b.query_lens_cpu, b.context_lens_cpu, b.seq_lens_cpu, b.cu_seqlens_q_cpu) == (
-        [3, 0, 1], [3, 1, 2], [0, 5, 2], [3, 6, 4], [0, 3, 4, 6])
+        [3, 0, 1],
+        [3, 1, 2],
+        [0, 5, 2],
+        [3, 6, 4],
+        [0, 3, 4, 6],
+    )
     assert not b.is_decode_only and b.slot_mapping is None
 
 
@@ -40,13 +45,16 @@ def test_decode_only():
     assert b.is_decode_only and b.positions.tolist() == [7, 0] and b.slot_mapping.tolist() == [7, 64]
 
 
-@pytest.mark.parametrize("seqs,match", [
-    ([], "at least one"),
-    ([(0, [], 0)], "token_ids"),
-    ([(0, [1], -1)], "start_pos"),
-    ([(-1, [1], 0)], "slot"),
-    ([(2, [1], 0), (2, [5], 3)], "distinct"),
-])
+@pytest.mark.parametrize(
+    "seqs,match",
+    [
+        ([], "at least one"),
+        ([(0, [], 0)], "token_ids"),
+        ([(0, [1], -1)], "start_pos"),
+        ([(-1, [1], 0)], "slot"),
+        ([(2, [1], 0), (2, [5], 3)], "distinct"),
+    ],
+)
 def test_build_rejects_bad_input(seqs, match):
     with pytest.raises(ValueError, match=match):
         ForwardBatch.build(seqs, "cpu")

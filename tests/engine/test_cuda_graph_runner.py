@@ -10,8 +10,10 @@ def test_no_graphs_for_a_backend_that_reads_host_lists():
     """sdpa (float32 on the GPU) loops over the batch's host lists: a captured graph would replay the capture's."""
     from engine.model_runner import ModelRunner
 
-    runner = ModelRunner(ModelConfig(model="dummy:tiny-llama", device="cuda", dtype="float32"),
-                         CacheConfig(max_batch_size=4, max_seq_len=256, kv_cache_bytes=64 << 20))
+    runner = ModelRunner(
+        ModelConfig(model="dummy:tiny-llama", device="cuda", dtype="float32"),
+        CacheConfig(max_batch_size=4, max_seq_len=256, kv_cache_bytes=64 << 20),
+    )
     try:
         assert runner.attention_backend == "sdpa" and runner.graph_runner is None
     finally:
@@ -30,14 +32,18 @@ def test_buckets_cover_every_batch_size():
 def test_graph_decode_matches_eager(num_seqs):
     from engine.model_runner import ModelRunner
 
-    runner = ModelRunner(ModelConfig(model="dummy:tiny-llama", device="cuda", dtype="bfloat16"),
-                         CacheConfig(max_batch_size=20, max_seq_len=2048))
+    runner = ModelRunner(
+        ModelConfig(model="dummy:tiny-llama", device="cuda", dtype="bfloat16"),
+        CacheConfig(max_batch_size=20, max_seq_len=2048),
+    )
     try:
         assert runner.graph_runner is not None
         cache = runner.kv_cache
         gen = torch.Generator().manual_seed(num_seqs)
-        prompts = [torch.randint(0, 1000, (int(n),), generator=gen).tolist()
-                   for n in torch.randint(1, 300, (num_seqs,), generator=gen)]
+        prompts = [
+            torch.randint(0, 1000, (int(n),), generator=gen).tolist()
+            for n in torch.randint(1, 300, (num_seqs,), generator=gen)
+        ]
         slots = [cache.allocate(len(p) + 2) for p in prompts]
         runner.execute(runner.build_batch([(s, p, 0) for s, p in zip(slots, prompts)]))
         decode = [(s, [7 + i], len(p)) for i, (s, p) in enumerate(zip(slots, prompts))]
@@ -61,8 +67,10 @@ def test_placeholder_inputs_are_read_from_the_previous_steps_device_ids(device):
 
     # bfloat16 on the GPU: the backend there (triton_flash) replays decode from CUDA graphs.
     dtype = "bfloat16" if device == "cuda" else "float32"
-    runner = ModelRunner(ModelConfig(model="dummy:tiny-llama", device=device, dtype=dtype),
-                         CacheConfig(max_batch_size=8, max_seq_len=512, kv_cache_bytes=64 << 20))
+    runner = ModelRunner(
+        ModelConfig(model="dummy:tiny-llama", device=device, dtype=dtype),
+        CacheConfig(max_batch_size=8, max_seq_len=512, kv_cache_bytes=64 << 20),
+    )
     try:
         assert (runner.graph_runner is not None) == (device == "cuda")
         cache = runner.kv_cache

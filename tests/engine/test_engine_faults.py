@@ -30,7 +30,9 @@ class PoisonedDecodeError(RuntimeError):
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = LLMEngine(EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 256, "max_num_batched_tokens": 128}))
+    eng = LLMEngine(
+        EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 256, "max_num_batched_tokens": 128})
+    )
     yield eng
     eng.shutdown()
 
@@ -152,8 +154,12 @@ def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(eng
 
     async def run():
         return await asyncio.wait_for(
-            asyncio.gather(consume(healthy, "a-good-1"), consume(healthy + [poison], "a-bad"),
-                           consume(healthy, "a-good-2"), return_exceptions=True),
+            asyncio.gather(
+                consume(healthy, "a-good-1"),
+                consume(healthy + [poison], "a-bad"),
+                consume(healthy, "a-good-2"),
+                return_exceptions=True,
+            ),
             timeout=120,
         )
 
@@ -165,4 +171,3 @@ def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(eng
         assert asyncio.run(asyncio.wait_for(consume(healthy, "a-after"), 60)) == alone.text
     finally:
         async_engine.shutdown()  # also closes the shared engine (last test of the module; close is idempotent)
-

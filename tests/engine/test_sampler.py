@@ -107,7 +107,11 @@ def test_frequency_and_presence_penalties():
 
 def test_logprobs_are_raw_log_softmax_with_sorted_alternatives():
     logits = make_logits(3, seed=4)
-    params = [SamplingParams(temperature=0.0, logprobs=5), SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, logprobs=0)]
+    params = [
+        SamplingParams(temperature=0.0, logprobs=5),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, logprobs=0),
+    ]
     out = sample(Sampler(seed=0), logits, params)
     expected = torch.log_softmax(logits, dim=-1)
     first = out.logprobs[0]

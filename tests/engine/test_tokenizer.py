@@ -7,8 +7,9 @@ from engine.weights import resolve_model
 
 def test_default_tokenizer_has_chat_template():
     tok = load_tokenizer(ModelConfig())
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
-                                  return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=True)[
+        "input_ids"
+    ]
     text = tok.decode(ids)
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")
     assert tok.eos_token_id == 2 and len(tok) == 49152

@@ -4,6 +4,7 @@
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (see ``triton_interpreter``); the ``gpu``
 tests run the compiled, autotuned kernels.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,15 +12,14 @@ import os
 import pytest
 import torch
 
-from tests.engine.triton_interpreter import devices, triton_interpreter  # noqa: I001 (before triton)
+# Sets TRITON_INTERPRET on CPU machines: imported before anything that imports triton.
+from tests.engine.triton_interpreter import devices, triton_interpreter
 
-import triton  # noqa: E402
-
+# isort: split
 from benchmarks.triton_paged_decode import triton_paged_decode_attention  # noqa: E402
 from engine.attention import triton_decode  # noqa: E402
 from engine.attention.triton_decode import plan_splits, triton_decode_attention  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,8 +58,7 @@ def make_contiguous_case(device, dtype, lens, num_heads, num_kv_heads, head_dim,
     k = torch.randn(batch * stride_rows, num_kv_heads, head_dim, generator=gen).to(device, dtype)
     v = torch.randn(batch * stride_rows, num_kv_heads, head_dim, generator=gen).to(device, dtype)
     q = torch.randn(batch, num_heads, head_dim, generator=gen).to(device, dtype)
-    slot_starts = torch.tensor([(batch - 1 - b) * stride_rows for b in range(batch)], dtype=torch.int64,
-                               device=device)
+    slot_starts = torch.tensor([(batch - 1 - b) * stride_rows for b in range(batch)], dtype=torch.int64, device=device)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     return q, k, v, slot_starts, seq_lens
 
@@ -75,12 +74,12 @@ def test_matches_sdpa_over_contiguous_slots(device, num_splits, num_heads, num_k
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     lens = [1, 200, 77, 128]
     q, k, v, starts, seq_lens = make_contiguous_case(device, dtype, lens, num_heads, num_kv_heads, 64, 256)
-    scale = 64 ** -0.5
+    scale = 64**-0.5
     out = triton_decode_attention(q, k, v, starts, seq_lens, scale, max_seq_len=max(lens), num_splits=num_splits)
     assert out.shape == q.shape and out.dtype == dtype
     for b, length in enumerate(lens):
         s = int(starts[b])
-        ref = reference(q[b].cpu(), k[s:s + length].cpu(), v[s:s + length].cpu(), scale)
+        ref = reference(q[b].cpu(), k[s : s + length].cpu(), v[s : s + length].cpu(), scale)
         torch.testing.assert_close(out[b].float().cpu(), ref, atol=tolerance(dtype), rtol=tolerance(dtype))
 
 
@@ -92,7 +91,7 @@ def test_half_precision_and_odd_head_dim(device):
     out = triton_decode_attention(q, k, v, starts, seq_lens, 0.2)
     for b, length in enumerate(lens):
         s = int(starts[b])
-        ref = reference(q[b].cpu(), k[s:s + length].cpu(), v[s:s + length].cpu(), 0.2)
+        ref = reference(q[b].cpu(), k[s : s + length].cpu(), v[s : s + length].cpu(), 0.2)
         torch.testing.assert_close(out[b].float().cpu(), ref, atol=5e-3, rtol=5e-3)
 
 
@@ -105,16 +104,25 @@ def test_empty_sequence_gives_zeros_and_splits_past_the_end_are_ignored(device):
     assert torch.isfinite(out).all()
     s = int(starts[1])
     tol = 1e-4 if device == "cpu" else 5e-3  # tl.dot runs fp32 inputs as TF32 on the GPU
-    torch.testing.assert_close(out[1].cpu(), reference(q[1].cpu(), k[s:s + 3].cpu(), v[s:s + 3].cpu(), 0.3),
-                               atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        out[1].cpu(), reference(q[1].cpu(), k[s : s + 3].cpu(), v[s : s + 3].cpu(), 0.3), atol=tol, rtol=tol
+    )
 
 
 @pytest.mark.parametrize("device", _devices())
 def test_reads_a_virtual_kv_cache_in_place(device):
     """Over the real cache (host mmap or CUDA VMM): slots mapped only up to their lengths, read without copies."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=4, max_seq_len=1024,
-                           dtype=dtype, device=device, pool_size_bytes=64 << 20)
+    config = KVCacheConfig(
+        num_layers=2,
+        num_kv_heads=2,
+        head_dim=64,
+        max_batch_size=4,
+        max_seq_len=1024,
+        dtype=dtype,
+        device=device,
+        pool_size_bytes=64 << 20,
+    )
     cache = VirtualKVCache(config)
     try:
         gen = torch.Generator().manual_seed(3)
@@ -149,14 +157,21 @@ def test_paged_twin_matches_sdpa_on_scattered_pages(device, num_splits):
     table = torch.zeros(len(lens), max(pages_per_seq), dtype=torch.int32)
     used = 0
     for b, n in enumerate(pages_per_seq):
-        table[b, :n] = perm[used:used + n]
+        table[b, :n] = perm[used : used + n]
         used += n
     q = torch.randn(len(lens), 8, 64, generator=gen).to(device, dtype)
-    out = triton_paged_decode_attention(q, k_pages, v_pages, table.to(device),
-                                        torch.tensor(lens, dtype=torch.int32, device=device), 0.125, page_size,
-                                        num_splits=num_splits)
+    out = triton_paged_decode_attention(
+        q,
+        k_pages,
+        v_pages,
+        table.to(device),
+        torch.tensor(lens, dtype=torch.int32, device=device),
+        0.125,
+        page_size,
+        num_splits=num_splits,
+    )
     for b, n in enumerate(lens):
-        rows = (table[b, :pages_per_seq[b]].long()[:, None] * page_size + torch.arange(page_size)).flatten()[:n]
+        rows = (table[b, : pages_per_seq[b]].long()[:, None] * page_size + torch.arange(page_size)).flatten()[:n]
         ref = reference(q[b].cpu(), k_pages.cpu()[rows], v_pages.cpu()[rows], 0.125)
         torch.testing.assert_close(out[b].float().cpu(), ref, atol=tolerance(dtype), rtol=tolerance(dtype))
 
@@ -178,8 +193,14 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of kv heads"):
         triton_decode_attention(q, k, k, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="seq_lens"):
-        triton_decode_attention(q, torch.zeros(10, 2, 64), torch.zeros(10, 2, 64), torch.zeros(3, dtype=torch.int64),
-                                torch.ones(2, dtype=torch.int32), 1.0)
+        triton_decode_attention(
+            q,
+            torch.zeros(10, 2, 64),
+            torch.zeros(10, 2, 64),
+            torch.zeros(3, dtype=torch.int64),
+            torch.ones(2, dtype=torch.int32),
+            1.0,
+        )
 
 
 _HOPPER_COMPILE = r"""
@@ -222,8 +243,14 @@ def test_compiles_for_hopper_with_pipelined_16_byte_loads(paged):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE, "paged" if paged else "contiguous"], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _HOPPER_COMPILE, "paged" if paged else "contiguous"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert counts["cp_async_16B"] > 0 and counts["ld_b16"] == 0, counts

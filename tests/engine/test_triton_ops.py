@@ -3,21 +3,22 @@
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (see ``triton_interpreter``); the ``gpu``
 tests run the compiled kernels, through the layers' own CUDA dispatch.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from tests.engine.triton_interpreter import devices, triton_interpreter  # noqa: I001 (before triton)
+# Sets TRITON_INTERPRET on CPU machines: imported before anything that imports triton.
+from tests.engine.triton_interpreter import devices, triton_interpreter
 
+# isort: split
 import triton.language as tl  # noqa: E402
 
-from engine.layers import RMSNorm, SiluAndMul, apply_rotary  # noqa: E402
-from engine.layers import triton_ops  # noqa: E402
+from engine.layers import RMSNorm, SiluAndMul, apply_rotary, triton_ops  # noqa: E402
 from engine.layers.triton_dispatch import use_triton  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,17 +115,23 @@ def _rotary_case(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim, s
     positions = torch.randint(0, 4000, (num_tokens,), generator=torch.Generator().manual_seed(seed))
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None]
-    return (qkv, q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
-            freqs.cos().to(device), freqs.sin().to(device))
+    return (
+        qkv,
+        q.view(num_tokens, num_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        freqs.cos().to(device),
+        freqs.sin().to(device),
+    )
 
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim", [(3, 9, 3, 64), (37, 32, 8, 128), (1, 4, 4, 64)])
-def test_rotary_qk_in_place_on_strided_views_matches_apply_rotary(device, dtype, num_tokens, num_heads,
-                                                                   num_kv_heads, head_dim):
+def test_rotary_qk_in_place_on_strided_views_matches_apply_rotary(
+    device, dtype, num_tokens, num_heads, num_kv_heads, head_dim
+):
     qkv, q, k, cos, sin = _rotary_case(device, dtype, num_tokens, num_heads, num_kv_heads, head_dim, seed=5)
-    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim:].clone()
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
     # Reference rotation computed in float32 (what the kernel claims) and the layer's own path (in dtype).
     exact_q = apply_rotary(q.float(), cos.float(), sin.float())
     exact_k = apply_rotary(k.float(), cos.float(), sin.float())
@@ -132,7 +139,7 @@ def test_rotary_qk_in_place_on_strided_views_matches_apply_rotary(device, dtype,
 
     triton_ops.apply_rotary_qk_(q, k, cos, sin)
 
-    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim:], v_before)  # v untouched
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)  # v untouched
     if dtype == torch.float32:
         torch.testing.assert_close(q, layer_q, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(k, layer_k, atol=1e-5, rtol=1e-5)
@@ -154,8 +161,16 @@ def test_store_kv_writes_strided_k_v_into_a_virtual_kv_cache(device):
     """Into the real cache (host mmap or CUDA VMM): exactly the rows of slot_mapping, other rows untouched."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     num_kv_heads, head_dim, num_heads = 3, 64, 9
-    config = KVCacheConfig(num_layers=2, num_kv_heads=num_kv_heads, head_dim=head_dim, max_batch_size=4,
-                           max_seq_len=256, dtype=dtype, device=device, pool_size_bytes=32 << 20)
+    config = KVCacheConfig(
+        num_layers=2,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        max_batch_size=4,
+        max_seq_len=256,
+        dtype=dtype,
+        device=device,
+        pool_size_bytes=32 << 20,
+    )
     cache = VirtualKVCache(config)
     try:
         lens = [40, 7, 100]
@@ -166,13 +181,12 @@ def test_store_kv_writes_strided_k_v_into_a_virtual_kv_cache(device):
             cache.v[layer][slot, :n] = _randn(n, num_kv_heads, head_dim, device=device, dtype=dtype, seed=slot + 9)
         before_k = [cache.k[layer][slot, :n].clone() for slot, n in zip(slots, lens)]
         before_v = [cache.v[layer][slot, :n].clone() for slot, n in zip(slots, lens)]
-        other_layer = cache.k[0][slots[0], :lens[0]].clone()
+        other_layer = cache.k[0][slots[0], : lens[0]].clone()
 
         # A prefill chunk of 3 tokens (rows 10..12 of slot 0) and decode tokens at the ends of slots 1 and 2.
         targets = [(0, 10), (0, 11), (0, 12), (1, 6), (2, 99)]
         stride = cache.slot_stride_tokens
-        slot_mapping = torch.tensor([slots[i] * stride + pos for i, pos in targets], dtype=torch.int64,
-                                    device=device)
+        slot_mapping = torch.tensor([slots[i] * stride + pos for i, pos in targets], dtype=torch.int64, device=device)
         qkv = _randn(len(targets), (num_heads + 2 * num_kv_heads) * head_dim, device=device, dtype=dtype, seed=7)
         _, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
         k = k.view(-1, num_kv_heads, head_dim)
@@ -186,7 +200,7 @@ def test_store_kv_writes_strided_k_v_into_a_virtual_kv_cache(device):
         for i, (slot, n) in enumerate(zip(slots, lens)):
             assert torch.equal(cache.k[layer][slot, :n], before_k[i])
             assert torch.equal(cache.v[layer][slot, :n], before_v[i])
-        assert torch.equal(cache.k[0][slots[0], :lens[0]], other_layer)
+        assert torch.equal(cache.k[0][slots[0], : lens[0]], other_layer)
     finally:
         cache.close()
 
@@ -206,8 +220,12 @@ def test_wrappers_reject_mismatched_inputs(device):
     with pytest.raises(ValueError, match="cos must be"):
         triton_ops.apply_rotary_qk_(q, k, torch.zeros(3, 8, device=device), torch.zeros(3, 4, device=device))
     with pytest.raises(ValueError, match="unit last stride"):
-        triton_ops.apply_rotary_qk_(torch.zeros(3, 4, 16, device=device)[..., ::2], k,
-                                    torch.zeros(3, 4, device=device), torch.zeros(3, 4, device=device))
+        triton_ops.apply_rotary_qk_(
+            torch.zeros(3, 4, 16, device=device)[..., ::2],
+            k,
+            torch.zeros(3, 4, device=device),
+            torch.zeros(3, 4, device=device),
+        )
     cache = torch.zeros(10, 2, 8, device=device)
     with pytest.raises(ValueError, match="slot_mapping must be"):
         triton_ops.store_kv(k, k, cache, cache, torch.zeros(3, dtype=torch.float32, device=device))

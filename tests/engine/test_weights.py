@@ -15,9 +15,16 @@ from engine.weights.safetensors_loader import SafetensorsWeightLoader
 def tiny_config(model_type: str, **overrides):
     from transformers import AutoConfig
 
-    kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False)
+    kwargs = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -47,21 +54,36 @@ def our_logits_all_positions(runner, token_lists):
         for s in slots:
             runner.kv_cache.free(s)
     cu = batch.cu_seqlens_q_cpu
-    return [logits[cu[i]:cu[i + 1]] for i in range(len(token_lists))]
+    return [logits[cu[i] : cu[i + 1]] for i in range(len(token_lists))]
 
 
-@pytest.mark.parametrize("model_type,overrides", [
-    ("llama", {}),
-    ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-    ("qwen2", {}),  # q/k/v biases implied by the architecture
-    ("mistral", {"sliding_window": None}),
-])
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            },
+        ),
+        ("qwen2", {}),  # q/k/v biases implied by the architecture
+        ("mistral", {"sliding_window": None}),
+    ],
+)
 def test_hf_checkpoint_logits_match_transformers(tmp_path, model_type, overrides):
     hf_model = save_tiny_checkpoint(tmp_path, model_type, **overrides)
-    runner = ModelRunner(ModelConfig(model=str(tmp_path), device="cpu"),
-                         CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_bytes=8 << 20))
+    runner = ModelRunner(
+        ModelConfig(model=str(tmp_path), device="cpu"),
+        CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_bytes=8 << 20),
+    )
     try:
         g = torch.Generator().manual_seed(1)
         token_lists = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (37, 1, 90)]
@@ -121,7 +143,9 @@ def test_dummy_weights_shapes_and_seed():
         a, b, c = (dict(r.model.named_parameters()) for r in runners)
         cfg = runners[0].hf_config
         assert a["model.layers.0.self_attn.qkv_proj.weight"].shape == (
-            (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * 16, cfg.hidden_size)
+            (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * 16,
+            cfg.hidden_size,
+        )
         assert a["lm_head.weight"].shape == (cfg.vocab_size, cfg.hidden_size)
         for name in a:
             assert torch.equal(a[name], b[name]), name

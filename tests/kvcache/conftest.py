@@ -17,17 +17,43 @@ def make_cache(device):
     """Builds caches whose sizes are given in pages, so tests read the same on 64 KiB and 2 MiB pages."""
     made = []
 
-    def make(*, num_layers=2, max_batch_size=4, pages_per_slot=3, pool_pages=None, prefetch_tokens=0,
-             prefetch_pages_per_step=None, dtype=torch.float32, layout="layer_major"):
-        probe = KVCacheConfig(num_layers=num_layers, num_kv_heads=2, head_dim=64, max_batch_size=max_batch_size,
-                              max_seq_len=1, dtype=dtype, device=device, layout=layout)
+    def make(
+        *,
+        num_layers=2,
+        max_batch_size=4,
+        pages_per_slot=3,
+        pool_pages=None,
+        prefetch_tokens=0,
+        prefetch_pages_per_step=None,
+        dtype=torch.float32,
+        layout="layer_major",
+    ):
+        probe = KVCacheConfig(
+            num_layers=num_layers,
+            num_kv_heads=2,
+            head_dim=64,
+            max_batch_size=max_batch_size,
+            max_seq_len=1,
+            dtype=dtype,
+            device=device,
+            layout=layout,
+        )
         granularity = 64 << 10 if device == "cpu" else 2 << 20
         tokens_per_page = granularity // probe.buffer_token_bytes
         pool_pages = pool_pages if pool_pages is not None else max_batch_size * pages_per_slot * probe.num_buffers
-        config = KVCacheConfig(num_layers=num_layers, num_kv_heads=2, head_dim=64, max_batch_size=max_batch_size,
-                               max_seq_len=pages_per_slot * tokens_per_page, dtype=dtype, device=device,
-                               pool_size_bytes=pool_pages * granularity, prefetch_tokens=prefetch_tokens,
-                               prefetch_pages_per_step=prefetch_pages_per_step, layout=layout)
+        config = KVCacheConfig(
+            num_layers=num_layers,
+            num_kv_heads=2,
+            head_dim=64,
+            max_batch_size=max_batch_size,
+            max_seq_len=pages_per_slot * tokens_per_page,
+            dtype=dtype,
+            device=device,
+            pool_size_bytes=pool_pages * granularity,
+            prefetch_tokens=prefetch_tokens,
+            prefetch_pages_per_step=prefetch_pages_per_step,
+            layout=layout,
+        )
         cache = VirtualKVCache(config)
         made.append(cache)
         return cache
