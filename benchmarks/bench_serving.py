@@ -61,10 +61,20 @@ class RequestResult:
 # ---- workloads ------------------------------------------------------------------------------------
 
 
-def make_workload(kind: str, num_requests: int, seed: int, vocab_low: int = 1000, vocab_high: int = 30000,
-                  input_len: int = 128, output_len: int = 64, long_fraction: float = 0.25,
-                  long_input_len: int = 300, long_output_len: int = 120,
-                  short_input_len: int = 32, short_output_len: int = 24) -> list[RequestSpec]:
+def make_workload(
+    kind: str,
+    num_requests: int,
+    seed: int,
+    vocab_low: int = 1000,
+    vocab_high: int = 30000,
+    input_len: int = 128,
+    output_len: int = 64,
+    long_fraction: float = 0.25,
+    long_input_len: int = 300,
+    long_output_len: int = 120,
+    short_input_len: int = 32,
+    short_output_len: int = 24,
+) -> list[RequestSpec]:
     """Token-id prompts of exact lengths (random ids from an ordinary-text id range)."""
     rng = random.Random(seed)
 
@@ -136,13 +146,15 @@ async def send_one(client: httpx.AsyncClient, base_url: str, model: str, spec: R
     return result
 
 
-async def run_load(base_url: str, model: str, specs: list[RequestSpec], request_rate: float, seed: int,
-                   max_concurrency: int | None) -> tuple[list[RequestResult], float]:
+async def run_load(
+    base_url: str, model: str, specs: list[RequestSpec], request_rate: float, seed: int, max_concurrency: int | None
+) -> tuple[list[RequestResult], float]:
     rng = np.random.default_rng(seed)
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+
         async def guarded(spec: RequestSpec) -> RequestResult:
             if sem is None:
                 return await send_one(client, base_url, model, spec)
@@ -176,8 +188,10 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "num_requests": len(results),
         "num_completed": len(ok),
         "num_failed": len(results) - len(ok),
-        "failures_by_status": {str(s): sum(1 for r in results if not r.ok and r.status == s)
-                               for s in sorted({r.status for r in results if not r.ok})},
+        "failures_by_status": {
+            str(s): sum(1 for r in results if not r.ok and r.status == s)
+            for s in sorted({r.status for r in results if not r.ok})
+        },
         "duration_s": duration_s,
         "request_throughput_per_s": len(ok) / duration_s,
         "input_tokens": in_tokens,
@@ -213,8 +227,12 @@ def print_summary(title: str, s: dict) -> None:
     print(f"{'Request throughput (req/s):':<40}{s['request_throughput_per_s']:>10.2f}")
     print(f"{'Output token throughput (tok/s):':<40}{s['output_throughput_tok_s']:>10.2f}")
     print(f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput_tok_s']:>10.2f}")
-    for name, label in (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st)"),
-                        ("itl", "Inter-token Latency"), ("e2e", "End-to-end Latency")):
+    for name, label in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st)"),
+        ("itl", "Inter-token Latency"),
+        ("e2e", "End-to-end Latency"),
+    ):
         print(f"{'-' * 10}{label}{'-' * 10}")
         for stat in ("mean", "p50", "p99"):
             print(f"{f'{stat.upper()} {name.upper()} (ms):':<40}{_figure(s[f'{stat}_{name}_ms'])}")
@@ -258,16 +276,24 @@ COMPARE_APP_ARGS = {
     "device": "cpu",
     # A small page pool per replica so that placement matters: 24 MiB = 384 pages of 64 KiB =
     # 6.4 blocks of 85 tokens (30 layers x K,V per block): ~540 tokens of KV per replica.
-    "engine_kwargs": {"max_batch_size": 8, "max_seq_len": 512, "kv_cache_bytes": 24 << 20,
-                      "max_num_batched_tokens": 256},
-    "engine": {"num_replicas": 2, "num_cpus": 0, "max_ongoing_requests": 8, "max_queued_requests": 1000,
-               "routing_stats_period_s": 0.5},
+    "engine_kwargs": {
+        "max_batch_size": 8,
+        "max_seq_len": 512,
+        "kv_cache_bytes": 24 << 20,
+        "max_num_batched_tokens": 256,
+    },
+    "engine": {
+        "num_replicas": 2,
+        "num_cpus": 0,
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 1000,
+        "routing_stats_period_s": 0.5,
+    },
     "ingress": {"num_cpus": 0, "max_queued_requests": 1000},
 }
 
 
 def deploy(router: str, http_port: int) -> str:
-    import ray
     from ray import serve
 
     from deployments.app import build_app
@@ -293,13 +319,25 @@ def compare_routers(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=args.metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000},
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
-             logging_level="WARNING")
-    specs = make_workload("skewed", args.num_prompts, args.seed, long_fraction=args.long_fraction,
-                          long_input_len=args.long_input_len, long_output_len=args.long_output_len,
-                          short_input_len=args.short_input_len, short_output_len=args.short_output_len)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _metrics_export_port=args.metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
+        logging_level="WARNING",
+    )
+    specs = make_workload(
+        "skewed",
+        args.num_prompts,
+        args.seed,
+        long_fraction=args.long_fraction,
+        long_input_len=args.long_input_len,
+        long_output_len=args.long_output_len,
+        short_input_len=args.short_input_len,
+        short_output_len=args.short_output_len,
+    )
     runs = {}
     for router in ("page_aware", "power_of_two"):
         base = deploy(router, args.http_port)
@@ -323,13 +361,24 @@ def compare_routers(args: argparse.Namespace) -> None:
     ray.shutdown()
     record = {
         "benchmark": "bench_serving --compare-routers",
-        "workload": {"kind": "skewed", "num_prompts": args.num_prompts, "request_rate_per_s": args.request_rate,
-                     "long_fraction": args.long_fraction, "long": [args.long_input_len, args.long_output_len],
-                     "short": [args.short_input_len, args.short_output_len], "seed": args.seed,
-                     "ignore_eos": True, "arrivals": "poisson"},
+        "workload": {
+            "kind": "skewed",
+            "num_prompts": args.num_prompts,
+            "request_rate_per_s": args.request_rate,
+            "long_fraction": args.long_fraction,
+            "long": [args.long_input_len, args.long_output_len],
+            "short": [args.short_input_len, args.short_output_len],
+            "seed": args.seed,
+            "ignore_eos": True,
+            "arrivals": "poisson",
+        },
         "app_args": COMPARE_APP_ARGS,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
         "commit": _git_commit(),
         "results": runs,
     }
@@ -348,8 +397,11 @@ def plot(runs: dict, path: Path) -> None:
 
     routers = list(runs)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    metrics = [("p99_ttft_ms", "p99 TTFT (ms)"), ("p99_e2e_ms", "p99 E2E latency (ms)"),
-               ("num_preemptions", "preemptions")]
+    metrics = [
+        ("p99_ttft_ms", "p99 TTFT (ms)"),
+        ("p99_e2e_ms", "p99 E2E latency (ms)"),
+        ("num_preemptions", "preemptions"),
+    ]
     colors = ["tab:blue", "tab:orange"]
     for ax, (key, label) in zip(axes, metrics):
         values = [runs[r][key] for r in routers]
@@ -365,8 +417,9 @@ def plot(runs: dict, path: Path) -> None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (subprocess.CalledProcessError, OSError):
         return "uncommitted"
 
@@ -395,17 +448,27 @@ def main() -> None:
     if args.compare_routers:
         compare_routers(args)
         return
-    specs = make_workload(args.dataset, args.num_prompts, args.seed, input_len=args.input_len,
-                          output_len=args.output_len, long_fraction=args.long_fraction,
-                          long_input_len=args.long_input_len, long_output_len=args.long_output_len,
-                          short_input_len=args.short_input_len, short_output_len=args.short_output_len)
-    results, duration = asyncio.run(run_load(args.base_url, args.model, specs, args.request_rate, args.seed,
-                                             args.max_concurrency))
+    specs = make_workload(
+        args.dataset,
+        args.num_prompts,
+        args.seed,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        long_fraction=args.long_fraction,
+        long_input_len=args.long_input_len,
+        long_output_len=args.long_output_len,
+        short_input_len=args.short_input_len,
+        short_output_len=args.short_output_len,
+    )
+    results, duration = asyncio.run(
+        run_load(args.base_url, args.model, specs, args.request_rate, args.seed, args.max_concurrency)
+    )
     summary = summarize(results, duration)
     print_summary(f"{args.dataset} @ {args.request_rate} req/s", summary)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": summary,
-                                              "commit": _git_commit()}, indent=2, default=str) + "\n")
+        Path(args.out).write_text(
+            json.dumps({"args": vars(args), "results": summary, "commit": _git_commit()}, indent=2, default=str) + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ Page accounting. ``KVCacheStats`` counts a "page" as one 16-token block of one l
 ``num_buffers = 2 * num_layers`` pages hold 16 tokens of a request, as with vAttention's pages, and
 ``free + mapped == total``; nothing is ever reclaimable.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -48,8 +49,14 @@ from engine.config import EngineConfig
 from engine.executor import LocalExecutor
 from engine.layers.triton_dispatch import use_triton
 from engine.llm_engine import LLMEngine
-from kvcache import (KVCacheConfig, KVCacheError, KVCacheStats, NoFreeSlotError, PoolExhaustedError,
-                     SequenceTooLongError, VirtualKVCache)
+from kvcache import (
+    KVCacheConfig,
+    KVCacheError,
+    KVCacheStats,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    VirtualKVCache,
+)
 from kvcache.fence import CudaFence, Fence, HostTimeline
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
@@ -91,10 +98,12 @@ class PagedKVCache:
 
         rows = (self.num_blocks + 1) * BLOCK_SIZE_TOKENS  # one more block for the reserved slot
         heads, dim = config.num_kv_heads, config.head_dim
-        self.k_flat = [torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device)
-                       for _ in range(config.num_layers)]
-        self.v_flat = [torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device)
-                       for _ in range(config.num_layers)]
+        self.k_flat = [
+            torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device) for _ in range(config.num_layers)
+        ]
+        self.v_flat = [
+            torch.empty(rows, heads, dim, dtype=config.dtype, device=self.device) for _ in range(config.num_layers)
+        ]
         self.k = [t.view(-1, BLOCK_SIZE_TOKENS, heads, dim) for t in self.k_flat]
         self.v = [t.view(-1, BLOCK_SIZE_TOKENS, heads, dim) for t in self.v_flat]
 
@@ -143,9 +152,11 @@ class PagedKVCache:
                 budget = min(budget, full * block_bytes)
         blocks = min(budget // block_bytes, full)
         if blocks < 1:
-            raise ValueError(f"the KV pool of {budget} bytes holds no block of {block_bytes} bytes "
-                             f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise pool_size_bytes or "
-                             "memory_fraction")
+            raise ValueError(
+                f"the KV pool of {budget} bytes holds no block of {block_bytes} bytes "
+                f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise pool_size_bytes or "
+                "memory_fraction"
+            )
         return blocks
 
     # ---- accounting -------------------------------------------------------------------------------------------
@@ -172,8 +183,11 @@ class PagedKVCache:
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""
-        return (0 <= num_tokens <= self.config.max_seq_len and bool(self._free_slots)
-                and _cdiv(num_tokens, BLOCK_SIZE_TOKENS) <= len(self._free_blocks))
+        return (
+            0 <= num_tokens <= self.config.max_seq_len
+            and bool(self._free_slots)
+            and _cdiv(num_tokens, BLOCK_SIZE_TOKENS) <= len(self._free_blocks)
+        )
 
     @property
     def max_request_tokens(self) -> int:
@@ -197,11 +211,18 @@ class PagedKVCache:
         used = (self.num_blocks - len(self._free_blocks)) * self.num_buffers
         active = sum(self._active) - 1
         return KVCacheStats(
-            total_pages=self.num_blocks * self.num_buffers, free_pages=len(self._free_blocks) * self.num_buffers,
-            mapped_pages=used, reclaimable_pages=0, used_pages=used, page_size_bytes=self.page_size_bytes,
-            tokens_per_page=self.tokens_per_page, num_buffers=self.num_buffers,
-            num_free_slots=self.config.max_batch_size - active, num_active_slots=active,
-            max_batch_size=self.config.max_batch_size)
+            total_pages=self.num_blocks * self.num_buffers,
+            free_pages=len(self._free_blocks) * self.num_buffers,
+            mapped_pages=used,
+            reclaimable_pages=0,
+            used_pages=used,
+            page_size_bytes=self.page_size_bytes,
+            tokens_per_page=self.tokens_per_page,
+            num_buffers=self.num_buffers,
+            num_free_slots=self.config.max_batch_size - active,
+            num_active_slots=active,
+            max_batch_size=self.config.max_batch_size,
+        )
 
     # ---- slots ------------------------------------------------------------------------------------------------
 
@@ -272,7 +293,7 @@ class PagedKVCache:
             return
         blocks = self._blocks[slot]
         new = [self._free_blocks.popleft() for _ in range(count)]
-        self._table_np[slot, len(blocks):len(blocks) + count] = new
+        self._table_np[slot, len(blocks) : len(blocks) + count] = new
         blocks.extend(new)
         lo, hi = self._dirty if self._dirty is not None else (slot, slot + 1)
         self._dirty = (min(lo, slot), max(hi, slot + 1))
@@ -351,8 +372,7 @@ class _PagedMetadata:
 
 def _pool_rows(block_table: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Row in the pool of token ``positions[i]`` of slot ``slots[i]``: ``[n]`` int64."""
-    return (block_table[slots, positions // BLOCK_SIZE_TOKENS].long() * BLOCK_SIZE_TOKENS
-            + positions % BLOCK_SIZE_TOKENS)
+    return block_table[slots, positions // BLOCK_SIZE_TOKENS].long() * BLOCK_SIZE_TOKENS + positions % BLOCK_SIZE_TOKENS
 
 
 class PagedAttentionBackend(AttentionBackend):
@@ -369,8 +389,15 @@ class PagedAttentionBackend(AttentionBackend):
 
     name = "paged"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None, *,
-                 decode_kernel: str | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,
+        *,
+        decode_kernel: str | None = None,
+    ) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         if decode_kernel not in (None, "triton", "torch"):
             raise ValueError(f"decode_kernel must be None, 'triton' or 'torch', got {decode_kernel!r}")
@@ -416,9 +443,12 @@ class PagedAttentionBackend(AttentionBackend):
         decode = prefill = None
         if dec:
             dec_slots = to_device([slot_ids[i] for i in dec], torch.int64, device)
-            decode = _DecodeRows(to_device([cu[i] for i in dec], torch.int64, device), table[dec_slots],
-                                 to_device([seq_lens[i] for i in dec], torch.int32, device),
-                                 max(seq_lens[i] for i in dec))
+            decode = _DecodeRows(
+                to_device([cu[i] for i in dec], torch.int64, device),
+                table[dec_slots],
+                to_device([seq_lens[i] for i in dec], torch.int32, device),
+                max(seq_lens[i] for i in dec),
+            )
         if pre:
             pre_lens = torch.tensor([seq_lens[i] for i in pre])
             cu_q, cu_k = [0], [0]
@@ -428,18 +458,27 @@ class PagedAttentionBackend(AttentionBackend):
             q_index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pre])
             key_slots = torch.repeat_interleave(torch.tensor([slot_ids[i] for i in pre]), pre_lens)
             key_pos = torch.arange(cu_k[-1]) - torch.repeat_interleave(torch.tensor(cu_k[:-1]), pre_lens)
-            key_rows = _pool_rows(table, to_device(key_slots, torch.int64, device),
-                                  to_device(key_pos, torch.int64, device))
+            key_rows = _pool_rows(
+                table, to_device(key_slots, torch.int64, device), to_device(key_pos, torch.int64, device)
+            )
             prefill = _PrefillRows(
-                to_device(q_index, torch.int64, device), key_rows, to_device(cu_q, torch.int32, device),
-                to_device(cu_k, torch.int32, device), max(query_lens[i] for i in pre), max(seq_lens[i] for i in pre),
-                cu_q, cu_k, [batch.context_lens_cpu[i] for i in pre])
+                to_device(q_index, torch.int64, device),
+                key_rows,
+                to_device(cu_q, torch.int32, device),
+                to_device(cu_k, torch.int32, device),
+                max(query_lens[i] for i in pre),
+                max(seq_lens[i] for i in pre),
+                cu_q,
+                cu_k,
+                [batch.context_lens_cpu[i] for i in pre],
+            )
         return _PagedMetadata(write_rows, decode, prefill)
 
     # ---- the backend interface --------------------------------------------------------------------------------
 
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
-                 kv_cache: PagedKVCache) -> None:
+    def write_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache
+    ) -> None:
         """Stores ``k, v [T, Hkv, D]`` at each token's row through the block table (never ``batch.slot_mapping``,
         which assumes contiguous slots), with the product's fused store kernel on CUDA."""
         rows = self._metadata(batch, kv_cache).write_rows
@@ -461,8 +500,9 @@ class PagedAttentionBackend(AttentionBackend):
         if decode is not None:
             out.index_copy_(0, decode.q_index, self._decode(q.index_select(0, decode.q_index), k_rows, v_rows, decode))
         if prefill is not None:
-            out.index_copy_(0, prefill.q_index,
-                            self._prefill(q.index_select(0, prefill.q_index), k_rows, v_rows, prefill))
+            out.index_copy_(
+                0, prefill.q_index, self._prefill(q.index_select(0, prefill.q_index), k_rows, v_rows, prefill)
+            )
         return out
 
     # ---- kernels ----------------------------------------------------------------------------------------------
@@ -473,8 +513,16 @@ class PagedAttentionBackend(AttentionBackend):
         if use_kernel:
             from benchmarks.triton_paged_decode import triton_paged_decode_attention
 
-            return triton_paged_decode_attention(q, k_rows, v_rows, part.block_tables, part.seq_lens, self.scale,
-                                                 BLOCK_SIZE_TOKENS, max_seq_len=part.max_seq_len)
+            return triton_paged_decode_attention(
+                q,
+                k_rows,
+                v_rows,
+                part.block_tables,
+                part.seq_lens,
+                self.scale,
+                BLOCK_SIZE_TOKENS,
+                max_seq_len=part.max_seq_len,
+            )
         # Every sequence padded to the batch's bound and masked: no host value per sequence, so capturable.
         batch_size = q.shape[0]
         num_blocks = _cdiv(part.max_seq_len, BLOCK_SIZE_TOKENS)
@@ -495,8 +543,7 @@ class PagedAttentionBackend(AttentionBackend):
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=self.scale)
         return out.reshape(batch_size, self.num_heads, self.head_dim)
 
-    def _prefill(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor,
-                 part: _PrefillRows) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, part: _PrefillRows) -> torch.Tensor:
         """``q [Tp, H, D]`` (the chunks of the prefilling sequences) -> ``[Tp, H, D]``, causal over each sequence's
         context and chunk, read through K/V gathered contiguously (the cost vLLM's paged FA2 does not pay)."""
         keys = k_rows.index_select(0, part.key_rows)  # [Kp, Hkv, D]
@@ -504,24 +551,37 @@ class PagedAttentionBackend(AttentionBackend):
         if self._is_fast_device(q):
             # As engine/attention/torch_flash.py, with K/V now packed: prefix sums instead of slot starts.
             return torch.ops.aten._flash_attention_forward(
-                q, keys, values, part.cu_seqlens_q, part.cu_seqlens_k, part.max_query_len, part.max_seq_len,
-                0.0, True, False, scale=self.scale)[0]
+                q,
+                keys,
+                values,
+                part.cu_seqlens_q,
+                part.cu_seqlens_k,
+                part.max_query_len,
+                part.max_seq_len,
+                0.0,
+                True,
+                False,
+                scale=self.scale,
+            )[0]
         out = torch.empty_like(q)
         group = self.num_heads // self.num_kv_heads
         cu_q, cu_k = part.cu_seqlens_q_cpu, part.cu_seqlens_k_cpu
         for i, ctx_len in enumerate(part.context_lens_cpu):
             q_len, seq_len = cu_q[i + 1] - cu_q[i], cu_k[i + 1] - cu_k[i]
-            ki = keys[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, Hkv, seq_len, D]
-            vi = values[cu_k[i]:cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
+            ki = keys[cu_k[i] : cu_k[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, Hkv, seq_len, D]
+            vi = values[cu_k[i] : cu_k[i + 1]].transpose(0, 1).unsqueeze(0)
             # As engine/attention/sdpa.py: the G query heads of a KV head folded into the query axis.
-            qi = q[cu_q[i]:cu_q[i + 1]].view(q_len, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
+            qi = q[cu_q[i] : cu_q[i + 1]].view(q_len, self.num_kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
             qi = qi.reshape(1, self.num_kv_heads, group * q_len, self.head_dim)
             key_pos = torch.arange(seq_len, device=q.device)
             query_pos = torch.arange(ctx_len, seq_len, device=q.device)
             mask = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).repeat(group, 1)  # [G * q_len, seq_len]
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale)
-            out[cu_q[i]:cu_q[i + 1]] = oi.view(self.num_kv_heads, group, q_len, self.head_dim).permute(
-                2, 0, 1, 3).reshape(q_len, self.num_heads, self.head_dim)
+            out[cu_q[i] : cu_q[i + 1]] = (
+                oi.view(self.num_kv_heads, group, q_len, self.head_dim)
+                .permute(2, 0, 1, 3)
+                .reshape(q_len, self.num_heads, self.head_dim)
+            )
         return out
 
 
@@ -550,6 +610,7 @@ def build_paged_engine(config: EngineConfig) -> LLMEngine:
         ValueError: ``tensor_parallel_size`` other than 1 (the paged mode runs on one device).
     """
     if config.model.tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size must be 1 for the paged benchmark mode, got "
-                         f"{config.model.tensor_parallel_size}")
+        raise ValueError(
+            f"tensor_parallel_size must be 1 for the paged benchmark mode, got {config.model.tensor_parallel_size}"
+        )
     return LLMEngine(config, executor_factory=PagedExecutor)

@@ -14,8 +14,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ray.serve.context import _get_serve_request_context
 
@@ -66,17 +67,17 @@ class EngineDeployment:
     """
 
     def __init__(self, engine_config: dict[str, Any], model_id: str) -> None:
+        from deployments.tp_workers import make_executor_factory
         from engine.async_engine import AsyncLLMEngine
         from engine.config import EngineConfig
-
         from engine.llm_engine import LLMEngine
-
-        from deployments.tp_workers import make_executor_factory
 
         self._replica_tag = _replica_tag()
         # tensor_parallel_size > 1: this replica is rank 0; ranks 1.. are Ray actors in its placement group.
-        self._llm_engine = LLMEngine(EngineConfig.from_dict(dict(engine_config)),
-                                     executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"))
+        self._llm_engine = LLMEngine(
+            EngineConfig.from_dict(dict(engine_config)),
+            executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"),
+        )
         self._engine = AsyncLLMEngine(engine=self._llm_engine)
         self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
@@ -246,8 +247,9 @@ class EngineDeployment:
         final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
         if req.num_output_tokens is None:
             return final
-        held = pages_for_tokens(req.num_prompt_tokens + req.num_output_tokens, tokens_per_page,
-                                self._pages_per_token_block)
+        held = pages_for_tokens(
+            req.num_prompt_tokens + req.num_output_tokens, tokens_per_page, self._pages_per_token_block
+        )
         return max(0, final - held)
 
     def _ensure_gauge_task(self) -> None:

@@ -230,7 +230,8 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             stats = likely.routing_stats if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
-                likely.replica_id, _RoutedRequest(now_s, self._pages_of(hint, stats))
+                likely.replica_id,
+                _RoutedRequest(now_s, self._pages_of(hint, stats)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 

@@ -24,8 +24,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS
 from engine.executor import Executor, ExecutorFactory, LocalExecutor, WorkerDeadError
-from kvcache import CacheOp
 from engine.tp_executor import TPExecutor, WorkerGroup
+from kvcache import CacheOp
 
 logger = logging.getLogger("ray.serve")
 

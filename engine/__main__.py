@@ -8,7 +8,9 @@ import time
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="smollm2 (default), a HF dir, a .gguf file or dummy:<config>")
+    parser.add_argument(
+        "--model", default="smollm2", help="smollm2 (default), a HF dir, a .gguf file or dummy:<config>"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="tokens per request (prompt + output)")

@@ -7,8 +7,8 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, InvalidRequestError

@@ -9,8 +9,8 @@ every layer's ``k_flat`` / ``v_flat``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 
@@ -95,7 +95,7 @@ class ForwardBatch:
         seqs: Sequence[tuple[int, Sequence[int], int]],
         device: torch.device | str,
         slot_stride_tokens: int | None = None,
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Build the batch from ``(slot, token_ids, start_pos)`` per sequence.
 
         ``token_ids`` is the chunk of tokens to run for that sequence and ``start_pos`` the number
@@ -157,7 +157,7 @@ class ForwardBatch:
             batch = batch.bind_cache(slot_stride_tokens, _positions_cpu=positions)
         return batch
 
-    def bind_cache(self, slot_stride_tokens: int, _positions_cpu: torch.Tensor | None = None) -> "ForwardBatch":
+    def bind_cache(self, slot_stride_tokens: int, _positions_cpu: torch.Tensor | None = None) -> ForwardBatch:
         """Return this batch with the cache-row fields (``slot_mapping``, ``cu_seqlens_k``) filled
         for a cache whose slots are ``slot_stride_tokens`` rows apart. No-op if already bound so."""
         if slot_stride_tokens < 1:
@@ -171,4 +171,6 @@ class ForwardBatch:
         cu_seqlens_k = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
         slot_mapping = to_device(slot_mapping, torch.int64, self.device)
         cu_seqlens_k = to_device(cu_seqlens_k, torch.int32, self.device)
-        return replace(self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, cu_seqlens_k=cu_seqlens_k)
+        return replace(
+            self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, cu_seqlens_k=cu_seqlens_k
+        )

@@ -62,9 +62,7 @@ class ModelConfig:
         ):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
-            )
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not _is_int(self.tensor_parallel_size) or self.tensor_parallel_size < 1:
@@ -146,9 +144,7 @@ class CacheConfig:
             raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
         if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
             raise ValueError(f"max_seq_len must be None or an int >= 1, got {self.max_seq_len!r}")
-        if self.page_size_bytes is not None and (
-            not _is_int(self.page_size_bytes) or self.page_size_bytes < 4096
-        ):
+        if self.page_size_bytes is not None and (not _is_int(self.page_size_bytes) or self.page_size_bytes < 4096):
             raise ValueError(f"page_size_bytes must be None or an int >= 4096, got {self.page_size_bytes!r}")
         if self.kv_cache_bytes is not None and (not _is_int(self.kv_cache_bytes) or self.kv_cache_bytes < 1):
             raise ValueError(f"kv_cache_bytes must be None or an int >= 1, got {self.kv_cache_bytes!r}")
@@ -162,7 +158,8 @@ class CacheConfig:
             not _is_int(self.prefetch_pages_per_step) or self.prefetch_pages_per_step < 1
         ):
             raise ValueError(
-                f"prefetch_pages_per_step must be None or an int >= 1, got {self.prefetch_pages_per_step!r}")
+                f"prefetch_pages_per_step must be None or an int >= 1, got {self.prefetch_pages_per_step!r}"
+            )
 
 
 @dataclass
@@ -225,7 +222,7 @@ class EngineConfig:
             raise ValueError(f"sampler_seed must be None or an int >= 0, got {self.sampler_seed!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "EngineConfig":
+    def from_dict(cls, values: dict) -> EngineConfig:
         """Build from ``{"model": {...}, "cache": {...}, "scheduler": {...}, "sampler_seed": ...}`` or from
         flat keys (``{"model": "smollm2", "max_batch_size": 8, ...}``), each routed to the config that has
         that field. Unknown keys raise ``ValueError`` naming them."""

@@ -9,6 +9,7 @@ the model, the logits — is inside the graph. Buckets are captured largest firs
 Under asynchronous scheduling a decode token may still be on the device (sampled by the step before): the packed
 metadata then carries its row in that step's sampled ids, and one gather fills it in before the replay.
 """
+
 from __future__ import annotations
 
 import torch
@@ -73,15 +74,28 @@ class CudaGraphRunner:
         packed = self._packed
         lens = packed[_LENS, :bucket].to(torch.int32)
         arange = torch.arange(bucket + 1, dtype=torch.int32, device=self.device)
-        starts = packed[_STARTS, :bucket + 1].to(torch.int32)
+        starts = packed[_STARTS, : bucket + 1].to(torch.int32)
         ones = [1] * bucket
         return ForwardBatch(
-            input_ids=packed[_IDS, :bucket], positions=packed[_POS, :bucket],
-            slot_ids=packed[_STARTS, :bucket] // self._stride, query_lens=arange[1:] - arange[:-1],
-            context_lens=lens - 1, seq_lens=lens, cu_seqlens_q=arange, logits_indices=arange[:bucket].long(),
-            max_query_len=1, max_seq_len=self.max_seq_len, slot_ids_cpu=[self.scratch_slot] * bucket,
-            query_lens_cpu=ones, context_lens_cpu=[0] * bucket, seq_lens_cpu=ones, cu_seqlens_q_cpu=list(range(bucket + 1)),
-            slot_stride_tokens=self._stride, slot_mapping=packed[_ROWS, :bucket], cu_seqlens_k=starts)
+            input_ids=packed[_IDS, :bucket],
+            positions=packed[_POS, :bucket],
+            slot_ids=packed[_STARTS, :bucket] // self._stride,
+            query_lens=arange[1:] - arange[:-1],
+            context_lens=lens - 1,
+            seq_lens=lens,
+            cu_seqlens_q=arange,
+            logits_indices=arange[:bucket].long(),
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            slot_ids_cpu=[self.scratch_slot] * bucket,
+            query_lens_cpu=ones,
+            context_lens_cpu=[0] * bucket,
+            seq_lens_cpu=ones,
+            cu_seqlens_q_cpu=list(range(bucket + 1)),
+            slot_stride_tokens=self._stride,
+            slot_mapping=packed[_ROWS, :bucket],
+            cu_seqlens_k=starts,
+        )
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

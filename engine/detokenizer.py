@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 # Prompt tokens kept as decoding context: tokenizers whose decode depends on the previous token
 # (SentencePiece drops the leading space of a sequence's first word) need a little left context.

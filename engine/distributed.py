@@ -25,8 +25,9 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_tp_group(init_method: str, rank: int, world_size: int, device: torch.device,
-                  timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> None:
+def init_tp_group(
+    init_method: str, rank: int, world_size: int, device: torch.device, timeout_s: float = DEFAULT_TP_TIMEOUT_S
+) -> None:
     """Join the tensor-parallel group (blocks until all ``world_size`` ranks joined ``init_method``).
 
     Args:
@@ -40,8 +41,9 @@ def init_tp_group(init_method: str, rank: int, world_size: int, device: torch.de
         RuntimeError: a group already exists in this process (one tensor-parallel engine per process).
     """
     if dist.is_initialized():
-        raise RuntimeError("a torch.distributed process group already exists in this process: "
-                           "one tensor-parallel engine per process")
+        raise RuntimeError(
+            "a torch.distributed process group already exists in this process: one tensor-parallel engine per process"
+        )
     for name, value in TP_ENV_VARS.items():
         os.environ.setdefault(name, value)
     kwargs = {}
@@ -50,10 +52,17 @@ def init_tp_group(init_method: str, rank: int, world_size: int, device: torch.de
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
-    dist.init_process_group(backend=backend_for(device), init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    logger.info("joined tensor-parallel group %s as rank %d of %d (%s)", init_method, rank, world_size,
-                backend_for(device))
+    dist.init_process_group(
+        backend=backend_for(device),
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **kwargs,
+    )
+    logger.info(
+        "joined tensor-parallel group %s as rank %d of %d (%s)", init_method, rank, world_size, backend_for(device)
+    )
 
 
 def destroy_tp_group() -> None:

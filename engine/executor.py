@@ -8,7 +8,8 @@ tensor-parallel executor (``engine.tp_executor.TPExecutor``) makes the other ran
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -53,6 +54,7 @@ class Executor(ABC):
     def cache_stats(self) -> list:
         """``KVCacheStats`` of every rank's cache, rank 0 first (the other ranks' as of their last step)."""
 
+    @abstractmethod
     def check_health(self) -> None:
         """Raise ``WorkerDeadError`` if a rank is known to be dead (cheap; never blocks on a rank)."""
 
@@ -77,7 +79,8 @@ class LocalExecutor(Executor):
         if config.model.tensor_parallel_size != 1:
             raise ValueError(
                 f"tensor_parallel_size must be 1 for a LocalExecutor, got {config.model.tensor_parallel_size}: "
-                "pass an executor factory for tensor parallelism (deployments.tp_workers.ray_tp_executor_factory)")
+                "pass an executor factory for tensor parallelism (deployments.tp_workers.ray_tp_executor_factory)"
+            )
         self.runner = ModelRunner(config.model, config.cache, **runner_kwargs)
         self.kv_cache = self.runner.kv_cache
         self.tp_size = 1
@@ -88,6 +91,9 @@ class LocalExecutor(Executor):
 
     def cache_stats(self) -> list:
         return [self.kv_cache.stats()]
+
+    def check_health(self) -> None:
+        """One process: if it runs, it is alive."""
 
     def close(self) -> None:
         self.runner.close()

@@ -5,15 +5,15 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from engine.batch import to_device
 from engine.config import EngineConfig
-from engine.executor import ExecutorFactory
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.executor import ExecutorFactory
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
@@ -37,7 +37,7 @@ class LLMEngine:
             (``SchedulerConfig.async_scheduling`` where the executor allows it); may be switched between steps.
     """
 
-    def __init__(self, config: EngineConfig | None = None, executor_factory: "ExecutorFactory | None" = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, executor_factory: ExecutorFactory | None = None) -> None:
         """``executor_factory(config) -> Executor`` runs the forwards; default: this process's device
         (``tensor_parallel_size`` 1). Tensor parallelism needs one (``deployments.tp_workers``)."""
         from engine.executor import LocalExecutor
@@ -194,9 +194,11 @@ class LLMEngine:
         """``(requests, samples)``: one token per row, on the device. If the batched sampler raises, each row is
         sampled alone (waiting for it), and the requests whose row still fails are finished with their error
         and left out."""
+
         def sample(rows, batch):
-            return self.sampler.sample(rows, [r.params for r in batch], [r.output_token_ids for r in batch],
-                                       [r.generator for r in batch])
+            return self.sampler.sample(
+                rows, [r.params for r in batch], [r.output_token_ids for r in batch], [r.generator for r in batch]
+            )
 
         try:
             return requests, sample(logits, requests)
@@ -205,7 +207,7 @@ class LLMEngine:
         kept, token_ids, logprobs = [], [], []
         for i, request in enumerate(requests):
             try:
-                one = sample(logits[i:i + 1], [request]).result()
+                one = sample(logits[i : i + 1], [request]).result()
             except Exception as exc:
                 logger.exception("request %s failed while sampling its token", request.request_id)
                 request.error = exc

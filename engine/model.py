@@ -11,7 +11,8 @@ writes K/V in place in the cache. Parameter names follow Hugging Face's except f
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,17 +57,26 @@ class LlamaAttention(nn.Module):
         # Qwen2 has biases on q/k/v (not on o) without saying so in its config.
         qkv_bias = bool(getattr(hf_config, "attention_bias", False)) or hf_config.model_type == "qwen2"
         o_bias = bool(getattr(hf_config, "attention_bias", False)) and hf_config.model_type != "qwen2"
-        self.qkv_proj = QKVParallelLinear(hf_config.hidden_size, self.head_dim, hf_config.num_attention_heads,
-                                          hf_config.num_key_value_heads, qkv_bias, tp_rank, tp_size)
+        self.qkv_proj = QKVParallelLinear(
+            hf_config.hidden_size,
+            self.head_dim,
+            hf_config.num_attention_heads,
+            hf_config.num_key_value_heads,
+            qkv_bias,
+            tp_rank,
+            tp_size,
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(hf_config.num_attention_heads * self.head_dim, hf_config.hidden_size,
-                                        o_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(
+            hf_config.num_attention_heads * self.head_dim, hf_config.hidden_size, o_bias, tp_rank, tp_size
+        )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-                kv_cache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, kv_cache
+    ) -> torch.Tensor:
         """``x [T, hidden]`` -> ``[T, hidden]``."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -90,7 +100,8 @@ class LlamaMLP(nn.Module):
             raise ValueError(f"hidden_act must be 'silu', got {hf_config.hidden_act!r}")
         bias = bool(getattr(hf_config, "mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(
-            hf_config.hidden_size, [hf_config.intermediate_size] * 2, bias, tp_rank, tp_size)
+            hf_config.hidden_size, [hf_config.intermediate_size] * 2, bias, tp_rank, tp_size
+        )
         self.act = SiluAndMul()
         self.down_proj = RowParallelLinear(hf_config.intermediate_size, hf_config.hidden_size, bias, tp_rank, tp_size)
 
@@ -123,7 +134,8 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size)
         self.rotary_emb = get_rope(hf_config, head_dim_of(hf_config))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, backend, tp_rank, tp_size) for i in range(hf_config.num_hidden_layers))
+            LlamaDecoderLayer(hf_config, i, backend, tp_rank, tp_size) for i in range(hf_config.num_hidden_layers)
+        )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
@@ -147,8 +159,13 @@ class LlamaForCausalLM(nn.Module):
         tp_rank, tp_size: tensor-parallel position; weights are sharded by ``load_weights``.
     """
 
-    def __init__(self, hf_config: Any, attention_backend: str | type[AttentionBackend] = "sdpa", tp_rank: int = 0,
-                 tp_size: int = 1):
+    def __init__(
+        self,
+        hf_config: Any,
+        attention_backend: str | type[AttentionBackend] = "sdpa",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ):
         super().__init__()
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {hf_config.model_type!r}")

@@ -61,8 +61,15 @@ class ModelRunner:
     the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) runs this engine over a vLLM-style block pool.
     """
 
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, tp_rank: int = 0, *,
-                 kv_cache_factory=None, attention_backend=None) -> None:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        tp_rank: int = 0,
+        *,
+        kv_cache_factory=None,
+        attention_backend=None,
+    ) -> None:
         from kvcache import KVCacheConfig, VirtualKVCache
 
         self.model_config = model_config
@@ -78,17 +85,24 @@ class ModelRunner:
         self.resolved = resolve_model(model_config.model)
         self.hf_config = self.resolved.hf_config
         with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = LlamaForCausalLM(self.hf_config, backend, tp_rank,
-                                          model_config.tensor_parallel_size)
+            self.model = LlamaForCausalLM(self.hf_config, backend, tp_rank, model_config.tensor_parallel_size)
         self.model.eval()
         get_weight_loader(self.resolved, seed=model_config.seed).load_into(self.model)
-        logger.info("loaded %s (%s, %s, %s attention) in %.1f s", model_config.model, self.device, self.dtype,
-                    self.attention_backend, time.perf_counter() - start)
+        logger.info(
+            "loaded %s (%s, %s, %s attention) in %.1f s",
+            model_config.model,
+            self.device,
+            self.dtype,
+            self.attention_backend,
+            time.perf_counter() - start,
+        )
 
         max_positions = getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
         if cache_config.max_seq_len is not None and cache_config.max_seq_len > max_positions:
-            raise ValueError(f"max_seq_len must be <= the model's max_position_embeddings ({max_positions}), "
-                             f"got {cache_config.max_seq_len}")
+            raise ValueError(
+                f"max_seq_len must be <= the model's max_position_embeddings ({max_positions}), "
+                f"got {cache_config.max_seq_len}"
+            )
         self.max_model_len = cache_config.max_seq_len or min(max_positions, DEFAULT_MAX_SEQ_LEN)
         pool_kwargs = {}
         if cache_config.kv_cache_bytes is not None:
@@ -97,40 +111,58 @@ class ModelRunner:
             # Ranks replay rank 0's page decisions, so every rank's pool must hold the same number of pages:
             # size them all by the rank with the least free memory.
             pool_kwargs["pool_size_bytes"] = _min_over_ranks(
-                int(torch.cuda.mem_get_info(self.device)[0] * cache_config.gpu_memory_fraction), self.device)
+                int(torch.cuda.mem_get_info(self.device)[0] * cache_config.gpu_memory_fraction), self.device
+            )
         elif self.device.type == "cuda":
             pool_kwargs["memory_fraction"] = cache_config.gpu_memory_fraction
         else:
             pool_kwargs["pool_size_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
         on_gpu = self.device.type == "cuda"
-        pool_kwargs["prefetch_tokens"] = (cache_config.prefetch_tokens if cache_config.prefetch_tokens is not None
-                                          else GPU_PREFETCH_TOKENS if on_gpu else 0)
-        pool_kwargs["prefetch_pages_per_step"] = (cache_config.prefetch_pages_per_step
-                                                  or (GPU_PREFETCH_PAGES_PER_STEP if on_gpu else None))
-        self.kv_cache = (kv_cache_factory or VirtualKVCache)(KVCacheConfig(
-            num_layers=self.hf_config.num_hidden_layers,
-            num_kv_heads=self.model.num_kv_heads_local,
-            head_dim=self.model.head_dim,
-            max_batch_size=cache_config.max_batch_size,
-            max_seq_len=self.max_model_len,
-            dtype=self.dtype,
-            device=str(self.device),
-            page_size_bytes=cache_config.page_size_bytes,
-            layout=cache_config.kv_layout or ("token_major" if on_gpu else "layer_major"),
-            **pool_kwargs,
-        ))
+        pool_kwargs["prefetch_tokens"] = (
+            cache_config.prefetch_tokens
+            if cache_config.prefetch_tokens is not None
+            else GPU_PREFETCH_TOKENS
+            if on_gpu
+            else 0
+        )
+        pool_kwargs["prefetch_pages_per_step"] = cache_config.prefetch_pages_per_step or (
+            GPU_PREFETCH_PAGES_PER_STEP if on_gpu else None
+        )
+        self.kv_cache = (kv_cache_factory or VirtualKVCache)(
+            KVCacheConfig(
+                num_layers=self.hf_config.num_hidden_layers,
+                num_kv_heads=self.model.num_kv_heads_local,
+                head_dim=self.model.head_dim,
+                max_batch_size=cache_config.max_batch_size,
+                max_seq_len=self.max_model_len,
+                dtype=self.dtype,
+                device=str(self.device),
+                page_size_bytes=cache_config.page_size_bytes,
+                layout=cache_config.kv_layout or ("token_major" if on_gpu else "layer_major"),
+                **pool_kwargs,
+            )
+        )
         self.eos_token_ids = self._eos_token_ids()
         self.graph_runner = None
-        if (self.device.type == "cuda" and not model_config.enforce_eager
-                and self.model.attn_backend.supports_cuda_graphs):
+        if (
+            self.device.type == "cuda"
+            and not model_config.enforce_eager
+            and self.model.attn_backend.supports_cuda_graphs
+        ):
             from engine.cuda_graph_runner import CudaGraphRunner
 
             start = time.perf_counter()
             self.graph_runner = CudaGraphRunner(
-                self.model, self.kv_cache, min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size),
-                self.max_model_len)
-            logger.info("captured decode CUDA graphs for batch sizes %s in %.1f s", self.graph_runner.buckets,
-                        time.perf_counter() - start)
+                self.model,
+                self.kv_cache,
+                min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size),
+                self.max_model_len,
+            )
+            logger.info(
+                "captured decode CUDA graphs for batch sizes %s in %.1f s",
+                self.graph_runner.buckets,
+                time.perf_counter() - start,
+            )
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()

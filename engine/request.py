@@ -11,7 +11,6 @@ import torch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
 
-
 # Stands for a token sampled on the device but not read back yet; never a valid id, so a forward that was not
 # given the device value fails loudly (embedding index out of range) instead of running a wrong token.
 PLACEHOLDER_TOKEN_ID = -1

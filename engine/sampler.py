@@ -30,8 +30,9 @@ class SampledTokens:
     """One step's samples, still on the device: ``token_ids [N]`` feeds the next step's forward directly;
     :meth:`result` brings ids and logprobs to the host (copies started at construction, waited for there)."""
 
-    def __init__(self, token_ids: torch.Tensor, logprob_rows: list[int], logprob_tensors: tuple,
-                 logprob_counts: list[int]) -> None:
+    def __init__(
+        self, token_ids: torch.Tensor, logprob_rows: list[int], logprob_tensors: tuple, logprob_counts: list[int]
+    ) -> None:
         self.token_ids = token_ids
         self._logprob_rows = logprob_rows
         self._logprob_counts = logprob_counts
@@ -48,7 +49,7 @@ class SampledTokens:
         self._output: SamplerOutput | None = None
 
     @classmethod
-    def from_host(cls, output: SamplerOutput, device: torch.device) -> "SampledTokens":
+    def from_host(cls, output: SamplerOutput, device: torch.device) -> SampledTokens:
         """Samples already on the host (rows sampled one by one), their ids also put on ``device``."""
         samples = cls(to_device(output.token_ids, torch.int64, device), [], (), [])
         samples._output = output
@@ -65,8 +66,11 @@ class SampledTokens:
         if self._logprob_rows:
             chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
             for j, (i, k) in enumerate(zip(self._logprob_rows, self._logprob_counts)):
-                logprobs[i] = {"token_id": token_ids[i], "logprob": chosen[j],
-                               "top": list(zip(top_ids[j][:k], top_values[j][:k]))}
+                logprobs[i] = {
+                    "token_id": token_ids[i],
+                    "logprob": chosen[j],
+                    "top": list(zip(top_ids[j][:k], top_values[j][:k])),
+                }
         return SamplerOutput(token_ids, logprobs)
 
 
@@ -145,8 +149,9 @@ class Sampler:
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         logprob_tensors: tuple = ()
         if logprob_rows:
-            logprob_tensors = self._logprobs(raw_logits, token_ids, logprob_rows,
-                                             max(params[i].logprobs for i in logprob_rows))
+            logprob_tensors = self._logprobs(
+                raw_logits, token_ids, logprob_rows, max(params[i].logprobs for i in logprob_rows)
+            )
         return SampledTokens(token_ids, logprob_rows, logprob_tensors, [params[i].logprobs for i in logprob_rows])
 
     def _sample_random(
@@ -197,8 +202,9 @@ def _apply_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> to
     """
     num_rows, vocab_size = logits.shape
     sorted_logits, sorted_ids = torch.sort(logits, dim=-1, descending=True)
-    top_k = to_device([vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], torch.long,
-                      logits.device)
+    top_k = to_device(
+        [vocab_size if p.top_k == -1 else min(p.top_k, vocab_size) for p in params], torch.long, logits.device
+    )
     positions = torch.arange(vocab_size, device=logits.device)
     sorted_logits = sorted_logits.masked_fill(positions[None, :] >= top_k[:, None], float("-inf"))
 

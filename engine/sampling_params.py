@@ -87,7 +87,9 @@ class SamplingParams:
         if self.seed is not None and (not is_int(self.seed) or not (0 <= self.seed < 2**63)):
             raise InvalidRequestError(f"seed must be None or an int in [0, 2**63), got {self.seed!r}", "seed")
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidRequestError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop")
+            raise InvalidRequestError(
+                f"stop must be a string or a list of non-empty strings, got {self.stop!r}", "stop"
+            )
         if len(self.stop) > MAX_STOP_SEQUENCES:
             raise InvalidRequestError(
                 f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(self.stop)}", "stop"
@@ -109,4 +111,6 @@ class SamplingParams:
             if not is_num(value) or not (-2.0 <= value <= 2.0):
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
         if not is_int(self.n) or self.n != 1:
-            raise InvalidRequestError(f"n must be 1 (only one completion per request is supported), got {self.n!r}", "n")
+            raise InvalidRequestError(
+                f"n must be 1 (only one completion per request is supported), got {self.n!r}", "n"
+            )

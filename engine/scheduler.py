@@ -19,11 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
-
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, SamplerOutput
+from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +230,9 @@ class Scheduler:
         out.scheduled = list(planned.values())
         return out
 
-    def on_launched(self, plan: SchedulerOutput, sampled_requests: list[Request],
-                    sampled: SampledTokens | None) -> LaunchedStep:
+    def on_launched(
+        self, plan: SchedulerOutput, sampled_requests: list[Request], sampled: SampledTokens | None
+    ) -> LaunchedStep:
         """``plan``'s forward and the sampling of ``sampled_requests`` are launched: record the step's fence over
         its slots, count its tokens as computed and its samples as placeholders, then map the next step's pages
         (the driver calls overlap the device work just launched)."""

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from engine.weights import ResolvedModel
 
 
-def load_tokenizer(model: "ModelConfig | ResolvedModel | str"):
+def load_tokenizer(model: ModelConfig | ResolvedModel | str):
     """The HF tokenizer of a model (``ModelConfig``, an already resolved model, or a model string).
 
     Dummy models borrow the default model's (SmolLM2) tokenizer: ids at or past its vocabulary

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -88,8 +89,10 @@ def check_tp_shapes(hf_config: Any, tp_size: int) -> None:
     if hf_config.vocab_size % tp_size:
         problems.append(f"vocab_size ({hf_config.vocab_size})")
     if problems:
-        raise ValueError(f"tensor_parallel_size ({tp_size}) must divide {', '.join(problems)} of model "
-                         f"{getattr(hf_config, 'name_or_path', '') or hf_config.model_type!r}")
+        raise ValueError(
+            f"tensor_parallel_size ({tp_size}) must divide {', '.join(problems)} of model "
+            f"{getattr(hf_config, 'name_or_path', '') or hf_config.model_type!r}"
+        )
 
 
 class TPExecutor(Executor):
@@ -151,8 +154,9 @@ class TPExecutor(Executor):
         except Exception as exc:
             # A collective failed: a peer is gone or broke. Report the worker's own error if there is one.
             cause = self._worker_failure()
-            self._dead_error = WorkerDeadError(f"tensor-parallel step failed on rank 0: {exc!r}"
-                                               + (f"; {cause}" if cause else ""))
+            self._dead_error = WorkerDeadError(
+                f"tensor-parallel step failed on rank 0: {exc!r}" + (f"; {cause}" if cause else "")
+            )
             raise self._dead_error from exc
 
     def cache_stats(self) -> list:
@@ -184,9 +188,14 @@ class TPExecutor(Executor):
         """Every rank's cache stats and active slots' page ids, rank 0 first (waits for the pending step)."""
         self._collect(timeout_s=self.step_timeout_s)
         cache = self.runner.kv_cache
-        rank0 = {"rank": 0, "stats": cache.stats(), "num_kv_heads": cache.config.num_kv_heads,
-                 "slot_page_ids": {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1)
-                                   if cache.is_active(s)}}
+        rank0 = {
+            "rank": 0,
+            "stats": cache.stats(),
+            "num_kv_heads": cache.config.num_kv_heads,
+            "slot_page_ids": {
+                s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)
+            },
+        }
         # Workers have not applied the operations recorded since the last step: ship them (no forward).
         ops = self.kv_cache.take_ops()
         if ops:
@@ -237,11 +246,15 @@ class TPExecutor(Executor):
 
     def _check_stats(self, rank0, workers: list) -> None:
         for rank, stats in enumerate(workers, start=1):
-            diff = {f: (getattr(rank0, f), getattr(stats, f)) for f in _CHECKED_STATS
-                    if getattr(rank0, f) != getattr(stats, f)}
+            diff = {
+                f: (getattr(rank0, f), getattr(stats, f))
+                for f in _CHECKED_STATS
+                if getattr(rank0, f) != getattr(stats, f)
+            }
             if diff:
                 self._dead_error = WorkerDeadError(
-                    f"rank {rank}'s KV cache diverged from rank 0's (field: (rank 0, rank {rank})): {diff}")
+                    f"rank {rank}'s KV cache diverged from rank 0's (field: (rank 0, rank {rank})): {diff}"
+                )
                 raise self._dead_error
 
     def _worker_failure(self) -> str | None:

@@ -30,8 +30,14 @@ class TPWorker:
         timeout_s: collective timeout (see ``engine.distributed.init_tp_group``).
     """
 
-    def __init__(self, config: EngineConfig, rank: int, init_method: str, device: str | None = None,
-                 timeout_s: float = DEFAULT_TP_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        rank: int,
+        init_method: str,
+        device: str | None = None,
+        timeout_s: float = DEFAULT_TP_TIMEOUT_S,
+    ) -> None:
         from engine.model_runner import ModelRunner
 
         model_config = config.model if device is None else dataclasses.replace(config.model, device=device)
@@ -68,8 +74,13 @@ class TPWorker:
         """This rank's cache stats and the page ids of every active slot (to compare ranks in tests)."""
         cache = self.runner.kv_cache
         slots = {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)}
-        return {"rank": self.rank, "stats": cache.stats(), "slot_page_ids": slots, "num_steps": self.num_steps,
-                "num_kv_heads": cache.config.num_kv_heads}
+        return {
+            "rank": self.rank,
+            "stats": cache.stats(),
+            "slot_page_ids": slots,
+            "num_steps": self.num_steps,
+            "num_kv_heads": cache.config.num_kv_heads,
+        }
 
     def close(self) -> None:
         """Release the cache and leave the group."""

@@ -1,4 +1,5 @@
 """vAttention KV cache: virtually contiguous per-layer K/V tensors, physical pages mapped on demand."""
+
 from kvcache.cache import RESERVED_SLOT, CacheDesyncError, CacheOp, KVCacheStats, VirtualKVCache, make_physical_memory
 from kvcache.config import KVCacheConfig
 from kvcache.errors import (
@@ -12,6 +13,18 @@ from kvcache.fence import Fence
 from kvcache.physical_memory import PhysicalMemory
 
 __all__ = [
-    "RESERVED_SLOT", "CacheDesyncError", "CacheOp", "Fence", "KVCacheConfig", "KVCacheError", "KVCacheStats", "NoFreeSlotError", "PhysicalMemory", "PhysicalMemoryError",
-    "PoolExhaustedError", "SequenceTooLongError", "VirtualKVCache", "make_physical_memory",
+    "RESERVED_SLOT",
+    "CacheDesyncError",
+    "CacheOp",
+    "Fence",
+    "KVCacheConfig",
+    "KVCacheError",
+    "KVCacheStats",
+    "NoFreeSlotError",
+    "PhysicalMemory",
+    "PhysicalMemoryError",
+    "PoolExhaustedError",
+    "SequenceTooLongError",
+    "VirtualKVCache",
+    "make_physical_memory",
 ]

@@ -14,12 +14,12 @@ a freed slot's rows are unmapped, or the slot handed to another request, only on
 reserved: its first page in every buffer stays mapped for the cache's lifetime, so every view's base address is
 backed (Triton checks each tensor argument's base pointer at launch), and CUDA graphs point their padding rows at it.
 """
+
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Mapping
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -192,7 +192,7 @@ class VirtualKVCache:
             # [rows, L, 2, H, D]: a token's K and V of every layer side by side
             grid = raw.view(rows, layers, 2, heads, dim)
             flat = [grid[:, layer, kv] for kv in range(2) for layer in range(layers)]
-        dense = [f.unflatten(0, (slots, self.slot_stride_tokens))[:, :config.max_seq_len] for f in flat]
+        dense = [f.unflatten(0, (slots, self.slot_stride_tokens))[:, : config.max_seq_len] for f in flat]
         self.k, self.v = dense[:layers], dense[layers:]
         self.k_flat, self.v_flat = flat[:layers], flat[layers:]
 
@@ -209,7 +209,8 @@ class VirtualKVCache:
         if pages < self.num_buffers:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "
-                f"{self.num_buffers} (a page in each buffer): raise pool_size_bytes or memory_fraction")
+                f"{self.num_buffers} (a page in each buffer): raise pool_size_bytes or memory_fraction"
+            )
         return pages
 
     # ---- accounting -------------------------------------------------------------------------------------------
@@ -294,11 +295,18 @@ class VirtualKVCache:
         reclaimable = self._reclaimable()
         active = sum(self._active) - 1
         return KVCacheStats(
-            total_pages=self._pool.num_pages - reserved, free_pages=self._pool.num_free_pages, mapped_pages=mapped,
-            reclaimable_pages=reclaimable, used_pages=mapped - reclaimable, page_size_bytes=self.page_size_bytes,
-            tokens_per_page=self.tokens_per_page, num_buffers=self.num_buffers,
-            num_free_slots=self.config.max_batch_size - active, num_active_slots=active,
-            max_batch_size=self.config.max_batch_size)
+            total_pages=self._pool.num_pages - reserved,
+            free_pages=self._pool.num_free_pages,
+            mapped_pages=mapped,
+            reclaimable_pages=reclaimable,
+            used_pages=mapped - reclaimable,
+            page_size_bytes=self.page_size_bytes,
+            tokens_per_page=self.tokens_per_page,
+            num_buffers=self.num_buffers,
+            num_free_slots=self.config.max_batch_size - active,
+            num_active_slots=active,
+            max_batch_size=self.config.max_batch_size,
+        )
 
     # ---- slots ------------------------------------------------------------------------------------------------
 
@@ -390,9 +398,9 @@ class VirtualKVCache:
             if missing <= 0:
                 continue
             if budget is None:  # free slots still in flight are left alone: prepare never waits for the device
-                budget = (self._pool.num_free_pages // self.num_buffers
-                          + sum(self._mapped[s] for s, active in enumerate(self._active)
-                                if not active and self._is_idle(s)))
+                budget = self._pool.num_free_pages // self.num_buffers + sum(
+                    self._mapped[s] for s, active in enumerate(self._active) if not active and self._is_idle(s)
+                )
             count = min(missing, budget)
             if count <= 0:
                 break
@@ -500,7 +508,7 @@ class VirtualKVCache:
         done = 0
         try:
             for buffer in range(self.num_buffers):
-                self._memory.map(self._address(buffer, slot, start), page_ids[buffer * count:(buffer + 1) * count])
+                self._memory.map(self._address(buffer, slot, start), page_ids[buffer * count : (buffer + 1) * count])
                 done += 1
         except BaseException:
             for buffer in range(done):
@@ -508,13 +516,15 @@ class VirtualKVCache:
             self._pool.give_back(page_ids)
             raise
         for buffer in range(self.num_buffers):
-            self._pages[slot][buffer].extend(page_ids[buffer * count:(buffer + 1) * count])
+            self._pages[slot][buffer].extend(page_ids[buffer * count : (buffer + 1) * count])
         self._mapped[slot] = start + count
         self._log("map", slot, count)
 
     def _unmap_tail(self, slot: int, count: int) -> None:
         start = self._mapped[slot] - count
-        if slot == RESERVED_SLOT or start < (self._pages_per_buffer(self._num_tokens[slot]) if self._active[slot] else 0):
+        if slot == RESERVED_SLOT or start < (
+            self._pages_per_buffer(self._num_tokens[slot]) if self._active[slot] else 0
+        ):
             raise KVCacheError(f"unmapping pages of slot {slot} that hold its tokens")
         if not self._active[slot] and not self._is_idle(slot):
             raise KVCacheError(f"unmapping pages of slot {slot} under a step that may still touch them")

@@ -1,4 +1,5 @@
 """Configuration of the vAttention KV cache."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

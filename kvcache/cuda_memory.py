@@ -4,6 +4,7 @@ Pages are ``cuMemCreate`` handles made once; mapping is ``cuMemMap`` per page pl
 over each run of consecutive pages (access setting dominates the per-page cost, so batching it matters).
 Driver calls return without waiting for running kernels, so the engine maps while the GPU computes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -40,7 +41,11 @@ class _ArrayInterface:
 
     def __init__(self, address: int, size_bytes: int):
         self.__cuda_array_interface__ = {
-            "shape": (size_bytes,), "typestr": "|u1", "data": (address, False), "version": 3, "strides": None,
+            "shape": (size_bytes,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
         }
 
 
@@ -71,9 +76,14 @@ class CudaMemory(PhysicalMemory):
         access.location.id = index
         access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
         self._access = [access]
-        self._granularity = int(_check(cu.cuMemGetAllocationGranularity(
-            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-            "cuMemGetAllocationGranularity"))
+        self._granularity = int(
+            _check(
+                cu.cuMemGetAllocationGranularity(
+                    prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+                ),
+                "cuMemGetAllocationGranularity",
+            )
+        )
         self._handles: list = []
         self._page_size = 0
         self._reservations: list[tuple[int, int]] = []

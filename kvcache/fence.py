@@ -8,6 +8,7 @@ On the CPU every kernel has run by the time its call returns, yet ``HostFence`` 
 host waited on its fence or on a later one, as the GPU would: the CPU engine then follows the GPU's discipline, and
 tests on the CPU catch what would fault on the GPU.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

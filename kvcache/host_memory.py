@@ -5,6 +5,7 @@ offset ``i * page_size`` of a ``memfd_create`` file, mapped over the reservation
 ``MAP_SHARED | MAP_FIXED``, and unmapped by mapping ``PROT_NONE`` anonymous memory over it again, so that
 the address range stays reserved. Same semantics as CUDA's virtual memory API, on real memory.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -88,8 +89,14 @@ class HostMemory(PhysicalMemory):
         done = 0  # pages mapped by this call, undone if a later run fails: all or nothing
         try:
             for position, first_id, length in page_runs(page_ids):
-                _mmap_call(address + position * self._page_size, length * self._page_size, _PROT_RW, flags,
-                           self._fd, first_id * self._page_size)
+                _mmap_call(
+                    address + position * self._page_size,
+                    length * self._page_size,
+                    _PROT_RW,
+                    flags,
+                    self._fd,
+                    first_id * self._page_size,
+                )
                 done = position + length
         except PhysicalMemoryError:
             if done:

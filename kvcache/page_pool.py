@@ -1,4 +1,5 @@
 """Free list over the physical pages that a backend created up front."""
+
 from __future__ import annotations
 
 from kvcache.physical_memory import PhysicalMemory

@@ -1,4 +1,5 @@
 """The seam between the cache and the operating system or driver that backs it with memory."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -31,10 +31,11 @@ class AttentionBackend(ABC):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = scale if scale is not None else head_dim ** -0.5
+        self.scale = scale if scale is not None else head_dim**-0.5
 
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: "ForwardBatch",
-                 kv_cache: "VirtualKVCache") -> None:
+    def write_kv(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_cache: VirtualKVCache
+    ) -> None:
         """Store ``k, v [T, H_kv, D]`` at rows ``batch.slot_mapping`` of layer ``layer``'s cache.
         The rows must be mapped (the engine grows slots before the forward). On CUDA one fused launch writes
         both (``triton_ops.store_kv``), elsewhere two ``index_copy_``."""
@@ -46,20 +47,28 @@ class AttentionBackend(ABC):
         kv_cache.k_flat[layer].index_copy_(0, batch.slot_mapping, k)
         kv_cache.v_flat[layer].index_copy_(0, batch.slot_mapping, v)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: "ForwardBatch",
-                kv_cache: "VirtualKVCache") -> torch.Tensor:
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: VirtualKVCache,
+    ) -> torch.Tensor:
         """``q [T, H, D]``, new ``k, v [T, H_kv, D]`` -> attention output ``[T, H, D]``."""
         self.write_kv(layer, k, v, batch, kv_cache)
         return self.attend(layer, q, batch, kv_cache)
 
     @abstractmethod
-    def attend(self, layer: int, q: torch.Tensor, batch: "ForwardBatch", kv_cache: "VirtualKVCache") -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, kv_cache: VirtualKVCache) -> torch.Tensor:
         """Attention of ``q [T, H, D]`` over each sequence's first ``seq_lens[i]`` cache rows
         (new K/V already written) -> ``[T, H, D]``."""
 
 
-def get_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim: int,
-                          scale: float | None = None) -> AttentionBackend:
+def get_attention_backend(
+    name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None
+) -> AttentionBackend:
     """Instantiate the backend called ``name`` (``sdpa``, ``torch_flash``, ``triton_flash`` or ``flash_attn``).
 
     Raises:
@@ -75,6 +84,7 @@ def get_attention_backend(name: str, num_heads: int, num_kv_heads: int, head_dim
     elif name == "flash_attn":
         from engine.attention.flash_attn import FlashAttnBackend as cls
     else:
-        raise ValueError(f"attention_backend must be 'sdpa', 'torch_flash', 'triton_flash' or 'flash_attn', "
-                         f"got {name!r}")
+        raise ValueError(
+            f"attention_backend must be 'sdpa', 'torch_flash', 'triton_flash' or 'flash_attn', got {name!r}"
+        )
     return cls(num_heads, num_kv_heads, head_dim, scale)

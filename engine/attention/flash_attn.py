@@ -23,8 +23,9 @@ class FlashAttnBackend(AttentionBackend):
 
     def _call(self, q, k_cache, v_cache, seq_lens, slots):
         # q [B, q_len, H, D]; seq_lens/slots [B] int32
-        return self._fn(q, k_cache, v_cache, cache_seqlens=seq_lens, cache_batch_idx=slots,
-                        softmax_scale=self.scale, causal=True)
+        return self._fn(
+            q, k_cache, v_cache, cache_seqlens=seq_lens, cache_batch_idx=slots, softmax_scale=self.scale, causal=True
+        )
 
     def attend(self, layer, q, batch, kv_cache):
         k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
@@ -40,6 +41,7 @@ class FlashAttnBackend(AttentionBackend):
             out[rows] = self._call(q[rows].unsqueeze(1), k_cache, v_cache, seq_lens[idx], slots[idx]).squeeze(1)
         for i, n in enumerate(batch.query_lens_cpu):
             if n > 1:
-                out[cu[i]:cu[i + 1]] = self._call(q[cu[i]:cu[i + 1]].unsqueeze(0), k_cache, v_cache,
-                                                  seq_lens[i:i + 1], slots[i:i + 1]).squeeze(0)
+                out[cu[i] : cu[i + 1]] = self._call(
+                    q[cu[i] : cu[i + 1]].unsqueeze(0), k_cache, v_cache, seq_lens[i : i + 1], slots[i : i + 1]
+                ).squeeze(0)
         return out

@@ -46,6 +46,9 @@ class SDPABackend(AttentionBackend):
             query_pos = torch.arange(ctx_len, seq_len, device=q.device)
             mask = (key_pos.unsqueeze(0) <= query_pos.unsqueeze(1)).repeat(group, 1)  # [G * q_len, seq_len]
             oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale)
-            out[start:end] = oi.view(num_kv_heads, group, q_len, head_dim).permute(2, 0, 1, 3).reshape(
-                q_len, self.num_heads, head_dim)
+            out[start:end] = (
+                oi.view(num_kv_heads, group, q_len, head_dim)
+                .permute(2, 0, 1, 3)
+                .reshape(q_len, self.num_heads, head_dim)
+            )
         return out

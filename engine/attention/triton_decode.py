@@ -15,12 +15,13 @@ Two launches:
 The number of splits is chosen so that ``batch * kv_heads * num_splits`` fills the GPU about four programs deep,
 with power-of-two split lengths so that the autotuner (keyed on the split length) sees few distinct problems.
 """
+
 from __future__ import annotations
 
 import torch
 import triton
-import triton.testing
 import triton.language as tl
+import triton.testing
 
 MIN_SPLIT_TOKENS = 64  # a split shorter than this spends more on its partial output than on K/V
 MAX_SPLITS = 64  # the reduce kernel holds every split of one head in registers
@@ -31,8 +32,16 @@ INTERPRETER_NUM_SMS = 4  # stand-in when running on CPU tensors under TRITON_INT
 # Shared with the paged twin in benchmarks/ so that both kernels are tuned over the same space.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-    for block_n, warps, stages in [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2),
-                                   (128, 8, 3), (64, 4, 4)]
+    for block_n, warps, stages in [
+        (32, 4, 3),
+        (64, 4, 2),
+        (64, 4, 3),
+        (64, 8, 3),
+        (128, 4, 2),
+        (128, 8, 2),
+        (128, 8, 3),
+        (64, 4, 4),
+    ]
 ]
 # Used where autotuning is impossible or pointless (the CPU interpreter).
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -52,17 +61,35 @@ def prune_configs(configs, named_args, **kwargs):
 
 @triton.jit
 def _split_kv_kernel(
-    Q, K, V, SlotStarts, SeqLens, Out, MidO, MidLse,
+    Q,
+    K,
+    V,
+    SlotStarts,
+    SeqLens,
+    Out,
+    MidO,
+    MidLse,
     scale_log2,
-    stride_qb, stride_qh,
-    stride_kt, stride_kh,
-    stride_vt, stride_vh,
-    stride_ob, stride_oh,
-    stride_mob, stride_moh, stride_mos,
-    stride_mlb, stride_mlh,
+    stride_qb,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_oh,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
     split_len,
-    GROUP_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, DIRECT_OUT: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
 ):
     # KV heads vary fastest across the grid: the programs reading one token's heads (adjacent 256-byte pieces of
     # one cache row) run side by side.
@@ -115,27 +142,45 @@ def _split_kv_kernel(
     has_keys = l_i > 0.0  # false for a split past the sequence's end (or an empty sequence)
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if DIRECT_OUT:
-        tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_hd)
+        tl.store(
+            Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(Out.dtype.element_ty),
+            mask=mask_hd,
+        )
     else:
-        tl.store(MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
-                 out, mask=mask_hd)
+        tl.store(
+            MidO + b * stride_mob + heads[:, None] * stride_moh + split * stride_mos + offs_d[None, :],
+            out,
+            mask=mask_hd,
+        )
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(MidLse + b * stride_mlb + heads * stride_mlh + split, lse, mask=mask_h)
 
 
 _split_kv_autotuned = triton.autotune(
-    configs=DECODE_CONFIGS, key=["split_len", "GROUP_SIZE", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": prune_configs}, do_bench=autotune_bench)(_split_kv_kernel)
+    configs=DECODE_CONFIGS,
+    key=["split_len", "GROUP_SIZE", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": prune_configs},
+    do_bench=autotune_bench,
+)(_split_kv_kernel)
 
 
 @triton.jit
 def split_kv_reduce_kernel(
-    MidO, MidLse, Out, num_splits,
-    stride_mob, stride_moh, stride_mos,
-    stride_mlb, stride_mlh,
-    stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    MidO,
+    MidLse,
+    Out,
+    num_splits,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    stride_ob,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     """Merges ``num_splits`` partial outputs ``[B, Hq, S, D]`` (fp32, each normalised by its own sum) weighted by
     ``2 ** lse`` ``[B, Hq, S]`` into ``Out [B, Hq, D]``."""
@@ -150,8 +195,11 @@ def split_kv_reduce_kernel(
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
     total = tl.sum(w, 0)
-    part = tl.load(MidO + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
-                   mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    part = tl.load(
+        MidO + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
 
@@ -167,8 +215,9 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[device]
 
 
-def plan_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                num_splits: int | None = None) -> tuple[int, int]:
+def plan_splits(
+    batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: int, num_splits: int | None = None
+) -> tuple[int, int]:
     """``(num_splits, split_len)``: how each sequence is cut so that the grid fills ``num_sms``.
 
     ``split_len`` is a power of two >= ``MIN_SPLIT_TOKENS`` (unless ``num_splits`` is forced), and
@@ -186,28 +235,36 @@ def plan_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, num_sms: i
     return triton.cdiv(max_seq_len, split_len), split_len
 
 
-def check_decode_inputs(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, seq_lens: torch.Tensor,
-                        batch_index: torch.Tensor) -> None:
+def check_decode_inputs(
+    q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, seq_lens: torch.Tensor, batch_index: torch.Tensor
+) -> None:
     """Shape checks shared with the paged twin; ``batch_index`` is ``slot_starts`` or the block table."""
     if q.dim() != 3 or k_flat.dim() != 3 or v_flat.shape != k_flat.shape:
-        raise ValueError(f"expected q [B, Hq, D] and k_flat/v_flat [rows, Hkv, D], got {tuple(q.shape)}, "
-                         f"{tuple(k_flat.shape)}, {tuple(v_flat.shape)}")
+        raise ValueError(
+            f"expected q [B, Hq, D] and k_flat/v_flat [rows, Hkv, D], got {tuple(q.shape)}, "
+            f"{tuple(k_flat.shape)}, {tuple(v_flat.shape)}"
+        )
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_flat.shape[1]
     if k_flat.shape[2] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(f"q heads {num_heads} must be a multiple of kv heads {num_kv_heads} and head dims must "
-                         f"match ({head_dim} vs {k_flat.shape[2]})")
+        raise ValueError(
+            f"q heads {num_heads} must be a multiple of kv heads {num_kv_heads} and head dims must "
+            f"match ({head_dim} vs {k_flat.shape[2]})"
+        )
     if num_heads // num_kv_heads > BLOCK_H:
         raise ValueError(f"GQA group of {num_heads // num_kv_heads} query heads exceeds {BLOCK_H}")
     if q.stride(-1) != 1 or k_flat.stride(-1) != 1 or v_flat.stride(-1) != 1:
         raise ValueError("q, k_flat and v_flat need a contiguous last dimension")
     if seq_lens.shape != (batch,) or batch_index.shape[0] != batch:
-        raise ValueError(f"seq_lens and slot starts / block table need {batch} rows, got {tuple(seq_lens.shape)} "
-                         f"and {tuple(batch_index.shape)}")
+        raise ValueError(
+            f"seq_lens and slot starts / block table need {batch} rows, got {tuple(seq_lens.shape)} "
+            f"and {tuple(batch_index.shape)}"
+        )
 
 
-def launch_decode(stage1, q, k_flat, v_flat, seq_lens, scale, max_seq_len, num_splits, config, index_args,
-                  **index_constexprs):
+def launch_decode(
+    stage1, q, k_flat, v_flat, seq_lens, scale, max_seq_len, num_splits, config, index_args, **index_constexprs
+):
     """Runs ``stage1`` (a ``(plain, autotuned)`` pair: the contiguous or the paged split kernel, whose addressing
     arguments are ``index_args`` and ``index_constexprs``) and the reduce. ``config``: fixed tile parameters, or
     None to autotune."""
@@ -230,31 +287,62 @@ def launch_decode(stage1, q, k_flat, v_flat, seq_lens, scale, max_seq_len, num_s
     block_d = triton.next_power_of_2(head_dim)
     kernel, extra = (stage1[0], config) if config is not None else (stage1[1], {})
     kernel[(num_kv_heads, batch, splits)](
-        q, k_flat, v_flat, *index_args, seq_lens, out, mid_o, mid_lse,
+        q,
+        k_flat,
+        v_flat,
+        *index_args,
+        seq_lens,
+        out,
+        mid_o,
+        mid_lse,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
-        q.stride(0), q.stride(1),
-        k_flat.stride(0), k_flat.stride(1),
-        v_flat.stride(0), v_flat.stride(1),
-        out.stride(0), out.stride(1),
+        q.stride(0),
+        q.stride(1),
+        k_flat.stride(0),
+        k_flat.stride(1),
+        v_flat.stride(0),
+        v_flat.stride(1),
+        out.stride(0),
+        out.stride(1),
         *mid_strides,
         split_len,
-        GROUP_SIZE=num_heads // num_kv_heads, BLOCK_H=BLOCK_H, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        DIRECT_OUT=direct, **index_constexprs, **extra,
+        GROUP_SIZE=num_heads // num_kv_heads,
+        BLOCK_H=BLOCK_H,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        DIRECT_OUT=direct,
+        **index_constexprs,
+        **extra,
     )
     if not direct:
         split_kv_reduce_kernel[(batch, num_heads)](
-            mid_o, mid_lse, out, splits,
+            mid_o,
+            mid_lse,
+            out,
+            splits,
             *mid_strides,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(triton.next_power_of_2(splits), 2),
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=max(triton.next_power_of_2(splits), 2),
             num_warps=4,
         )
     return out
 
 
-def triton_decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slot_starts: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float, *, max_seq_len: int | None = None,
-                            num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+def triton_decode_attention(
+    q: torch.Tensor,
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
+    slot_starts: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Decode attention (one query token per sequence) over K/V stored contiguously per sequence.
 
     Args:
@@ -275,5 +363,15 @@ def triton_decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     check_decode_inputs(q, k_flat, v_flat, seq_lens, slot_starts)
     if config is None and q.device.type != "cuda":
         config = DEFAULT_CONFIG
-    return launch_decode((_split_kv_kernel, _split_kv_autotuned), q, k_flat, v_flat, seq_lens, scale, max_seq_len,
-                         num_splits, config, (slot_starts,))
+    return launch_decode(
+        (_split_kv_kernel, _split_kv_autotuned),
+        q,
+        k_flat,
+        v_flat,
+        seq_lens,
+        scale,
+        max_seq_len,
+        num_splits,
+        config,
+        (slot_starts,),
+    )

@@ -4,6 +4,7 @@ On the H100 the split-KV kernel read the cache at 94-105% of the device copy ban
 tokens, against 75-91% for FlashAttention-2 varlen, which does not split long sequences across the GPU
 (benchmarks/results/attention_h100.json). Prefill and mixed batches keep FA2 varlen, which is faster there.
 """
+
 from __future__ import annotations
 
 from engine.attention.torch_flash import TorchFlashBackend
@@ -21,5 +22,12 @@ class TritonFlashBackend(TorchFlashBackend):
     def attend(self, layer, q, batch, kv_cache):
         if not batch.is_decode_only:
             return super().attend(layer, q, batch, kv_cache)
-        return self._decode(q, kv_cache.k_flat[layer], kv_cache.v_flat[layer], batch.cu_seqlens_k[:-1],
-                            batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len)
+        return self._decode(
+            q,
+            kv_cache.k_flat[layer],
+            kv_cache.v_flat[layer],
+            batch.cu_seqlens_k[:-1],
+            batch.seq_lens,
+            self.scale,
+            max_seq_len=batch.max_seq_len,
+        )

@@ -50,7 +50,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input fused into one GEMM (e.g. the MLP's
     gate and up). Checkpoint tensor ``shard_id = i`` goes to the i-th block of each rank's rows."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, tp_rank: int = 0, tp_size: int = 1
+    ):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 

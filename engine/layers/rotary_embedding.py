@@ -49,8 +49,14 @@ class RotaryEmbedding(nn.Module):
     """``forward(positions [T]) -> (cos, sin)`` each ``[T, rotary_dim / 2]`` float32, computed
     once per forward and shared by all layers; :func:`apply_rotary` applies them to q/k."""
 
-    def __init__(self, head_dim: int, rope_theta: float, rope_type: str = "default", rope_params: dict | None = None,
-                 max_position_embeddings: int = 2048) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float,
+        rope_type: str = "default",
+        rope_params: dict | None = None,
+        max_position_embeddings: int = 2048,
+    ) -> None:
         super().__init__()
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_type must be one of {SUPPORTED_ROPE_TYPES}, got {rope_type!r}")

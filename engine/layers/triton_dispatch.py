@@ -3,6 +3,7 @@
 Kept apart from ``triton_ops`` so that asking never imports triton: CPU code paths (and the interpreter tests,
 which must set ``TRITON_INTERPRET`` before triton's first import) stay free of it.
 """
+
 from __future__ import annotations
 
 import functools

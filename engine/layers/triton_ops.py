@@ -23,6 +23,7 @@ Every wrapper launches exactly one kernel whose arguments depend only on shapes 
 numbers are read on the device), so they are safe inside CUDA-graph capture once compiled by a warm-up run.
 Under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors (the tests do this).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,10 +50,19 @@ def _check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
 
 @triton.jit
 def _rms_norm_kernel(
-    X, Residual, Weight, Out, ResidualOut,
-    stride_x, stride_r, stride_o, stride_ro,
+    X,
+    Residual,
+    Weight,
+    Out,
+    ResidualOut,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
     eps,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -79,8 +89,9 @@ def _rows_of(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., hidden] with hidden >= 1, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
@@ -93,8 +104,9 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     _check_same_device("weight", weight, x)
     if residual is not None:
         if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}), "
-                             f"got ({tuple(residual.shape)}, {residual.dtype})")
+            raise ValueError(
+                f"residual must match x ({tuple(x.shape)}, {x.dtype}), got ({tuple(residual.shape)}, {residual.dtype})"
+            )
         _check_same_device("residual", residual, x)
     block = triton.next_power_of_2(hidden)
     if block > MAX_BLOCK_ELEMS:
@@ -109,10 +121,20 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
         res_out = torch.empty_like(x2)
     if x2.shape[0] > 0:
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, out, res_out,
-            x2.stride(0), r2.stride(0), out.stride(0), res_out.stride(0),
+            x2,
+            r2,
+            weight,
+            out,
+            res_out,
+            x2.stride(0),
+            r2.stride(0),
+            out.stride(0),
+            res_out.stride(0),
             float(eps),
-            HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_num_warps(block),
+            HIDDEN=hidden,
+            BLOCK=block,
+            HAS_RESIDUAL=residual is not None,
+            num_warps=_num_warps(block),
         )
     out = out.view(x.shape)
     return out, (None if residual is None else res_out.view(x.shape))
@@ -128,8 +150,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _launch_rms_norm(x, None, weight, eps)[0]
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (rounded to the dtype), then ``(rms_norm(s), s)``, in one launch.
     ``x, residual [..., hidden]`` of one dtype, ``weight [hidden]`` -> two new ``[..., hidden]`` tensors.
 
@@ -170,7 +193,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(SILU_BLOCK, triton.next_power_of_2(d))
     if x2.shape[0] > 0:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, x2.stride(0), out.stride(0), D=d, BLOCK=block, num_warps=_num_warps(block) * 2)
+            x2, out, x2.stride(0), out.stride(0), D=d, BLOCK=block, num_warps=_num_warps(block) * 2
+        )
     return out.view(*x.shape[:-1], d)
 
 
@@ -192,10 +216,21 @@ def _rotate_heads(base, offs_h, stride_h, num_heads, offs_d, mask_d, cos, sin, H
 
 @triton.jit
 def _rotary_qk_kernel(
-    Q, K, Cos, Sin,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_st,
-    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    Q,
+    K,
+    Cos,
+    Sin,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_st,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     # Grid (tokens, head blocks): program (t, b) rotates q heads and k heads [b * BLOCK_H, (b + 1) * BLOCK_H) of
     # token t; k has fewer heads (GQA), so its part is masked off in the later blocks.
@@ -239,15 +274,26 @@ def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     _check_same_device("k", k, q)
     num_k_heads = k.shape[1]
     block_half = triton.next_power_of_2(half)
-    block_h = max(1, min(triton.next_power_of_2(max(num_q_heads, num_k_heads)),
-                         ROTARY_ELEMS_PER_PROGRAM // block_half))
+    block_h = max(1, min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), ROTARY_ELEMS_PER_PROGRAM // block_half))
     if num_tokens == 0:
         return
     grid = (num_tokens, triton.cdiv(max(num_q_heads, num_k_heads), block_h))
     _rotary_qk_kernel[grid](
-        q, k, cos, sin,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
-        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        q,
+        k,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        NUM_Q_HEADS=num_q_heads,
+        NUM_K_HEADS=num_k_heads,
+        HALF=half,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
         num_warps=_num_warps(block_h * block_half * 4),
     )
 
@@ -257,10 +303,24 @@ def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
 @triton.jit
 def _store_kv_kernel(
-    K, V, KCache, VCache, SlotMapping,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_kct, stride_kch, stride_vct, stride_vch, stride_slot,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    K,
+    V,
+    KCache,
+    VCache,
+    SlotMapping,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kct,
+    stride_kch,
+    stride_vct,
+    stride_vch,
+    stride_slot,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     row = tl.load(SlotMapping + t * stride_slot).to(tl.int64)
@@ -273,8 +333,9 @@ def _store_kv_kernel(
     tl.store(VCache + row * stride_vct + offs_h * stride_vch + offs_d, v, mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """``k_flat[slot_mapping[t]] = k[t]`` and the same for v, in one launch (``index_copy_`` twice, fused).
     ``k, v [T, H_kv, D]`` (strided views allowed, unit last stride); ``k_flat, v_flat [rows, H_kv, D]`` of the same
     dtype; ``slot_mapping [T]`` int32/int64 rows, which must be valid and mapped (not checked: that would sync).
@@ -298,8 +359,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: tor
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(f"k and v must have a unit last stride, got {k.stride()} and {v.stride()}")
     if slot_mapping.shape != (num_tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_mapping must be [{num_tokens}] int32 or int64, "
-                         f"got shape {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
+        raise ValueError(
+            f"slot_mapping must be [{num_tokens}] int32 or int64, "
+            f"got shape {tuple(slot_mapping.shape)} {slot_mapping.dtype}"
+        )
     _check_same_device("v", v, k)
     _check_same_device("slot_mapping", slot_mapping, k)
     if num_tokens == 0:
@@ -307,9 +370,23 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor, v_flat: tor
     block_h = triton.next_power_of_2(num_heads)
     block_d = triton.next_power_of_2(head_dim)
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_flat, v_flat, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_flat.stride(0), k_flat.stride(1), v_flat.stride(0), v_flat.stride(1), slot_mapping.stride(0),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_D=block_d,
+        k,
+        v,
+        k_flat,
+        v_flat,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_flat.stride(0),
+        k_flat.stride(1),
+        v_flat.stride(0),
+        v_flat.stride(1),
+        slot_mapping.stride(0),
+        NUM_HEADS=num_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_H=block_h,
+        BLOCK_D=block_d,
         num_warps=_num_warps(block_h * block_d * 2),
     )

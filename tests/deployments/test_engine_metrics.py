@@ -7,8 +7,16 @@ import time
 
 from deployments.engine_metrics import EngineMetrics
 
-STATS = {"num_running": 1, "num_waiting": 0, "kv_usage": 0.5, "num_free_pages": 8, "num_reclaimable_pages": 0,
-         "num_mapped_pages": 8, "num_total_pages": 16, "num_preemptions": 5}
+STATS = {
+    "num_running": 1,
+    "num_waiting": 0,
+    "kv_usage": 0.5,
+    "num_free_pages": 8,
+    "num_reclaimable_pages": 0,
+    "num_mapped_pages": 8,
+    "num_total_pages": 16,
+    "num_preemptions": 5,
+}
 
 
 class SlowCounter:

@@ -39,14 +39,29 @@ class FakeReplica(RunningReplica):
         self.stats: dict = {}
         self.queue_len = 0
 
-    def report(self, free_pages: int, *, reserved_pages: int = 0, accepted: tuple[str, ...] = (),
-               healthy: bool = True, num_running: int = 0, **extra) -> None:
+    def report(
+        self,
+        free_pages: int,
+        *,
+        reserved_pages: int = 0,
+        accepted: tuple[str, ...] = (),
+        healthy: bool = True,
+        num_running: int = 0,
+        **extra,
+    ) -> None:
         """A new routing-stats report, as ``EngineDeployment.record_routing_stats()`` writes it."""
         self.stats = {
-            "healthy": healthy, "num_free_pages": free_pages, "num_total_pages": TOTAL_PAGES,
-            "tokens_per_page": 100.0, "pages_per_token_block": 1, "num_reserved_pages": reserved_pages,
-            "num_running": num_running, "num_waiting": 0, "accepted_request_ids": list(accepted),
-            "report_seq": self.stats.get("report_seq", 0) + 1, **extra,
+            "healthy": healthy,
+            "num_free_pages": free_pages,
+            "num_total_pages": TOTAL_PAGES,
+            "tokens_per_page": 100.0,
+            "pages_per_token_block": 1,
+            "num_reserved_pages": reserved_pages,
+            "num_running": num_running,
+            "num_waiting": 0,
+            "accepted_request_ids": list(accepted),
+            "report_seq": self.stats.get("report_seq", 0) + 1,
+            **extra,
         }
 
     @property
@@ -90,8 +105,12 @@ class Clock:
 
 def make_router(replicas: list[FakeReplica], clock: Clock | None = None, **kwargs) -> PageAwareRequestRouter:
     """A router that knows ``replicas`` (and has probed their queue lengths), as Serve hands them over."""
-    router = PageAwareRequestRouter(DEPLOYMENT_ID, DeploymentHandleSource.REPLICA, use_replica_queue_len_cache=True,
-                                    get_curr_time_s=clock or Clock())
+    router = PageAwareRequestRouter(
+        DEPLOYMENT_ID,
+        DeploymentHandleSource.REPLICA,
+        use_replica_queue_len_cache=True,
+        get_curr_time_s=clock or Clock(),
+    )
     router.initialize_state(**kwargs)
 
     async def update() -> None:
@@ -105,8 +124,12 @@ def make_router(replicas: list[FakeReplica], clock: Clock | None = None, **kwarg
 def request(request_id: str, num_tokens: int) -> PendingRequest:
     """A pending ``generate`` call whose request needs ``ceil(num_tokens / 100)`` pages."""
     metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="generate")
-    return PendingRequest(args=[RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)], kwargs={}, metadata=metadata,
-                          future=LOOP.create_future())
+    return PendingRequest(
+        args=[RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)],
+        kwargs={},
+        metadata=metadata,
+        future=LOOP.create_future(),
+    )
 
 
 def choose(router: PageAwareRequestRouter, replicas: list[FakeReplica], pending: PendingRequest) -> list[list[str]]:
@@ -118,8 +141,10 @@ def scores(router: PageAwareRequestRouter, replicas: list[FakeReplica], num_toke
     """``{replica: (tier, predicted free pages)}`` for a request of ``num_tokens`` tokens, now."""
     hint = RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)
     now_s = router._get_curr_time_s()
-    return {r.replica_id.unique_id: (s.tier, s.predicted_free_pages)
-            for r, s in ((r, router.score_replica(r, hint, now_s)) for r in replicas)}
+    return {
+        r.replica_id.unique_id: (s.tier, s.predicted_free_pages)
+        for r, s in ((r, router.score_replica(r, hint, now_s)) for r in replicas)
+    }
 
 
 # ---- dead engines ----------------------------------------------------------------------------------

@@ -90,12 +90,21 @@ def build_engine(async_scheduling: bool, layout: str) -> tuple[LLMEngine, Hazard
             memory.launched_rows = [(slot, start + len(tokens)) for slot, tokens, start in seqs]
             return super().run(seqs, prev_token_ids, prev_rows)
 
-    config = EngineConfig.from_dict({
-        "model": "dummy:tiny-llama", "max_batch_size": 6, "max_seq_len": 2048, "max_num_batched_tokens": 128,
-        "kv_layout": layout, "async_scheduling": async_scheduling, "prefetch_tokens": 32,
-        # 20 pages of 64 KiB: 2,560 tokens for 6 slots (512 tokens a page in each of the layer-major layout's 4
-        # buffers, 128 tokens of all layers a page token-major): long requests must preempt each other.
-        "kv_cache_bytes": 20 * (64 << 10), "sampler_seed": 0})
+    config = EngineConfig.from_dict(
+        {
+            "model": "dummy:tiny-llama",
+            "max_batch_size": 6,
+            "max_seq_len": 2048,
+            "max_num_batched_tokens": 128,
+            "kv_layout": layout,
+            "async_scheduling": async_scheduling,
+            "prefetch_tokens": 32,
+            # 20 pages of 64 KiB: 2,560 tokens for 6 slots (512 tokens a page in each of the layer-major layout's 4
+            # buffers, 128 tokens of all layers a page token-major): long requests must preempt each other.
+            "kv_cache_bytes": 20 * (64 << 10),
+            "sampler_seed": 0,
+        }
+    )
     return LLMEngine(config, executor_factory=WatchedExecutor), memory
 
 
@@ -145,8 +154,13 @@ def test_no_row_is_unmapped_or_handed_out_under_an_unfinished_step(async_schedul
             request_id = f"r{counter}"
             prompt = [(seed * 7 + i * 13 + offset) % 49152 for i in range(prompt_len)]
             # Random weights: a common token id stops some requests mid-stream.
-            params = SamplingParams(temperature=0.0 if offset % 2 else 1.0, seed=seed, max_tokens=max_tokens,
-                                    ignore_eos=True, stop_token_ids=list(range(0, 49152, 7)) if with_stop else None)
+            params = SamplingParams(
+                temperature=0.0 if offset % 2 else 1.0,
+                seed=seed,
+                max_tokens=max_tokens,
+                ignore_eos=True,
+                stop_token_ids=list(range(0, 49152, 7)) if with_stop else None,
+            )
             engine.add_request(request_id, prompt, params)
             live.append(request_id)
         elif kind == "step":

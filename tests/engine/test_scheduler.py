@@ -21,8 +21,14 @@ def make_scheduler():
     def make(page_rows=8, max_batch_size=4, max_num_seqs=None, max_num_batched_tokens=1024):
         cache = VirtualKVCache(
             KVCacheConfig(
-                num_layers=2, num_kv_heads=1, head_dim=64, max_batch_size=max_batch_size, max_seq_len=1024,
-                dtype=torch.float32, device="cpu", pool_size_bytes=page_rows * NUM_BUFFERS * PAGE_BYTES,
+                num_layers=2,
+                num_kv_heads=1,
+                head_dim=64,
+                max_batch_size=max_batch_size,
+                max_seq_len=1024,
+                dtype=torch.float32,
+                device="cpu",
+                pool_size_bytes=page_rows * NUM_BUFFERS * PAGE_BYTES,
             )
         )
         caches.append(cache)
@@ -60,7 +66,9 @@ def test_long_prompt_is_prefilled_in_chunks_then_decoded(make_scheduler):
     scheduler = make_scheduler(max_num_batched_tokens=100)
     request = make_request("a", 250)
     scheduler.add(request)
-    chunks = [[(s.start_pos, s.num_tokens, s.completes_prompt) for s in run_step(scheduler).scheduled] for _ in range(5)]
+    chunks = [
+        [(s.start_pos, s.num_tokens, s.completes_prompt) for s in run_step(scheduler).scheduled] for _ in range(5)
+    ]
     assert chunks == [[(0, 100, False)], [(100, 100, False)], [(200, 50, True)], [(250, 1, True)], [(251, 1, True)]]
     assert request.num_output_tokens == 3
 

@@ -36,17 +36,20 @@ def test_dummy_weights_at_tp2_are_shards_of_tp1_weights():
     cat = torch.cat
     assert torch.equal(cat([r["model.embed_tokens.weight"] for r in ranks]), p["model.embed_tokens.weight"])
     assert torch.equal(cat([r["lm_head.weight"] for r in ranks]), p["lm_head.weight"])
-    assert torch.equal(cat([r["model.layers.1.self_attn.o_proj.weight"] for r in ranks], 1),
-                       p["model.layers.1.self_attn.o_proj.weight"])
-    assert torch.equal(cat([r["model.layers.0.mlp.down_proj.weight"] for r in ranks], 1),
-                       p["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(
+        cat([r["model.layers.1.self_attn.o_proj.weight"] for r in ranks], 1),
+        p["model.layers.1.self_attn.o_proj.weight"],
+    )
+    assert torch.equal(
+        cat([r["model.layers.0.mlp.down_proj.weight"] for r in ranks], 1), p["model.layers.0.mlp.down_proj.weight"]
+    )
     q, k, v = p["model.layers.0.self_attn.qkv_proj.weight"].split([64, 32, 32])
     for rank, r in enumerate(ranks):
         local = r["model.layers.0.self_attn.qkv_proj.weight"]
-        assert torch.equal(local[:32], q[32 * rank:32 * (rank + 1)])
-        assert torch.equal(local[32:48], k[16 * rank:16 * (rank + 1)])
-        assert torch.equal(local[48:], v[16 * rank:16 * (rank + 1)])
+        assert torch.equal(local[:32], q[32 * rank : 32 * (rank + 1)])
+        assert torch.equal(local[32:48], k[16 * rank : 16 * (rank + 1)])
+        assert torch.equal(local[48:], v[16 * rank : 16 * (rank + 1)])
         gate, up = p["model.layers.1.mlp.gate_up_proj.weight"].chunk(2)
         gate_up = r["model.layers.1.mlp.gate_up_proj.weight"]
-        assert torch.equal(gate_up, cat([gate[64 * rank:64 * (rank + 1)], up[64 * rank:64 * (rank + 1)]]))
+        assert torch.equal(gate_up, cat([gate[64 * rank : 64 * (rank + 1)], up[64 * rank : 64 * (rank + 1)]]))
         assert torch.equal(r["model.norm.weight"], p["model.norm.weight"])

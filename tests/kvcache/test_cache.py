@@ -5,8 +5,16 @@ import textwrap
 import pytest
 import torch
 
-from kvcache import (CacheDesyncError, CacheOp, KVCacheConfig, KVCacheError, NoFreeSlotError, PoolExhaustedError,
-                     SequenceTooLongError, VirtualKVCache)
+from kvcache import (
+    CacheDesyncError,
+    CacheOp,
+    KVCacheConfig,
+    KVCacheError,
+    NoFreeSlotError,
+    PoolExhaustedError,
+    SequenceTooLongError,
+    VirtualKVCache,
+)
 
 
 def fill(cache, slot, start, end, value):
@@ -87,8 +95,8 @@ def test_slots_never_alias(make_cache):
 def test_freed_slot_is_reused_best_fit_with_its_pages(make_cache):
     cache = make_cache(max_batch_size=3)
     tpp = int(cache.tokens_per_page)
-    small = cache.allocate(tpp)          # 1 page per buffer
-    large = cache.allocate(3 * tpp)      # 3 pages per buffer
+    small = cache.allocate(tpp)  # 1 page per buffer
+    large = cache.allocate(3 * tpp)  # 3 pages per buffer
     fill(cache, large, 0, 3 * tpp, 7.0)
     large_pages = cache.slot_page_ids(large)
     cache.free(small)
@@ -184,8 +192,9 @@ def test_prepare_maps_ahead_best_effort(make_cache):
 def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cache):
     """Slots decoding in lockstep towards a page boundary: each prepare maps ahead at most the step's page budget,
     for the slot nearest to its boundary first, and the next step's own need is never held back by the budget."""
-    cache = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8,
-                       prefetch_pages_per_step=2 * 2)  # one page in each of the 4 buffers: one slot a step
+    cache = make_cache(
+        max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8, prefetch_pages_per_step=2 * 2
+    )  # one page in each of the 4 buffers: one slot a step
     tpp = int(cache.tokens_per_page)
     slots = [cache.allocate(tpp - 8 + i) for i in range(4)]  # 8, 7, 6, 5 tokens before their boundary
     lengths = {s: tpp - 8 + i for i, s in enumerate(slots)}
@@ -248,11 +257,22 @@ def test_errors(make_cache):
     assert issubclass(PoolExhaustedError, KVCacheError)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("num_layers", 0), ("num_kv_heads", -1), ("head_dim", 1.5), ("max_batch_size", 0), ("max_seq_len", 0),
-    ("dtype", "int8"), ("device", "tpu"), ("page_size_bytes", 1000), ("pool_size_bytes", 0),
-    ("memory_fraction", 1.5), ("prefetch_tokens", -1),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_layers", 0),
+        ("num_kv_heads", -1),
+        ("head_dim", 1.5),
+        ("max_batch_size", 0),
+        ("max_seq_len", 0),
+        ("dtype", "int8"),
+        ("device", "tpu"),
+        ("page_size_bytes", 1000),
+        ("pool_size_bytes", 0),
+        ("memory_fraction", 1.5),
+        ("prefetch_tokens", -1),
+    ],
+)
 def test_bad_config_names_the_field(field, value):
     kwargs = dict(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2, max_seq_len=16)
     kwargs[field] = value
@@ -262,8 +282,17 @@ def test_bad_config_names_the_field(field, value):
 
 def test_pool_too_small_for_one_request_is_a_config_error(device):
     with pytest.raises(ValueError, match="pool_size_bytes"):
-        VirtualKVCache(KVCacheConfig(num_layers=4, num_kv_heads=2, head_dim=64, max_batch_size=2, max_seq_len=16,
-                                     device=device, pool_size_bytes=1))
+        VirtualKVCache(
+            KVCacheConfig(
+                num_layers=4,
+                num_kv_heads=2,
+                head_dim=64,
+                max_batch_size=2,
+                max_seq_len=16,
+                device=device,
+                pool_size_bytes=1,
+            )
+        )
 
 
 def test_close_unmaps_everything(make_cache, device):

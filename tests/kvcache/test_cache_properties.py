@@ -4,6 +4,7 @@
 one: until then the machine checks that the step's slots keep their pages and are not handed to a new request, as
 the GPU needs. A second cache replays the first one's recorded changes, as a tensor-parallel rank does.
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -22,8 +23,15 @@ class CacheMachine(RuleBasedStateMachine):
     @initialize(pool_pages_per_buffer=st.integers(3, 12), prefetch=st.sampled_from([0, 1, 100]))
     def setup(self, pool_pages_per_buffer, prefetch):
         granularity = 64 << 10 if self.device == "cpu" else 2 << 20
-        config = KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, max_batch_size=4, max_seq_len=1,
-                               device=self.device, layout=self.layout)
+        config = KVCacheConfig(
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=16,
+            max_batch_size=4,
+            max_seq_len=1,
+            device=self.device,
+            layout=self.layout,
+        )
         self.tpp = granularity // config.buffer_token_bytes
         config.max_seq_len = 4 * self.tpp
         config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
@@ -98,8 +106,10 @@ class CacheMachine(RuleBasedStateMachine):
     def launch(self, data):
         slots = data.draw(st.sets(st.sampled_from(sorted(self.live)), min_size=1))
         # The step touches each slot's rows up to its tokens; pages mapped ahead beyond them are not its own.
-        pages = {slot: [buf[:-(-self.live[slot][0] // self.tpp)] for buf in self.cache.slot_page_ids(slot)]
-                 for slot in slots}
+        pages = {
+            slot: [buf[: -(-self.live[slot][0] // self.tpp)] for buf in self.cache.slot_page_ids(slot)]
+            for slot in slots
+        }
         self.in_flight.append((self.cache.record_use(slots), pages))
 
     @precondition(lambda self: self.in_flight)
@@ -120,7 +130,7 @@ class CacheMachine(RuleBasedStateMachine):
                 continue
             for slot, pages in launched.items():
                 now = self.cache.slot_page_ids(slot)
-                assert all(buf[:len(old)] == old for buf, old in zip(now, pages)), f"slot {slot} lost pages"
+                assert all(buf[: len(old)] == old for buf, old in zip(now, pages)), f"slot {slot} lost pages"
 
     @invariant()
     def replayed_rank_has_the_same_pages(self):
@@ -153,8 +163,9 @@ class CacheMachine(RuleBasedStateMachine):
                 assert torch.equal(self.cache.v[layer][slot, :written], (signature - rows).expand(-1, 2, 16))
 
 
-_settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
+_settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 class CpuCacheMachine(CacheMachine):
