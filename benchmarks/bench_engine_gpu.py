@@ -230,7 +230,10 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
     from benchmarks.paged_kv import build_paged_engine
 
     builders = {
-        "layer_major": lambda: LLMEngine(config),
+        # Each layout named explicitly: the engine's default on the GPU is token-major.
+        "layer_major": lambda: LLMEngine(
+            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="layer_major"))
+        ),
         "token_major": lambda: LLMEngine(
             dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="token_major"))
         ),
