@@ -50,7 +50,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.runner.resolved)
         self.device = torch.device(self.config.model.resolved_device())
         self.max_model_len = min(self.kv_cache.config.max_seq_len, self.runner.max_model_len)
-        # Taken now, while only slots the runner keeps for itself (a CUDA-graph scratch slot) hold pages.
+        # Taken now, while no request holds pages.
         self.max_request_tokens = min(self.max_model_len, self.kv_cache.max_request_tokens)
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)
         self.vocab_size = int(self.runner.hf_config.vocab_size)
