@@ -330,9 +330,11 @@ def check_outputs(trace: Trace, stops: dict[str, StopChoice], run: ScenarioRun) 
         counts["stopped_where_first_pass_did"] += len(out.token_ids) == stop.index + 1
         counts["stopped_mid_stream"] += len(out.token_ids) > STOP_INDEX[0]
     live_stops = [rid for rid in stops if rid not in run.aborted]
-    # A bf16 near-tie (batch shapes round differently) may send a request another way than in the first pass, after
-    # which its stop token hardly ever comes: an H100 run saw about one such flip in 128 tokens, so most still stop.
-    assert counts["stopped"] >= len(live_stops) // 3, (counts, len(live_stops))
+    # Random weights give nearly flat logits: bf16 near-ties (batch shapes round differently) send many requests another
+    # way than in the first pass within a few tokens (an H100 run: 31-46 of ~113 stop requests stopped where the first
+    # pass did, every one at exactly that token; the teacher-forced check below is the real greedy check). Enough
+    # requests must still stop mid-stream for the stop path to be exercised under aborts, preemption and waves.
+    assert counts["stopped"] >= 10, (counts, len(live_stops))
     counts["stop_requests"] = len(live_stops)
     return counts
 

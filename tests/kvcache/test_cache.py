@@ -362,10 +362,12 @@ def test_replay_detects_a_diverged_cache(make_cache):
         rank1.replay([CacheOp("tokens", 3, 10)])
 
 
-def test_a_freed_slot_keeps_its_pages_until_the_step_that_used_it_is_done(make_cache):
+def test_a_freed_slot_keeps_its_pages_until_the_step_that_used_it_is_done(make_cache, device):
     cache = make_cache(max_batch_size=2, pool_pages=2 * 2 * 3)
     tpp = int(cache.tokens_per_page)
     a = cache.allocate(2 * tpp)
+    if device == "cuda":
+        torch.cuda._sleep(2_000_000_000)  # a long kernel queued before the fence: the step is still running
     fence = cache.record_use([a])  # a step on the device reads and writes a
     pages = cache.slot_page_ids(a)
     cache.free(a)
