@@ -323,7 +323,7 @@ def main() -> None:
             "model": MODEL,
             "device": "cuda",
             "dtype": "bfloat16",
-            "max_batch_size": 257,
+            "max_batch_size": 256,  # request slots, all served by CUDA graphs (cuda_graph_max_batch_size 256)
             "max_seq_len": 2048,
             "max_num_batched_tokens": 8192,
             "gpu_memory_fraction": 0.85,
