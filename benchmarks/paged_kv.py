@@ -123,18 +123,20 @@ class PagedKVCache:
             self.block_table = self._table_cpu
         self._dirty: tuple[int, int] | None = None  # [first, last + 1) table rows changed since the last commit
 
-        self._free_blocks: deque[int] = deque(range(self.num_blocks + 1))  # FIFO, as vLLM's free block queue
+        self._free_blocks: deque[int] = deque(range(self.num_blocks))  # FIFO, as vLLM's free block queue
         self._blocks: list[list[int]] = [[] for _ in range(slots)]
         self._num_tokens = [0] * slots
         self._active = [False] * slots
         self._free_slots = list(range(1, slots))  # a heap: the lowest free slot first
         self._closed = False
         self._last_fence = None
-        # The reserved slot (CUDA graphs' padding rows) holds one block, outside the accounting.
+        # The reserved slot (CUDA graphs' padding rows) holds the last block, outside the pool and the accounting.
         self.reserved_slot = 0
         self._active[0] = True
         self._num_tokens[0] = 1
-        self._append_blocks(0, 1)
+        self._blocks[0] = [self.num_blocks]
+        self._table_np[0, 0] = self.num_blocks
+        self._dirty = (0, 1)
 
     def _pool_blocks(self, config: KVCacheConfig) -> int:
         block_bytes = self.page_size_bytes * self.num_buffers

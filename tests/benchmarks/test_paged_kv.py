@@ -71,13 +71,14 @@ def test_blocks_pages_and_table_stay_consistent():
     config = small_config(pool_size_bytes=10 * block_bytes(small_config()) + 123)
     cache = PagedKVCache(config)
     nb = cache.num_buffers
-    assert cache.num_blocks == 10 and cache.k_flat[0].shape == (10 * BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
-    assert cache.k[1].shape == (10, BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
+    # One block more than the pool: the reserved slot's (slot 0, for CUDA graphs' padding rows).
+    assert cache.num_blocks == 10 and cache.k_flat[0].shape == (11 * BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
+    assert cache.k[1].shape == (11, BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
     assert cache.slot_stride_tokens >= config.max_seq_len and cache.max_request_tokens == 10 * BLOCK_SIZE_TOKENS
 
     a = cache.allocate(17)  # 2 blocks
     b = cache.allocate(0)
-    assert (a, b) == (0, 1) and cache.pages_needed(33, a) == nb and cache.pages_for_tokens(33) == 3 * nb
+    assert (a, b) == (1, 2) and cache.pages_needed(33, a) == nb and cache.pages_for_tokens(33) == 3 * nb
     cache.grow(b, 40)  # 3 blocks
     cache.grow(a, 48)  # 3 blocks: a's third block comes after b's
     assert cache.slot_block_ids(a) == [0, 1, 5] and cache.slot_block_ids(b) == [2, 3, 4]
@@ -108,7 +109,7 @@ def test_blocks_pages_and_table_stay_consistent():
         cache.allocate(1)
     with pytest.raises(KVCacheError):
         cache.free(b + 10)
-    for slot in range(4):
+    for slot in range(1, 5):
         cache.free(slot)
     stats = cache.stats()
     assert stats.free_pages == stats.total_pages and stats.num_free_slots == 4 and stats.used_pages == 0
