@@ -86,6 +86,11 @@ class ForwardBatch:
         return self.max_query_len == 1
 
     @property
+    def num_leading_decodes(self) -> int:
+        """Sequences at the front of the batch that contribute one token each (the scheduler puts decodes first)."""
+        return next((i for i, n in enumerate(self.query_lens_cpu) if n != 1), self.num_seqs)
+
+    @property
     def device(self) -> torch.device:
         return self.input_ids.device
 

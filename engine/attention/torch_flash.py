@@ -17,18 +17,31 @@ class TorchFlashBackend(AttentionBackend):
     name = "torch_flash"
 
     def attend(self, layer, q, batch, kv_cache):
-        out = torch.ops.aten._flash_attention_forward(
-            q.contiguous(),
+        return self._varlen(
+            q,
             kv_cache.k_flat[layer],
             kv_cache.v_flat[layer],
             batch.cu_seqlens_q,
             batch.cu_seqlens_k,
+            batch.seq_lens,
             batch.max_query_len,
             batch.max_seq_len,
+        )
+
+    def _varlen(self, q, k_flat, v_flat, cu_seqlens_q, slot_starts, seq_lens, max_query_len, max_seq_len):
+        """FA2 varlen over the cache: ``q [T, H, D]`` with offsets ``cu_seqlens_q [N+1]``; sequence ``i``'s K/V are
+        rows ``slot_starts[i] ..`` (``[N+1]``, the last entry unused) of ``k_flat``, ``seq_lens[i]`` of them."""
+        return torch.ops.aten._flash_attention_forward(
+            q.contiguous(),
+            k_flat,
+            v_flat,
+            cu_seqlens_q,
+            slot_starts,
+            max_query_len,
+            max_seq_len,
             0.0,  # dropout_p
             True,  # is_causal
             False,  # return_debug_mask
             scale=self.scale,
-            seqused_k=batch.seq_lens,
+            seqused_k=seq_lens,
         )[0]
-        return out

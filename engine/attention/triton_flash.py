@@ -1,11 +1,15 @@
-"""GPU default where Triton is present: decode through the Triton split-KV kernel, the rest through FA2 varlen.
+"""GPU default where Triton is present: decode rows through the Triton split-KV kernel, the rest through FA2 varlen.
 
 On the H100 the split-KV kernel read the cache at 94-105% of the device copy bandwidth for batch x context >= 64K
 tokens, against 75-91% for FlashAttention-2 varlen, which does not split long sequences across the GPU
-(benchmarks/results/attention_h100.json). Prefill and mixed batches keep FA2 varlen, which is faster there.
+(benchmarks/results/attention_h100.json). Prefill keeps FA2 varlen, which is faster there. A mixed batch (the
+scheduler puts running decodes first) sends its leading one-token rows to the decode kernel and the rest to FA2:
+in FA2 each one-token row would take a 128-row query tile and read its whole context once per query head.
 """
 
 from __future__ import annotations
+
+import torch
 
 from engine.attention.torch_flash import TorchFlashBackend
 
@@ -20,14 +24,27 @@ class TritonFlashBackend(TorchFlashBackend):
         self._decode = triton_decode_attention
 
     def attend(self, layer, q, batch, kv_cache):
-        if not batch.is_decode_only:
+        k_flat, v_flat = kv_cache.k_flat[layer], kv_cache.v_flat[layer]
+        num_decodes = batch.num_leading_decodes
+        if num_decodes == batch.num_seqs:
+            return self._decode(
+                q, k_flat, v_flat, batch.cu_seqlens_k[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
+            )
+        if num_decodes == 0:
             return super().attend(layer, q, batch, kv_cache)
-        return self._decode(
-            q,
-            kv_cache.k_flat[layer],
-            kv_cache.v_flat[layer],
-            batch.cu_seqlens_k[:-1],
-            batch.seq_lens,
-            self.scale,
-            max_seq_len=batch.max_seq_len,
+        n = num_decodes  # decode rows are the first n tokens of the flat stream, one each
+        out = torch.empty_like(q)
+        out[:n] = self._decode(
+            q[:n], k_flat, v_flat, batch.cu_seqlens_k[:n], batch.seq_lens[:n], self.scale, max_seq_len=batch.max_seq_len
         )
+        out[n:] = self._varlen(
+            q[n:],
+            k_flat,
+            v_flat,
+            batch.cu_seqlens_q[n:] - n,
+            batch.cu_seqlens_k[n:],
+            batch.seq_lens[n:],
+            batch.max_query_len,
+            batch.max_seq_len,
+        )
+        return out

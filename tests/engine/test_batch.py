@@ -29,6 +29,13 @@ def test_build_fields():
         [0, 3, 4, 6],
     )
     assert not b.is_decode_only and b.slot_mapping is None
+    assert b.num_leading_decodes == 0  # the decode row comes after a prefill chunk
+
+
+def test_leading_decodes_are_counted_up_to_the_first_chunk():
+    b = ForwardBatch.build([(1, [4], 9), (2, [5], 3), (3, [6, 7], 0), (4, [8], 2)], "cpu")
+    assert b.num_leading_decodes == 2
+    assert ForwardBatch.build([(1, [4], 9), (2, [5], 3)], "cpu").num_leading_decodes == 2
 
 
 def test_bind_cache_rows():
