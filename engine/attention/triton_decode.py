@@ -113,8 +113,8 @@ def _split_kv_kernel(
 
     # The only line that knows the cache layout: the sequence's rows start at its slot.
     row0 = tl.load(SlotStarts + b).to(tl.int64)
-    k_base = K + row0 * stride_kt + kv_head * stride_kh
-    v_base = V + row0 * stride_vt + kv_head * stride_vh
+    k_head = K + kv_head * stride_kh
+    v_head = V + kv_head * stride_vh
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -126,8 +126,8 @@ def _split_kv_kernel(
         mask_nd = mask_n[:, None] if BLOCK_D == HEAD_DIM else mask_n[:, None] & mask_d[None, :]
         # The tile's first row in 64 bits: ``token * row stride`` passes 2**31 elements (the token-major layout's row
         # stride is 2 * L * H * D) long before a sequence is long; offsets within a tile stay small.
-        k_tile = k_base + n0.to(tl.int64) * stride_kt
-        v_tile = v_base + n0.to(tl.int64) * stride_vt
+        k_tile = k_head + (row0 + n0) * stride_kt  # row0 is int64: the product is too
+        v_tile = v_head + (row0 + n0) * stride_vt
         k = tl.load(k_tile + offs_n[:, None] * stride_kt + offs_d[None, :], mask=mask_nd, other=0.0)
         qk = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_H, BLOCK_N], log2 domain
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
