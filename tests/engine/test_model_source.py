@@ -76,6 +76,58 @@ def test_hub_revision_picks_its_snapshot(tmp_path, hub_cache):
     assert resolve_model(f"tiny-org/tiny-llama@{'b' * 40}").hf_config.num_hidden_layers == 3
 
 
+@pytest.mark.parametrize("sharded", [True, False])
+def test_hub_download_fetches_only_the_files_read(tmp_path, monkeypatch, sharded):
+    """Online (stand-ins for ``snapshot_download`` and the file listing serving a repository): the metadata first,
+    then only the weights, from the commit the metadata came from: the shards the index names, or without an
+    index the top-level *.safetensors; .bin, consolidated and original/ files are never asked for."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("VATTN_CACHE_DIR", str(tmp_path / "vattn-cache"))
+    repo = tmp_path / "repo"
+    save_tiny_checkpoint(repo, "mistral", max_shard_size="100KB" if sharded else None, with_tokenizer=True)
+    extras = ["pytorch_model.bin", "original/params.json", "original/model.safetensors"]
+    if sharded:
+        extras.append("consolidated.safetensors")  # another layout of the weights, beside the indexed shards
+    for extra in extras:
+        (repo / extra).parent.mkdir(exist_ok=True)
+        (repo / extra).write_bytes(b"\0")
+    repo_files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    commit = "c" * 40
+    requested: list[tuple[str, list[str]]] = []
+
+    def fake_snapshot_download(repo_id, *, revision, allow_patterns, cache_dir, local_files_only):
+        assert repo_id == "mistral-org/tiny" and not local_files_only
+        requested.append((revision, list(allow_patterns)))
+        snapshot = tmp_path / "hf-cache" / commit
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    class FakeHfApi:
+        def list_repo_files(self, repo_id, revision):
+            assert revision == commit
+            return repo_files
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    resolved = resolve_model("mistral-org/tiny@v1")
+    assert [r for r, _ in requested] == ["v1"]
+    assert not list(resolved.weights_dir.glob("*.safetensors"))  # resolution fetches no weights
+    state = loaded_state(resolved)
+    assert requested[1] == (commit, sorted(p.name for p in repo.glob("model*.safetensors")))
+    fetched = {str(p.relative_to(resolved.weights_dir)) for p in resolved.weights_dir.rglob("*") if p.is_file()}
+    assert not fetched & set(extras)
+    assert_same_weights(state, loaded_state(resolve_model(str(repo))))
+
+
 def test_hub_id_missing_from_the_cache_offline_names_the_cause(hub_cache):
     with pytest.raises(
         ModelSourceError, match=r"'nobody/nothing'.*not in the local Hugging Face cache.*HF_HUB_OFFLINE"
