@@ -42,10 +42,24 @@ def parse_app_config(args: dict[str, Any] | AppConfig | None) -> AppConfig:
             raise AppConfigError(f"invalid application args: {problems}") from None
     # Check the engine fields here, in the deploying process, rather than in every replica's constructor.
     try:
-        EngineConfig.from_dict(config.engine_config_dict())
+        engine_config = EngineConfig.from_dict(config.engine_config_dict())
     except ValueError as exc:
         raise AppConfigError(f"invalid application args: engine_kwargs: {exc}") from None
+    check_app_model(engine_config)
     return config
+
+
+def check_app_model(engine_config) -> None:
+    """Fail the deployment, not its first request, on a model the replicas could not load: fetch its small files
+    (config, tokenizer; the weights are fetched by the replicas), check its architecture, tensor-parallel split
+    and ``max_seq_len``, and load its tokenizer as the ingress will."""
+    from engine.model_runner import check_model
+    from engine.tokenizer import load_tokenizer
+
+    try:
+        load_tokenizer(check_model(engine_config))
+    except (ValueError, OSError) as exc:
+        raise AppConfigError(f"invalid application args: model: {exc}") from None
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:

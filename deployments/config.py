@@ -97,8 +97,10 @@ class AppConfig(BaseModel):
 
     model: str = Field(
         default="smollm2",
-        description="Engine model: 'smollm2' (embedded SmolLM2-135M-Instruct), a HF directory, a .gguf path, "
-        "or 'dummy:<config>' for random weights at real shapes.",
+        description="Engine model: 'smollm2' (embedded SmolLM2-135M-Instruct), a Hugging Face Hub id "
+        "('org/name' or 'org/name@revision'; HF_TOKEN for gated models), an s3:// or gs:// prefix, a local "
+        "directory with config.json + *.safetensors, a .gguf path, or 'dummy:<config>' for random weights at "
+        "real shapes. Checked (config and tokenizer fetched) when the app is built.",
     )
     served_model_name: str | None = Field(
         default=None, description="Model id shown by /v1/models and required in requests; default: `model`."

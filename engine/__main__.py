@@ -1,4 +1,9 @@
-"""Command line: ``python -m engine generate --prompt TEXT`` and ``python -m engine chat``."""
+"""Command line: ``python -m engine generate --prompt TEXT`` and ``python -m engine chat``.
+
+``python -m engine generate --model <model> --prompt hi`` is the one-line answer to "does my model load?": it
+fetches the model as a deployment would (Hub id, object store, directory), loads it and answers, or prints why
+it cannot.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,10 @@ import time
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="smollm2", help="smollm2 (default), a HF dir, a .gguf file or dummy:<config>"
+        "--model",
+        default="smollm2",
+        help="smollm2 (default), a Hugging Face Hub id (org/name[@revision]), s3://... or gs://..., "
+        "a HF directory, a .gguf file or dummy:<config>",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
@@ -22,20 +30,28 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+class ModelLoadError(Exception):
+    """The engine could not be built for the model; the message says why."""
+
+
 def _build_engine(args):
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
+    from engine.weights import WeightLoadError
 
-    config = EngineConfig.from_dict(
-        {
-            "model": args.model,
-            "device": args.device,
-            "dtype": args.dtype,
-            "max_seq_len": args.max_seq_len,
-            "max_batch_size": 1,
-        }
-    )
-    return LLMEngine(config)
+    try:
+        config = EngineConfig.from_dict(
+            {
+                "model": args.model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "max_seq_len": args.max_seq_len,
+                "max_batch_size": 1,
+            }
+        )
+        return LLMEngine(config)
+    except (ValueError, OSError, WeightLoadError) as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _params(args):
@@ -147,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

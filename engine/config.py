@@ -23,10 +23,12 @@ class ModelConfig:
     """Which model to run and how.
 
     Attributes:
-        model: ``"smollm2"`` (the embedded default SmolLM2-135M-Instruct GGUF), a Hugging Face
-            directory with ``config.json`` + ``*.safetensors``, a path to a ``.gguf`` file, or
+        model: ``"smollm2"`` (the embedded default SmolLM2-135M-Instruct GGUF), a Hugging Face Hub id
+            (``"org/name"`` or ``"org/name@revision"``), an ``s3://`` or ``gs://`` prefix, a directory with
+            ``config.json`` + ``*.safetensors``, a path to a ``.gguf`` file, or
             ``"dummy:<name-or-path-of-config.json>"`` for seeded random weights at real shapes
-            (named configs: see ``engine.weights.dummy.NAMED_CONFIGS``, e.g. ``dummy:llama-3-8b``).
+            (named configs: see ``engine.weights.NAMED_CONFIGS``, e.g. ``dummy:llama-3-8b``).
+            See ``engine.weights.resolve_model``.
         dtype: ``"auto"`` = float32 on CPU, bfloat16 on GPU; or an explicit torch dtype name.
         device: ``"auto"`` = ``"cuda"`` when available else ``"cpu"``; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32); on GPU ``flash_attn`` when

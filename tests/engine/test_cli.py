@@ -1,13 +1,16 @@
 """``python -m engine``: real subprocesses on the embedded model."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.engine.tiny_checkpoints import TOKENIZER_VOCAB_SIZE, lay_out_hub_cache, save_tiny_checkpoint
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_cli(*args, stdin=None, timeout=180):
+def run_cli(*args, stdin=None, timeout=180, env=None):
     return subprocess.run(
         [sys.executable, "-m", "engine", *args],
         cwd=ROOT,
@@ -15,6 +18,7 @@ def run_cli(*args, stdin=None, timeout=180):
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -36,3 +40,23 @@ def test_bad_sampling_value_exits_2_naming_the_field():
     result = run_cli("generate", "--prompt", "hi", "--top-p", "0")
     assert result.returncode == 2
     assert "top_p" in result.stderr
+
+
+def test_does_my_model_load_in_one_line(tmp_path):
+    """`generate --model <id> --prompt hi`: a tiny checkpoint (sharded, with a tokenizer) by its directory and by
+    its Hub id from an offline cache; an id that is nowhere fails with one line naming the model and the cause."""
+    src = tmp_path / "tiny"
+    save_tiny_checkpoint(src, "llama", max_shard_size="1MB", with_tokenizer=True, vocab_size=TOKENIZER_VOCAB_SIZE)
+    cache = tmp_path / "hf-cache"
+    lay_out_hub_cache(cache, "tiny-org/tiny-llama", src)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "VATTN_CACHE_DIR": str(tmp_path / "vattn")}
+    for model in (str(src), "tiny-org/tiny-llama"):
+        result = run_cli(
+            "generate", "--model", model, "--prompt", "hi", "--max-tokens", "4", "--max-seq-len", "128", "-v", env=env
+        )
+        assert result.returncode == 0, result.stderr
+        assert "output tokens" in result.stderr
+    result = run_cli("generate", "--model", "nobody/nothing", "--prompt", "hi", env=env)
+    assert result.returncode == 1
+    assert "error: model 'nobody/nothing'" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,4 +1,6 @@
-"""Our rotary embedding against transformers' LlamaRotaryEmbedding (default, linear, llama3)."""
+"""Our rotary embedding against transformers' LlamaRotaryEmbedding (default, linear, llama3, dynamic, yarn)."""
+
+import math
 
 import pytest
 import torch
@@ -27,6 +29,19 @@ def hf_cos_sin(config, positions):
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
+        },
+        # dynamic NTK changes nothing up to max_position_embeddings, the engine's limit
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+        # Qwen2.5's long-context setting
+        {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 32768},
+        {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 16,
+            "beta_slow": 2,
+            "attention_factor": 1.3,
         },
     ],
 )
@@ -60,6 +75,15 @@ def test_llama3_scaling_changes_only_low_frequencies():
     inv_scaled = get_rope(LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=scaled), 128).inv_freq
     assert torch.equal(inv_base[:10], inv_scaled[:10])  # high frequencies untouched
     torch.testing.assert_close(inv_scaled[-5:], inv_base[-5:] / 8)  # lowest divided by factor
+
+
+def test_yarn_scales_cos_and_sin_by_its_attention_factor():
+    from transformers import LlamaConfig
+
+    params = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    rope = get_rope(LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=params), 64)
+    cos, sin = rope(torch.tensor([0]))
+    torch.testing.assert_close(cos, torch.full_like(cos, 0.1 * math.log(4.0) + 1.0))
 
 
 def test_legacy_rope_scaling_field_is_read():
@@ -103,7 +127,13 @@ def test_unsupported_rope_type_raises():
     config = LlamaConfig(
         hidden_size=256,
         num_attention_heads=4,
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0},
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0] * 32,
+            "long_factor": [2.0] * 32,
+            "original_max_position_embeddings": 1024,
+        },
     )
     with pytest.raises(ValueError, match="rope_type"):
         get_rope(config, 64)

@@ -1,46 +1,18 @@
-"""Weight loaders and model resolution: HF safetensors dirs, GGUF, dummy weights."""
+"""Weight loaders and model resolution: HF safetensors dirs (one file or sharded), GGUF, dummy weights."""
 
 import pytest
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.llm_engine import LLMEngine
 from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
 from engine.weights import NAMED_CONFIGS, WeightLoadError, resolve_model
 from engine.weights.gguf_loader import GGUFWeightLoader
 from engine.weights.resolve import default_gguf_path
 from engine.weights.safetensors_loader import SafetensorsWeightLoader
-
-
-def tiny_config(model_type: str, **overrides):
-    from transformers import AutoConfig
-
-    kwargs = dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return AutoConfig.for_model(model_type, **kwargs)
-
-
-def save_tiny_checkpoint(path, model_type: str, **overrides):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides)).eval()
-    # Random biases/norms so a loader that skips them fails the comparison.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
-    model.save_pretrained(path)
-    return model
+from tests.engine.tiny_checkpoints import hf_greedy_tokens, save_tiny_checkpoint, tiny_config
 
 
 def our_logits_all_positions(runner, token_lists):
@@ -94,6 +66,58 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, model_type, overrides
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {}),  # q/k/v biases
+        ("mistral", {"sliding_window": 4096}),  # a window longer than max_seq_len: full attention is exact
+    ],
+)
+def test_sharded_checkpoint_gives_transformers_greedy_tokens(tmp_path, model_type, overrides):
+    """The whole engine (scheduler, cache, sampler) on a checkpoint saved in several shards with an index, greedy
+    in float32 on CPU: the same tokens as transformers, for a batch of prompts decoding side by side."""
+    hf_model = save_tiny_checkpoint(tmp_path, model_type, max_shard_size="100KB", with_tokenizer=True, **overrides)
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
+    engine = LLMEngine(
+        EngineConfig.from_dict(
+            {"model": str(tmp_path), "device": "cpu", "max_batch_size": 4, "max_seq_len": 128, "sampler_seed": 0}
+        )
+    )
+    try:
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 23, 1, 40)]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        got: dict[str, list[int]] = {}
+        while len(got) < len(prompts):
+            for out in engine.step():
+                if out.finished:
+                    got[out.request_id] = list(out.token_ids)
+        for i, prompt in enumerate(prompts):
+            assert got[f"r{i}"] == hf_greedy_tokens(hf_model, prompt, 12), f"prompt {i}"
+    finally:
+        engine.shutdown()
+
+
+def test_index_names_the_shards_read(tmp_path):
+    """A repository may hold another layout of the same weights (Mistral's consolidated.safetensors): with an
+    index, only the files it names are read; a file it names but that is absent is reported."""
+    from safetensors.torch import save_file
+
+    save_tiny_checkpoint(tmp_path, "llama", max_shard_size="100KB")
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, str(tmp_path / "consolidated.safetensors"))
+    model = LlamaForCausalLM(tiny_config("llama"))
+    SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(model)  # no unknown-tensor error
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(WeightLoadError, match=shard.name):
+        SafetensorsWeightLoader(tmp_path, show_progress=False)
 
 
 def test_missing_tensor_raises(tmp_path):
