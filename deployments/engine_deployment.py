@@ -33,20 +33,22 @@ class _InflightRequest:
     serve_request_id: str  # Serve's id of the call, the one the router knows it by
     num_prompt_tokens: int
     max_tokens: int
-    # None until the first token; then its prompt's and outputs' pages are mapped and counted as used.
-    # One field, so that a reader in another thread never sees a half-updated request.
-    num_output_tokens: int | None = None
+    # Per sequence (OpenAI's n): None until its first token; then its prompt's and outputs' pages are mapped and
+    # counted as used. One tuple, replaced whole, so that a reader in another thread never sees a half update.
+    num_output_tokens: tuple[int | None, ...] = (None,)
 
 
 @dataclass
 class StreamChunk:
-    """One message from an engine replica to the ingress (the new part of a ``RequestOutput``).
+    """One message from an engine replica to the ingress (the new part of a ``RequestOutput`` of the request's
+    choice ``index``; a request with ``n`` choices streams the chunks of all of them, interleaved).
 
     ``error`` is set (and nothing else is meaningful) when the request failed: the ingress turns it
     into an OpenAI error body with ``status_code``.
     """
 
     new_text: str = ""
+    index: int = 0
     num_new_tokens: int = 0
     finished: bool = False
     finish_reason: str | None = None
@@ -95,7 +97,8 @@ class EngineDeployment:
     async def generate(
         self, routing_hint: RoutingHint, prompt_token_ids: list[int], sampling_params: Any, request_id: str
     ) -> AsyncIterator[StreamChunk]:
-        """Stream a request's outputs. Cancelling the consumer (client gone) aborts it in the engine.
+        """Stream a request's outputs (of each of its ``sampling_params.n`` choices, interleaved) until the last
+        choice finishes. Cancelling the consumer (client gone) aborts it in the engine.
 
         Args:
             routing_hint: read by the router; here only for page accounting.
@@ -107,33 +110,47 @@ class EngineDeployment:
 
         self._ensure_gauge_task()
         arrival_s = time.monotonic()
-        last_token_s: float | None = None
-        inflight = _InflightRequest(_serve_request_id(), routing_hint.num_prompt_tokens, routing_hint.max_tokens)
+        num_sequences = sampling_params.n
+        last_token_s: list[float | None] = [None] * num_sequences  # per choice
+        inflight = _InflightRequest(
+            _serve_request_id(),
+            routing_hint.num_prompt_tokens,
+            routing_hint.max_tokens,
+            num_output_tokens=(None,) * num_sequences,
+        )
         with self._inflight_lock:
             self._inflight[request_id] = inflight
-        finished = False
+        num_finished = 0
+        aborted = False
         try:
             async for out in self._engine.generate(prompt_token_ids, sampling_params, request_id):
                 now_s = time.monotonic()
                 num_new = len(out.new_token_ids)
                 if num_new:
-                    if last_token_s is None:
-                        self._metrics.time_to_first_token.observe(now_s - arrival_s)
-                        self._metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                    previous_s = last_token_s[out.index]
+                    if previous_s is None:
+                        if all(s is None for s in last_token_s):  # the request's first token, its prompt's KV done
+                            self._metrics.time_to_first_token.observe(now_s - arrival_s)
+                            self._metrics.prompt_tokens.inc(out.num_prompt_tokens)
                     else:
-                        gap_s = (now_s - last_token_s) / num_new
+                        gap_s = (now_s - previous_s) / num_new
                         for _ in range(num_new):
                             self._metrics.inter_token_latency.observe(gap_s)
                     self._metrics.generation_tokens.inc(num_new)
-                    last_token_s = now_s
-                    inflight.num_output_tokens = out.num_output_tokens
+                    last_token_s[out.index] = now_s
+                    counts = list(inflight.num_output_tokens)
+                    counts[out.index] = out.num_output_tokens
+                    inflight.num_output_tokens = tuple(counts)
                 if out.finished:
-                    finished = True
-                    if out.finish_reason != "abort":
-                        self._metrics.request_success.inc()
-                    self._metrics.e2e_request_latency.observe(now_s - arrival_s)
+                    num_finished += 1
+                    aborted = aborted or out.finish_reason == "abort"
+                    if num_finished == num_sequences:
+                        if not aborted:
+                            self._metrics.request_success.inc()
+                        self._metrics.e2e_request_latency.observe(now_s - arrival_s)
                 yield StreamChunk(
                     new_text=out.new_text,
+                    index=out.index,
                     num_new_tokens=num_new,
                     finished=out.finished,
                     finish_reason=out.finish_reason,
@@ -149,8 +166,8 @@ class EngineDeployment:
         finally:
             with self._inflight_lock:
                 self._inflight.pop(request_id, None)
-            if not finished:
-                # Client disconnect cancels this generator: free the request's slot and pages now.
+            if num_finished < num_sequences:
+                # Client disconnect cancels this generator: free the request's slots and pages now.
                 await self._engine.abort(request_id)
 
     async def model_info(self) -> dict[str, Any]:
@@ -245,12 +262,16 @@ class EngineDeployment:
 
     def _pages_still_claimed(self, req: _InflightRequest, tokens_per_page: float) -> int:
         final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
-        if req.num_output_tokens is None:
-            return final
-        held = pages_for_tokens(
-            req.num_prompt_tokens + req.num_output_tokens, tokens_per_page, self._pages_per_token_block
-        )
-        return max(0, final - held)
+        claimed = 0
+        for num_output_tokens in req.num_output_tokens:  # each sequence's
+            if num_output_tokens is None:
+                claimed += final
+                continue
+            held = pages_for_tokens(
+                req.num_prompt_tokens + num_output_tokens, tokens_per_page, self._pages_per_token_block
+            )
+            claimed += max(0, final - held)
+        return claimed
 
     def _ensure_gauge_task(self) -> None:
         # Gauges also move between routing-stats calls so a scrape sees fresh running/waiting counts.

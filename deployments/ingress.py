@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.config import AppConfig
 from deployments.engine_deployment import StreamChunk
 from deployments.metrics_scrape import scrape_engine_metrics
-from deployments.openai_format import SSE_DONE, ResponseFormatter, StreamEvents, sampling_params
+from deployments.openai_format import SSE_DONE, Choices, ResponseFormatter, StreamEvents, http_param, sampling_params
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from deployments.request_guard import GuardSettings, RequestGuard
 from deployments.routing_hint import RoutingHint
@@ -218,7 +218,7 @@ class OpenAIIngress:
         params = sampling_params(body, max_tokens, logprobs, room, chat=chat)
 
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens)
+        hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens, num_sequences=params.n)
         for attempt in range(MAX_ROUTING_ATTEMPTS):
             # Overload errors are raised outside the except blocks: Serve renders any exception whose
             # context is a BackPressureError with its own plain-text handler, not our OpenAI JSON.
@@ -244,11 +244,12 @@ class OpenAIIngress:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Which engine replica served the request: for operators' debugging and the routing tests.
         headers = {REPLICA_HEADER: first.replica} if first is not None else {}
+        choices = Choices(params.n)
         if body.stream:
-            sse = self._sse(stream, first, request_id, chat=chat, include_usage=include_usage)
+            sse = self._sse(stream, first, choices, request_id, chat=chat, include_usage=include_usage)
             headers["Cache-Control"] = "no-cache"
             return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
-        return JSONResponse(await self._collect(stream, first, request_id, chat=chat), headers=headers)
+        return JSONResponse(await self._collect(stream, first, choices, request_id, chat=chat), headers=headers)
 
     async def _next_chunk(self, stream: Any) -> StreamChunk | None:
         """The next chunk of the engine stream, or None at its end; errors become ``OpenAIError``."""
@@ -278,9 +279,9 @@ class OpenAIIngress:
             raise self._overload_error(overload)
         if chunk.error is not None:
             err = chunk.error
-            raise OpenAIError(
-                err["message"], status_code=chunk.status_code, error_type=err["type"], param=err.get("param")
-            )
+            # The engine's own checks (context length, JSON schema) name fields spelled alike on both endpoints.
+            param = http_param(err.get("param"), chat=False)
+            raise OpenAIError(err["message"], status_code=chunk.status_code, error_type=err["type"], param=param)
         return chunk
 
     def _overload_error(self, message: str) -> OpenAIError:
@@ -293,39 +294,42 @@ class OpenAIIngress:
             headers={"Retry-After": str(max(1, round(ingress.retry_after_s)))},
         )
 
-    async def _collect(self, stream: Any, first: StreamChunk | None, request_id: str, *, chat: bool) -> dict:
-        text_parts: list[str] = []
-        logprobs: list[dict] = []
-        last = first
+    async def _collect(
+        self, stream: Any, first: StreamChunk | None, choices: Choices, request_id: str, *, chat: bool
+    ) -> dict:
         chunk = first
         try:
             while chunk is not None:
-                text_parts.append(chunk.new_text)
-                logprobs.extend(chunk.new_logprobs or [])
-                last = chunk
-                if chunk.finished:
+                choices.add(chunk)
+                if choices.all_finished:
                     break
                 chunk = await self._next_chunk(stream)
         finally:
             # Also runs when the client disconnects (this task is cancelled): abort in the engine.
             _cancel_quietly(stream)
-        return self._formatter.completion(request_id, "".join(text_parts), logprobs, last, chat=chat)
+        return self._formatter.completion(request_id, choices, chat=chat)
 
     async def _sse(
-        self, stream: Any, first: StreamChunk | None, request_id: str, *, chat: bool, include_usage: bool
+        self,
+        stream: Any,
+        first: StreamChunk | None,
+        choices: Choices,
+        request_id: str,
+        *,
+        chat: bool,
+        include_usage: bool,
     ) -> AsyncIterator[str]:
         events = StreamEvents(self._formatter, request_id, chat=chat, include_usage=include_usage)
-        last = first
         chunk = first
         try:
-            for opening in events.opening():
+            for opening in events.opening(choices.num_choices):
                 yield opening
             while chunk is not None:
-                last = chunk
+                choices.add(chunk)
                 event = events.chunk(chunk)
                 if event is not None:
                     yield event
-                if chunk.finished:
+                if choices.all_finished:
                     break
                 try:
                     chunk = await self._next_chunk(stream)
@@ -333,7 +337,7 @@ class OpenAIIngress:
                     # Headers are gone: report in-band, then end the stream.
                     yield events.error(exc)
                     return
-            usage = events.usage(last)
+            usage = events.usage(choices)
             if usage is not None:
                 yield usage
             yield SSE_DONE

@@ -1,8 +1,9 @@
 """Translation between OpenAI's wire format and the engine's.
 
 In: a validated request body becomes the engine's ``SamplingParams`` (its range errors become 400s).
-Out: engine ``StreamChunk``s become a ``chat.completion`` / ``text_completion`` JSON body, or server-sent
-events of ``chat.completion.chunk`` / ``text_completion`` objects, with OpenAI's logprobs and usage shapes.
+Out: engine ``StreamChunk``s, of each of the request's ``n`` choices, become a ``chat.completion`` /
+``text_completion`` JSON body, or server-sent events of ``chat.completion.chunk`` / ``text_completion`` objects,
+with OpenAI's choice indices, logprobs and usage shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from deployments.engine_deployment import StreamChunk
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, ResponseFormat
 
 if TYPE_CHECKING:
     from engine.sampling_params import SamplingParams
@@ -50,17 +51,61 @@ def sampling_params(
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             n=body.n,
+            json_schema=_json_schema(body.response_format),
         )
     except InvalidRequestError as exc:
-        param = "top_logprobs" if chat and exc.param == "logprobs" else exc.param
-        raise OpenAIError(exc.message, param=param) from exc
+        raise OpenAIError(exc.message, param=http_param(exc.param, chat=chat)) from exc
 
 
-def token_usage(last: StreamChunk | None) -> dict[str, int]:
-    """OpenAI's ``usage`` object from the last chunk of a request (zeros when there was none)."""
-    prompt = last.num_prompt_tokens if last is not None else 0
-    completion = last.num_output_tokens if last is not None else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def http_param(param: str | None, *, chat: bool) -> str | None:
+    """The request field, as the client named it, of an engine error's ``param``."""
+    if param == "json_schema":
+        return "response_format"
+    if chat and param == "logprobs":
+        return "top_logprobs"
+    return param
+
+
+def _json_schema(response_format: ResponseFormat | None) -> dict[str, Any] | None:
+    """The engine's ``json_schema`` of a ``response_format``: ``json_object`` is the schema of any object."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    return response_format.json_schema.schema_
+
+
+class Choices:
+    """What the ``n`` choices of one request have produced so far, fed chunk by chunk (indices interleaved)."""
+
+    def __init__(self, n: int) -> None:
+        self.num_choices = n
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.logprobs: list[list[dict]] = [[] for _ in range(n)]
+        self.finish_reasons: list[str | None] = [None] * n
+        self._num_output_tokens = [0] * n
+        self._num_prompt_tokens = 0
+        self._num_finished = 0
+
+    def add(self, chunk: StreamChunk) -> None:
+        i = chunk.index
+        self.texts[i].append(chunk.new_text)
+        self.logprobs[i].extend(chunk.new_logprobs or [])
+        self._num_output_tokens[i] = chunk.num_output_tokens
+        self._num_prompt_tokens = chunk.num_prompt_tokens
+        if chunk.finished:
+            self.finish_reasons[i] = chunk.finish_reason
+            self._num_finished += 1
+
+    @property
+    def all_finished(self) -> bool:
+        return self._num_finished == self.num_choices
+
+    def usage(self) -> dict[str, int]:
+        """OpenAI's ``usage``: the prompt counted once, the completion tokens of every choice summed."""
+        prompt = self._num_prompt_tokens
+        completion = sum(self._num_output_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class ResponseFormatter:
@@ -75,34 +120,27 @@ class ResponseFormatter:
         self.model_id = model_id
         self._decode_token = decode_token
 
-    def completion(
-        self, request_id: str, text: str, logprob_entries: list[dict], last: StreamChunk | None, *, chat: bool
-    ) -> dict[str, Any]:
-        """The whole (non-streamed) answer; ``last`` is the request's last chunk (``None``: aborted)."""
-        finish_reason = last.finish_reason if last is not None else "abort"
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self.chat_logprobs(logprob_entries) if logprob_entries else None,
-                "finish_reason": finish_reason,
-            }
-            obj = "chat.completion"
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": self.completion_logprobs(logprob_entries) if logprob_entries else None,
-                "finish_reason": finish_reason,
-            }
-            obj = "text_completion"
+    def completion(self, request_id: str, choices: Choices, *, chat: bool) -> dict[str, Any]:
+        """The whole (non-streamed) answer; a choice that never finished (the request was cut) reads "abort"."""
+        bodies = []
+        for i in range(choices.num_choices):
+            text = "".join(choices.texts[i])
+            entries = choices.logprobs[i]
+            finish_reason = choices.finish_reasons[i] or "abort"
+            if chat:
+                logprobs = self.chat_logprobs(entries) if entries else None
+                body = {"index": i, "message": {"role": "assistant", "content": text}}
+            else:
+                logprobs = self.completion_logprobs(entries) if entries else None
+                body = {"index": i, "text": text}
+            bodies.append({**body, "logprobs": logprobs, "finish_reason": finish_reason})
         return {
             "id": request_id,
-            "object": obj,
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
             "model": self.model_id,
-            "choices": [choice],
-            "usage": token_usage(last),
+            "choices": bodies,
+            "usage": choices.usage(),
         }
 
     def chat_logprobs(self, entries: list[dict]) -> dict:
@@ -157,14 +195,15 @@ class StreamEvents:
         self._created = int(time.time())
         self._object = "chat.completion.chunk" if chat else "text_completion"
 
-    def opening(self) -> list[str]:
-        """Events before the first chunk: chat announces the assistant's role."""
+    def opening(self, n: int) -> list[str]:
+        """Events before the first chunk: chat announces the assistant's role in each of the ``n`` choices."""
         if not self._chat:
             return []
         return [
             self._event(
-                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
             )
+            for i in range(n)
         ]
 
     def chunk(self, chunk: StreamChunk) -> str | None:
@@ -176,15 +215,15 @@ class StreamEvents:
         if self._chat:
             delta = {"content": chunk.new_text} if chunk.new_text else {}
             logprobs = self._formatter.chat_logprobs(lp) if lp else None
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": chunk.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             logprobs = self._formatter.completion_logprobs(lp) if lp else None
-            choice = {"index": 0, "text": chunk.new_text, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": chunk.index, "text": chunk.new_text, "logprobs": logprobs, "finish_reason": finish}
         return self._event([choice])
 
-    def usage(self, last: StreamChunk | None) -> str | None:
+    def usage(self, choices: Choices) -> str | None:
         """The closing usage event (no choices), or ``None`` when usage was not asked for."""
-        return self._event([], token_usage(last)) if self._include_usage else None
+        return self._event([], choices.usage()) if self._include_usage else None
 
     @staticmethod
     def error(exc: OpenAIError) -> str:

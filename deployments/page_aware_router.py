@@ -37,7 +37,7 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from deployments.routing_hint import RoutingHint, pages_for_tokens
+from deployments.routing_hint import RoutingHint
 
 logger = logging.getLogger("ray.serve")
 
@@ -239,7 +239,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
     def _pages_of(hint: RoutingHint | None, stats: dict[str, Any] | None) -> int:
         if hint is None or not stats or "tokens_per_page" not in stats or "pages_per_token_block" not in stats:
             return 0
-        return pages_for_tokens(hint.num_tokens, float(stats["tokens_per_page"]), int(stats["pages_per_token_block"]))
+        return hint.pages(float(stats["tokens_per_page"]), int(stats["pages_per_token_block"]))
 
     def _forget_request(self, request_id: str) -> None:
         self._tentative.pop(request_id, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class OpenAIError(Exception):
@@ -41,6 +41,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, description="Send a last chunk with token usage.")
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: the schema the output must follow."""
+
+    name: str = Field(description="The schema's name (OpenAI requires one; not used otherwise).")
+    description: str | None = Field(default=None, description="What the output is for (not used).")
+    schema_: dict[str, Any] = Field(alias="schema", description="A JSON Schema object.")
+    strict: bool | None = Field(default=None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema.")
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="Required when type is json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object with a schema")
+        return self
+
+
 class _SamplingFields(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -50,7 +72,7 @@ class _SamplingFields(BaseModel):
     temperature: float | None = Field(default=None, description="0 = greedy; default 1.")
     top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1].")
     top_k: int | None = Field(default=None, description="Keep the k most likely tokens; -1 = off (extension).")
-    n: int = Field(default=1, description="Completions per prompt; only 1 is supported.")
+    n: int = Field(default=1, description="Choices (independent samples) per prompt, 1 to 16.")
     stream: bool = Field(default=False, description="Stream chunks over server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     stop: str | list[str] | None = Field(default=None, description="Stop strings (not included in the output).")
@@ -58,6 +80,7 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = Field(default=0.0, description="In [-2, 2].")
     frequency_penalty: float = Field(default=0.0, description="In [-2, 2].")
     ignore_eos: bool = Field(default=False, description="Keep generating past EOS (extension, benchmarks).")
+    response_format: ResponseFormat | None = Field(default=None, description="Constrain the output to JSON.")
     user: str | None = Field(default=None, description="End-user id (ignored).")
 
 

@@ -15,22 +15,30 @@ class RoutingHint:
 
     Attributes:
         num_prompt_tokens: tokens in the (chat-templated) prompt.
-        max_tokens: most output tokens the request may generate (already capped by the model length).
+        max_tokens: most output tokens each of its sequences may generate (already capped by the model length).
+        num_sequences: sequences the request runs (OpenAI's ``n``), each with its own copy of the prompt's KV.
     """
 
     num_prompt_tokens: int
     max_tokens: int
+    num_sequences: int = 1
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
             raise ValueError(f"num_prompt_tokens must be >= 0, got {self.num_prompt_tokens}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.num_sequences < 1:
+            raise ValueError(f"num_sequences must be >= 1, got {self.num_sequences}")
 
     @property
     def num_tokens(self) -> int:
-        """Largest KV footprint of the request in tokens (prompt + every output token)."""
+        """Largest KV footprint of one of the request's sequences in tokens (prompt + every output token)."""
         return self.num_prompt_tokens + self.max_tokens
+
+    def pages(self, tokens_per_page: float, pages_per_token_block: int) -> int:
+        """Largest KV footprint of the whole request in physical pages: every sequence at its longest."""
+        return self.num_sequences * pages_for_tokens(self.num_tokens, tokens_per_page, pages_per_token_block)
 
 
 def pages_for_tokens(num_tokens: int, tokens_per_page: float, pages_per_token_block: int) -> int:

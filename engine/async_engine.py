@@ -21,10 +21,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Stream:
-    """Where one request's outputs go: a queue owned by the consumer's event loop."""
+    """Where one request's outputs go: a queue owned by the consumer's event loop. ``num_unfinished``: sequences
+    (``params.n``) whose final output has not come yet."""
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    num_unfinished: int = 1
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -70,7 +72,8 @@ class AsyncLLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs until its final one (``finished=True``).
+        """Stream a request's outputs until its final one (``finished=True``); with ``params.n`` > 1, those of its
+        ``n`` sequences (told apart by ``index``), interleaved, until the final one of each.
 
         Leaving the loop early or cancelling the consuming task aborts the request and frees its slot.
 
@@ -84,8 +87,9 @@ class AsyncLLMEngine:
         params = params if params is not None else SamplingParams()
         params.validate()
         request_id = request_id if request_id is not None else uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._commands.put(("add", request_id, prompt, params, stream))
+        num_unfinished = params.n
         finished = False
         try:
             while True:
@@ -93,10 +97,10 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                if item.error is not None:
-                    finished = True
+                num_unfinished -= item.finished
+                finished = num_unfinished == 0
+                if item.error is not None:  # its other sequences, if any, are aborted below
                     raise item.error
-                finished = item.finished
                 yield item
                 if finished:
                     return
@@ -138,10 +142,13 @@ class AsyncLLMEngine:
                     return
                 for out in outputs:
                     stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
                     if out.finished:
-                        self._streams.pop(out.request_id, None)
-                    if stream is not None:
-                        stream.put(out)
+                        stream.num_unfinished -= 1
+                        if stream.num_unfinished == 0:
+                            del self._streams[out.request_id]
+                    stream.put(out)
                 self._stats = engine.stats()
         except BaseException as exc:  # a bug in the loop itself: don't leave consumers hanging
             logger.exception("engine loop crashed")

@@ -19,6 +19,7 @@ from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import LaunchedStep, Scheduler, SchedulerOutput
+from engine.structured_output import Grammar, GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class LLMEngine:
         self.vocab_size = int(self.runner.hf_config.vocab_size)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
         self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, list[Request]] = {}  # the caller's id -> its sequences (params.n of them)
+        self._grammar_compiler: GrammarCompiler | None = None  # made by the first request with a JSON schema
         self._pending_outputs: list[RequestOutput] = []  # aborts, delivered by the next step()
         self._request_counter = itertools.count()
         self.num_steps = 0
@@ -75,8 +77,11 @@ class LLMEngine:
         """Queue a request. A text prompt is tokenized with the tokenizer's special tokens (BOS where the
         model uses one); pass token ids to control tokenization (e.g. an applied chat template).
 
+        With ``params.n`` > 1 the prompt is tokenized and checked once, then queued as ``n`` sequences in a row
+        (each computes its own copy of the prompt's KV: there is no prefix sharing yet).
+
         Raises:
-            InvalidRequestError: duplicate id, empty or malformed prompt, bad sampling parameter.
+            InvalidRequestError: duplicate id, empty or malformed prompt, bad sampling parameter, invalid JSON schema.
             PromptTooLongError: prompt + max_tokens beyond ``max_model_len``, or more KV pages than the
                 whole pool holds, i.e. a request that could never run.
         """
@@ -88,33 +93,42 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._check_fits(len(prompt_token_ids), params)
+        grammars = self._grammars(params)
 
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed)
-        request = Request(
-            request_id=request_id,
-            prompt_token_ids=prompt_token_ids,
-            params=params,
-            max_tokens=max_tokens,
-            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop),
-            generator=generator,
-            arrival_time=arrival_time if arrival_time is not None else time.time(),
-        )
-        self.requests[request_id] = request
-        self.scheduler.add(request)
+        arrival_time = arrival_time if arrival_time is not None else time.time()
+        requests = []
+        for index, grammar in enumerate(grammars):
+            generator = None
+            if params.seed is not None:
+                # Sample i draws from seed + i: the n samples differ, and each repeats.
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(params.seed + index)
+            requests.append(
+                Request(
+                    request_id=request_id,
+                    prompt_token_ids=prompt_token_ids,
+                    params=params,
+                    max_tokens=max_tokens,
+                    eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_token_ids, stop=params.stop),
+                    index=index,
+                    generator=generator,
+                    grammar=grammar,
+                    arrival_time=arrival_time,
+                )
+            )
+        self.requests[request_id] = requests
+        for request in requests:
+            self.scheduler.add(request)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its slot (the cache keeps the slot's rows until the steps in flight that touch
         them are done). Its final output (finish_reason "abort") comes out of the next ``step()``. Returns False
-        when the id is unknown or already finished."""
-        request = self.requests.get(request_id)
-        if request is None or request.is_finished:
-            return False
-        self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
-        return True
+        when the id is unknown or already finished. Every unfinished sequence of the request is aborted."""
+        unfinished = [r for r in self.requests.get(request_id, ()) if not r.is_finished]
+        for request in unfinished:
+            self._finish_with_output(request, RequestStatus.FINISHED_ABORTED)
+        return bool(unfinished)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_outputs) or self._in_flight is not None
@@ -136,8 +150,8 @@ class LLMEngine:
 
         With asynchronous scheduling step 4 handles the previous step, so an output lags its step by one call and
         the device never waits for the host's bookkeeping; otherwise each step's tokens are handled in the same call.
-        A step is finished first when the next one needs its tokens on the host (penalties), or when nothing can be
-        scheduled before it lands.
+        A step is finished first when the next one needs its tokens on the host (penalties, grammars), or when nothing
+        can be scheduled before it lands.
         """
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and not self._can_overlap():
@@ -158,9 +172,9 @@ class LLMEngine:
         return outputs
 
     def _can_overlap(self) -> bool:
-        """Whether the next step may be launched before the last one's tokens are on the host: penalties need
-        each running request's whole output there."""
-        return self.async_scheduling and not any(r.params.has_penalties for r in self.scheduler.running)
+        """Whether the next step may be launched before the last one's tokens are on the host: penalties and
+        grammars need each running request's whole output there."""
+        return self.async_scheduling and not any(r.params.needs_output_on_host for r in self.scheduler.running)
 
     def _take_in_flight(self) -> LaunchedStep | None:
         launched, self._in_flight = self._in_flight, None
@@ -186,7 +200,7 @@ class LLMEngine:
         outputs = []
         for request in self.scheduler.update_from_output(launched):
             if request.is_finished:
-                self.requests.pop(request.request_id, None)
+                self._forget(request)
             outputs.append(self._make_output(request))
         return outputs
 
@@ -197,7 +211,11 @@ class LLMEngine:
 
         def sample(rows, batch):
             return self.sampler.sample(
-                rows, [r.params for r in batch], [r.output_token_ids for r in batch], [r.generator for r in batch]
+                rows,
+                [r.params for r in batch],
+                [r.output_token_ids for r in batch],
+                [r.generator for r in batch],
+                [r.grammar for r in batch],
             )
 
         try:
@@ -225,7 +243,8 @@ class LLMEngine:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Offline batch generation: run every prompt to completion; outputs are ordered like
-        ``prompts`` and hold the whole completion (``new_*`` fields = everything).
+        ``prompts`` and hold the whole completion (``new_*`` fields = everything). A prompt whose
+        params have ``n`` > 1 gives its ``n`` outputs in a row, by ``index``.
 
         It drives ``step()`` itself: outputs of requests added separately with ``add_request`` are
         consumed and dropped meanwhile, so don't mix the two styles on one engine."""
@@ -247,35 +266,38 @@ class LLMEngine:
                 self.abort(request_id)
             self.step()  # deliver (and drop) the abort outputs
             raise
-        requests = {i: self.requests[i] for i in ids}
-        logprobs: dict[str, list[dict]] = {i: [] for i in ids}
-        final: dict[str, RequestOutput] = {}
+        # One key per sequence: (request id, index), in the order of the results.
+        keys = [(request_id, index) for request_id, p in zip(ids, params) for index in range(p.n)]
+        wants_logprobs = {request_id: p.logprobs is not None for request_id, p in zip(ids, params)}
+        logprobs: dict[tuple[str, int], list[dict]] = {key: [] for key in keys}
+        final: dict[tuple[str, int], RequestOutput] = {}
         progress = None
         if use_tqdm:
             from tqdm import tqdm
 
-            progress = tqdm(total=len(ids), desc="generate", unit="req")
-        while len(final) < len(ids):
+            progress = tqdm(total=len(keys), desc="generate", unit="seq")
+        while len(final) < len(keys):
             if not self.has_unfinished():
                 raise RuntimeError("engine stopped before every request finished")
             for out in self.step():
-                if out.request_id not in requests:
+                key = (out.request_id, out.index)
+                if key not in logprobs:
                     continue
-                logprobs[out.request_id].extend(out.new_logprobs or [])
+                logprobs[key].extend(out.new_logprobs or [])
                 if out.finished:
-                    final[out.request_id] = out
+                    final[key] = out
                     if progress is not None:
                         progress.update(1)
         if progress is not None:
             progress.close()
         results = []
-        for request_id in ids:
-            out = final[request_id]
+        for key in keys:
+            out = final[key]
             if out.error is not None:
                 raise out.error
             out.new_token_ids = list(out.token_ids)
             out.new_text = out.text
-            out.new_logprobs = logprobs[request_id] if requests[request_id].params.logprobs is not None else None
+            out.new_logprobs = logprobs[key] if wants_logprobs[key[0]] else None
             results.append(out)
         return results
 
@@ -330,6 +352,14 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
         return token_ids
 
+    def _grammars(self, params: SamplingParams) -> list[Grammar | None]:
+        """One grammar per sequence of a request (``params.n``), None each without a JSON schema."""
+        if params.json_schema is None:
+            return [None] * params.n
+        if self._grammar_compiler is None:  # scanning the vocabulary takes a moment: only once one is needed
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        return self._grammar_compiler.grammars(params.json_schema, params.n)
+
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """The request's output budget; raises ``PromptTooLongError`` if it could never run."""
         if params.max_tokens is None:  # "the rest of the context", as far as the pool can ever hold
@@ -383,9 +413,16 @@ class LLMEngine:
             first_token_time=request.first_token_time,
             new_logprobs=new_logprobs,
             error=request.error,
+            index=request.index,
         )
 
     def _finish_with_output(self, request: Request, status: RequestStatus) -> None:
         self.scheduler.finish(request, status)
-        self.requests.pop(request.request_id, None)
+        self._forget(request)
         self._pending_outputs.append(self._make_output(request))
+
+    def _forget(self, request: Request) -> None:
+        """Drop a finished sequence's request id once every sequence of that request is finished."""
+        sequences = self.requests.get(request.request_id)
+        if sequences is not None and all(r.is_finished for r in sequences):
+            del self.requests[request.request_id]

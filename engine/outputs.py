@@ -7,17 +7,19 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class RequestOutput:
-    """One request's progress since its previous output (``new_*``) plus the cumulative state.
+    """One sequence's progress since its previous output (``new_*``) plus the cumulative state. A request with
+    ``n`` > 1 has ``n`` sequences: each has its own outputs, told apart by ``index``, and its own final one.
 
     Attributes:
         request_id: the caller's id.
+        index: which of the request's ``n`` samples this is (OpenAI's choice index; 0 when ``n`` is 1).
         prompt_token_ids: the prompt's tokens (set on every output; cheap, and handy for usage).
         new_token_ids: tokens generated since the previous output.
         new_text: text released since the previous output (complete characters, no stop string).
         text: all text released so far.
         token_ids: all generated tokens (EOS / stop token included when it ended the request), on the final
             output only (empty before; streams read ``new_token_ids``): copying them every step costs O(length).
-        finished: whether this is the request's last output.
+        finished: whether this is the sequence's last output.
         finish_reason: "stop" (EOS, stop token or stop string), "length", "abort", or None.
         stop_reason: the stop string or stop token id that ended it; None for EOS or other reasons.
         new_logprobs: one dict per new token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``,
@@ -43,6 +45,7 @@ class RequestOutput:
     first_token_time: float | None
     new_logprobs: list[dict] | None = None
     error: BaseException | None = field(default=None, repr=False)
+    index: int = 0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import SamplingParams
+from engine.structured_output import Grammar
 
 # Stands for a token sampled on the device but not read back yet; never a valid id, so a forward that was not
 # given the device value fails loudly (embedding index out of range) instead of running a wrong token.
@@ -41,9 +42,14 @@ class Request:
     host: such a token counts in ``num_tokens`` as a placeholder (``num_placeholder_tokens``, id
     ``PLACEHOLDER_TOKEN_ID`` in ``token_slice``) that the forward reads from the device.
 
+    A caller's request with ``params.n`` > 1 is ``n`` such sequences sharing its ``request_id`` and prompt,
+    told apart by ``index``.
+
     Attributes:
+        index: which of the caller's ``n`` samples this sequence is (OpenAI's choice index).
         max_tokens: the effective output budget (``params.max_tokens`` or what ``max_seq_len`` leaves).
         generator: per-request ``torch.Generator`` when ``params.seed`` is set.
+        grammar: the structured-output grammar (``params.json_schema``), advanced by every appended token.
     """
 
     request_id: str
@@ -52,7 +58,9 @@ class Request:
     max_tokens: int
     eos_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer
+    index: int = 0
     generator: torch.Generator | None = None
+    grammar: Grammar | None = None
     arrival_time: float = field(default_factory=time.time)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -109,10 +117,13 @@ class Request:
         return self.status.is_finished
 
     def append_output_token(self, token_id: int, logprob: dict | None) -> RequestStatus | None:
-        """Append a sampled token (and its logprobs) and detokenize it. Returns the finished status it causes
-        (EOS, a stop token or string, ``max_tokens``), or None. The caller finishes the request."""
+        """Append a sampled token (and its logprobs), advance the grammar and detokenize it. Returns the finished
+        status it causes (EOS, a stop token or string, a completed grammar, ``max_tokens``), or None. The caller
+        finishes the request."""
         if self.first_token_time is None:
             self.first_token_time = time.time()
+        if self.grammar is not None:
+            self.grammar.accept_token(token_id)
         self.output_token_ids.append(token_id)
         if logprob is not None:
             self.pending_logprobs.append(logprob)
@@ -124,6 +135,8 @@ class Request:
         stop_string = self.detokenizer.append(token_id)
         if stop_string is not None:
             self.stop_reason = stop_string
+            return RequestStatus.FINISHED_STOPPED
+        if self.grammar is not None and self.grammar.is_terminated:  # its stop token, even under ignore_eos
             return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= self.max_tokens:
             return RequestStatus.FINISHED_LENGTH

@@ -1,4 +1,4 @@
-"""Batched token sampler: penalties, temperature, top-k, top-p, seeded generators, logprobs."""
+"""Batched token sampler: grammar masks, penalties, temperature, top-k, top-p, seeded generators, logprobs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from engine.batch import to_device
 from engine.sampling_params import SamplingParams
+from engine.structured_output import Grammar, GrammarMask
 
 
 @dataclass
@@ -77,16 +78,17 @@ class SampledTokens:
 class Sampler:
     """Turns one row of logits per sequence into one next token per sequence.
 
-    Greedy rows (temperature 0) take the argmax of the penalized logits. Random rows sample with the
-    exponential race ``argmax(probs / Exp(1))``, which draws exactly from ``probs``; the Exp(1) noise of
-    a seeded request comes from its own ``torch.Generator``, so its tokens do not depend on which other
-    requests share the batch.
+    A row with a grammar (structured output) first loses every token its grammar does not allow next. Greedy
+    rows (temperature 0) take the argmax of the penalized logits. Random rows sample with the exponential race
+    ``argmax(probs / Exp(1))``, which draws exactly from ``probs``; the Exp(1) noise of a seeded request comes
+    from its own ``torch.Generator``, so its tokens do not depend on which other requests share the batch.
     """
 
     def __init__(self, device: str | torch.device = "cpu", seed: int | None = None) -> None:
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device)
         self._generator.manual_seed(random.getrandbits(63) if seed is None else seed)
+        self._grammar_mask = GrammarMask()
 
     def __call__(
         self,
@@ -94,9 +96,10 @@ class Sampler:
         params: list[SamplingParams],
         output_token_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        grammars: list[Grammar | None] | None = None,
     ) -> SamplerOutput:
         """Sample one token per row and wait for the result (see :meth:`sample`)."""
-        return self.sample(logits, params, output_token_ids, generators).result()
+        return self.sample(logits, params, output_token_ids, generators, grammars).result()
 
     @torch.inference_mode()
     def sample(
@@ -105,6 +108,7 @@ class Sampler:
         params: list[SamplingParams],
         output_token_ids: list[list[int]],
         generators: list[torch.Generator | None],
+        grammars: list[Grammar | None] | None = None,
     ) -> SampledTokens:
         """Sample one token per row on the logits' device, without waiting for it.
 
@@ -113,20 +117,27 @@ class Sampler:
             params: [N] sampling parameters per row.
             output_token_ids: [N] tokens generated so far per row (for presence/frequency penalties).
             generators: [N] per-request generator for seeded rows, else ``None``.
+            grammars: [N] each row's grammar, advanced to its whole output (``None``: a free row); None: no grammar.
         """
         num_rows, vocab_size = logits.shape
-        if not (len(params) == len(output_token_ids) == len(generators) == num_rows):
+        grammars = grammars if grammars is not None else [None] * num_rows
+        if not (len(params) == len(output_token_ids) == len(generators) == len(grammars) == num_rows):
             raise ValueError(
                 f"sampler got {num_rows} logit rows but {len(params)} params, "
-                f"{len(output_token_ids)} histories, {len(generators)} generators"
+                f"{len(output_token_ids)} histories, {len(generators)} generators, {len(grammars)} grammars"
             )
         device = logits.device
         logits = logits.float()
         raw_logits = logits
 
+        if any(g is not None for g in grammars):
+            logits = logits.clone()  # logprobs are read from the raw logits
+            self._grammar_mask.apply(logits, grammars)
+
         penalized_rows = [i for i, p in enumerate(params) if p.has_penalties and output_token_ids[i]]
         if penalized_rows:
-            logits = logits.clone()
+            if logits is raw_logits:
+                logits = logits.clone()
             for i in penalized_rows:
                 history = to_device(output_token_ids[i], torch.long, device)
                 counts = torch.bincount(history, minlength=vocab_size).to(logits.dtype)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+# Samples per prompt: each holds its own cache slot and pages, as a request of its own would.
+MAX_N = 16
 # Stop strings are searched after every token: bound their number and length (OpenAI allows 4).
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 512
@@ -32,7 +35,10 @@ class SamplingParams:
             alternatives.
         presence_penalty: subtracted once from the logit of every token already generated, in [-2, 2].
         frequency_penalty: subtracted per occurrence from the logit of generated tokens, in [-2, 2].
-        n: completions per prompt; only 1 is supported.
+        n: independent samples of the prompt, in [1, 16]; each is its own sequence (slot, pages), its outputs
+            tagged with its ``index``. With ``seed`` set, sample i draws from ``seed + i``.
+        json_schema: constrains the output to JSON valid under this JSON Schema (``{"type": "object"}``: any JSON
+            object); the request stops once the JSON is complete. ``None`` = free text.
     """
 
     max_tokens: int | None = 16
@@ -47,6 +53,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     n: int = 1
+    json_schema: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # OpenAI accepts a single string for ``stop`` and null for the lists.
@@ -66,6 +73,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_output_on_host(self) -> bool:
+        """Sampling the next token reads every output token so far (penalties count them, a grammar is advanced
+        by them), so the previous step's token must be on the host first."""
+        return self.has_penalties or self.json_schema is not None
 
     def validate(self) -> None:
         """Raise ``InvalidRequestError(param=<field>)`` for the first out-of-range field."""
@@ -110,7 +123,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not is_num(value) or not (-2.0 <= value <= 2.0):
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
-        if not is_int(self.n) or self.n != 1:
+        if not is_int(self.n) or not (1 <= self.n <= MAX_N):
+            raise InvalidRequestError(f"n must be an int in [1, {MAX_N}], got {self.n!r}", "n")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
             raise InvalidRequestError(
-                f"n must be 1 (only one completion per request is supported), got {self.n!r}", "n"
+                f"json_schema must be None or a JSON Schema object (dict), got {type(self.json_schema).__name__}",
+                "json_schema",
             )

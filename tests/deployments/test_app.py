@@ -185,6 +185,75 @@ def test_openai_client(server):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
 
+def test_n_seeded_samples_over_http(server):
+    """n=4 at temperature 1 with a seed: 4 distinct choices, the same 4 again, the prompt counted once."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    prompt = "Once upon a time"
+    kwargs = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 1.0, "seed": 42}
+    kwargs["extra_body"] = {"ignore_eos": True}  # 12 tokens each
+    comp = client.completions.create(n=4, **kwargs)
+    assert [c.index for c in comp.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in comp.choices]
+    assert len(set(texts)) == 4
+    assert [c.text for c in client.completions.create(n=4, **kwargs).choices] == texts
+    # Choice i is the request seeded with seed + i.
+    assert client.completions.create(**{**kwargs, "seed": 43}).choices[0].text == texts[1]
+    one = client.completions.create(n=1, **kwargs)
+    assert comp.usage.prompt_tokens == one.usage.prompt_tokens
+    assert comp.usage.completion_tokens == 4 * 12
+    assert comp.usage.total_tokens == comp.usage.prompt_tokens + comp.usage.completion_tokens
+
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a joke."}],
+        max_tokens=10,
+        n=4,
+        temperature=1.0,
+        seed=7,
+    )
+    assert [c.index for c in chat.choices] == [0, 1, 2, 3] and len({c.message.content for c in chat.choices}) == 4
+
+
+def test_n_streams_every_choice_with_its_index(server):
+    body = _chat_body(
+        "Tell me a joke.",
+        max_tokens=10,
+        n=4,
+        temperature=1.0,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+        ignore_eos=True,
+    )
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = _sse_events(r.iter_lines())
+    assert events[-1] == {"done": True}
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    choices = [c["choices"][0] for c in chunks]
+    assert sorted(c["index"] for c in choices if c["delta"].get("role") == "assistant") == [0, 1, 2, 3]
+    assert sorted(c["index"] for c in choices if c["finish_reason"]) == [0, 1, 2, 3]
+    streamed = ["".join(c["delta"].get("content", "") for c in choices if c["index"] == i) for i in range(4)]
+    # The same seeded request, not streamed, gives the same 4 texts.
+    full = httpx.post(f"{server}/v1/chat/completions", json={**body, "stream": False}, timeout=60).json()
+    assert streamed == [c["message"]["content"] for c in full["choices"]] and len(set(streamed)) == 4
+    usage = events[-2]["usage"]
+    assert usage["completion_tokens"] == 4 * 10 and usage == full["usage"]
+
+
+def test_json_object_response_format_over_http(server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "What is the capital of France? Reply with a JSON object."}]
+    free = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=60, temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )
+    assert free.choices[0].message.content.startswith("```json")  # unconstrained, not parsable JSON
+    assert chat.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(chat.choices[0].message.content), dict)
+
+
 # ---- errors, overload ------------------------------------------------------------------------------
 
 
@@ -193,7 +262,7 @@ def test_openai_client(server):
     [
         ("/v1/chat/completions", _chat_body("hi", temperature=5.0), 400, "temperature"),
         ("/v1/chat/completions", _chat_body("hi", top_p=0), 400, "top_p"),
-        ("/v1/chat/completions", _chat_body("hi", n=2), 400, "n"),
+        ("/v1/chat/completions", _chat_body("hi", n=17), 400, "n"),
         ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
         ("/v1/chat/completions", _chat_body("word " * 1100), 400, "messages"),

@@ -78,6 +78,20 @@ def test_report_reads_a_snapshot_while_the_event_loop_accepts_requests(deploymen
     deployment._inflight.clear()
 
 
+def test_n_choices_stream_with_their_index_and_reserve_pages_each(deployment):
+    async def run() -> list:
+        params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
+        return [chunk async for chunk in deployment.generate(RoutingHint(5, 4, 3), [5, 6, 7, 8, 9], params, "n3")]
+
+    chunks = asyncio.run(run())
+    assert sorted(c.index for c in chunks if c.finished) == [0, 1, 2]
+    assert all(sum(c.num_new_tokens for c in chunks if c.index == i) == 4 for i in range(3))
+    assert deployment._inflight == {}
+    # Sequences not started claim their whole footprint (one block of 4 pages), started ones what they lack.
+    waiting = _InflightRequest("n3", 5, 100, num_output_tokens=(None, 3, None))
+    assert deployment._pages_still_claimed(waiting, tokens_per_page=512.0) == 2 * 4
+
+
 def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     assert deployment.record_routing_stats()["num_free_pages"] == 16
 

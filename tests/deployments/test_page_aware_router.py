@@ -121,11 +121,11 @@ def make_router(replicas: list[FakeReplica], clock: Clock | None = None, **kwarg
     return router
 
 
-def request(request_id: str, num_tokens: int) -> PendingRequest:
-    """A pending ``generate`` call whose request needs ``ceil(num_tokens / 100)`` pages."""
+def request(request_id: str, num_tokens: int, num_sequences: int = 1) -> PendingRequest:
+    """A pending ``generate`` call whose request needs ``num_sequences * ceil(num_tokens / 100)`` pages."""
     metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="generate")
     return PendingRequest(
-        args=[RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0)],
+        args=[RoutingHint(num_prompt_tokens=num_tokens, max_tokens=0, num_sequences=num_sequences)],
         kwargs={},
         metadata=metadata,
         future=LOOP.create_future(),
@@ -241,6 +241,18 @@ def test_tight_replicas_rank_by_pages_whatever_their_queues():
     router.on_new_queue_len_info(a.replica_id, 7)
     router.on_new_queue_len_info(b.replica_id, 0)
     assert choose(router, [a, b], request("r1", 10_000)) == [["a"], ["b"]]  # 150 and 100 left: < 20%
+
+
+def test_a_request_of_n_sequences_needs_the_pages_of_n():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(350)
+    b.report(450)
+    router = make_router([a, b], roomy_free_page_fraction=0.0)
+    router.on_new_queue_len_info(a.replica_id, 0)
+    router.on_new_queue_len_info(b.replica_id, 5)
+    # One sequence of 100 pages fits both: the shorter queue wins. Four of them fit only "b".
+    assert choose(router, [a, b], request("r1", 10_000)) == [["a", "b"]]
+    assert choose(router, [a, b], request("r4", 10_000, num_sequences=4)) == [["b"], ["a"]]
 
 
 @pytest.mark.parametrize("kwargs", [{"roomy_free_page_fraction": 1.5}, {"stats_max_age_s": 0}, {"bogus": 1}])

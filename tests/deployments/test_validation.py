@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deployments.config import AppConfig
-from engine.sampling_params import MAX_LOGPROBS, MAX_STOP_SEQUENCES
+from engine.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_SEQUENCES
 from tests.deployments.serve_harness import MODEL, served_app
 
 API_KEY = "test-key-5f2c9d"
@@ -148,9 +148,50 @@ BAD_REQUESTS = [
     ("logprobs-over-limit", COMPLETIONS, completion(logprobs=MAX_LOGPROBS + 1), 400, "logprobs"),
     ("logprobs-negative", COMPLETIONS, completion(logprobs=-1), 400, "logprobs"),
     ("top-logprobs-over-limit", CHAT, chat(logprobs=True, top_logprobs=MAX_LOGPROBS + 1), 400, "top_logprobs"),
-    ("n-two", CHAT, chat(n=2), 400, "n"),
+    ("n-over-limit", CHAT, chat(n=MAX_N + 1), 400, "n"),
     ("n-zero", COMPLETIONS, completion(n=0), 400, "n"),
     ("n-huge", COMPLETIONS, completion(n=10**6), 400, "n"),
+    ("n-float", CHAT, chat(n=2.5), 400, "n"),
+    # response_format: its type, its schema (checked by the engine's grammar compiler)
+    ("response-format-type", CHAT, chat(response_format={"type": "xml"}), 400, "response_format"),
+    ("response-format-str", COMPLETIONS, completion(response_format="json"), 400, "response_format"),
+    ("json-schema-missing", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format"),
+    (
+        "json-schema-not-object",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": "object"}}),
+        400,
+        "response_format",
+    ),
+    (
+        "json-schema-unknown-type",
+        CHAT,
+        chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}),
+        400,
+        "response_format",
+    ),
+    (
+        "json-schema-empty-range",
+        COMPLETIONS,
+        completion(
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 2}},
+            }
+        ),
+        400,
+        "response_format",
+    ),
+    (
+        "json-schema-invalid-streamed",
+        CHAT,
+        chat(
+            stream=True,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}},
+        ),
+        400,
+        "response_format",
+    ),
     ("echo", COMPLETIONS, completion(echo=True), 400, "echo"),
 ]
 
@@ -378,6 +419,8 @@ _VALID_OPTIONAL = {
     "frequency_penalty": st.floats(min_value=-2, max_value=2),
     "ignore_eos": st.booleans(),
     "user": st.text(max_size=5),
+    "n": st.sampled_from([1, 2, 4]),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
 }
 _EDGES = {
     "model": st.sampled_from(["other", "", MODEL.upper()]),
@@ -385,7 +428,10 @@ _EDGES = {
     "temperature": st.sampled_from([-0.01, 2.01, float("inf"), float("nan"), "0.5"]),
     "top_p": st.sampled_from([0, -1, 1.0001, float("nan")]),
     "top_k": st.sampled_from([0, -2, 2**80, 1.5]),
-    "n": st.sampled_from([0, 2, -1, 10**9]),
+    "n": st.sampled_from([0, MAX_N + 1, -1, 10**9]),
+    "response_format": st.sampled_from(
+        [{"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {}}}, "json"]
+    ),
     "stop": st.sampled_from(["", [""], [f"s{i}" for i in range(MAX_STOP_SEQUENCES + 1)], ["x" * 600], [1]]),
     "seed": st.sampled_from([-1, 2**63, 2**100, 0.5]),
     "logprobs": st.sampled_from([-1, MAX_LOGPROBS + 1, 10**9, 2.5]),

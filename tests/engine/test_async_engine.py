@@ -52,6 +52,21 @@ def test_streaming_yields_deltas_that_add_up(engine):
     assert outs[-1].first_token_time >= outs[-1].arrival_time
 
 
+def test_n_samples_stream_interleaved_until_the_last_one_finishes(engine):
+    async def main():
+        params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+        return [o async for o in engine.generate("Once upon a time", params)]
+
+    outs = run(main())
+    assert len(outs) == 3 * 6 and outs[-1].finished
+    by_index = {i: [o for o in outs if o.index == i] for i in range(3)}
+    for chunks in by_index.values():
+        assert len(chunks) == 6 and [o.finished for o in chunks] == [False] * 5 + [True]
+        assert "".join(o.new_text for o in chunks) == chunks[-1].text
+    assert len({tuple(c[-1].token_ids) for c in by_index.values()}) == 3
+    run(wait_idle(engine))
+
+
 def test_concurrent_requests_and_the_event_loop_stays_responsive(engine):
     prompts = [f"Count from {i} to {i + 20}:" for i in range(6)]  # 6 requests > 4 slots: some queue
 
@@ -108,9 +123,10 @@ def test_cancelling_the_consumer_aborts_and_frees_the_slot(engine):
     assert not got[-1].finished
 
 
-def test_breaking_out_of_the_stream_aborts_the_request(engine):
+@pytest.mark.parametrize("n", [1, 3])
+def test_breaking_out_of_the_stream_aborts_the_request(engine, n):
     async def main():
-        stream = engine.generate("Once upon a time", SamplingParams(max_tokens=400, ignore_eos=True))
+        stream = engine.generate("Once upon a time", SamplingParams(n=n, max_tokens=400, ignore_eos=True))
         async for out in stream:
             if out.num_output_tokens >= 2:
                 break

@@ -110,10 +110,10 @@ class SamplerFailingOnSeed(Sampler):
 
     BAD_SEED = 666
 
-    def sample(self, logits, params, output_token_ids, generators):
+    def sample(self, logits, params, output_token_ids, generators, grammars=None):
         if any(p.seed == self.BAD_SEED for p in params):
             raise RuntimeError("invalid row in the sampling batch")
-        return super().sample(logits, params, output_token_ids, generators)
+        return super().sample(logits, params, output_token_ids, generators, grammars)
 
 
 def test_a_sampling_failure_fails_only_its_request(engine):

@@ -1,5 +1,7 @@
 """LLMEngine end to end on the embedded SmolLM2-135M-Instruct, against transformers' generate."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -178,7 +180,7 @@ def test_prompt_beyond_max_seq_len_is_rejected(engine):
     assert info.value.param == "prompt"
     # max_tokens=None takes whatever the context leaves.
     engine.add_request("long-3", [100] * 1020, SamplingParams(max_tokens=None))
-    assert engine.requests["long-3"].max_tokens == 4
+    assert [r.max_tokens for r in engine.requests["long-3"]] == [4]
     engine.abort("long-3")
     engine.step()
     assert not engine.has_unfinished()
@@ -247,6 +249,46 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(engine):
     other_seed = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=16, seed=99, ignore_eos=True)
     [other] = engine.generate(["Write a poem about the sea."], other_seed)
     assert other.token_ids != alone.token_ids
+
+
+def test_n_samples_are_seeded_per_index_tokenized_once_and_admitted_together(engine, monkeypatch):
+    prompt = "Write a poem about the sea."
+    seeded = SamplingParams(temperature=1.0, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = [engine.generate([prompt], replace(seeded, seed=1234 + i))[0] for i in range(4)]
+    encode = engine.tokenizer.encode
+    calls = []
+    monkeypatch.setattr(engine.tokenizer, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    engine.add_request("n4", prompt, replace(seeded, n=4))
+    assert len(calls) == 1 and [r.index for r in engine.requests["n4"]] == [0, 1, 2, 3]
+    engine.step()
+    assert engine.scheduler.num_running == 4 and engine.scheduler.num_waiting == 0  # one prefill step for all 4
+    finals, streamed = {}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id == "n4"
+            streamed.setdefault(out.index, []).append(out)
+            if out.finished:
+                finals[out.index] = out
+    assert sorted(finals) == [0, 1, 2, 3] and "n4" not in engine.requests
+    # Sample i is the request seeded with seed + i: 4 different samples, each reproducible.
+    assert [finals[i].token_ids for i in range(4)] == [a.token_ids for a in alone]
+    assert len({tuple(a.token_ids) for a in alone}) == 4
+    assert all(sum(o.finished for o in streamed[i]) == 1 for i in range(4))
+    # generate() gives a prompt's n outputs in a row, by index.
+    outs = engine.generate(["Hi", prompt], [GREEDY, replace(seeded, n=4)])
+    assert [(o.request_id == outs[1].request_id, o.index) for o in outs[1:]] == [(True, i) for i in range(4)]
+    assert [o.token_ids for o in outs[1:]] == [a.token_ids for a in alone]
+
+
+def test_abort_stops_every_sample_of_a_request(engine):
+    engine.add_request("n3", "Tell me a long story.", SamplingParams(n=3, max_tokens=200, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().num_running == 3
+    assert engine.abort("n3") and not engine.abort("n3")
+    outs = engine.step()
+    assert sorted((o.index, o.finish_reason) for o in outs if o.finished) == [(i, "abort") for i in range(3)]
+    assert not engine.has_unfinished() and "n3" not in engine.requests
 
 
 def test_logprobs_match_transformers_log_softmax(engine):

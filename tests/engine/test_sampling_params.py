@@ -32,7 +32,10 @@ def test_defaults_are_valid_and_stop_string_is_normalized():
         ("logprobs", -1),
         ("presence_penalty", 2.1),
         ("frequency_penalty", -2.5),
-        ("n", 2),
+        ("n", 0),
+        ("n", 17),
+        ("n", 2.0),
+        ("json_schema", '{"type": "object"}'),
         ("ignore_eos", "yes"),
         ("max_tokens", True),
     ],
@@ -43,6 +46,13 @@ def test_out_of_range_field_raises_invalid_request_naming_the_field(field, value
     assert info.value.param == field
     assert isinstance(info.value, ValueError)
     assert field in str(info.value)
+
+
+def test_n_up_to_sixteen_and_what_needs_the_output_on_the_host():
+    assert SamplingParams(n=16).n == 16
+    assert not SamplingParams().needs_output_on_host
+    assert SamplingParams(presence_penalty=0.5).needs_output_on_host
+    assert SamplingParams(json_schema={"type": "object"}).needs_output_on_host
 
 
 def test_validate_rechecks_after_mutation():

@@ -276,7 +276,7 @@ def run_scenario(engine: LLMEngine, trace: Trace, stops: dict[str, StopChoice], 
                     stop_token_ids=[stop.token_id] if stop is not None else [],
                 )
                 engine.add_request(request.request_id, request.prompt, params)
-                run.engine_requests[request.request_id] = engine.requests[request.request_id]
+                run.engine_requests[request.request_id] = engine.requests[request.request_id][0]
             for request in wave:
                 if request.abort_while_waiting:
                     assert run.engine_requests[request.request_id].status is RequestStatus.WAITING
