@@ -91,5 +91,5 @@ def greedy_shortfall(engine, prompt: list[int], output: list[int]) -> float:
         chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
         return float((logits.max(dim=1).values - chosen).max())
     finally:
-        cache.record_use([slot])  # the slot's rows stay out of reach until the forward is done, whatever happened
+        cache.record_use([slot]).wait()  # the forward is done with the slot's rows, whatever happened
         cache.free(slot)

@@ -151,7 +151,7 @@ class LLMEngine:
         With asynchronous scheduling step 4 handles the previous step, so an output lags its step by one call and
         the device never waits for the host's bookkeeping; otherwise each step's tokens are handled in the same call.
         A step is finished first when the next one needs its tokens on the host (penalties, grammars), or when nothing
-        can be scheduled before it lands.
+        can be scheduled before it lands (e.g. every free slot is still in it).
         """
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and not self._can_overlap():
@@ -160,9 +160,13 @@ class LLMEngine:
         if plan.is_empty and self._in_flight is not None:
             outputs += self._finish(self._take_in_flight())
             plan = self.scheduler.schedule()
-        previous = self._take_in_flight()
-        if not plan.is_empty:
-            self._in_flight = self._launch(plan, previous)
+        if plan.is_empty and self.scheduler.num_waiting:
+            # Free slots may still be held by device work recorded outside this loop: wait for it once.
+            self.kv_cache.wait_idle()
+            plan = self.scheduler.schedule()
+        previous = self._in_flight
+        # If the launch raises, the step before stays in flight (its tokens are not lost).
+        self._in_flight = self._launch(plan, previous) if not plan.is_empty else None
         if previous is not None:
             outputs += self._finish(previous)
         if self._in_flight is not None and not self.async_scheduling:

@@ -609,7 +609,8 @@ class VirtualKVCache:
         """Unmaps and releases all memory. The tensors must not be used afterwards. Idempotent."""
         if self._closed:
             return
-        self.wait_idle()  # no kernel may touch the memory after it is gone
+        # No kernel may touch the memory after it is gone: wait for everything queued so far, recorded or not.
+        self._memory.record_fence().wait()
         self._closed = True
         self.k = self.v = self.k_flat = self.v_flat = []
         self._finalizer()
