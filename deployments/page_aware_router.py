@@ -18,7 +18,9 @@ Ranking: Serve tries the returned ranks in order and, within a rank, takes the r
 shortest queue. Pages should decide only where they are scarce (ranking one replica per rank by pages,
 whatever the queues, gave 2-3x the median TTFT of power-of-two choices at saturation), so:
   1. roomy replicas: the request fits and leaves at least ``roomy_free_page_fraction`` of the pool
-     free. All share the first rank: queue length decides among them;
+     free. Queue length decides among them, one per rank, shortest first: Serve's queue length plus
+     the requests this router is placing there right now (Serve's own cache does not see a burst that
+     is routed concurrently, which would all go to the same "shortest" queue);
   2. tight fits, one per rank, most predicted free pages first;
   3. replicas without fresh stats (e.g. just started), one rank;
   4. replicas where it does not fit, one per rank, least short first.
@@ -83,7 +85,7 @@ class Tier(enum.IntEnum):
 
 
 # Tiers ranked as one group (Serve picks the shortest queue in it); the others one replica per rank.
-_GROUPED_TIERS = (Tier.ROOMY, Tier.UNKNOWN, Tier.UNHEALTHY)
+_GROUPED_TIERS = (Tier.UNKNOWN, Tier.UNHEALTHY)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         else:
             tier = Tier.TIGHT
         if cached_queue_len is not None:
-            queue_len = cached_queue_len
+            placing = sum(1 for request_id in routed if request_id in self._tentative)
+            queue_len = cached_queue_len + placing
         else:
             queue_len = int(stats["num_running"]) + int(stats["num_waiting"]) + len(unseen)
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len)
@@ -201,6 +204,9 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             if tier in _GROUPED_TIERS:
                 if members:
                     ranks.append(sorted(members, key=lambda pair: pair[0].queue_len))
+            elif tier == Tier.ROOMY:
+                members.sort(key=lambda pair: (pair[0].queue_len, -pair[0].predicted_free_pages))
+                ranks.extend([pair] for pair in members)
             else:
                 members.sort(key=lambda pair: (-pair[0].predicted_free_pages, pair[0].queue_len))
                 ranks.extend([pair] for pair in members)

@@ -217,7 +217,7 @@ def test_reports_age_by_the_router_clock():
 # ---- ranking: queue length where pages are plentiful ------------------------------------------------
 
 
-def test_roomy_replicas_share_a_rank_so_the_shorter_queue_wins():
+def test_roomy_replicas_rank_by_queue_so_the_shorter_queue_wins():
     a, b, c, d = FakeReplica("a"), FakeReplica("b"), FakeReplica("c"), FakeReplica("d")
     a.report(900)  # roomy, busy
     b.report(500)  # roomy, idle
@@ -227,8 +227,8 @@ def test_roomy_replicas_share_a_rank_so_the_shorter_queue_wins():
     router.on_new_queue_len_info(a.replica_id, 6)
     router.on_new_queue_len_info(b.replica_id, 1)
     ranks = choose(router, [a, b, c, d], request("r1", 10_000))  # 100 pages
-    # Serve takes the shortest queue of the first rank: "b", though "a" has more free pages.
-    assert ranks == [["b", "a"], ["c"], ["d"]]
+    # The shorter queue first: "b", though "a" has more free pages.
+    assert ranks == [["b"], ["a"], ["c"], ["d"]]
     # The request being routed counts against "b", the replica Serve will likely take.
     assert scores(router, [a, b], 10_000) == {"a": (Tier.ROOMY, 800.0), "b": (Tier.ROOMY, 300.0)}
 
@@ -251,7 +251,7 @@ def test_a_request_of_n_sequences_needs_the_pages_of_n():
     router.on_new_queue_len_info(a.replica_id, 0)
     router.on_new_queue_len_info(b.replica_id, 5)
     # One sequence of 100 pages fits both: the shorter queue wins. Four of them fit only "b".
-    assert choose(router, [a, b], request("r1", 10_000)) == [["a", "b"]]
+    assert choose(router, [a, b], request("r1", 10_000)) == [["a"], ["b"]]
     assert choose(router, [a, b], request("r4", 10_000, num_sequences=4)) == [["b"], ["a"]]
 
 
@@ -259,3 +259,16 @@ def test_a_request_of_n_sequences_needs_the_pages_of_n():
 def test_bad_router_kwargs_are_rejected(kwargs):
     with pytest.raises(ValueError):
         make_router([], **kwargs)
+
+
+def test_a_burst_routed_at_once_spreads_over_roomy_replicas():
+    """Requests ranked before any of them is routed: Serve's queue lengths have not moved, the router's count of the
+    requests it is placing right now has."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900)
+    router = make_router([a, b])
+    router.on_new_queue_len_info(a.replica_id, 1)
+    router.on_new_queue_len_info(b.replica_id, 0)
+    firsts = [choose(router, [a, b], request(f"r{i}", 1_000))[0][0] for i in range(4)]
+    assert firsts[0] == "b" and sorted(firsts) == ["a", "a", "b", "b"], firsts
