@@ -61,6 +61,22 @@ class RequestResult:
 # ---- workloads ------------------------------------------------------------------------------------
 
 
+def workload_from_args(args: argparse.Namespace, kind: str) -> list:
+    """``make_workload`` of ``kind`` with the command line's counts and lengths."""
+    return make_workload(
+        kind,
+        args.num_prompts,
+        args.seed,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        long_fraction=args.long_fraction,
+        long_input_len=args.long_input_len,
+        long_output_len=args.long_output_len,
+        short_input_len=args.short_input_len,
+        short_output_len=args.short_output_len,
+    )
+
+
 def make_workload(
     kind: str,
     num_requests: int,
@@ -328,16 +344,7 @@ def compare_routers(args: argparse.Namespace) -> None:
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
     )
-    specs = make_workload(
-        "skewed",
-        args.num_prompts,
-        args.seed,
-        long_fraction=args.long_fraction,
-        long_input_len=args.long_input_len,
-        long_output_len=args.long_output_len,
-        short_input_len=args.short_input_len,
-        short_output_len=args.short_output_len,
-    )
+    specs = workload_from_args(args, "skewed")
     runs = {}
     for router in ("page_aware", "power_of_two"):
         base = deploy(router, args.http_port)
@@ -448,18 +455,7 @@ def main() -> None:
     if args.compare_routers:
         compare_routers(args)
         return
-    specs = make_workload(
-        args.dataset,
-        args.num_prompts,
-        args.seed,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        long_fraction=args.long_fraction,
-        long_input_len=args.long_input_len,
-        long_output_len=args.long_output_len,
-        short_input_len=args.short_input_len,
-        short_output_len=args.short_output_len,
-    )
+    specs = workload_from_args(args, args.dataset)
     results, duration = asyncio.run(
         run_load(args.base_url, args.model, specs, args.request_rate, args.seed, args.max_concurrency)
     )
