@@ -129,7 +129,6 @@ class PagedKVCache:
         self._active = [False] * slots
         self._free_slots = list(range(1, slots))  # a heap: the lowest free slot first
         self._closed = False
-        self._last_fence = None
         # The reserved slot (CUDA graphs' padding rows) holds the last block, outside the pool and the accounting.
         self.reserved_slot = 0
         self._active[0] = True
@@ -175,13 +174,11 @@ class PagedKVCache:
     def record_use(self, slots) -> Fence:
         """A fence after the work launched so far. Freed blocks go back to the queue at once: they are only ever
         rewritten by later, stream-ordered kernels (nothing is unmapped)."""
-        fence = CudaFence(self.device) if self.device.type == "cuda" else HostTimeline().record()
-        self._last_fence = fence
-        return fence
+        return CudaFence(self.device) if self.device.type == "cuda" else HostTimeline().record()
 
     def wait_idle(self) -> None:
-        if self._last_fence is not None:
-            self._last_fence.wait()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""

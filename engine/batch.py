@@ -9,6 +9,7 @@ every layer's ``k_flat`` / ``v_flat``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -85,9 +86,10 @@ class ForwardBatch:
         """True when every sequence contributes exactly one token."""
         return self.max_query_len == 1
 
-    @property
+    @functools.cached_property
     def num_leading_decodes(self) -> int:
-        """Sequences at the front of the batch that contribute one token each (the scheduler puts decodes first)."""
+        """Sequences at the front of the batch that contribute one token each (the scheduler puts decodes first).
+        Computed once per batch (every layer's attention asks)."""
         return next((i for i, n in enumerate(self.query_lens_cpu) if n != 1), self.num_seqs)
 
     @property

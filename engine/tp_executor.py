@@ -208,11 +208,13 @@ class TPExecutor(Executor):
             return
         self._closed = True
         self.workers.close()
+        if self._dead_error is not None and self._is_nccl:
+            # A collective waiting for a dead peer never finishes: abort it before the cache waits for the device
+            # (and destroying an NCCL group whose peer is gone may wait for it too).
+            abort_tp_group()
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.close()
-        if self._dead_error is not None and self._is_nccl:
-            abort_tp_group()  # destroying an NCCL group whose peer is gone may wait for it
         destroy_tp_group()
 
     # ---- internals ------------------------------------------------------------------------------------------

@@ -173,7 +173,6 @@ class VirtualKVCache:
         self._num_tokens = [0] * num_slots
         self._active = [False] * num_slots
         self._fence: list[Fence | None] = [None] * num_slots  # the last launched step that touched the slot
-        self._last_fence: Fence | None = None
         self._journal: list[CacheOp] | None = None
         self._closed = False
         self._map_tail(RESERVED_SLOT, self._reserved_pages)
@@ -370,13 +369,11 @@ class VirtualKVCache:
         fence = self._memory.record_fence()
         for slot in slots:
             self._fence[slot] = fence
-        self._last_fence = fence
         return fence
 
     def wait_idle(self) -> None:
-        """Block until every step recorded with :meth:`record_use` has finished."""
-        if self._last_fence is not None:
-            self._last_fence.wait()
+        """Block until all device work queued so far has finished, recorded with :meth:`record_use` or not."""
+        self._memory.record_fence().wait()
 
     def prepare(self, next_tokens: Mapping[int, int]) -> int:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
@@ -486,10 +483,9 @@ class VirtualKVCache:
                 break
             if free_slots_only and self._active[slot]:
                 continue
-            if not self._active[slot] and not self._is_idle(slot):
-                if not wait:
-                    continue
-                self._wait_if_busy(slot)
+            if not wait and not self._active[slot] and not self._is_idle(slot):
+                continue
+            self._wait_if_busy(slot)
             count = min(self._excess(slot), -(-deficit // self.num_buffers))
             self._unmap_tail(slot, count)
             deficit -= count * self.num_buffers
@@ -609,8 +605,7 @@ class VirtualKVCache:
         """Unmaps and releases all memory. The tensors must not be used afterwards. Idempotent."""
         if self._closed:
             return
-        # No kernel may touch the memory after it is gone: wait for everything queued so far, recorded or not.
-        self._memory.record_fence().wait()
+        self.wait_idle()  # no kernel may touch the memory after it is gone
         self._closed = True
         self.k = self.v = self.k_flat = self.v_flat = []
         self._finalizer()
