@@ -130,6 +130,8 @@ class CacheConfig:
             request's next page is mapped over the 128 steps before it is written), 0 on CPU.
         prefetch_pages_per_step: most pages mapped ahead per step; ``None`` = 128 on GPU (~3.5 ms of driver
             calls on an H100, hidden behind the forward), no limit on CPU.
+        enable_prefix_caching: reuse the KV of full blocks of tokens that earlier requests computed (same
+            physical pages mapped into the new request's slot; see ``kvcache.cache``), in either layout.
     """
 
     max_batch_size: int = 16
@@ -140,8 +142,11 @@ class CacheConfig:
     kv_layout: str | None = None
     prefetch_tokens: int | None = None
     prefetch_pages_per_step: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
         if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.batch import to_device
+from engine.block_hashes import prefix_seed
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
@@ -55,7 +56,7 @@ class LLMEngine:
         self.max_request_tokens = min(self.max_model_len, self.kv_cache.max_request_tokens)
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)
         self.vocab_size = int(self.runner.hf_config.vocab_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self._prefix_seed())
         self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its sequences (params.n of them)
         self._grammar_compiler: GrammarCompiler | None = None  # made by the first request with a JSON schema
@@ -78,7 +79,7 @@ class LLMEngine:
         model uses one); pass token ids to control tokenization (e.g. an applied chat template).
 
         With ``params.n`` > 1 the prompt is tokenized and checked once, then queued as ``n`` sequences in a row
-        (each computes its own copy of the prompt's KV: there is no prefix sharing yet).
+        (with prefix caching, those admitted after the first has computed the prompt's full blocks reuse them).
 
         Raises:
             InvalidRequestError: duplicate id, empty or malformed prompt, bad sampling parameter, invalid JSON schema.
@@ -322,6 +323,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_free_slots=cache.num_free_slots,
             max_batch_size=cache.max_batch_size,
+            prefix_cache_queries=self.scheduler.prefix_queries,
+            prefix_cache_hits=self.scheduler.prefix_hits,
+            num_cached_blocks=self.kv_cache.num_cached_blocks,
         )
 
     def shutdown(self) -> None:
@@ -333,6 +337,13 @@ class LLMEngine:
         self.executor.close()  # the cache waits for the device before it lets go of the memory
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _prefix_seed(self) -> int | None:
+        """What every cached block's key chains from: all that changes the KV besides the tokens."""
+        if not self.config.cache.enable_prefix_caching:
+            return None
+        model = self.config.model
+        return prefix_seed(model.model, model.seed, self.runner.dtype, model.tensor_parallel_size)
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -410,6 +421,7 @@ class LLMEngine:
             stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             new_logprobs=new_logprobs,

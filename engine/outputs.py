@@ -25,6 +25,8 @@ class RequestOutput:
         new_logprobs: one dict per new token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``,
             when the request asked for logprobs; else None.
         num_prompt_tokens, num_output_tokens: usage counts.
+        num_cached_tokens: prompt tokens whose KV came from the prefix cache (OpenAI's
+            ``prompt_tokens_details.cached_tokens``).
         arrival_time, first_token_time: ``time.time()`` stamps (first token: None until sampled).
         error: set when the request failed inside the engine (finish_reason "abort"); the async engine
             raises it to the request's consumer.
@@ -46,6 +48,7 @@ class RequestOutput:
     new_logprobs: list[dict] | None = None
     error: BaseException | None = field(default=None, repr=False)
     index: int = 0
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class EngineStats:
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.
         num_free_slots / max_batch_size: cache batch slots free / in all.
+        prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in the prefix cache at admission /
+            found there, since start (vLLM's counters).
+        num_cached_blocks: blocks of computed tokens registered for reuse now.
     """
 
     num_total_pages: int
@@ -77,6 +83,9 @@ class EngineStats:
     num_preemptions: int
     num_free_slots: int
     max_batch_size: int
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_cached_blocks: int = 0
 
     @property
     def num_available_pages(self) -> int:
