@@ -92,7 +92,7 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
         max_batch_size=num_requests,
         max_seq_len=4096,
         device=device,
-        memory_fraction=0.6,
+        kv_cache_memory_fraction=0.6,
     )
     dev = torch.device(device)
     # Device work of one Llama-3-8B decode step over the cache, layer by layer: QKV projection, this step's K/V

@@ -6,7 +6,7 @@ layers — with only the KV layout and its addressing swapped for vLLM's:
 * ``PagedKVCache``: per layer a K and a V tensor ``[num_blocks * BLOCK_SIZE_TOKENS, Hkv, D]`` allocated up front with
   ``torch.empty`` (plain device memory, no virtual-memory tricks), blocks of 16 tokens (vLLM's default), a free-block
   queue, per-slot block lists and a device block table ``[max_batch_size, max_blocks_per_seq]`` int32. The pool gets
-  the same bytes the vAttention cache would (``pool_size_bytes``, or ``memory_fraction`` of the free memory).
+  the same bytes the vAttention cache would (``kv_cache_memory_bytes``, or ``kv_cache_memory_fraction`` of the free memory).
 * ``PagedAttentionBackend``: K/V rows are written at ``table[slot, pos // 16] * 16 + pos % 16``, computed on the
   device; decode attention is ``benchmarks/triton_paged_decode.py``, the twin of the product's split-KV kernel that
   differs only in reading each tile's rows through the block table (same tiles, autotune space and split plan).
@@ -57,10 +57,10 @@ from kvcache import (
     PoolExhaustedError,
     VirtualKVCache,
 )
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION
 from kvcache.fence import CudaFence, Fence, HostTimeline
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
-DEFAULT_MEMORY_FRACTION = 0.9  # as VirtualKVCache when neither pool_size_bytes nor memory_fraction is set
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -140,23 +140,23 @@ class PagedKVCache:
     def _pool_blocks(self, config: KVCacheConfig) -> int:
         block_bytes = self.page_size_bytes * self.num_buffers
         full = config.max_batch_size * self.max_blocks_per_seq
-        if config.pool_size_bytes is not None:
-            budget = config.pool_size_bytes
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
         else:
-            fraction = config.memory_fraction if config.memory_fraction is not None else DEFAULT_MEMORY_FRACTION
+            fraction = config.kv_cache_memory_fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION
             if self.device.type == "cuda":
                 free = torch.cuda.mem_get_info(self.device)[0]
             else:
                 free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = int(free * fraction)
-            if config.memory_fraction is None:
+            if config.kv_cache_memory_fraction is None:
                 budget = min(budget, full * block_bytes)
         blocks = min(budget // block_bytes, full)
         if blocks < 1:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds no block of {block_bytes} bytes "
-                f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise pool_size_bytes or "
-                "memory_fraction"
+                f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise kv_cache_memory_bytes or "
+                "kv_cache_memory_fraction"
             )
         return blocks
 

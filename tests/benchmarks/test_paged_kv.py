@@ -68,7 +68,7 @@ def block_bytes(config: KVCacheConfig) -> int:
 
 
 def test_blocks_pages_and_table_stay_consistent():
-    config = small_config(pool_size_bytes=10 * block_bytes(small_config()) + 123)
+    config = small_config(kv_cache_memory_bytes=10 * block_bytes(small_config()) + 123)
     cache = PagedKVCache(config)
     nb = cache.num_buffers
     # One block more than the pool: the reserved slot's (slot 0, for CUDA graphs' padding rows).
@@ -120,8 +120,8 @@ def test_blocks_pages_and_table_stay_consistent():
 
 
 def test_pool_too_small_for_one_block_is_rejected():
-    with pytest.raises(ValueError, match="pool_size_bytes"):
-        PagedKVCache(small_config(pool_size_bytes=block_bytes(small_config()) - 1))
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
+        PagedKVCache(small_config(kv_cache_memory_bytes=block_bytes(small_config()) - 1))
 
 
 # ---- attention through the block table --------------------------------------------------------------------------
@@ -158,9 +158,9 @@ def test_attention_through_the_table_matches_sdpa_over_the_vattention_cache(deco
     requests, against the product's SDPA backend over the vAttention cache fed the same q/k/v."""
     context = _triton_interpreter() if decode_kernel == "triton" else contextlib.nullcontext()
     with context:
-        config = small_config(num_layers=1, pool_size_bytes=14 * block_bytes(small_config(num_layers=1)))
+        config = small_config(num_layers=1, kv_cache_memory_bytes=14 * block_bytes(small_config(num_layers=1)))
         paged = PagedKVCache(config)
-        dense = VirtualKVCache(small_config(num_layers=1, pool_size_bytes=64 << 20))
+        dense = VirtualKVCache(small_config(num_layers=1, kv_cache_memory_bytes=64 << 20))
         backends = [
             (PagedAttentionBackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, decode_kernel=decode_kernel), paged),
             (SDPABackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), dense),
@@ -249,7 +249,9 @@ def test_paged_engine_equals_vattention_engine_with_chunked_prefill(expected):
 
 def test_paged_engine_preempts_under_a_small_pool_and_keeps_greedy_outputs(expected):
     num_blocks = 14  # 6 requests of 2-8 blocks each at the end: they cannot all stay
-    config = EngineConfig.from_dict({**ENGINE_CONFIG, "kv_cache_bytes": num_blocks * BLOCK_SIZE_TOKENS * 768 * 60})
+    config = EngineConfig.from_dict(
+        {**ENGINE_CONFIG, "kv_cache_memory_bytes": num_blocks * BLOCK_SIZE_TOKENS * 768 * 60}
+    )
     engine = build_paged_engine(config)
     try:
         assert engine.kv_cache.num_blocks == num_blocks  # SmolLM2: 30 layers, 3 x 64 fp32 K (or V) per token
@@ -288,7 +290,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         "max_batch_size": 17,
         "max_seq_len": 512,
         "max_num_batched_tokens": 256,
-        "kv_cache_bytes": 64 << 20,
+        "kv_cache_memory_bytes": 64 << 20,
         "sampler_seed": 0,
     }
     gen = torch.Generator().manual_seed(0)
@@ -306,7 +308,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         reference.shutdown()
     itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
     block = BLOCK_SIZE_TOKENS * 2 * 16 * itemsize * 4  # tiny-llama: 2 layers, 2 KV heads of 16
-    engine = build_paged_engine(EngineConfig.from_dict({**values, "kv_cache_bytes": 200 * block}))
+    engine = build_paged_engine(EngineConfig.from_dict({**values, "kv_cache_memory_bytes": 200 * block}))
     try:
         assert engine.runner.graph_runner is not None and engine.async_scheduling
         assert engine.kv_cache.num_blocks == 200
@@ -337,7 +339,7 @@ def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs():
         "dtype": "bfloat16",
         "max_batch_size": 20,
         "max_seq_len": 2048,
-        "kv_cache_bytes": 256 << 20,
+        "kv_cache_memory_bytes": 256 << 20,
     }
     executors = [PagedExecutor(EngineConfig.from_dict(values)), LocalExecutor(EngineConfig.from_dict(values))]
     try:

@@ -12,7 +12,7 @@ def test_no_graphs_for_a_backend_that_reads_host_lists():
 
     runner = ModelRunner(
         ModelConfig(model="dummy:tiny-llama", device="cuda", dtype="float32"),
-        CacheConfig(max_batch_size=4, max_seq_len=256, kv_cache_bytes=64 << 20),
+        CacheConfig(max_batch_size=4, max_seq_len=256, kv_cache_memory_bytes=64 << 20),
     )
     try:
         assert runner.attention_backend == "sdpa" and runner.graph_runner is None
@@ -69,7 +69,7 @@ def test_placeholder_inputs_are_read_from_the_previous_steps_device_ids(device):
     dtype = "bfloat16" if device == "cuda" else "float32"
     runner = ModelRunner(
         ModelConfig(model="dummy:tiny-llama", device=device, dtype=dtype),
-        CacheConfig(max_batch_size=8, max_seq_len=512, kv_cache_bytes=64 << 20),
+        CacheConfig(max_batch_size=8, max_seq_len=512, kv_cache_memory_bytes=64 << 20),
     )
     try:
         assert (runner.graph_runner is not None) == (device == "cuda")

@@ -121,7 +121,7 @@ def test_reads_a_virtual_kv_cache_in_place(device):
         max_seq_len=1024,
         dtype=dtype,
         device=device,
-        pool_size_bytes=64 << 20,
+        kv_cache_memory_bytes=64 << 20,
     )
     cache = VirtualKVCache(config)
     try:

@@ -268,8 +268,8 @@ def test_errors(make_cache):
         ("dtype", "int8"),
         ("device", "tpu"),
         ("page_size_bytes", 1000),
-        ("pool_size_bytes", 0),
-        ("memory_fraction", 1.5),
+        ("kv_cache_memory_bytes", 0),
+        ("kv_cache_memory_fraction", 1.5),
         ("prefetch_tokens", -1),
     ],
 )
@@ -281,7 +281,7 @@ def test_bad_config_names_the_field(field, value):
 
 
 def test_pool_too_small_for_one_request_is_a_config_error(device):
-    with pytest.raises(ValueError, match="pool_size_bytes"):
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         VirtualKVCache(
             KVCacheConfig(
                 num_layers=4,
@@ -290,7 +290,7 @@ def test_pool_too_small_for_one_request_is_a_config_error(device):
                 max_batch_size=2,
                 max_seq_len=16,
                 device=device,
-                pool_size_bytes=1,
+                kv_cache_memory_bytes=1,
             )
         )
 
@@ -313,7 +313,7 @@ def test_teardown_at_exit_with_the_cache_alive(device):
         import atexit, torch
         from kvcache import KVCacheConfig, VirtualKVCache
         cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2,
-                                             max_seq_len=4096, device={device!r}, pool_size_bytes=64 << 20))
+                                             max_seq_len=4096, device={device!r}, kv_cache_memory_bytes=64 << 20))
         slot = cache.allocate(3000)
         cache.k[0][slot, :3000] = 1.0
         finalizer = cache._finalizer

@@ -30,11 +30,11 @@ class CacheMachine(RuleBasedStateMachine):
             max_batch_size=4,
             max_seq_len=1,
             device=self.device,
-            layout=self.layout,
+            kv_cache_layout=self.layout,
         )
         self.tpp = granularity // config.buffer_token_bytes
         config.max_seq_len = 4 * self.tpp
-        config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
+        config.kv_cache_memory_bytes = pool_pages_per_buffer * config.num_buffers * granularity
         config.prefetch_tokens = prefetch
         self.cache = VirtualKVCache(config)
         self.cache.record_ops()
