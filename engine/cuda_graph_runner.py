@@ -94,7 +94,7 @@ class CudaGraphRunner:
             cu_seqlens_q_cpu=list(range(bucket + 1)),
             slot_stride_tokens=self._stride,
             slot_mapping=packed[_ROWS, :bucket],
-            cu_seqlens_k=starts,
+            kv_start_rows=starts,
         )
 
     @torch.inference_mode()

@@ -98,7 +98,7 @@ def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     def failing_step():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(deployment._llm_engine, "step", failing_step)
+    monkeypatch.setattr(deployment._engine.engine, "step", failing_step)
 
     async def run() -> list:
         return [chunk async for chunk in _generate(deployment, "doomed")]

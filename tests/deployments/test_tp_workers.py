@@ -169,7 +169,7 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
         deployment.check_health()
         assert deployment.record_routing_stats()["num_free_pages"] > 0
 
-        (worker,) = deployment._llm_engine.executor.workers.actors
+        (worker,) = deployment._engine.engine.executor.workers.actors
         ray.kill(worker)
         deadline = time.time() + 20
         while True:  # the death watch notices without any request
