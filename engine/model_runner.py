@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -12,6 +13,7 @@ from engine.batch import ForwardBatch, to_device
 from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY_BYTES, DEFAULT_MAX_SEQ_LEN, CacheConfig, EngineConfig, ModelConfig
 from engine.model import LlamaForCausalLM, check_sliding_window, sliding_window_of
 from engine.weights import ResolvedModel, get_weight_loader, resolve_model
+from kvcache import KVCache, KVCacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +79,17 @@ class ModelRunner:
 
     Attributes:
         model: the :class:`LlamaForCausalLM`.
-        kv_cache: the ``VirtualKVCache`` sized from ``cache_config`` and the model's KV shape.
+        kv_cache: the ``kvcache.KVCache`` (a ``VirtualKVCache`` unless ``kv_cache_factory`` says otherwise) sized
+            from ``cache_config`` and the model's KV shape.
         hf_config: the transformers config.
         resolved: the :class:`ResolvedModel` (tokenizer dir, weight source).
         device, dtype, attention_backend: as resolved from ``model_config``.
         max_model_len: tokens one sequence may hold (prompt + output) = the cache's ``max_seq_len``.
         eos_token_ids: token ids that end generation (generation config + model config).
 
-    ``kv_cache_factory(KVCacheConfig)`` (default ``VirtualKVCache``) and ``attention_backend`` (an ``AttentionBackend``
-    subclass instead of ``model_config``'s backend name) replace the cache and its attention: the hook through which
-    the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) runs this engine over a vLLM-style block pool.
+    ``kv_cache_factory(KVCacheConfig)`` (default ``VirtualKVCache``) builds another ``kvcache.KVCache``
+    implementation, and ``attention_backend`` (an ``AttentionBackend`` subclass instead of ``model_config``'s backend
+    name) is the attention that reads it; ``benchmarks/paged_kv.py`` plugs a vLLM-style block pool in this way.
     """
 
     def __init__(
@@ -95,10 +98,10 @@ class ModelRunner:
         cache_config: CacheConfig,
         tp_rank: int = 0,
         *,
-        kv_cache_factory=None,
+        kv_cache_factory: Callable[[KVCacheConfig], KVCache] | None = None,
         attention_backend=None,
     ) -> None:
-        from kvcache import KVCacheConfig, VirtualKVCache
+        from kvcache import VirtualKVCache
 
         self.model_config = model_config
         self.cache_config = cache_config

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, SamplerOutput
-from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
+from kvcache import Fence, KVCache, NoFreeSlotError, PoolExhaustedError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Scheduler:
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: VirtualKVCache) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCache) -> None:
         self.config = config
         self.kv_cache = kv_cache
         num_slots = kv_cache.config.max_batch_size

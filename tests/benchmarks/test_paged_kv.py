@@ -42,6 +42,7 @@ from kvcache import (  # noqa: E402
     SequenceTooLongError,
     VirtualKVCache,
 )
+from tests.kvcache.kv_cache_contract import check_implements_kv_cache  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -65,6 +66,14 @@ def block_bytes(config: KVCacheConfig) -> int:
 
 
 # ---- the block pool -------------------------------------------------------------------------------------------
+
+
+def test_paged_cache_implements_the_kv_cache_protocol():
+    cache = PagedKVCache(small_config(kv_cache_memory_bytes=10 * block_bytes(small_config())))
+    try:
+        check_implements_kv_cache(cache)
+    finally:
+        cache.close()
 
 
 def test_blocks_pages_and_table_stay_consistent():
