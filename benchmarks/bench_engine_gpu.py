@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import greedy_shortfall, machine_info, measure_copy_bandwidth, write_result  # noqa: E402
+from benchmarks.common import machine_info, measure_copy_bandwidth, write_result  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.greedy_check import greedy_shortfall  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 

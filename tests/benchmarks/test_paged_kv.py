@@ -290,7 +290,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
     and blocks are reused while the next step is in flight, so a block table copied too early or too late, or a row
     written through a stale table, moves a choice far beyond rounding. Every output must be the model's own greedy
     choice (teacher-forced on the paged engine); in float32 all but a few (near-ties) equal the vAttention engine's."""
-    from benchmarks.common import greedy_shortfall
+    from engine.greedy_check import greedy_shortfall
 
     values = {
         "model": "dummy:tiny-llama",

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks.common import greedy_shortfall
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.greedy_check import greedy_shortfall
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 

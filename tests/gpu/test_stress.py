@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import greedy_shortfall
 from engine.config import EngineConfig
+from engine.greedy_check import greedy_shortfall
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import RequestStatus
