@@ -296,8 +296,19 @@ def test_pool_too_small_for_one_request_is_a_config_error(device):
 
 
 def test_close_unmaps_everything(make_cache, device):
+    """After close the pool's physical memory is gone: no mapping of its file on the host; on CUDA the device's
+    free memory is back to what it was before the cache took it."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info(device)[0]
     cache = make_cache()
+    pool_bytes = cache.stats().total_pages * cache.page_size_bytes
     cache.allocate(int(cache.tokens_per_page) * 2)
+    if device == "cpu":
+        with open("/proc/self/maps") as f:
+            assert "vattention-kv-pool" in f.read()
+    else:
+        assert torch.cuda.mem_get_info(device)[0] <= free_before - pool_bytes
     cache.close()
     cache.close()  # idempotent
     assert cache.k == []
@@ -306,27 +317,47 @@ def test_close_unmaps_everything(make_cache, device):
     if device == "cpu":
         with open("/proc/self/maps") as f:
             assert "vattention-kv-pool" not in f.read()
+    else:
+        # Other allocations of this process may come and go by a granule or two; the pool is far larger.
+        assert torch.cuda.mem_get_info(device)[0] >= free_before - pool_bytes // 4
 
 
 def test_teardown_at_exit_with_the_cache_alive(device):
+    """A cache still referenced when the interpreter exits: exit hooks registered after it still read its memory,
+    and it is torn down at exit (its memory released), with a clean exit status."""
     script = textwrap.dedent(f"""
-        import atexit, torch
+        import atexit
+
+        state = {{}}
+
+        def after_teardown():  # registered before any weakref.finalize exists: runs after their exit hook
+            print("finalizer-alive-at-the-end", state["finalizer"].alive)
+            if {device!r} == "cpu":
+                with open("/proc/self/maps") as maps:
+                    print("pool-mapped-at-the-end", "vattention-kv-pool" in maps.read())
+
+        atexit.register(after_teardown)
+
+        import torch
         from kvcache import KVCacheConfig, VirtualKVCache
+
         cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2,
                                              max_seq_len=4096, device={device!r}, kv_cache_memory_bytes=64 << 20))
         slot = cache.allocate(3000)
         cache.k[0][slot, :3000] = 1.0
-        finalizer = cache._finalizer
-        # Registered after the cache, so it runs first: the cache must still be alive here...
-        atexit.register(lambda: print("alive-before-exit", finalizer.alive))
-        import weakref
-        # ...and weakref.finalize's own exit hook then tears it down.
-        weakref.finalize._exitfunc()
-        print("alive-after-teardown", finalizer.alive)
+        state["finalizer"] = cache._finalizer
+
+        def before_teardown():  # registered last: runs first, while the cache must still be usable
+            print("value-at-exit", float(cache.k[0][slot, 2999].sum()))
+
+        atexit.register(before_teardown)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "alive-after-teardown False" in out.stdout
+    assert "value-at-exit 128.0" in out.stdout, out.stdout
+    assert "finalizer-alive-at-the-end False" in out.stdout, out.stdout
+    if device == "cpu":
+        assert "pool-mapped-at-the-end False" in out.stdout, out.stdout
 
 
 def test_replayed_changes_give_identical_slots_and_pages(make_cache):
