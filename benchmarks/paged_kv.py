@@ -277,7 +277,7 @@ class PagedKVCache:
         self._num_tokens[slot] = 0
         heapq.heappush(self._free_slots, slot)
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """Nothing to map ahead: blocks are taken when the scheduler grows a slot. Returns 0."""
         return 0
 

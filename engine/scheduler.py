@@ -241,7 +241,7 @@ class Scheduler:
             item.request.num_computed_tokens = item.start_pos + item.num_tokens
         for request in sampled_requests:
             request.num_placeholder_tokens += 1
-        self.kv_cache.prepare(self.next_step_tokens(plan.scheduled))
+        self.kv_cache.map_ahead(self.next_step_tokens(plan.scheduled))
         return LaunchedStep(plan, fence, sampled_requests, sampled)
 
     def update_from_output(self, launched: LaunchedStep) -> list[Request]:
@@ -269,7 +269,7 @@ class Scheduler:
         return progressed
 
     def next_step_tokens(self, scheduled: list[ScheduledRequest]) -> dict[int, int]:
-        """``{slot: rows the next iteration will need}`` for ``kv_cache.prepare``, assuming each request
+        """``{slot: rows the next iteration will need}`` for ``kv_cache.map_ahead``, assuming each request
         keeps running: one more token after a completed prompt, else the next prefill chunk."""
         need = {}
         for item in scheduled:

@@ -375,7 +375,7 @@ class VirtualKVCache:
         """Block until all device work queued so far has finished, recorded with :meth:`record_use` or not."""
         self._memory.record_fence().wait()
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
 
         Called once per iteration after the device work of the current one is launched, so that the driver
@@ -394,7 +394,7 @@ class VirtualKVCache:
             missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
             if missing <= 0:
                 continue
-            if budget is None:  # free slots still in flight are left alone: prepare never waits for the device
+            if budget is None:  # free slots still in flight are left alone: map_ahead never waits for the device
                 budget = self._pool.num_free_pages // self.num_buffers + sum(
                     self._mapped[s] for s, active in enumerate(self._active) if not active and self._is_idle(s)
                 )

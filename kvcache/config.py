@@ -52,7 +52,7 @@ class KVCacheConfig:
             Either way a request's KV is one virtually contiguous range per buffer and kernels see no block table.
         prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs, so that a slot's next page
             is mapped steps before its first token is written there.
-        prefetch_pages_per_step: most pages one ``prepare`` call maps ahead beyond the next iteration's need
+        prefetch_pages_per_step: most pages one ``map_ahead`` call maps beyond the next iteration's need
             (``None``: no limit). Requests decoding in lockstep all cross a page boundary at the same step; the
             limit spreads their mapping over the steps before it instead of stalling that one step.
     """

@@ -69,7 +69,7 @@ class KVCache(Protocol):
         """After launching a step over ``slots``: their rows stay theirs until the returned fence completes."""
         ...
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """After launching a step's device work: back ahead what the next step needs (``{slot: tokens it will
         hold}``), best effort, never raising for capacity; returns the pages mapped."""
         ...

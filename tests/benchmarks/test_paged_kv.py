@@ -122,7 +122,7 @@ def test_blocks_pages_and_table_stay_consistent():
         cache.free(slot)
     stats = cache.stats()
     assert stats.free_pages == stats.total_pages and stats.num_free_slots == 4 and stats.used_pages == 0
-    assert cache.prepare({0: 100}) == 0 and cache.reclaim() == 0
+    assert cache.map_ahead({0: 100}) == 0 and cache.reclaim() == 0
     cache.close()
     with pytest.raises(KVCacheError):
         cache.allocate(1)

@@ -165,7 +165,7 @@ def test_reclaim_unmaps_only_what_no_request_uses(make_cache):
     tpp = int(cache.tokens_per_page)
     a, b = cache.allocate(2 * tpp), cache.allocate(tpp)
     fill(cache, b, 0, tpp, 3.0)
-    cache.prepare({b: tpp})  # one page per buffer mapped ahead for b
+    cache.map_ahead({b: tpp})  # one page per buffer mapped ahead for b
     cache.free(a)
     assert cache.reclaim() == (2 + 1) * 2 * 2
     stats = cache.stats()
@@ -178,19 +178,19 @@ def test_prepare_maps_ahead_best_effort(make_cache):
     cache = make_cache(max_batch_size=2, pages_per_slot=5, pool_pages=2 * 2 * 4, prefetch_tokens=1)
     tpp = int(cache.tokens_per_page)
     a = cache.allocate(tpp)  # exactly one page per buffer
-    assert cache.prepare({a: tpp}) == 2 * 2  # the prefetched token needs a second page
+    assert cache.map_ahead({a: tpp}) == 2 * 2  # the prefetched token needs a second page
     assert cache.stats().reclaimable_pages == 2 * 2  # mapped ahead, not yet used
     free = cache.stats().free_pages
     cache.grow(a, tpp + 1)
     assert cache.stats().free_pages == free  # the step that needs it finds it mapped
     # Asking for far more than the pool maps what fits and raises nothing.
-    assert cache.prepare({a: 5 * tpp}) == 2 * 2 * 2
+    assert cache.map_ahead({a: 5 * tpp}) == 2 * 2 * 2
     assert cache.stats().free_pages == 0
     assert_accounting(cache)
 
 
 def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cache):
-    """Slots decoding in lockstep towards a page boundary: each prepare maps ahead at most the step's page budget,
+    """Slots decoding in lockstep towards a page boundary: each map_ahead maps at most the step's page budget,
     for the slot nearest to its boundary first, and the next step's own need is never held back by the budget."""
     cache = make_cache(
         max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8, prefetch_pages_per_step=2 * 2
@@ -198,19 +198,19 @@ def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cac
     tpp = int(cache.tokens_per_page)
     slots = [cache.allocate(tpp - 8 + i) for i in range(4)]  # 8, 7, 6, 5 tokens before their boundary
     lengths = {s: tpp - 8 + i for i, s in enumerate(slots)}
-    assert cache.prepare(lengths) == 2 * 2
+    assert cache.map_ahead(lengths) == 2 * 2
     assert [cache.capacity_tokens(s) for s in slots] == [tpp, tpp, tpp, 2 * tpp]  # the nearest one
-    assert cache.prepare(lengths) == 2 * 2
+    assert cache.map_ahead(lengths) == 2 * 2
     assert cache.capacity_tokens(slots[2]) == 2 * tpp
     # The need of the next step is mapped whatever the budget: three slots cross at once.
-    assert cache.prepare({s: max(n, tpp + 1) for s, n in lengths.items()}) == 2 * 2 * 2
+    assert cache.map_ahead({s: max(n, tpp + 1) for s, n in lengths.items()}) == 2 * 2 * 2
     assert all(cache.capacity_tokens(s) == 2 * tpp for s in slots)
     assert_accounting(cache)
 
     # Without a budget, prefetch still takes at most half of the free pages (the rest is for growth).
     tight = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 4 * 2, prefetch_tokens=8)
     near = [tight.allocate(tpp - 4) for _ in range(4)]  # 16 pages left; 4 slots want one more page per buffer
-    assert tight.prepare({s: tpp - 4 for s in near}) == 2 * 2 * 2
+    assert tight.map_ahead({s: tpp - 4 for s in near}) == 2 * 2 * 2
     assert tight.stats().free_pages == 8
     assert_accounting(tight)
 
@@ -370,7 +370,7 @@ def test_replayed_changes_give_identical_slots_and_pages(make_cache):
     rank0.grow(a, 2 * tpp + 1)
     rank0.record_use([a, b])  # a step in flight over both
     rank0.free(b)
-    rank0.prepare({a: 3 * tpp})
+    rank0.map_ahead({a: 3 * tpp})
     with pytest.raises(PoolExhaustedError):  # failed calls change nothing and are not recorded
         rank0.allocate(4 * tpp)
     c = rank0.allocate(tpp)
@@ -403,7 +403,7 @@ def test_a_freed_slot_keeps_its_pages_until_the_step_that_used_it_is_done(make_c
     pages = cache.slot_page_ids(a)
     cache.free(a)
     assert cache.stats().reclaimable_pages == 2 * 2 * 2  # counted as reclaimable at once...
-    assert cache.prepare({}) == 0 and cache.slot_page_ids(a) == pages
+    assert cache.map_ahead({}) == 0 and cache.slot_page_ids(a) == pages
     assert not cache.can_allocate(1) or cache.allocate(1) != a  # ...but the slot goes to no one
     assert cache.slot_page_ids(a) == pages and not fence.is_complete()
     b = next(s for s in range(1, 3) if cache.is_active(s))

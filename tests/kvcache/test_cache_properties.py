@@ -1,4 +1,4 @@
-"""Random sequences of allocate / grow / free / prepare / launch / wait, checked against the cache's invariants.
+"""Random sequences of allocate / grow / free / map_ahead / launch / wait, checked against the cache's invariants.
 
 ``launch`` stands for a step put on the device over some slots (``record_use``), ``wait`` for the host waiting on
 one: until then the machine checks that the step's slots keep their pages and are not handed to a new request, as
@@ -98,8 +98,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(step=st.integers(1, 64))
-    def prepare(self, step):
-        self.cache.prepare({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
+    def map_ahead(self, step):
+        self.cache.map_ahead({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())

@@ -20,7 +20,7 @@ def test_protocol_declares_what_the_engine_calls():
         "grow",
         "free",
         "record_use",
-        "prepare",
+        "map_ahead",
         "wait_idle",
         "stats",
         "close",
@@ -36,10 +36,10 @@ def test_virtual_cache_implements_the_protocol():
 
 
 def test_an_object_missing_a_member_is_not_a_kv_cache():
-    class NoPrepare:
+    class NoMapAhead:
         def __getattr__(self, name):
-            if name == "prepare":
+            if name == "map_ahead":
                 raise AttributeError(name)
             return None
 
-    assert not isinstance(NoPrepare(), KVCache)
+    assert not isinstance(NoMapAhead(), KVCache)
