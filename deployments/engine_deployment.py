@@ -76,11 +76,12 @@ class EngineDeployment:
 
         self._replica_tag = _replica_tag()
         # tensor_parallel_size > 1: this replica is rank 0; ranks 1.. are Ray actors in its placement group.
-        self._llm_engine = LLMEngine(
-            EngineConfig.from_dict(dict(engine_config)),
-            executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"),
+        self._engine = AsyncLLMEngine(
+            engine=LLMEngine(
+                EngineConfig.from_dict(dict(engine_config)),
+                executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"),
+            )
         )
-        self._engine = AsyncLLMEngine(engine=self._llm_engine)
         self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
         # Written by generate() on the replica's event loop, read by record_routing_stats() in Serve's
@@ -255,7 +256,7 @@ class EngineDeployment:
             return EngineDeadError("engine step loop died")
         try:
             # A tensor-parallel worker that died while the engine was idle: fail now, not at the next request.
-            self._llm_engine.executor.check_health()
+            self._engine.engine.executor.check_health()
         except Exception as exc:  # noqa: BLE001 - whatever the executor raises is the failure to report
             return exc
         return None

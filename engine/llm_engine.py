@@ -33,7 +33,7 @@ class LLMEngine:
         tokenizer: the model's Hugging Face tokenizer (chat template included).
         max_model_len: most tokens (prompt + output) one request may hold by the model and cache shape.
         max_request_tokens: the same, also bounded by the whole KV page pool: a longer request could never run.
-        kv_cache: the runner's ``VirtualKVCache`` (rank 0's, recording its operations, under tensor parallelism).
+        kv_cache: the runner's ``kvcache.KVCache`` (rank 0's, recording its operations, under tensor parallelism).
         executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
         async_scheduling: whether steps are launched before the previous step's tokens reach the host
             (``SchedulerConfig.async_scheduling`` where the executor allows it); may be switched between steps.

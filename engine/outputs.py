@@ -59,8 +59,10 @@ class EngineStats:
         num_total_pages / num_free_pages / num_mapped_pages / num_reclaimable_pages: physical page
             pool accounting (``free + mapped == total``; reclaimable pages are mapped but owned by no
             live token, so a new request can take them).
-        tokens_per_page: tokens of one layer's K or V per page; page_size_bytes: its size.
-        pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens (every layer's K and V).
+        tokens_per_page: tokens one page holds in one of the cache's virtual buffers (one layer's K or V in the
+            layer-major layout, every layer's K and V in the token-major one); page_size_bytes: its size.
+        pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens: the cache's number of
+            buffers (``2 * num_layers`` layer-major, 1 token-major).
         num_running / num_waiting: requests holding a slot / queued (new or preempted).
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.

@@ -27,7 +27,7 @@ from engine.block_hashes import extend_block_hashes
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, SamplerOutput
-from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
+from kvcache import Fence, KVCache, NoFreeSlotError, PoolExhaustedError
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Scheduler:
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: VirtualKVCache, prefix_seed: int | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCache, prefix_seed: int | None = None) -> None:
         """``prefix_seed``: the key block 0 chains from (``engine.block_hashes.prefix_seed``); None turns prefix
         caching off."""
         self.config = config
@@ -262,7 +262,7 @@ class Scheduler:
                 self._register_blocks(item.request)
         for request in sampled_requests:
             request.num_placeholder_tokens += 1
-        self.kv_cache.prepare(self.next_step_tokens(plan.scheduled))
+        self.kv_cache.map_ahead(self.next_step_tokens(plan.scheduled))
         return LaunchedStep(plan, fence, sampled_requests, sampled)
 
     def update_from_output(self, launched: LaunchedStep) -> list[Request]:
@@ -290,7 +290,7 @@ class Scheduler:
         return progressed
 
     def next_step_tokens(self, scheduled: list[ScheduledRequest]) -> dict[int, int]:
-        """``{slot: rows the next iteration will need}`` for ``kv_cache.prepare``, assuming each request
+        """``{slot: rows the next iteration will need}`` for ``kv_cache.map_ahead``, assuming each request
         keeps running: one more token after a completed prompt, else the next prefill chunk."""
         need = {}
         for item in scheduled:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.config import KVCacheConfig
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, KVCacheConfig
 from kvcache.errors import KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError
 from kvcache.fence import Fence
 from kvcache.page_pool import PagePool
@@ -220,7 +220,7 @@ class VirtualKVCache:
         raw = memory.as_tensor(self._base, virtual_bytes).view(config.dtype)
         slots, heads, dim, layers = num_slots, config.num_kv_heads, config.head_dim, config.num_layers
         rows = slots * self.slot_stride_tokens
-        if config.layout == "layer_major":
+        if config.kv_cache_layout == "layer_major":
             # [K of layer 0, ..., K of layer L-1, V of layer 0, ...], each [rows, H, D]
             grid = raw.view(2, layers, rows, heads, dim)
             flat = [grid[kv, layer] for kv in range(2) for layer in range(layers)]
@@ -234,18 +234,18 @@ class VirtualKVCache:
 
     def _pool_pages(self, config: KVCacheConfig, page: int) -> int:
         full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
-        if config.pool_size_bytes is not None:
-            budget = config.pool_size_bytes
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
         else:
-            fraction = config.memory_fraction if config.memory_fraction is not None else 0.9
-            budget = int(self._memory.free_memory_bytes() * fraction)
-            if config.memory_fraction is None:
+            fraction = config.kv_cache_memory_fraction
+            budget = int(self._memory.free_memory_bytes() * (fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION))
+            if fraction is None:
                 budget = min(budget, full * page)
         pages = min(budget // page, full)
         if pages < self.num_buffers:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "
-                f"{self.num_buffers} (a page in each buffer): raise pool_size_bytes or memory_fraction"
+                f"{self.num_buffers} (a page in each buffer): raise kv_cache_memory_bytes or kv_cache_memory_fraction"
             )
         return pages
 
@@ -595,7 +595,7 @@ class VirtualKVCache:
         """Block until all device work queued so far has finished, recorded with :meth:`record_use` or not."""
         self._memory.record_fence().wait()
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
 
         Called once per iteration after the device work of the current one is launched, so that the driver
@@ -614,7 +614,7 @@ class VirtualKVCache:
             missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
             if missing <= 0:
                 continue
-            if budget is None:  # free slots still in flight are left alone: prepare never waits for the device
+            if budget is None:  # free slots still in flight are left alone: map_ahead never waits for the device
                 budget = self._pool.num_free_pages // self.num_buffers + sum(
                     self._excess(s) for s, active in enumerate(self._active) if not active and self._is_idle(s)
                 )

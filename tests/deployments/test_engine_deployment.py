@@ -22,7 +22,7 @@ ENGINE_CONFIG = {
     "device": "cpu",
     "max_batch_size": 4,
     "max_seq_len": 256,
-    "kv_cache_bytes": 1 << 20,
+    "kv_cache_memory_bytes": 1 << 20,
 }
 
 
@@ -98,7 +98,7 @@ def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     def failing_step():
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(deployment._llm_engine, "step", failing_step)
+    monkeypatch.setattr(deployment._engine.engine, "step", failing_step)
 
     async def run() -> list:
         return [chunk async for chunk in _generate(deployment, "doomed")]

@@ -45,7 +45,7 @@ TINY_LLAMA = dict(
     eos_token_id=2,
 )
 # 20 pages of 64 KiB = 5 per layer's K and V: at TP=2 two requests past 64 tokens don't fit together.
-CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_bytes=20 << 16, max_num_batched_tokens=128)
+CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_memory_bytes=20 << 16, max_num_batched_tokens=128)
 
 
 def _free_port() -> int:
@@ -169,7 +169,7 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
         deployment.check_health()
         assert deployment.record_routing_stats()["num_free_pages"] > 0
 
-        (worker,) = deployment._llm_engine.executor.workers.actors
+        (worker,) = deployment._engine.engine.executor.workers.actors
         ray.kill(worker)
         deadline = time.time() + 20
         while True:  # the death watch notices without any request

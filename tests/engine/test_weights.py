@@ -54,7 +54,7 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, model_type, overrides
     hf_model = save_tiny_checkpoint(tmp_path, model_type, **overrides)
     runner = ModelRunner(
         ModelConfig(model=str(tmp_path), device="cpu"),
-        CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_bytes=8 << 20),
+        CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_memory_bytes=8 << 20),
     )
     try:
         g = torch.Generator().manual_seed(1)
@@ -161,7 +161,7 @@ def test_converted_dir_is_cached_and_complete():
 
 
 def test_dummy_weights_shapes_and_seed():
-    cache = CacheConfig(max_batch_size=2, max_seq_len=64, kv_cache_bytes=4 << 20)
+    cache = CacheConfig(max_batch_size=2, max_seq_len=64, kv_cache_memory_bytes=4 << 20)
     runners = [ModelRunner(ModelConfig(model="dummy:tiny-llama", device="cpu", seed=s), cache) for s in (0, 0, 1)]
     try:
         a, b, c = (dict(r.model.named_parameters()) for r in runners)

@@ -1,4 +1,4 @@
-"""Random sequences of allocate / share / register / grow / free / prepare / launch / wait / reclaim, checked
+"""Random sequences of allocate / share / register / grow / free / map_ahead / launch / wait / reclaim, checked
 against the cache's invariants.
 
 ``launch`` stands for a step put on the device over some slots (``record_use``), ``wait`` for the host waiting on
@@ -38,11 +38,11 @@ class CacheMachine(RuleBasedStateMachine):
             max_batch_size=4,
             max_seq_len=1,
             device=self.device,
-            layout=self.layout,
+            kv_cache_layout=self.layout,
         )
         self.tpp = granularity // config.buffer_token_bytes
         config.max_seq_len = 4 * self.tpp
-        config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
+        config.kv_cache_memory_bytes = pool_pages_per_buffer * config.num_buffers * granularity
         config.prefetch_tokens = prefetch
         self.cache = VirtualKVCache(config)
         self.cache.record_ops()
@@ -134,8 +134,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(step=st.integers(1, 64))
-    def prepare(self, step):
-        self.cache.prepare({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
+    def map_ahead(self, step):
+        self.cache.map_ahead({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
