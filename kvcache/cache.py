@@ -332,14 +332,19 @@ class VirtualKVCache:
         if num_tokens > self.config.max_seq_len:
             return False
         blocks = self._lookup(prefix)
-        per_buffer = self._pages_per_buffer(num_tokens)
-        slot = self._choose_slot(per_buffer, blocks)
+        fit = self._pages_per_buffer(num_tokens)
+        slot = self._choose_slot(fit, blocks)
         if slot is None:
             return False
-        needed, given_back = self._pages_to_allocate(slot, per_buffer, blocks)
-        # The blocks about to be reused are not evictable for this request.
+        needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
+        return needed <= available
+
+    def _allocation_budget(self, slot: int, pages_per_buffer: int, blocks: Sequence[_Block]) -> tuple[int, int]:
+        """``(pages to map, pages that free pages and reclamation can give)`` for ``slot`` to get ``blocks`` as
+        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it."""
+        needed, given_back = self._pages_to_allocate(slot, pages_per_buffer, blocks)
         reused = sum(1 for b in blocks if b.refs == 0) * self._block_pages * self.num_buffers
-        return needed <= self._pool.num_free_pages + given_back + self._reclaimable(exclude=slot) - reused
+        return needed, self._pool.num_free_pages + given_back + self._reclaimable(exclude=slot) - reused
 
     @property
     def max_request_tokens(self) -> int:
@@ -425,6 +430,9 @@ class VirtualKVCache:
         slot = self._choose_slot(fit, blocks)
         if slot is None:
             raise NoFreeSlotError(f"all {self.config.max_batch_size} slots are in use or still in flight")
+        needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
+        if needed > available:
+            raise PoolExhaustedError(needed, available)
         for block in blocks:  # not evicted to make room for the request itself
             self._ref(block, +1)
         try:

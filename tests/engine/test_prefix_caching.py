@@ -11,7 +11,7 @@ SYSTEM = (
     "You are a careful assistant for a city library. The library opens at nine and closes at six, except on "
     "Sundays. Members may borrow twelve books for three weeks; renewals are possible twice unless another member "
     "has reserved the book. Fines are ten cents a day. The reading room is quiet; group rooms can be booked. "
-) * 3
+) * 6
 QUESTIONS = ["When does it open?", "How many books?", "What are the fines?", "Can I renew?", "Group rooms?"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
