@@ -207,3 +207,20 @@ def test_dummy_config_from_path(tmp_path):
 def test_resolve_rejects_unknown_models(bad):
     with pytest.raises(ValueError, match="model"):
         resolve_model(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2)])
+def test_checkpoint_loads_shard_by_shard_onto_the_gpu(tmp_path, tp_rank, tp_size):
+    """A sharded float32 checkpoint read tensor by tensor into a bfloat16 model built on the GPU (a rank of TP=2
+    reading its slices): the parameters are the checkpoint's, cast, on the device."""
+    save_tiny_checkpoint(tmp_path, "llama", max_shard_size="100KB", attention_bias=True)
+    config = resolve_model(str(tmp_path)).hf_config
+    reference = LlamaForCausalLM(config, "sdpa", tp_rank, tp_size)
+    SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(reference)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config, "sdpa", tp_rank, tp_size).to(torch.bfloat16)
+    SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(model)
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert got.device.type == "cuda" and got.dtype == torch.bfloat16, name
+        assert torch.equal(got.cpu(), want.to(torch.bfloat16)), name
