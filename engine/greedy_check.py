@@ -9,19 +9,24 @@ import torch
 from engine.llm_engine import LLMEngine
 
 
-def greedy_shortfall(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
-    """How far below the best logit each generated token's logit is, at worst, scoring ``prompt + output`` in one
-    eager forward over a slot of the engine's cache (0: every token was the argmax; bf16 kernels round
-    differently: a few hundredths at near-ties). The engine must be idle (no request holding the slot it takes)."""
+def engine_logits(engine: LLMEngine, tokens: list[int]) -> torch.Tensor:
+    """Logits at every position of ``tokens``, ``[len(tokens), vocab]`` float32 on the device, from one eager
+    forward of the engine's model over a slot of its cache (no request, no sampling). The engine must be idle."""
     runner, cache = engine.runner, engine.kv_cache
-    tokens = prompt + output
     slot = cache.allocate(len(tokens))
     try:
         with torch.inference_mode():
             batch = runner.build_batch([(slot, tokens, 0)])
-            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1 : -1]
-        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
-        return float((logits.max(dim=1).values - chosen).max())
+            return runner.model.compute_logits(runner.model(batch, cache))
     finally:
         cache.record_use([slot]).wait()  # the forward is done with the slot's rows, whatever happened
         cache.free(slot)
+
+
+def greedy_shortfall(engine: LLMEngine, prompt: list[int], output: list[int]) -> float:
+    """How far below the best logit each generated token's logit is, at worst, scoring ``prompt + output`` in one
+    eager forward over a slot of the engine's cache (0: every token was the argmax; bf16 kernels round
+    differently: a few hundredths at near-ties). The engine must be idle (no request holding the slot it takes)."""
+    logits = engine_logits(engine, prompt + output)[len(prompt) - 1 : -1]
+    chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
+    return float((logits.max(dim=1).values - chosen).max())

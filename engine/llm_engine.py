@@ -18,7 +18,7 @@ from engine.executor import ExecutorFactory
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingDefaults, SamplingParams
 from engine.scheduler import LaunchedStep, Scheduler, SchedulerOutput
 from engine.structured_output import Grammar, GrammarCompiler
 
@@ -35,6 +35,8 @@ class LLMEngine:
         max_request_tokens: the same, also bounded by the whole KV page pool: a longer request could never run.
         kv_cache: the runner's ``kvcache.KVCache`` (rank 0's, recording its operations, under tensor parallelism).
         executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
+        sampling_defaults: the model's recommended sampling (its ``generation_config.json``): what a request without
+            ``params`` gets, and what a caller building ``params`` may start from (``sampling_defaults.params(...)``).
         async_scheduling: whether steps are launched before the previous step's tokens reach the host
             (``SchedulerConfig.async_scheduling`` where the executor allows it); may be switched between steps.
     """
@@ -44,6 +46,7 @@ class LLMEngine:
         (``tensor_parallel_size`` 1). Tensor parallelism needs one (``deployments.tp_workers``)."""
         from engine.executor import LocalExecutor
         from engine.tokenizer import load_tokenizer
+        from engine.weights import read_generation_config
 
         self.config = config if config is not None else EngineConfig()
         self.executor = (executor_factory or LocalExecutor)(self.config)
@@ -55,6 +58,7 @@ class LLMEngine:
         # Taken now, while no request holds pages.
         self.max_request_tokens = min(self.max_model_len, self.kv_cache.max_request_tokens)
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)
+        self.sampling_defaults = SamplingDefaults.from_generation_config(read_generation_config(self.runner.resolved))
         self.vocab_size = int(self.runner.hf_config.vocab_size)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self._prefix_seed())
         self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
@@ -86,7 +90,7 @@ class LLMEngine:
             PromptTooLongError: prompt + max_tokens beyond ``max_model_len``, or more KV pages than the
                 whole pool holds, i.e. a request that could never run.
         """
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.sampling_defaults.params()
         params.validate()
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", "request_id")
@@ -256,7 +260,7 @@ class LLMEngine:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise InvalidRequestError("prompts must be a list of prompts (strings or token id lists)", "prompt")
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.sampling_defaults.params()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts", "params")
         batch_id = next(self._request_counter)

@@ -12,7 +12,7 @@ import torch
 from engine.batch import ForwardBatch, to_device
 from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY_BYTES, DEFAULT_MAX_SEQ_LEN, CacheConfig, EngineConfig, ModelConfig
 from engine.model import LlamaForCausalLM, check_sliding_window, sliding_window_of
-from engine.weights import ResolvedModel, get_weight_loader, resolve_model
+from engine.weights import ResolvedModel, get_weight_loader, read_generation_config, resolve_model
 from kvcache import KVCache, KVCacheConfig
 
 logger = logging.getLogger(__name__)
@@ -191,10 +191,7 @@ class ModelRunner:
                 ids.update(int(v) for v in value)
 
         add(getattr(self.hf_config, "eos_token_id", None))
-        if self.resolved.weights_dir is not None and (self.resolved.weights_dir / "generation_config.json").is_file():
-            from transformers import GenerationConfig
-
-            add(GenerationConfig.from_pretrained(str(self.resolved.weights_dir)).eos_token_id)
+        add(read_generation_config(self.resolved).get("eos_token_id"))
         return ids
 
     @property
