@@ -54,6 +54,7 @@ class StreamChunk:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
     new_logprobs: list[dict] | None = None
     error: dict | None = None
     status_code: int = 200
@@ -157,6 +158,7 @@ class EngineDeployment:
                     finish_reason=out.finish_reason,
                     num_prompt_tokens=out.num_prompt_tokens,
                     num_output_tokens=out.num_output_tokens,
+                    num_cached_tokens=out.num_cached_tokens,
                     new_logprobs=out.new_logprobs,
                     replica=self._replica_tag,
                 )

@@ -49,6 +49,10 @@ class EngineMetrics:
         self.num_mapped_pages = gauge("vattn_num_mapped_pages", "Physical KV pages mapped into the virtual cache.")
         self.num_total_pages = gauge("vattn_num_total_pages", "Physical KV pages in the pool.")
         self.num_preemptions = counter("vllm_num_preemptions_total", "Requests preempted (recomputed) so far.")
+        self.prefix_cache_queries = counter(
+            "vllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache at admission."
+        )
+        self.prefix_cache_hits = counter("vllm_prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.prompt_tokens = counter("vllm_prompt_tokens_total", "Prefilled prompt tokens.")
         self.generation_tokens = counter("vllm_generation_tokens_total", "Generated tokens.")
         self.request_success = counter("vllm_request_success_total", "Requests finished (any reason but abort).")
@@ -62,9 +66,9 @@ class EngineMetrics:
             "vllm_e2e_request_latency_seconds", "Arrival at the replica to the last token.", E2E_BUCKETS_S
         )
         # record_engine_stats() runs on the replica's event loop (gauge task) and in Serve's thread pool
-        # (routing stats): the read-compare-increment of the preemption counter must not interleave.
-        self._preemptions_lock = threading.Lock()
-        self._last_num_preemptions = 0
+        # (routing stats): the read-compare-increment of the counters fed from engine totals must not interleave.
+        self._totals_lock = threading.Lock()
+        self._totals = {"num_preemptions": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def record_engine_stats(self, stats: dict) -> None:
         """Update the gauges (and the preemption counter) from ``EngineStats.as_dict()``; thread-safe."""
@@ -74,8 +78,9 @@ class EngineMetrics:
         self.num_free_pages.set(stats["num_free_pages"] + stats.get("num_reclaimable_pages", 0))
         self.num_mapped_pages.set(stats["num_mapped_pages"])
         self.num_total_pages.set(stats["num_total_pages"])
-        preemptions = int(stats.get("num_preemptions", 0))
-        with self._preemptions_lock:
-            if preemptions > self._last_num_preemptions:
-                self.num_preemptions.inc(preemptions - self._last_num_preemptions)
-                self._last_num_preemptions = preemptions
+        with self._totals_lock:
+            for name, last in self._totals.items():
+                total = int(stats.get(name, 0))
+                if total > last:
+                    getattr(self, name).inc(total - last)
+                    self._totals[name] = total

@@ -89,6 +89,7 @@ class Choices:
         self.finish_reasons: list[str | None] = [None] * n
         self._num_output_tokens = [0] * n
         self._num_prompt_tokens = 0
+        self._num_cached_tokens = 0
         self._num_finished = 0
 
     def add(self, chunk: StreamChunk) -> None:
@@ -97,6 +98,7 @@ class Choices:
         self.logprobs[i].extend(chunk.new_logprobs or [])
         self._num_output_tokens[i] = chunk.num_output_tokens
         self._num_prompt_tokens = chunk.num_prompt_tokens
+        self._num_cached_tokens = max(self._num_cached_tokens, chunk.num_cached_tokens)
         if chunk.finished:
             self.finish_reasons[i] = chunk.finish_reason
             self._num_finished += 1
@@ -105,11 +107,18 @@ class Choices:
     def all_finished(self) -> bool:
         return self._num_finished == self.num_choices
 
-    def usage(self) -> dict[str, int]:
-        """OpenAI's ``usage``: the prompt counted once, the completion tokens of every choice summed."""
+    def usage(self) -> dict:
+        """OpenAI's ``usage``: the prompt counted once, the completion tokens of every choice summed, and the prompt
+        tokens whose KV came from the prefix cache (``prompt_tokens_details.cached_tokens``; with ``n`` choices,
+        the most any of them reused)."""
         prompt = self._num_prompt_tokens
         completion = sum(self._num_output_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": self._num_cached_tokens},
+        }
 
 
 class ResponseFormatter:

@@ -209,6 +209,7 @@ class VirtualKVCache:
         self._blocks: dict[int, _Block] = {}  # the prefix registry, by chained hash
         self._num_referenced_blocks = 0  # registered blocks with refs > 0
         self._clock = 0  # ticks at every free, for least-recently-used eviction
+        self.num_evicted_blocks = 0
         self._journal: list[CacheOp] | None = None
         self._quiet = 0  # > 0 while a composite change logs itself as one operation
         self._closed = False
@@ -563,6 +564,7 @@ class VirtualKVCache:
                 self._cut(slot, block.index)
             del self._blocks[block.key]
             self._pool.give_back([p for buf in block.pages for p in buf])
+            self.num_evicted_blocks += 1
         finally:
             self._quiet -= 1
         self._log("evict", 0, keys=(block.key,))

@@ -120,6 +120,22 @@ def test_chat_completion_http(server):
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
+def test_a_repeated_long_prompt_reports_the_cached_prompt_tokens(server):
+    """The second or third time a prompt longer than a cache block arrives, some replica holds its blocks: the
+    prefill starts after them, and usage says how many (OpenAI's ``prompt_tokens_details.cached_tokens``)."""
+    content = "Summarize the following notes. " + " ".join(f"Note {i}: the river rose {i} cm." for i in range(60))
+    usages = []
+    for _ in range(3):
+        r = httpx.post(f"{server}/v1/chat/completions", json=_chat_body(content, max_tokens=2), timeout=120)
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    assert usages[0]["prompt_tokens"] > 300
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert max(u["prompt_tokens_details"]["cached_tokens"] for u in usages[1:]) >= 256
+    stats = _engine_stats_by_replica()
+    assert sum(s["prefix_cache_hits"] for s in stats.values()) >= 256
+
+
 def test_chat_completion_streaming_http(server):
     with httpx.stream(
         "POST",

@@ -42,3 +42,12 @@ def test_preemptions_counted_once_when_two_threads_record_the_same_stats():
     assert metrics.num_preemptions.total == 5
     metrics.record_engine_stats({**STATS, "num_preemptions": 7})
     assert metrics.num_preemptions.total == 7
+
+
+def test_prefix_cache_counters_follow_the_engine_totals():
+    metrics = EngineMetrics("tiny", "replica-0")
+    metrics.prefix_cache_queries, metrics.prefix_cache_hits = SlowCounter(), SlowCounter()
+    metrics.record_engine_stats({**STATS, "prefix_cache_queries": 900, "prefix_cache_hits": 512})
+    metrics.record_engine_stats({**STATS, "prefix_cache_queries": 900, "prefix_cache_hits": 512})
+    metrics.record_engine_stats({**STATS, "prefix_cache_queries": 1400, "prefix_cache_hits": 768})
+    assert (metrics.prefix_cache_queries.total, metrics.prefix_cache_hits.total) == (1400, 768)
