@@ -309,17 +309,16 @@ COMPARE_APP_ARGS = {
 }
 
 
-def deploy(router: str, http_port: int) -> str:
+def deploy(app_args: dict, http_port: int, name: str = "bench") -> str:
+    """Deploy the app of ``app_args`` as ``name`` on this Ray cluster; its base URL once ``/health`` answers."""
     from ray import serve
 
     from deployments.app import build_app
 
-    args = copy.deepcopy(COMPARE_APP_ARGS)
-    args["engine"]["router"] = router
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": 1800})
+    serve.run(build_app(app_args), name=name, route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=15).status_code == 200:
@@ -347,7 +346,9 @@ def compare_routers(args: argparse.Namespace) -> None:
     specs = workload_from_args(args, "skewed")
     runs = {}
     for router in ("page_aware", "power_of_two"):
-        base = deploy(router, args.http_port)
+        app_args = copy.deepcopy(COMPARE_APP_ARGS)
+        app_args["engine"]["router"] = router
+        base = deploy(app_args, args.http_port)
         # Warm-up: one short request per replica (first forward allocates buffers).
         asyncio.run(run_load(base, "smollm2", specs[:2], float("inf"), args.seed, None))
         time.sleep(2.0)
@@ -431,6 +432,16 @@ def _git_commit() -> str:
         return "uncommitted"
 
 
+def add_skewed_args(p: argparse.ArgumentParser) -> None:
+    """The skewed mix's lengths and the workload seed."""
+    p.add_argument("--long-fraction", type=float, default=0.25)
+    p.add_argument("--long-input-len", type=int, default=300)
+    p.add_argument("--long-output-len", type=int, default=120)
+    p.add_argument("--short-input-len", type=int, default=32)
+    p.add_argument("--short-output-len", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://localhost:8000", help="OpenAI-compatible server")
@@ -441,12 +452,7 @@ def main() -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--long-fraction", type=float, default=0.25)
-    p.add_argument("--long-input-len", type=int, default=300)
-    p.add_argument("--long-output-len", type=int, default=120)
-    p.add_argument("--short-input-len", type=int, default=32)
-    p.add_argument("--short-output-len", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    add_skewed_args(p)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--compare-routers", action="store_true", help="deploy and compare page_aware vs power_of_two")
     p.add_argument("--http-port", type=int, default=8011)
