@@ -124,11 +124,12 @@ def offline_run(engine_config: dict, specs: list[RequestSpec]) -> dict:
 # ---- served -----------------------------------------------------------------------------------------
 
 
-def app_args(args: argparse.Namespace, num_replicas: int) -> dict:
+def app_args(args: argparse.Namespace, num_replicas: int, engine_process: str = "default") -> dict:
+    """The app's args; ``engine_process`` "on" / "off" sets it, "default" leaves the config's default per device."""
     on_gpu = args.device == "cuda"
     engine_kwargs = dict(CPU_ENGINE_KWARGS if args.engine_kwargs is None else json.loads(args.engine_kwargs))
-    if args.engine_process is not None:
-        engine_kwargs["engine_process"] = args.engine_process == "on"
+    if engine_process != "default":
+        engine_kwargs["engine_process"] = engine_process == "on"
     return {
         "model": args.model,
         "device": args.device,
@@ -204,13 +205,14 @@ def stop_profilers(procs: list[subprocess.Popen]) -> None:
         proc.wait(timeout=60)
 
 
-def served_run(args: argparse.Namespace, specs: list[RequestSpec], num_replicas: int) -> dict:
+def served_run(args: argparse.Namespace, specs: list[RequestSpec], num_replicas: int, engine_process: str) -> dict:
     from ray import serve
 
-    base = deploy(app_args(args, num_replicas), args.http_port, APP_NAME)
+    base = deploy(app_args(args, num_replicas, engine_process), args.http_port, APP_NAME)
     asyncio.run(run_load(base, args.model, specs[: 2 * num_replicas], float("inf"), args.seed, None))  # warm-up
     roles = serving_processes(APP_NAME)
-    profilers = start_profilers(roles, Path(args.profile_dir) / f"r{num_replicas}") if args.profile_dir else []
+    profile_dir = Path(args.profile_dir or ".") / f"r{num_replicas}-{engine_process}"
+    profilers = start_profilers(roles, profile_dir) if args.profile_dir else []
     cpu_before = {role: cpu_seconds(pids) for role, pids in roles.items()}
     served_specs = specs * num_replicas
     results, duration = asyncio.run(run_load(base, args.model, served_specs, float("inf"), args.seed, None))
@@ -249,9 +251,9 @@ def print_report(offline: dict, runs: dict) -> None:
         f"({offline['num_decode_only_steps']} of {offline['num_steps']}); "
         f"TPOT p50 {offline['p50_tpot_ms']:.1f} / p99 {offline['p99_tpot_ms']:.1f} ms"
     )
-    for num_replicas, run in runs.items():
+    for name, run in runs.items():
         served, c = run["served"], run["comparison"]
-        print_summary(f"served, {num_replicas} replica(s)", served)
+        print_summary(f"served, {name}", served)
         print(
             f"served/offline {c['served_over_offline']:.2f} "
             f"({c['served_output_tok_s_per_replica']:.1f} vs {offline['output_throughput_tok_s']:.1f} tok/s per device); "
@@ -294,7 +296,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--engine-kwargs", default=None, help=f"JSON EngineConfig fields; CPU default {CPU_ENGINE_KWARGS}")
-    p.add_argument("--engine-process", choices=["on", "off"], default=None, help="default: the config's per device")
+    p.add_argument(
+        "--engine-process",
+        default="default",
+        help="comma-separated, one served run each: on, off, default (the config's default for the device)",
+    )
     p.add_argument("--num-replicas", default="1", help="comma-separated replica counts, one served run each")
     p.add_argument("--max-ongoing-requests", type=int, default=256, help="per engine replica")
     p.add_argument("--num-prompts", type=int, default=48, help="offline requests; served: this x replicas")
@@ -332,25 +338,25 @@ def main() -> None:
         short_output_len=args.short_output_len,
     )
     engine_config = {"model": args.model, "device": args.device, **app_args(args, 1)["engine_kwargs"]}
-    engine_config.pop("engine_process", None)
     offline = None
     if not args.skip_offline:
         task = ray.remote(num_gpus=1 if args.device == "cuda" else 0, num_cpus=0, max_calls=1)(offline_run)
         offline = ray.get(task.remote(engine_config, specs))
     runs = {}
     for num_replicas in (int(r) for r in args.num_replicas.split(",")):
-        served = served_run(args, specs, num_replicas)
-        runs[num_replicas] = {
-            "served": served,
-            "comparison": compare(offline, served, num_replicas) if offline else None,
-        }
+        for engine_process in args.engine_process.split(","):
+            served = served_run(args, specs, num_replicas, engine_process)
+            runs[f"{num_replicas} replica(s), engine_process {engine_process}"] = {
+                "app_args": app_args(args, num_replicas, engine_process),
+                "served": served,
+                "comparison": compare(offline, served, num_replicas) if offline else None,
+            }
     ray.shutdown()
     if offline:
         print_report(offline, runs)
     record = {
         "benchmark": "bench_served_vs_offline",
         "commit": os.environ.get("VATTN_COMMIT") or _git_commit(),
-        "app_args": {r: app_args(args, r) for r in runs},
         "workload": {
             "kind": "skewed",
             "num_prompts_offline": args.num_prompts,

@@ -1,6 +1,6 @@
 """The engine deployment: each replica owns one ``AsyncLLMEngine`` and streams its outputs.
 
-The engine core steps in a process of its own (``engine_process``, the GPU default) or in a thread of the replica,
+The engine core steps in a process of its own (``engine_process``, the default) or in a thread of the replica,
 so the replica's event loop only awaits per-request queues and stays free to accept requests, answer health checks
 and routing-stats calls. Each item streamed to the ingress holds everything ready for the request at that moment
 (one ``StreamChunk`` per choice), so Ray moves one item per request per wake-up, not one per token.
