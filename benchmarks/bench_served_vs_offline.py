@@ -342,18 +342,6 @@ def main() -> None:
     if not args.skip_offline:
         task = ray.remote(num_gpus=1 if args.device == "cuda" else 0, num_cpus=0, max_calls=1)(offline_run)
         offline = ray.get(task.remote(engine_config, specs))
-    runs = {}
-    for num_replicas in (int(r) for r in args.num_replicas.split(",")):
-        for engine_process in args.engine_process.split(","):
-            served = served_run(args, specs, num_replicas, engine_process)
-            runs[f"{num_replicas} replica(s), engine_process {engine_process}"] = {
-                "app_args": app_args(args, num_replicas, engine_process),
-                "served": served,
-                "comparison": compare(offline, served, num_replicas) if offline else None,
-            }
-    ray.shutdown()
-    if offline:
-        print_report(offline, runs)
     record = {
         "benchmark": "bench_served_vs_offline",
         "commit": os.environ.get("VATTN_COMMIT") or _git_commit(),
@@ -370,11 +358,23 @@ def main() -> None:
         },
         "machine": _machine(args.device),
         "offline": offline,
-        "served": runs,
+        "served": {},
     }
+    for num_replicas in (int(r) for r in args.num_replicas.split(",")):
+        for engine_process in args.engine_process.split(","):
+            served = served_run(args, specs, num_replicas, engine_process)
+            record["served"][f"{num_replicas} replica(s), engine_process {engine_process}"] = {
+                "app_args": app_args(args, num_replicas, engine_process),
+                "served": served,
+                "comparison": compare(offline, served, num_replicas) if offline else None,
+            }
+            if args.out:  # after each run: a run cut short by a time limit keeps what it measured
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    ray.shutdown()
+    if offline:
+        print_report(offline, record["served"])
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
 
 
@@ -383,9 +383,9 @@ def _machine(device: str) -> dict:
 
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
     machine["torch"] = torch.__version__
-    if device == "cuda" and torch.cuda.is_available():
-        machine["gpu"] = torch.cuda.get_device_name(0)
-        machine["num_gpus"] = torch.cuda.device_count()
+    if device == "cuda":  # nvidia-smi, not torch.cuda: a CUDA context here would take memory from the engines
+        query = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        machine["gpus"] = subprocess.run(query, capture_output=True, text=True).stdout.strip().splitlines()
     return machine
 
 

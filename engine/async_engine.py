@@ -162,7 +162,11 @@ class AsyncLLMEngine:
         request_id = request_id if request_id is not None else uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), prompt_token_ids, params.n)
         self._streams.open(request_id, stream)
-        self._core.add(request_id, prompt_token_ids, params)
+        try:
+            self._core.add(request_id, prompt_token_ids, params)
+        except BaseException:
+            self._streams.close(request_id)
+            raise
         num_unfinished = params.n
         try:
             while num_unfinished:

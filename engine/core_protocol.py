@@ -1,7 +1,7 @@
 """What the engine core and its frontend say to each other, and its msgpack encoding for the process boundary.
 
 Frontend -> core: ``("add", request_id, prompt_token_ids, SamplingParams)``, ``("abort", request_id)``,
-``("stop",)``. Core -> frontend, through a :class:`CoreOutbox`: every step's outputs with the stats after it,
+``("stop",)``; one message each, sent at once. Core -> frontend, through a :class:`CoreOutbox`: every step's outputs with the stats after it,
 a request refused at ``add``, or the core's death. In one process these are Python calls; across processes each
 is one msgpack message (:func:`encode_command` / :func:`decode_command`, :func:`encode_event` / ``decode_event``).
 """
@@ -9,13 +9,13 @@ is one msgpack message (:func:`encode_command` / :func:`decode_command`, :func:`
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from typing import Any, Protocol
 
 import msgpack
 
 from engine.errors import EngineError, InvalidRequestError, PromptTooLongError
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampling_params import SamplingParams
 
 ADD, ABORT, STOP = "add", "abort", "stop"
 SHUT_DOWN = "the engine was shut down"  # the death notice of a core that was told to stop
@@ -49,16 +49,17 @@ class CoreOutbox(Protocol):
 
 def encode_command(command: tuple) -> bytes:
     if command[0] == ADD:
-        kind, request_id, prompt_token_ids, params = command
-        return msgpack.packb([kind, request_id, prompt_token_ids, dataclasses.asdict(params)])
+        # Pickled: a request's fields may hold integers past msgpack's 64 bits (top_k, stop_token_ids) that the
+        # engine accepts. Only this process's user can reach the socket (a private 0700 directory).
+        return msgpack.packb([ADD, pickle.dumps(command[1:], protocol=pickle.HIGHEST_PROTOCOL)])
     return msgpack.packb(list(command))
 
 
 def decode_command(data: bytes) -> tuple:
     command = msgpack.unpackb(data)
     if command[0] == ADD:
-        kind, request_id, prompt_token_ids, params = command
-        return kind, request_id, prompt_token_ids, SamplingParams(**params)
+        request_id, prompt_token_ids, params = pickle.loads(command[1])
+        return ADD, request_id, prompt_token_ids, params
     return tuple(command)
 
 

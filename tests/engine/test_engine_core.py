@@ -89,6 +89,16 @@ def test_the_cores_refusals_reach_their_request_with_the_param(engine):
     assert not engine.is_dead and engine.failure() is None
 
 
+def test_integers_past_64_bits_reach_the_core(engine):
+    params = SamplingParams(temperature=0.5, top_k=10**30, stop_token_ids=[10**40], max_tokens=3, ignore_eos=True)
+
+    async def main():
+        return [o async for o in engine.generate("Hello", params)]
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_output_tokens == 3
+
+
 def test_step_messages_round_trip():
     out = RequestOutput(
         request_id="r",
