@@ -178,13 +178,15 @@ class EngineDeployment:
         }
 
     async def engine_stats(self) -> dict[str, Any]:
-        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory (debugging, soak tests)."""
+        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory, its engine core's included
+        (debugging, soak tests)."""
         stats = dict(self._engine.stats().as_dict())
         stats["replica"] = self._replica_tag
         with self._inflight_lock:
             stats["num_inflight"] = len(self._inflight)
         stats["pid"] = os.getpid()
-        stats["rss_bytes"] = _rss_bytes()
+        core_pid = self._engine.core_pid
+        stats["rss_bytes"] = _rss_bytes("self") + (_rss_bytes(str(core_pid)) if core_pid != os.getpid() else 0)
         return stats
 
     # ---- Serve hooks ----------------------------------------------------------------------------------
@@ -307,10 +309,10 @@ def _replica_tag() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+def _rss_bytes(pid: str) -> int:
+    """Resident set size of process ``pid`` ("self": this one) (Linux /proc; 0 where unavailable)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

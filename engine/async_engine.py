@@ -211,6 +211,11 @@ class AsyncLLMEngine:
         """Engine statistics as of the last step (a snapshot; safe from any thread)."""
         return self._streams.stats
 
+    @property
+    def core_pid(self) -> int:
+        """The process the engine core steps in (this one's when it runs in a thread)."""
+        return self._core.pid
+
     def failure(self) -> Exception | None:
         """Why this engine cannot serve (its core died, or a tensor-parallel worker did while idle), or None."""
         if self._streams.dead_error is not None:

@@ -34,6 +34,7 @@ class EngineCoreClient(Protocol):
     """What the frontend calls; the core's events go to the outbox given at construction."""
 
     info: CoreInfo
+    pid: int  # the process the core steps in
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None: ...
 
@@ -55,6 +56,7 @@ class InProcessCore:
 
         self.engine = engine if engine is not None else LLMEngine(config, executor_factory=executor_factory)
         self.info = CoreInfo(self.engine.max_model_len, self.engine.max_request_tokens, self.engine.stats())
+        self.pid = os.getpid()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         core = EngineCore(self.engine, queue_commands(self._commands), outbox)
         self._thread = threading.Thread(target=core.run, name="llm-engine-loop", daemon=True)
@@ -120,11 +122,14 @@ class ProcessCore:
             stdin=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
+        self.pid = self.process.pid
         self.process.stdin.write(json.dumps(asdict(config)).encode())
         self.process.stdin.close()
         try:
             self.info = self._wait_ready(start_timeout_s)
         except BaseException:
+            self.process.kill()
+            self.process.wait()
             self._close()
             raise
         self._reader = threading.Thread(target=self._read_events, name="engine-core-events", daemon=True)
