@@ -106,7 +106,7 @@ class AsyncLLMEngine:
 
     Args:
         config: the engine's config; ``engine_process`` picks where the core runs.
-        engine: an already built ``LLMEngine`` to step in a thread of this process (tests, the CLI).
+        engine: an already built ``LLMEngine`` to step in a thread of this process (tests).
         executor_factory: ``LLMEngine``'s, for a core in this process (tensor parallelism).
 
     Failures: a request's own problem (bad parameters, a prompt that can never fit, an error while processing its
