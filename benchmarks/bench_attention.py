@@ -184,7 +184,7 @@ class DecodeBatch:
     """Queries and per-sequence metadata for one decode step over slots ``slots`` with lengths ``lens``.
 
     ``cu_seqlens_k`` is ``[B+1]`` int32: slot start rows, then the end of the last sequence (monotonic when the
-    slots are ascending) or, with ``engine_style_cu_k``, a final 0 as the engine's ForwardBatch builds it."""
+    slots are ascending) or, with ``engine_style_cu_k``, a final 0 as the engine's ``ForwardBatch.kv_start_rows``."""
 
     def __init__(self, cache, slots: list[int], lens: list[int], seed: int, engine_style_cu_k: bool = False):
         batch = len(slots)
@@ -518,7 +518,7 @@ def run_decode(runner: Runner, args) -> dict:
 
 
 def decode_checks(runner: Runner, paged: PagedCopy) -> dict:
-    """Every decode kernel on varied lengths in non-monotonic slot order (slots 7..0), the engine's cu_seqlens_k
+    """Every decode kernel on varied lengths in non-monotonic slot order (slots 7..0), the engine's kv_start_rows
     convention (slot starts then 0) for FA2. Kernels failing here are disabled for the run."""
     cache = runner.cache
     slots = list(range(CHECK_BATCH - 1, -1, -1))
@@ -910,7 +910,7 @@ def make_cache(max_batch: int, max_context: int):
         max_seq_len=max_context,
         dtype=DTYPE,
         device=DEVICE,
-        pool_size_bytes=pool,
+        kv_cache_memory_bytes=pool,
     )
     cache = VirtualKVCache(config)
     for _ in range(max_batch):

@@ -32,8 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import greedy_shortfall, machine_info, measure_copy_bandwidth, write_result  # noqa: E402
+from benchmarks.common import machine_info, measure_copy_bandwidth, write_result  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.greedy_check import greedy_shortfall  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -232,10 +233,10 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
     builders = {
         # Each layout named explicitly: the engine's default on the GPU is token-major.
         "layer_major": lambda: LLMEngine(
-            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="layer_major"))
+            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_layout="layer_major"))
         ),
         "token_major": lambda: LLMEngine(
-            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_layout="token_major"))
+            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_layout="token_major"))
         ),
         "paged": lambda: build_paged_engine(config),
     }
@@ -326,7 +327,7 @@ def main() -> None:
             "max_batch_size": 256,  # request slots, all served by CUDA graphs (cuda_graph_max_batch_size 256)
             "max_seq_len": 2048,
             "max_num_batched_tokens": 8192,
-            "gpu_memory_fraction": 0.85,
+            "kv_cache_memory_fraction": 0.85,
         }
     )
     if args.layouts:

@@ -7,7 +7,7 @@ Part 1 times the physical backend alone: page-at-a-time and batched map/unmap, a
 pool is made up front). Part 2 times the cache's grow path, bookkeeping included. Part 3 (CUDA) runs a
 decode-like loop of 256 requests over a Llama-3-8B-shaped cache (32 layers, 8 KV heads, d=128, bf16), with
 requests crossing page boundaries, three ways: pages mapped inline before each step, mapping overlapped with the
-step's GPU work (``prepare`` after launch), and a fully pre-mapped cache (the floor).
+step's GPU work (``map_ahead`` after launch), and a fully pre-mapped cache (the floor).
 The paper's need for Llama-3-8B is at most 750 MB/s of allocation: the margin is printed beside each bandwidth.
 """
 
@@ -92,7 +92,7 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
         max_batch_size=num_requests,
         max_seq_len=4096,
         device=device,
-        memory_fraction=0.6,
+        kv_cache_memory_fraction=0.6,
     )
     dev = torch.device(device)
     # Device work of one Llama-3-8B decode step over the cache, layer by layer: QKV projection, this step's K/V
@@ -161,7 +161,7 @@ def bench_decode_overlap(device: str, num_requests: int = 256, steps: int = 256)
                 device_work(cache, slots_t, torch.tensor(lengths, device=dev))
                 if mode == "overlapped":
                     tm = time.perf_counter()
-                    cache.prepare({slot: n + 1 for slot, n in zip(slots, lengths)})
+                    cache.map_ahead({slot: n + 1 for slot, n in zip(slots, lengths)})
                     map_seconds += time.perf_counter() - tm
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - t0

@@ -14,7 +14,7 @@ py-spy profile of each of those processes during the served run (collapsed stack
 
     python benchmarks/bench_served_vs_offline.py --out benchmarks/results/served_vs_offline_cpu.json   # 2-core CPU
     python benchmarks/bench_served_vs_offline.py --device cuda --model dummy:llama-3-8b --num-replicas 1,2 \\
-        --engine-kwargs '{"max_batch_size": 256, "gpu_memory_fraction": 0.85, "max_num_batched_tokens": 8192}' \\
+        --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192}' \\
         --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150
 """
 

@@ -295,7 +295,7 @@ COMPARE_APP_ARGS = {
     "engine_kwargs": {
         "max_batch_size": 8,
         "max_seq_len": 512,
-        "kv_cache_bytes": 24 << 20,
+        "kv_cache_memory_bytes": 24 << 20,
         "max_num_batched_tokens": 256,
     },
     "engine": {

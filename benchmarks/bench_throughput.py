@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output-len", type=parse_range, default=(16, 128), help="LOW:HIGH output tokens")
     parser.add_argument("--max-batch-size", type=int, default=32, help="engine slots")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--kv-cache-bytes", type=int, default=None)
+    parser.add_argument("--kv-cache-memory-bytes", type=int, default=None)
     parser.add_argument("--page-size-bytes", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=None, help="baseline batch size (default: slots)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             "max_batch_size": args.max_batch_size,
             "max_seq_len": max_seq_len,
             "max_num_batched_tokens": args.max_num_batched_tokens,
-            "kv_cache_bytes": args.kv_cache_bytes,
+            "kv_cache_memory_bytes": args.kv_cache_memory_bytes,
             "page_size_bytes": args.page_size_bytes,
             "sampler_seed": args.seed,
         }

@@ -117,7 +117,7 @@ def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: in
         "seed": args.seed,
         "max_batch_size": max_batch_size,
         "max_seq_len": max_seq_len,
-        "gpu_memory_fraction": args.gpu_memory_fraction,
+        "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
         "enforce_eager": args.enforce_eager,
         "max_num_batched_tokens": args.max_num_batched_tokens,
     }
@@ -160,7 +160,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 def part_correctness(args, result: dict) -> None:
     prompts = random_prompts(args.check_prompts, 32, 32000, args.seed + 1)
     tokens = {}
-    for tp in (1, args.tp):
+    for tp in (1, args.tensor_parallel_size):
         part = run_engine_part(
             args,
             tp,
@@ -172,7 +172,7 @@ def part_correctness(args, result: dict) -> None:
         tokens[tp] = part["tokens"]
         result[f"tp{tp}_info_check"] = part["info"]
     prefixes = []
-    for a, b in zip(tokens[1], tokens[args.tp]):
+    for a, b in zip(tokens[1], tokens[args.tensor_parallel_size]):
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1
@@ -181,18 +181,18 @@ def part_correctness(args, result: dict) -> None:
         "dtype": args.check_dtype,
         "prompts": len(prompts),
         "new_tokens": args.check_tokens,
-        "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[args.tp])),
+        "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[args.tensor_parallel_size])),
         "common_prefix_tokens": prefixes,
-        "match": tokens[1] == tokens[args.tp],
+        "match": tokens[1] == tokens[args.tensor_parallel_size],
         "tp1_first_tokens": [t[:8] for t in tokens[1]],
-        f"tp{args.tp}_first_tokens": [t[:8] for t in tokens[args.tp]],
+        f"tp{args.tensor_parallel_size}_first_tokens": [t[:8] for t in tokens[args.tensor_parallel_size]],
     }
 
 
 def part_throughput(args, result: dict) -> None:
     prompts = random_prompts(args.num_prompts, args.input_len, 32000, args.seed)
     max_seq_len = args.input_len + args.output_len + 16
-    for tp in (1, args.tp):
+    for tp in (1, args.tensor_parallel_size):
 
         def work(actor):
             out = {"throughput": ray.get(actor.throughput.remote(prompts, args.output_len), timeout=args.timeout_s)}
@@ -204,7 +204,7 @@ def part_throughput(args, result: dict) -> None:
         part["decode_floor_ms_per_step"] = round(floor_ms, 2)  # weights read once per step; copy GB/s counts r+w
         result[f"tp{tp}"] = part
     t1 = result["tp1"]["throughput"]["output_tok_s"]
-    t2 = result[f"tp{args.tp}"]["throughput"]["output_tok_s"]
+    t2 = result[f"tp{args.tensor_parallel_size}"]["throughput"]["output_tok_s"]
     result["speedup_output_tok_s"] = round(t2 / t1, 2)
 
 
@@ -212,7 +212,7 @@ def part_serve(args, result: dict) -> None:
     import httpx
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import ENGINE_DEPLOYMENT_NAME, build_app
 
     port = 8000 + random.Random().randrange(1000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -221,11 +221,11 @@ def part_serve(args, result: dict) -> None:
         "served_model_name": "llama-3-8b-tp2",
         "dtype": args.dtype,
         "device": args.device,
-        "tensor_parallel_size": args.tp,
+        "tensor_parallel_size": args.tensor_parallel_size,
         "engine_kwargs": {
             "max_batch_size": 16,
             "max_seq_len": 2048,
-            "gpu_memory_fraction": args.gpu_memory_fraction,
+            "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
             "max_num_batched_tokens": 2048,
             "seed": args.seed,
             "enforce_eager": args.enforce_eager,
@@ -258,7 +258,9 @@ def part_serve(args, result: dict) -> None:
         "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None,
         "body": r.text[:500],
     }
-    stats = serve.get_deployment_handle("LLMEngine", app_name="tp").engine_stats.remote().result(timeout_s=30)
+    stats = (
+        serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name="tp").engine_stats.remote().result(timeout_s=30)
+    )
     result["serve"]["engine_stats"] = {
         k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page") if k in stats
     }
@@ -302,7 +304,7 @@ def print_table(result: dict, tp: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dummy:llama-3-8b")
-    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--tensor-parallel-size", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=512)
@@ -314,7 +316,7 @@ def main() -> int:
     parser.add_argument("--check-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--dtype", default="bfloat16", help="throughput and serve parts")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of the script")
-    parser.add_argument("--gpu-memory-fraction", type=float, default=0.8)
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.8)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP=1 and TP=2)")
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
@@ -326,8 +328,8 @@ def main() -> int:
     import torch
 
     num_gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    if args.device == "cuda" and num_gpus < args.tp:
-        print(f"needs {args.tp} GPUs, found {num_gpus}")
+    if args.device == "cuda" and num_gpus < args.tensor_parallel_size:
+        print(f"needs {args.tensor_parallel_size} GPUs, found {num_gpus}")
         return 2
     env_vars = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
@@ -337,7 +339,7 @@ def main() -> int:
     }
     ray.init(
         num_gpus=num_gpus,
-        num_cpus=max(os.cpu_count() or 1, 2 * args.tp + 2),
+        num_cpus=max(os.cpu_count() or 1, 2 * args.tensor_parallel_size + 2),
         include_dashboard=False,
         runtime_env={"env_vars": env_vars},
         logging_level="WARNING",
@@ -359,7 +361,7 @@ def main() -> int:
         result.setdefault("part_seconds", {})[name] = round(time.perf_counter() - start, 1)
         write_result(args.name, result)  # keep what we have if a later part hangs
     path = write_result(args.name, result)
-    print_table(result, args.tp)
+    print_table(result, args.tensor_parallel_size)
     print(f"wrote {path}")
     ray.shutdown()
     return 1 if result["errors"] else 0

@@ -74,22 +74,3 @@ def measure_copy_bandwidth(device: str, size_bytes: int = 1 << 30) -> float:
             dst.copy_(src)
         seconds = (time.perf_counter() - t) / 3
     return 2 * size_bytes / seconds / 1e9
-
-
-def greedy_shortfall(engine, prompt: list[int], output: list[int]) -> float:
-    """How far below the best logit each generated token's logit is, at worst, scoring prompt + output in one eager
-    forward (0: every token was the argmax; bf16 kernels round differently: a few hundredths at near-ties)."""
-    runner, cache = engine.runner, engine.kv_cache
-    tokens = prompt + output
-    slot = cache.allocate(len(tokens))
-    if hasattr(cache, "commit_block_table"):  # the paged mode's executor does this before each of its forwards
-        cache.commit_block_table()
-    try:
-        with torch.inference_mode():
-            batch = runner.build_batch([(slot, tokens, 0)])
-            logits = runner.model.compute_logits(runner.model(batch, cache))[len(prompt) - 1 : -1]
-        chosen = logits.gather(1, torch.tensor(output, device=logits.device)[:, None])[:, 0]
-        return float((logits.max(dim=1).values - chosen).max())
-    finally:
-        cache.record_use([slot]).wait()  # the forward is done with the slot's rows, whatever happened
-        cache.free(slot)

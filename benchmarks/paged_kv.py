@@ -6,7 +6,7 @@ layers — with only the KV layout and its addressing swapped for vLLM's:
 * ``PagedKVCache``: per layer a K and a V tensor ``[num_blocks * BLOCK_SIZE_TOKENS, Hkv, D]`` allocated up front with
   ``torch.empty`` (plain device memory, no virtual-memory tricks), blocks of 16 tokens (vLLM's default), a free-block
   queue, per-slot block lists and a device block table ``[max_batch_size, max_blocks_per_seq]`` int32. The pool gets
-  the same bytes the vAttention cache would (``pool_size_bytes``, or ``memory_fraction`` of the free memory).
+  the same bytes the vAttention cache would (``kv_cache_memory_bytes``, or ``kv_cache_memory_fraction`` of the free memory).
 * ``PagedAttentionBackend``: K/V rows are written at ``table[slot, pos // 16] * 16 + pos % 16``, computed on the
   device; decode attention is ``benchmarks/triton_paged_decode.py``, the twin of the product's split-KV kernel that
   differs only in reading each tile's rows through the block table (same tiles, autotune space and split plan).
@@ -37,7 +37,7 @@ from __future__ import annotations
 import heapq
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,10 +57,10 @@ from kvcache import (
     PoolExhaustedError,
     VirtualKVCache,
 )
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION
 from kvcache.fence import CudaFence, Fence, HostTimeline
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
-DEFAULT_MEMORY_FRACTION = 0.9  # as VirtualKVCache when neither pool_size_bytes nor memory_fraction is set
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -140,23 +140,23 @@ class PagedKVCache:
     def _pool_blocks(self, config: KVCacheConfig) -> int:
         block_bytes = self.page_size_bytes * self.num_buffers
         full = config.max_batch_size * self.max_blocks_per_seq
-        if config.pool_size_bytes is not None:
-            budget = config.pool_size_bytes
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
         else:
-            fraction = config.memory_fraction if config.memory_fraction is not None else DEFAULT_MEMORY_FRACTION
+            fraction = config.kv_cache_memory_fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION
             if self.device.type == "cuda":
                 free = torch.cuda.mem_get_info(self.device)[0]
             else:
                 free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = int(free * fraction)
-            if config.memory_fraction is None:
+            if config.kv_cache_memory_fraction is None:
                 budget = min(budget, full * block_bytes)
         blocks = min(budget // block_bytes, full)
         if blocks < 1:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds no block of {block_bytes} bytes "
-                f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise pool_size_bytes or "
-                "memory_fraction"
+                f"({BLOCK_SIZE_TOKENS} tokens of every layer's K and V): raise kv_cache_memory_bytes or "
+                "kv_cache_memory_fraction"
             )
         return blocks
 
@@ -180,10 +180,24 @@ class PagedKVCache:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def can_allocate(self, num_tokens: int) -> bool:
+    # No prefix caching in the baseline: nothing is ever cached, nothing registered.
+    block_tokens = BLOCK_SIZE_TOKENS
+    num_cached_blocks = 0
+
+    def match_prefix(self, keys: Sequence[int]) -> int:
+        return 0
+
+    def register(self, slot: int, keys: Sequence[int]) -> int:
+        return 0
+
+    def head_tokens(self, slot: int) -> int:
+        return 0
+
+    def can_allocate(self, num_tokens: int, prefix: Sequence[int] = ()) -> bool:
         """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""
         return (
-            0 <= num_tokens <= self.config.max_seq_len
+            not prefix
+            and 0 <= num_tokens <= self.config.max_seq_len
             and bool(self._free_slots)
             and _cdiv(num_tokens, BLOCK_SIZE_TOKENS) <= len(self._free_blocks)
         )
@@ -233,15 +247,18 @@ class PagedKVCache:
         if count > len(self._free_blocks):
             raise PoolExhaustedError(count * self.num_buffers, len(self._free_blocks) * self.num_buffers)
 
-    def allocate(self, num_tokens: int, final_tokens: int | None = None) -> int:
+    def allocate(self, num_tokens: int, final_tokens: int | None = None, prefix: Sequence[int] = ()) -> int:
         """Gives the lowest free slot to a new request, with blocks for its first ``num_tokens`` tokens
-        (``final_tokens`` is the vAttention cache's slot-fit hint: every slot fits here).
+        (``final_tokens`` is the vAttention cache's slot-fit hint: every slot fits here; ``prefix`` must be
+        empty: nothing is cached).
 
         Raises:
             SequenceTooLongError, NoFreeSlotError, PoolExhaustedError: the cache is left as it was.
         """
         if self._closed:
             raise KVCacheError("the cache is closed")
+        if prefix:
+            raise KVCacheError("the paged baseline caches no prefix")
         self._check_length(num_tokens)
         if not self._free_slots:
             raise NoFreeSlotError(f"all {len(self._active)} slots are in use")
@@ -277,7 +294,7 @@ class PagedKVCache:
         self._num_tokens[slot] = 0
         heapq.heappush(self._free_slots, slot)
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """Nothing to map ahead: blocks are taken when the scheduler grows a slot. Returns 0."""
         return 0
 

@@ -18,7 +18,7 @@ from deployments.engine_deployment import EngineDeployment
 from deployments.ingress import OpenAIIngress
 from deployments.page_aware_router import PageAwareRequestRouter
 
-ENGINE_DEPLOYMENT_NAME = "LLMEngine"
+ENGINE_DEPLOYMENT_NAME = "EngineDeployment"
 INGRESS_DEPLOYMENT_NAME = "OpenAIIngress"
 
 

@@ -110,7 +110,7 @@ class AppConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (tensor parallel ranks).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra EngineConfig fields (e.g. max_batch_size, max_seq_len, kv_cache_bytes, "
+        description="Extra EngineConfig fields (e.g. max_batch_size, max_seq_len, kv_cache_memory_bytes, "
         "page_size_bytes, max_num_seqs, max_num_batched_tokens), passed to EngineConfig.from_dict.",
     )
     engine: EngineDeploymentConfig = Field(

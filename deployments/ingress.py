@@ -104,14 +104,18 @@ class OpenAIIngress:
     """HTTP front door. Args: the engine deployment's handle and ``AppConfig.model_dump()``."""
 
     def __init__(self, engine: DeploymentHandle, app_config: dict[str, Any]) -> None:
-        from engine.config import ModelConfig
+        from engine.sampling_params import SamplingDefaults
         from engine.tokenizer import load_tokenizer
+        from engine.weights import read_generation_config, resolve_model
 
         self._config = AppConfig.model_validate(app_config)
         self._model_id = self._config.model_id
         self._engine = engine
         self._stream_engine = engine.options(stream=True)
-        self._tokenizer = load_tokenizer(ModelConfig(model=self._config.model))
+        resolved = resolve_model(self._config.model)
+        self._tokenizer = load_tokenizer(resolved)
+        # The model's recommended sampling, for the fields a request leaves unset (as vLLM's generation-config auto).
+        self._sampling_defaults = SamplingDefaults.from_generation_config(read_generation_config(resolved))
         self._model_limits: tuple[int, int] | None = None  # (max_model_len, max_request_tokens)
         self._created_s = int(time.time())
         self._formatter = ResponseFormatter(self._model_id, self._token_str)
@@ -215,7 +219,7 @@ class OpenAIIngress:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        params = sampling_params(body, max_tokens, logprobs, room, chat=chat)
+        params = sampling_params(body, max_tokens, logprobs, room, self._sampling_defaults, chat=chat)
 
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens, num_sequences=params.n)

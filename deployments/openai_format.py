@@ -17,7 +17,7 @@ from deployments.engine_deployment import StreamChunk
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, ResponseFormat
 
 if TYPE_CHECKING:
-    from engine.sampling_params import SamplingParams
+    from engine.sampling_params import SamplingDefaults, SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -27,23 +27,27 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: int | None,
     default_max_tokens: int,
+    defaults: SamplingDefaults,
     *,
     chat: bool,
 ) -> SamplingParams:
     """The engine's ``SamplingParams`` of a request; an out-of-range field raises a 400 ``OpenAIError``.
 
     ``max_tokens`` and ``logprobs`` are passed apart because chat and text completions name them
-    differently; ``default_max_tokens`` applies when ``max_tokens`` is ``None``.
+    differently. A field the request leaves unset takes the model's default (``defaults``, from its
+    ``generation_config.json``), else the engine's; ``max_tokens`` unset is the model's ``max_new_tokens`` capped at
+    ``default_max_tokens`` (the room left in the context), else that room.
     """
     from engine.errors import InvalidRequestError
-    from engine.sampling_params import SamplingParams
 
+    if max_tokens is None:
+        max_tokens = min(defaults.max_tokens or default_max_tokens, default_max_tokens)
     try:
-        return SamplingParams(
-            max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=-1 if body.top_k is None else body.top_k,
+        return defaults.params(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
             seed=body.seed,
             stop=body.stop,
             ignore_eos=body.ignore_eos,

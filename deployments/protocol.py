@@ -69,9 +69,15 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(description="Served model id (see /v1/models).")
-    temperature: float | None = Field(default=None, description="0 = greedy; default 1.")
-    top_p: float | None = Field(default=None, description="Nucleus sampling mass in (0, 1].")
-    top_k: int | None = Field(default=None, description="Keep the k most likely tokens; -1 = off (extension).")
+    temperature: float | None = Field(
+        default=None, description="0 = greedy; default: the model's generation_config.json, else 1."
+    )
+    top_p: float | None = Field(
+        default=None, description="Nucleus sampling mass in (0, 1]; default: the model's, else 1."
+    )
+    top_k: int | None = Field(
+        default=None, description="Keep the k most likely tokens; -1 = off (extension); default: the model's, else off."
+    )
     n: int = Field(default=1, description="Choices (independent samples) per prompt, 1 to 16.")
     stream: bool = Field(default=False, description="Stream chunks over server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")

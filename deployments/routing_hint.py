@@ -44,8 +44,10 @@ class RoutingHint:
 def pages_for_tokens(num_tokens: int, tokens_per_page: float, pages_per_token_block: int) -> int:
     """Physical pages a sequence of ``num_tokens`` occupies in a vAttention cache.
 
-    vAttention maps one page per ``tokens_per_page`` tokens in every layer's K and V tensor, so a
-    block of ``tokens_per_page`` tokens costs ``pages_per_token_block`` (= 2 * num_layers) pages.
+    The cache maps one page per ``tokens_per_page`` tokens in each of its virtual buffers, so a block of
+    ``tokens_per_page`` tokens costs ``pages_per_token_block`` pages: the number of buffers, ``2 * num_layers``
+    in the layer-major layout (a buffer per layer's K and V), 1 in the token-major one (every layer's K and V of
+    a token side by side).
     """
     if num_tokens <= 0 or tokens_per_page <= 0:
         return 0

@@ -46,9 +46,9 @@ class ForwardBatch:
             until bound to a cache with :meth:`bind_cache`.
         slot_mapping: ``[T]`` int64, flat cache row of each new token
             (``slot * slot_stride_tokens + position``), where its K/V are written; ``None`` until bound.
-        cu_seqlens_k: ``[N+1]`` int32, ``slot_ids * slot_stride_tokens`` then a final ``0``:
-            the start row of each sequence's KV in ``*_flat`` (for varlen kernels taking
-            ``seqused_k``; not a prefix sum); ``None`` until bound.
+        kv_start_rows: ``[N+1]`` int32, ``slot_ids * slot_stride_tokens`` then a final ``0``:
+            the start row of each sequence's KV in ``*_flat``; passed as FA2 varlen's ``cu_seqlens_k``
+            argument with ``seqused_k`` (it is not a prefix sum); ``None`` until bound.
         slot_ids_cpu, query_lens_cpu, context_lens_cpu, seq_lens_cpu, cu_seqlens_q_cpu: host twins.
     """
 
@@ -69,7 +69,7 @@ class ForwardBatch:
     cu_seqlens_q_cpu: list[int]
     slot_stride_tokens: int | None = None
     slot_mapping: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
+    kv_start_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -165,7 +165,7 @@ class ForwardBatch:
         return batch
 
     def bind_cache(self, slot_stride_tokens: int, _positions_cpu: torch.Tensor | None = None) -> ForwardBatch:
-        """Return this batch with the cache-row fields (``slot_mapping``, ``cu_seqlens_k``) filled
+        """Return this batch with the cache-row fields (``slot_mapping``, ``kv_start_rows``) filled
         for a cache whose slots are ``slot_stride_tokens`` rows apart. No-op if already bound so."""
         if slot_stride_tokens < 1:
             raise ValueError(f"slot_stride_tokens must be >= 1, got {slot_stride_tokens}")
@@ -175,9 +175,9 @@ class ForwardBatch:
         positions = _positions_cpu if _positions_cpu is not None else self.positions.cpu()
         q_lens = torch.tensor(self.query_lens_cpu, dtype=torch.int64)
         slot_mapping = torch.repeat_interleave(slot_starts, q_lens) + positions
-        cu_seqlens_k = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
+        kv_start_rows = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
         slot_mapping = to_device(slot_mapping, torch.int64, self.device)
-        cu_seqlens_k = to_device(cu_seqlens_k, torch.int32, self.device)
+        kv_start_rows = to_device(kv_start_rows, torch.int32, self.device)
         return replace(
-            self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, cu_seqlens_k=cu_seqlens_k
+            self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, kv_start_rows=kv_start_rows
         )

@@ -8,10 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from kvcache.config import LAYOUTS
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, LAYOUTS
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "triton_flash", "flash_attn")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_CPU_KV_CACHE_MEMORY_BYTES = 256 << 20
+# On the GPU each page costs ~27 us of driver calls (H100, benchmarks/results/kvcache_h100.json): requests decoding
+# in lockstep would all map their next page at the same step, stalling it. Mapping it over the 128 steps before,
+# at most 128 pages (~3.5 ms) a step, keeps it behind the forwards.
+GPU_PREFETCH_TOKENS = 128
+GPU_PREFETCH_PAGES_PER_STEP = 128
+
+# Keys that an earlier release spelled differently: a config that still uses one fails naming the new key.
+RENAMED_KEYS = {
+    "kv_cache_bytes": "kv_cache_memory_bytes",
+    "pool_size_bytes": "kv_cache_memory_bytes",
+    "gpu_memory_fraction": "kv_cache_memory_fraction",
+    "memory_fraction": "kv_cache_memory_fraction",
+    "kv_layout": "kv_cache_layout",
+    "layout": "kv_cache_layout",
+}
 
 
 def _is_int(value) -> bool:
@@ -116,44 +134,56 @@ class CacheConfig:
     Attributes:
         max_batch_size: number of batch slots (concurrent sequences holding KV), >= 1.
         max_seq_len: tokens per slot (prompt + output); ``None`` = the model's max position
-            embeddings capped at 4096.
+            embeddings capped at ``DEFAULT_MAX_SEQ_LEN`` (4096) and at its sliding window.
         page_size_bytes: physical page size; ``None`` = backend default (64 KiB host, 2 MiB CUDA).
-        kv_cache_bytes: size of the physical page pool; if ``None``, ``gpu_memory_fraction`` of the
-            free device memory is used on GPU, and 256 MiB on CPU.
-        gpu_memory_fraction: fraction of free GPU memory for the pool when ``kv_cache_bytes`` is None.
-        kv_layout: ``"layer_major"`` (a page holds one layer's K or V of ``page / (H * D * itemsize)`` tokens) or
+        kv_cache_memory_bytes: size of the physical page pool (vLLM's name for the same setting); if ``None``,
+            ``kv_cache_memory_fraction`` of the free device memory is used on GPU, and 256 MiB on CPU.
+        kv_cache_memory_fraction: fraction of the GPU memory free after the weights are loaded that the pool
+            takes when ``kv_cache_memory_bytes`` is None (unlike vLLM's ``gpu_memory_utilization``, a fraction of
+            the free memory, not of the whole device).
+        kv_cache_layout: ``"layer_major"`` (a page holds one layer's K or V of ``page / (H * D * itemsize)`` tokens) or
             ``"token_major"`` (a page holds every layer's K and V of ``page / (2 * L * H * D * itemsize)`` tokens:
-            far less memory held beyond a request's tokens with 2 MiB pages); see ``kvcache.KVCacheConfig.layout``.
+            far less memory held beyond a request's tokens with 2 MiB pages); see ``kvcache.KVCacheConfig.kv_cache_layout``.
             ``None`` = token-major on GPU (1.25x the decode-heavy throughput of layer-major on an H100, as many
             requests fit as with 16-token paging), layer-major on CPU (64 KiB pages waste little there).
         prefetch_tokens: tokens mapped eagerly beyond what the next step needs; ``None`` = 128 on GPU (a
             request's next page is mapped over the 128 steps before it is written), 0 on CPU.
         prefetch_pages_per_step: most pages mapped ahead per step; ``None`` = 128 on GPU (~3.5 ms of driver
             calls on an H100, hidden behind the forward), no limit on CPU.
+        enable_prefix_caching: reuse the KV of full blocks of tokens that earlier requests computed (same
+            physical pages mapped into the new request's slot; see ``kvcache.cache``), in either layout.
     """
 
     max_batch_size: int = 16
     max_seq_len: int | None = None
     page_size_bytes: int | None = None
-    kv_cache_bytes: int | None = None
-    gpu_memory_fraction: float = 0.9
-    kv_layout: str | None = None
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = DEFAULT_KV_CACHE_MEMORY_FRACTION
+    kv_cache_layout: str | None = None
     prefetch_tokens: int | None = None
     prefetch_pages_per_step: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
         if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
         if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
             raise ValueError(f"max_seq_len must be None or an int >= 1, got {self.max_seq_len!r}")
         if self.page_size_bytes is not None and (not _is_int(self.page_size_bytes) or self.page_size_bytes < 4096):
             raise ValueError(f"page_size_bytes must be None or an int >= 4096, got {self.page_size_bytes!r}")
-        if self.kv_cache_bytes is not None and (not _is_int(self.kv_cache_bytes) or self.kv_cache_bytes < 1):
-            raise ValueError(f"kv_cache_bytes must be None or an int >= 1, got {self.kv_cache_bytes!r}")
-        if not isinstance(self.gpu_memory_fraction, (int, float)) or not 0.0 < self.gpu_memory_fraction <= 1.0:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
-        if self.kv_layout is not None and self.kv_layout not in LAYOUTS:
-            raise ValueError(f"kv_layout must be one of {LAYOUTS}, got {self.kv_layout!r}")
+        if self.kv_cache_memory_bytes is not None and (
+            not _is_int(self.kv_cache_memory_bytes) or self.kv_cache_memory_bytes < 1
+        ):
+            raise ValueError(f"kv_cache_memory_bytes must be None or an int >= 1, got {self.kv_cache_memory_bytes!r}")
+        if (
+            not isinstance(self.kv_cache_memory_fraction, (int, float))
+            or not 0.0 < self.kv_cache_memory_fraction <= 1.0
+        ):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
+        if self.kv_cache_layout is not None and self.kv_cache_layout not in LAYOUTS:
+            raise ValueError(f"kv_cache_layout must be one of {LAYOUTS}, got {self.kv_cache_layout!r}")
         if self.prefetch_tokens is not None and (not _is_int(self.prefetch_tokens) or self.prefetch_tokens < 0):
             raise ValueError(f"prefetch_tokens must be None or an int >= 0, got {self.prefetch_tokens!r}")
         if self.prefetch_pages_per_step is not None and (
@@ -162,6 +192,23 @@ class CacheConfig:
             raise ValueError(
                 f"prefetch_pages_per_step must be None or an int >= 1, got {self.prefetch_pages_per_step!r}"
             )
+
+    def resolved_kv_cache_layout(self, on_gpu: bool) -> str:
+        """``kv_cache_layout`` with ``None`` resolved: token-major on GPU, layer-major on CPU."""
+        return self.kv_cache_layout or ("token_major" if on_gpu else "layer_major")
+
+    def resolved_prefetch_tokens(self, on_gpu: bool) -> int:
+        """``prefetch_tokens`` with ``None`` resolved: ``GPU_PREFETCH_TOKENS`` on GPU, 0 on CPU."""
+        if self.prefetch_tokens is not None:
+            return self.prefetch_tokens
+        return GPU_PREFETCH_TOKENS if on_gpu else 0
+
+    def resolved_prefetch_pages_per_step(self, on_gpu: bool) -> int | None:
+        """``prefetch_pages_per_step`` with ``None`` resolved: ``GPU_PREFETCH_PAGES_PER_STEP`` on GPU, no limit
+        (``None``) on CPU."""
+        if self.prefetch_pages_per_step is not None:
+            return self.prefetch_pages_per_step
+        return GPU_PREFETCH_PAGES_PER_STEP if on_gpu else None
 
 
 @dataclass
@@ -255,6 +302,9 @@ class EngineConfig:
                 unknown.append(key)
             else:
                 nested[owner][key] = value
+        renamed = [f"{key} (now {RENAMED_KEYS[key]})" for key in sorted(unknown) if key in RENAMED_KEYS]
+        if renamed:
+            raise ValueError(f"renamed engine config keys: {', '.join(renamed)}")
         if unknown:
             raise ValueError(f"unknown engine config keys: {sorted(unknown)}")
         return cls(

@@ -114,12 +114,13 @@ def _output_fields(out: RequestOutput) -> list:
         out.first_token_time,
         out.new_logprobs,
         None if out.error is None else _error_fields(out.error),
+        out.num_cached_tokens,
     ]
 
 
 def _output(fields: list) -> RequestOutput:
     (request_id, index, new_token_ids, new_text, text, token_ids, finished, finish_reason, stop_reason) = fields[:9]
-    num_prompt_tokens, num_output_tokens, arrival_time, first_token_time, new_logprobs, error = fields[9:]
+    num_prompt_tokens, num_output_tokens, arrival_time, first_token_time, new_logprobs, error, cached = fields[9:]
     return RequestOutput(
         request_id=request_id,
         prompt_token_ids=None,
@@ -137,6 +138,7 @@ def _output(fields: list) -> RequestOutput:
         new_logprobs=new_logprobs,
         error=None if error is None else _error(error),
         index=index,
+        num_cached_tokens=cached,
     )
 
 

@@ -35,7 +35,7 @@ class CudaGraphRunner:
 
     Args:
         model: the ``LlamaForCausalLM``; its ``forward`` and ``compute_logits`` are captured.
-        kv_cache: the ``VirtualKVCache``; padding rows use its reserved slot.
+        kv_cache: the ``kvcache.KVCache``; padding rows use its reserved slot.
         max_batch_size: largest decode batch to capture.
         max_seq_len: KV length bound passed to the kernels (a capture-time constant).
     """
@@ -94,7 +94,7 @@ class CudaGraphRunner:
             cu_seqlens_q_cpu=list(range(bucket + 1)),
             slot_stride_tokens=self._stride,
             slot_mapping=packed[_ROWS, :bucket],
-            cu_seqlens_k=starts,
+            kv_start_rows=starts,
         )
 
     @torch.inference_mode()

@@ -18,6 +18,7 @@ from engine.errors import EngineError
 
 if TYPE_CHECKING:
     from engine.model_runner import ModelRunner
+    from kvcache import KVCache
 
 
 class WorkerDeadError(EngineError):
@@ -36,7 +37,7 @@ class Executor(ABC):
     """
 
     runner: ModelRunner
-    kv_cache: object
+    kv_cache: KVCache
     tp_size: int = 1
     supports_device_inputs: bool = False
 
@@ -69,8 +70,8 @@ ExecutorFactory = Callable[[EngineConfig], Executor]
 class LocalExecutor(Executor):
     """One device, one ``ModelRunner`` in this process (``tensor_parallel_size == 1``).
 
-    ``runner_kwargs`` go to the ``ModelRunner`` (``kv_cache_factory``, ``attention_backend``): the hook through which
-    the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) swaps the cache and the attention backend.
+    ``runner_kwargs`` go to the ``ModelRunner`` (``kv_cache_factory``, ``attention_backend``): another
+    ``kvcache.KVCache`` implementation and the attention backend that reads it.
     """
 
     def __init__(self, config: EngineConfig, **runner_kwargs) -> None:

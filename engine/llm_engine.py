@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.batch import to_device
+from engine.block_hashes import prefix_seed
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
@@ -17,7 +18,7 @@ from engine.executor import ExecutorFactory
 from engine.outputs import EngineStats, RequestOutput
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingDefaults, SamplingParams
 from engine.scheduler import LaunchedStep, Scheduler, SchedulerOutput
 from engine.structured_output import Grammar, GrammarCompiler
 
@@ -33,8 +34,10 @@ class LLMEngine:
         tokenizer: the model's Hugging Face tokenizer (chat template included).
         max_model_len: most tokens (prompt + output) one request may hold by the model and cache shape.
         max_request_tokens: the same, also bounded by the whole KV page pool: a longer request could never run.
-        kv_cache: the runner's ``VirtualKVCache`` (rank 0's, recording its operations, under tensor parallelism).
+        kv_cache: the runner's ``kvcache.KVCache`` (rank 0's, recording its operations, under tensor parallelism).
         executor: where forwards run (``LocalExecutor``, or a tensor-parallel ``TPExecutor``).
+        sampling_defaults: the model's recommended sampling (its ``generation_config.json``): what a request without
+            ``params`` gets, and what a caller building ``params`` may start from (``sampling_defaults.params(...)``).
         async_scheduling: whether steps are launched before the previous step's tokens reach the host
             (``SchedulerConfig.async_scheduling`` where the executor allows it); may be switched between steps.
     """
@@ -44,6 +47,7 @@ class LLMEngine:
         (``tensor_parallel_size`` 1). Tensor parallelism needs one (``deployments.tp_workers``)."""
         from engine.executor import LocalExecutor
         from engine.tokenizer import load_tokenizer
+        from engine.weights import read_generation_config
 
         self.config = config if config is not None else EngineConfig()
         self.executor = (executor_factory or LocalExecutor)(self.config)
@@ -55,8 +59,9 @@ class LLMEngine:
         # Taken now, while no request holds pages.
         self.max_request_tokens = min(self.max_model_len, self.kv_cache.max_request_tokens)
         self.eos_token_ids = frozenset(self.runner.eos_token_ids)
+        self.sampling_defaults = SamplingDefaults.from_generation_config(read_generation_config(self.runner.resolved))
         self.vocab_size = int(self.runner.hf_config.vocab_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self._prefix_seed())
         self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its sequences (params.n of them)
         self._grammar_compiler: GrammarCompiler | None = None  # made by the first request with a JSON schema
@@ -79,14 +84,14 @@ class LLMEngine:
         model uses one); pass token ids to control tokenization (e.g. an applied chat template).
 
         With ``params.n`` > 1 the prompt is tokenized and checked once, then queued as ``n`` sequences in a row
-        (each computes its own copy of the prompt's KV: there is no prefix sharing yet).
+        (with prefix caching, those admitted after the first has computed the prompt's full blocks reuse them).
 
         Raises:
             InvalidRequestError: duplicate id, empty or malformed prompt, bad sampling parameter, invalid JSON schema.
             PromptTooLongError: prompt + max_tokens beyond ``max_model_len``, or more KV pages than the
                 whole pool holds, i.e. a request that could never run.
         """
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.sampling_defaults.params()
         params.validate()
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", "request_id")
@@ -256,7 +261,7 @@ class LLMEngine:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             raise InvalidRequestError("prompts must be a list of prompts (strings or token id lists)", "prompt")
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.sampling_defaults.params()] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} sampling params for {len(prompts)} prompts", "params")
         batch_id = next(self._request_counter)
@@ -323,6 +328,9 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_free_slots=cache.num_free_slots,
             max_batch_size=cache.max_batch_size,
+            prefix_cache_queries=self.scheduler.prefix_queries,
+            prefix_cache_hits=self.scheduler.prefix_hits,
+            num_cached_blocks=self.kv_cache.num_cached_blocks,
         )
 
     def shutdown(self) -> None:
@@ -334,6 +342,13 @@ class LLMEngine:
         self.executor.close()  # the cache waits for the device before it lets go of the memory
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _prefix_seed(self) -> int | None:
+        """What every cached block's key chains from: all that changes the KV besides the tokens."""
+        if not self.config.cache.enable_prefix_caching:
+            return None
+        model = self.config.model
+        return prefix_seed(model.model, model.seed, self.runner.dtype, model.tensor_parallel_size)
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -411,6 +426,7 @@ class LLMEngine:
             stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             new_logprobs=new_logprobs,

@@ -31,6 +31,7 @@ from engine.layers import (
     apply_rotary,
     get_rope,
 )
+from engine.layers.tp import CheckpointTensor, load_whole
 from engine.layers.triton_dispatch import use_triton
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "yi")
@@ -229,9 +230,11 @@ class LlamaForCausalLM(nn.Module):
         """``hidden [N, hidden]`` (usually ``hidden[batch.logits_indices]``) -> logits ``[N, vocab]`` float32."""
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]]) -> set[str]:
         """Copy checkpoint tensors (Hugging Face names) into the parameters, fusing q/k/v and gate/up
-        and taking this rank's shard. Returns the names of our parameters that were filled.
+        and taking this rank's shard, cast to the parameters' dtype on their device. Returns the names of our
+        parameters that were filled. A tensor not read yet (``CheckpointTensor``) is read one slice at a time:
+        only this rank's shard of it.
 
         Raises:
             KeyError: a checkpoint tensor with no matching parameter.
@@ -249,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
                     param = params.get(target)
                     if param is None:
                         raise KeyError(f"checkpoint tensor {name!r} has no parameter {target!r}")
-                    param.weight_loader(param, tensor.to(param.dtype), shard_id)
+                    param.weight_loader(param, tensor, shard_id)
                     loaded.add(target)
                     break
             else:
@@ -258,8 +261,8 @@ class LlamaForCausalLM(nn.Module):
                     raise KeyError(f"checkpoint tensor {name!r} has no matching parameter")
                 loader = getattr(param, "weight_loader", None)
                 if loader is not None:
-                    loader(param, tensor.to(param.dtype))
+                    loader(param, tensor)
                 else:
-                    param.data.copy_(tensor)
+                    load_whole(param, tensor)
                 loaded.add(name)
         return loaded

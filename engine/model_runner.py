@@ -5,23 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from engine.batch import ForwardBatch, to_device
-from engine.config import CacheConfig, EngineConfig, ModelConfig
+from engine.config import DEFAULT_CPU_KV_CACHE_MEMORY_BYTES, DEFAULT_MAX_SEQ_LEN, CacheConfig, EngineConfig, ModelConfig
 from engine.model import LlamaForCausalLM, check_sliding_window, sliding_window_of
-from engine.weights import ResolvedModel, get_weight_loader, resolve_model
+from engine.weights import ResolvedModel, get_weight_loader, read_generation_config, resolve_model
+from kvcache import KVCache, KVCacheConfig
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_SEQ_LEN = 4096
-DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
-# On the GPU each page costs ~27 us of driver calls (H100, benchmarks/results/kvcache_h100.json): requests decoding
-# in lockstep would all map their next page at the same step, stalling it. Mapping it over the 128 steps before,
-# at most 128 pages (~3.5 ms) a step, keeps it behind the forwards.
-GPU_PREFETCH_TOKENS = 128
-GPU_PREFETCH_PAGES_PER_STEP = 128
 
 
 @contextlib.contextmanager
@@ -85,16 +79,17 @@ class ModelRunner:
 
     Attributes:
         model: the :class:`LlamaForCausalLM`.
-        kv_cache: the ``VirtualKVCache`` sized from ``cache_config`` and the model's KV shape.
+        kv_cache: the ``kvcache.KVCache`` (a ``VirtualKVCache`` unless ``kv_cache_factory`` says otherwise) sized
+            from ``cache_config`` and the model's KV shape.
         hf_config: the transformers config.
         resolved: the :class:`ResolvedModel` (tokenizer dir, weight source).
         device, dtype, attention_backend: as resolved from ``model_config``.
         max_model_len: tokens one sequence may hold (prompt + output) = the cache's ``max_seq_len``.
         eos_token_ids: token ids that end generation (generation config + model config).
 
-    ``kv_cache_factory(KVCacheConfig)`` (default ``VirtualKVCache``) and ``attention_backend`` (an ``AttentionBackend``
-    subclass instead of ``model_config``'s backend name) replace the cache and its attention: the hook through which
-    the benchmark-only paged-KV mode (``benchmarks/paged_kv.py``) runs this engine over a vLLM-style block pool.
+    ``kv_cache_factory(KVCacheConfig)`` (default ``VirtualKVCache``) builds another ``kvcache.KVCache``
+    implementation, and ``attention_backend`` (an ``AttentionBackend`` subclass instead of ``model_config``'s backend
+    name) is the attention that reads it; ``benchmarks/paged_kv.py`` plugs a vLLM-style block pool in this way.
     """
 
     def __init__(
@@ -103,10 +98,10 @@ class ModelRunner:
         cache_config: CacheConfig,
         tp_rank: int = 0,
         *,
-        kv_cache_factory=None,
+        kv_cache_factory: Callable[[KVCacheConfig], KVCache] | None = None,
         attention_backend=None,
     ) -> None:
-        from kvcache import KVCacheConfig, VirtualKVCache
+        from kvcache import VirtualKVCache
 
         self.model_config = model_config
         self.cache_config = cache_config
@@ -135,29 +130,19 @@ class ModelRunner:
         )
 
         pool_kwargs = {}
-        if cache_config.kv_cache_bytes is not None:
-            pool_kwargs["pool_size_bytes"] = cache_config.kv_cache_bytes
+        if cache_config.kv_cache_memory_bytes is not None:
+            pool_kwargs["kv_cache_memory_bytes"] = cache_config.kv_cache_memory_bytes
         elif self.device.type == "cuda" and model_config.tensor_parallel_size > 1:
             # Ranks replay rank 0's page decisions, so every rank's pool must hold the same number of pages:
             # size them all by the rank with the least free memory.
-            pool_kwargs["pool_size_bytes"] = _min_over_ranks(
-                int(torch.cuda.mem_get_info(self.device)[0] * cache_config.gpu_memory_fraction), self.device
+            pool_kwargs["kv_cache_memory_bytes"] = _min_over_ranks(
+                int(torch.cuda.mem_get_info(self.device)[0] * cache_config.kv_cache_memory_fraction), self.device
             )
         elif self.device.type == "cuda":
-            pool_kwargs["memory_fraction"] = cache_config.gpu_memory_fraction
+            pool_kwargs["kv_cache_memory_fraction"] = cache_config.kv_cache_memory_fraction
         else:
-            pool_kwargs["pool_size_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+            pool_kwargs["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_MEMORY_BYTES
         on_gpu = self.device.type == "cuda"
-        pool_kwargs["prefetch_tokens"] = (
-            cache_config.prefetch_tokens
-            if cache_config.prefetch_tokens is not None
-            else GPU_PREFETCH_TOKENS
-            if on_gpu
-            else 0
-        )
-        pool_kwargs["prefetch_pages_per_step"] = cache_config.prefetch_pages_per_step or (
-            GPU_PREFETCH_PAGES_PER_STEP if on_gpu else None
-        )
         self.kv_cache = (kv_cache_factory or VirtualKVCache)(
             KVCacheConfig(
                 num_layers=self.hf_config.num_hidden_layers,
@@ -168,7 +153,9 @@ class ModelRunner:
                 dtype=self.dtype,
                 device=str(self.device),
                 page_size_bytes=cache_config.page_size_bytes,
-                layout=cache_config.kv_layout or ("token_major" if on_gpu else "layer_major"),
+                kv_cache_layout=cache_config.resolved_kv_cache_layout(on_gpu),
+                prefetch_tokens=cache_config.resolved_prefetch_tokens(on_gpu),
+                prefetch_pages_per_step=cache_config.resolved_prefetch_pages_per_step(on_gpu),
                 **pool_kwargs,
             )
         )
@@ -204,10 +191,7 @@ class ModelRunner:
                 ids.update(int(v) for v in value)
 
         add(getattr(self.hf_config, "eos_token_id", None))
-        if self.resolved.weights_dir is not None and (self.resolved.weights_dir / "generation_config.json").is_file():
-            from transformers import GenerationConfig
-
-            add(GenerationConfig.from_pretrained(str(self.resolved.weights_dir)).eos_token_id)
+        add(read_generation_config(self.resolved).get("eos_token_id"))
         return ids
 
     @property

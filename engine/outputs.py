@@ -26,6 +26,8 @@ class RequestOutput:
         new_logprobs: one dict per new token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``,
             when the request asked for logprobs; else None.
         num_prompt_tokens, num_output_tokens: usage counts.
+        num_cached_tokens: prompt tokens whose KV came from the prefix cache (OpenAI's
+            ``prompt_tokens_details.cached_tokens``).
         arrival_time, first_token_time: ``time.time()`` stamps (first token: None until sampled).
         error: set when the request failed inside the engine (finish_reason "abort"); the async engine
             raises it to the request's consumer.
@@ -47,6 +49,7 @@ class RequestOutput:
     new_logprobs: list[dict] | None = None
     error: BaseException | None = field(default=None, repr=False)
     index: int = 0
+    num_cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,17 @@ class EngineStats:
         num_total_pages / num_free_pages / num_mapped_pages / num_reclaimable_pages: physical page
             pool accounting (``free + mapped == total``; reclaimable pages are mapped but owned by no
             live token, so a new request can take them).
-        tokens_per_page: tokens of one layer's K or V per page; page_size_bytes: its size.
-        pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens (every layer's K and V).
+        tokens_per_page: tokens one page holds in one of the cache's virtual buffers (one layer's K or V in the
+            layer-major layout, every layer's K and V in the token-major one); page_size_bytes: its size.
+        pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens: the cache's number of
+            buffers (``2 * num_layers`` layer-major, 1 token-major).
         num_running / num_waiting: requests holding a slot / queued (new or preempted).
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.
         num_free_slots / max_batch_size: cache batch slots free / in all.
+        prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in the prefix cache at admission /
+            found there, since start (vLLM's counters).
+        num_cached_blocks: blocks of computed tokens registered for reuse now.
     """
 
     num_total_pages: int
@@ -78,6 +86,9 @@ class EngineStats:
     num_preemptions: int
     num_free_slots: int
     max_batch_size: int
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_cached_blocks: int = 0
 
     @property
     def num_available_pages(self) -> int:

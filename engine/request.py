@@ -50,6 +50,8 @@ class Request:
         max_tokens: the effective output budget (``params.max_tokens`` or what ``max_seq_len`` leaves).
         generator: per-request ``torch.Generator`` when ``params.seed`` is set.
         grammar: the structured-output grammar (``params.json_schema``), advanced by every appended token.
+        block_hashes: chained keys of the sequence's full blocks of known tokens so far (prefix caching).
+        num_cached_tokens: prompt tokens whose KV was found cached when first admitted (None before).
     """
 
     request_id: str
@@ -75,6 +77,9 @@ class Request:
     pending_logprobs: list[dict] = field(default_factory=list)  # sampled since the last output
     # Sampled on the device by a launched step, not yet appended to output_token_ids (0 or 1).
     num_placeholder_tokens: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # blocks of the current slot registered (or known unregistrable)
+    num_cached_tokens: int | None = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -88,6 +93,11 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt, output and placeholder tokens: the sequence length once in-flight samples land."""
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholder_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt and output tokens on the host (placeholders excluded)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def has_all_output_tokens(self) -> bool:

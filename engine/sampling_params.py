@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
 # Samples per prompt: each holds its own cache slot and pages, as a request of its own would.
@@ -130,3 +133,67 @@ class SamplingParams:
                 f"json_schema must be None or a JSON Schema object (dict), got {type(self.json_schema).__name__}",
                 "json_schema",
             )
+
+
+# generation_config.json key -> the SamplingParams field it gives a default to (as vLLM's ``--generation-config
+# auto``); keys the engine cannot honour are named in a warning.
+GENERATION_CONFIG_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "max_new_tokens": "max_tokens",
+}
+_UNSUPPORTED_GENERATION_KEYS = ("repetition_penalty", "min_p", "typical_p", "no_repeat_ngram_size")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for the sampling fields it leaves unset: the model's recommended values from its
+    ``generation_config.json``, each ``None`` where the model names none and :class:`SamplingParams`' own default
+    applies.
+
+    Attributes:
+        temperature, top_p, top_k: as :class:`SamplingParams` (``top_k`` 0, "off" in a generation config, is -1).
+        max_tokens: from ``max_new_tokens``.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+
+    @classmethod
+    def from_generation_config(
+        cls, generation_config: dict[str, Any], source: str = "generation_config.json"
+    ) -> SamplingDefaults:
+        """The defaults a parsed ``generation_config.json`` names. A value out of :class:`SamplingParams`' range is
+        left out with a warning (requests then get the engine's default) rather than failing every request."""
+        values = {}
+        for key, name in GENERATION_CONFIG_DEFAULTS.items():
+            value = generation_config.get(key)
+            if value is None:
+                continue
+            if name == "top_k" and value == 0:
+                value = -1
+            try:
+                SamplingParams(**{name: value})
+            except InvalidRequestError as exc:
+                logger.warning("%s: ignoring %s=%r: %s", source, key, value, exc.message)
+                continue
+            values[name] = value
+        ignored = [k for k in _UNSUPPORTED_GENERATION_KEYS if generation_config.get(k) not in (None, 0, 1)]
+        if ignored:
+            logger.warning("%s: %s not supported by this engine; ignored", source, ", ".join(ignored))
+        return cls(**values)
+
+    def params(self, **values: Any) -> SamplingParams:
+        """``SamplingParams(**values)``, where each of these defaults' fields that ``values`` leaves out or gives as
+        ``None`` (unset) takes the model's default, or SamplingParams' own where the model has none.
+
+        Raises:
+            InvalidRequestError: an out-of-range field.
+        """
+        merged = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        defaulted = {f.name for f in fields(self)}
+        merged.update({k: v for k, v in values.items() if v is not None or k not in defaulted})
+        return SamplingParams(**merged)

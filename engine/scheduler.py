@@ -10,6 +10,10 @@ A step goes through three calls, as in vLLM v1:
   finish requests (their slots go back to the cache, which keeps them out of reach until the step's fence is done).
 
 Requests change state here and nowhere else (``add``, ``finish``, the three calls above).
+
+Prefix caching: a request is admitted with the longest run of its full blocks that the cache has registered
+mapped at the start of its slot, and its computation starts after them; once launched steps have computed more of
+its full blocks, they are registered for later requests (see ``kvcache.cache``).
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from engine.block_hashes import extend_block_hashes
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, SamplerOutput
-from kvcache import Fence, NoFreeSlotError, PoolExhaustedError, VirtualKVCache
+from kvcache import Fence, KVCache, NoFreeSlotError, PoolExhaustedError
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +140,15 @@ class Scheduler:
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: VirtualKVCache) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCache, prefix_seed: int | None = None) -> None:
+        """``prefix_seed``: the key block 0 chains from (``engine.block_hashes.prefix_seed``); None turns prefix
+        caching off."""
         self.config = config
         self.kv_cache = kv_cache
+        self.prefix_seed = prefix_seed
+        self.block_tokens = kv_cache.block_tokens
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache at admission
+        self.prefix_hits = 0  # of which found cached
         num_slots = kv_cache.config.max_batch_size
         self.max_num_seqs = min(config.max_num_seqs or num_slots, num_slots)
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -212,18 +223,25 @@ class Scheduler:
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             final_tokens = min(request.num_tokens + 1, self.max_seq_len)
-            if not self.kv_cache.can_allocate(final_tokens):
+            prefix = self._cached_prefix(request)
+            if not self.kv_cache.can_allocate(final_tokens, prefix):
                 break
-            num_tokens = min(request.num_uncomputed_tokens, budget)
+            cached = len(prefix) * self.block_tokens
+            num_tokens = min(request.num_tokens - cached, budget)
             try:
-                request.slot = self.kv_cache.allocate(num_tokens, final_tokens=final_tokens)
+                request.slot = self.kv_cache.allocate(cached + num_tokens, final_tokens=final_tokens, prefix=prefix)
             except (NoFreeSlotError, PoolExhaustedError):
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = 0
+            request.num_computed_tokens = cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+            if self.prefix_seed is not None:
+                self.prefix_queries += request.num_tokens
+                self.prefix_hits += cached
             self.running.append(request)
-            planned[id(request)] = ScheduledRequest(request, num_tokens, 0)
+            planned[id(request)] = ScheduledRequest(request, num_tokens, cached)
             budget -= num_tokens
 
         # Keep the batch in a stable order: decodes, then prefill chunks, then newly admitted.
@@ -238,10 +256,13 @@ class Scheduler:
         (the driver calls overlap the device work just launched)."""
         fence = self.kv_cache.record_use(s.slot for s in plan.scheduled)
         for item in plan.scheduled:
+            assert item.start_pos >= self.kv_cache.head_tokens(item.slot), "a step wrote a shared block"
             item.request.num_computed_tokens = item.start_pos + item.num_tokens
+            if self.prefix_seed is not None:
+                self._register_blocks(item.request)
         for request in sampled_requests:
             request.num_placeholder_tokens += 1
-        self.kv_cache.prepare(self.next_step_tokens(plan.scheduled))
+        self.kv_cache.map_ahead(self.next_step_tokens(plan.scheduled))
         return LaunchedStep(plan, fence, sampled_requests, sampled)
 
     def update_from_output(self, launched: LaunchedStep) -> list[Request]:
@@ -269,7 +290,7 @@ class Scheduler:
         return progressed
 
     def next_step_tokens(self, scheduled: list[ScheduledRequest]) -> dict[int, int]:
-        """``{slot: rows the next iteration will need}`` for ``kv_cache.prepare``, assuming each request
+        """``{slot: rows the next iteration will need}`` for ``kv_cache.map_ahead``, assuming each request
         keeps running: one more token after a completed prompt, else the next prefill chunk."""
         need = {}
         for item in scheduled:
@@ -284,6 +305,36 @@ class Scheduler:
             need[request.slot] = min(next_rows, self.max_seq_len)
         return need
 
+    # ---- prefix caching ---------------------------------------------------------------------------------------
+
+    def _update_block_hashes(self, request: Request) -> list[int]:
+        """The keys of the request's full blocks of known tokens (computed once, extended as tokens land)."""
+        hashes = request.block_hashes
+        known = request.num_known_tokens
+        if (len(hashes) + 1) * self.block_tokens <= known:
+            tokens = request.token_slice(len(hashes) * self.block_tokens, known)
+            extend_block_hashes(hashes, tokens, self.block_tokens, self.prefix_seed)
+        return hashes
+
+    def _cached_prefix(self, request: Request) -> list[int]:
+        """Keys of the request's leading blocks that the cache holds, leaving at least one token to compute
+        (its logits give the next token)."""
+        if self.prefix_seed is None:
+            return []
+        usable = (request.num_tokens - 1) // self.block_tokens
+        keys = self._update_block_hashes(request)[:usable]
+        return keys[: self.kv_cache.match_prefix(keys)]
+
+    def _register_blocks(self, request: Request) -> None:
+        """Registers the request's blocks that launched steps have now computed in full (known tokens only)."""
+        full = min(request.num_computed_tokens, request.num_known_tokens) // self.block_tokens
+        if full <= request.num_registered_blocks:
+            return
+        keys = self._update_block_hashes(request)[:full]
+        head = self.kv_cache.register(request.slot, keys)
+        # A block registered by another slot stops this one's chain for good: it is never tried again.
+        request.num_registered_blocks = full if head == full else self.max_seq_len
+
     # ---- internals --------------------------------------------------------------------------------------------
 
     def _preempt(self, request: Request) -> None:
@@ -291,6 +342,7 @@ class Scheduler:
         self.running.remove(request)
         self._release_slot(request)
         request.num_computed_tokens = 0
+        request.num_registered_blocks = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1

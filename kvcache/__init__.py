@@ -10,6 +10,7 @@ from kvcache.errors import (
     SequenceTooLongError,
 )
 from kvcache.fence import Fence
+from kvcache.interface import KVCache
 from kvcache.physical_memory import PhysicalMemory
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "CacheDesyncError",
     "CacheOp",
     "Fence",
+    "KVCache",
     "KVCacheConfig",
     "KVCacheError",
     "KVCacheStats",

@@ -13,18 +13,28 @@ The device runs behind the host. Each launched step records a fence over the slo
 a freed slot's rows are unmapped, or the slot handed to another request, only once its fence is complete. Slot 0 is
 reserved: its first page in every buffer stays mapped for the cache's lifetime, so every view's base address is
 backed (Triton checks each tensor argument's base pointer at launch), and CUDA graphs point their padding rows at it.
+
+Prefix caching by page aliasing. A *block* is the fewest tokens that fill whole pages (``block_tokens``: 16 tokens
+of Llama-3-8B in one 2 MiB page, token-major). A full block of computed tokens can be *registered* under a hash
+chained over the tokens before it; its pages then belong to the cache's prefix registry. A new request whose prompt
+starts with registered blocks gets them mapped at the start of its slot (the same physical pages at a second virtual
+address: no copy, and the kernels still see one dense range), and its prefill starts after them. The blocks at the
+start of a slot that belong to the registry are the slot's *head*; a request only writes past its head, so a
+registered page is never written again. Blocks no active slot holds stay cached (mapped in the free slots that held
+them, or nowhere: physical pages keep their contents when unmapped) and are evicted, least recently used first,
+when the pool runs short.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from kvcache.config import KVCacheConfig
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, KVCacheConfig
 from kvcache.errors import KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError
 from kvcache.fence import Fence
 from kvcache.page_pool import PagePool
@@ -56,12 +66,30 @@ class CacheOp:
 
     ``kind``: ``"map"`` / ``"unmap"`` (``count`` pages per buffer at the end of ``slot``), ``"activate"`` (the slot
     is given to a request holding ``count`` tokens), ``"tokens"`` (the slot's request holds ``count`` tokens),
-    ``"free"`` (``count`` unused).
+    ``"free"`` (``count`` unused), ``"head"`` (the slot's head becomes the registered blocks ``keys``),
+    ``"register"`` (the slot's next blocks after its head are registered as ``keys``), ``"evict"`` (the registered
+    block ``keys[0]`` is dropped).
     """
 
     kind: str
     slot: int
     count: int = 0
+    keys: tuple[int, ...] = ()
+
+
+@dataclass(eq=False)
+class _Block:
+    """A registered block: ``block_pages`` pages per buffer holding ``block_tokens`` computed tokens.
+
+    ``refs``: active slots whose head holds it (never evicted while > 0); ``slots``: every slot, active or free,
+    where it is mapped; ``index``: its position in a slot (blocks before it in the chain come first)."""
+
+    key: int
+    index: int
+    pages: list[list[int]]
+    refs: int = 0
+    slots: set[int] = field(default_factory=set)
+    last_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -69,8 +97,10 @@ class KVCacheStats:
     """Page accounting read by the scheduler (admission) and the router (placement).
 
     ``free_pages + mapped_pages == total_pages``; ``mapped_pages == used_pages + reclaimable_pages``, where
-    reclaimable pages are mapped to free slots or beyond an active slot's length (prefetched). Whenever no slot is
-    active, ``free_pages + reclaimable_pages == total_pages``. The reserved slot's pages are in none of these counts.
+    reclaimable pages are mapped to free slots, beyond an active slot's length (prefetched), or hold cached prefix
+    blocks that no active request holds. Whenever no slot is active, ``free_pages + reclaimable_pages ==
+    total_pages``. The counts are of physical pages (a page mapped in several slots counts once; a cached block
+    mapped nowhere counts as mapped). The reserved slot's pages are in none of these counts.
     A request growing by ``tokens_per_page`` tokens maps one page in each of ``num_buffers`` buffers
     (every layer's K and V).
     """
@@ -157,6 +187,8 @@ class VirtualKVCache:
         self.slot_stride_tokens = -(-config.max_seq_len // step) * step
         self._slot_bytes = self.slot_stride_tokens * token_bytes
         self.max_pages_per_slot = self._slot_bytes // page  # per buffer
+        self.block_tokens = step  # the unit of prefix sharing: whole pages of whole tokens
+        self._block_pages = step * token_bytes // page  # per buffer
         self.num_buffers = config.num_buffers
         num_slots = config.max_batch_size + 1  # the reserved slot first
         self._buffer_bytes = num_slots * self._slot_bytes
@@ -173,7 +205,12 @@ class VirtualKVCache:
         self._num_tokens = [0] * num_slots
         self._active = [False] * num_slots
         self._fence: list[Fence | None] = [None] * num_slots  # the last launched step that touched the slot
+        self._heads: list[list[_Block]] = [[] for _ in range(num_slots)]  # registered blocks at each slot's start
+        self._blocks: dict[int, _Block] = {}  # the prefix registry, by chained hash
+        self._num_referenced_blocks = 0  # registered blocks with refs > 0
+        self._clock = 0  # ticks at every free, for least-recently-used eviction
         self._journal: list[CacheOp] | None = None
+        self._quiet = 0  # > 0 while a composite change logs itself as one operation
         self._closed = False
         self._map_tail(RESERVED_SLOT, self._reserved_pages)
         self._active[RESERVED_SLOT] = True
@@ -183,7 +220,7 @@ class VirtualKVCache:
         raw = memory.as_tensor(self._base, virtual_bytes).view(config.dtype)
         slots, heads, dim, layers = num_slots, config.num_kv_heads, config.head_dim, config.num_layers
         rows = slots * self.slot_stride_tokens
-        if config.layout == "layer_major":
+        if config.kv_cache_layout == "layer_major":
             # [K of layer 0, ..., K of layer L-1, V of layer 0, ...], each [rows, H, D]
             grid = raw.view(2, layers, rows, heads, dim)
             flat = [grid[kv, layer] for kv in range(2) for layer in range(layers)]
@@ -197,18 +234,18 @@ class VirtualKVCache:
 
     def _pool_pages(self, config: KVCacheConfig, page: int) -> int:
         full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
-        if config.pool_size_bytes is not None:
-            budget = config.pool_size_bytes
+        if config.kv_cache_memory_bytes is not None:
+            budget = config.kv_cache_memory_bytes
         else:
-            fraction = config.memory_fraction if config.memory_fraction is not None else 0.9
-            budget = int(self._memory.free_memory_bytes() * fraction)
-            if config.memory_fraction is None:
+            fraction = config.kv_cache_memory_fraction
+            budget = int(self._memory.free_memory_bytes() * (fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION))
+            if fraction is None:
                 budget = min(budget, full * page)
         pages = min(budget // page, full)
         if pages < self.num_buffers:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "
-                f"{self.num_buffers} (a page in each buffer): raise pool_size_bytes or memory_fraction"
+                f"{self.num_buffers} (a page in each buffer): raise kv_cache_memory_bytes or kv_cache_memory_fraction"
             )
         return pages
 
@@ -221,14 +258,23 @@ class VirtualKVCache:
         """Physical pages (all layers, K and V) that hold ``num_tokens`` tokens of one request."""
         return self._pages_per_buffer(num_tokens) * self.num_buffers
 
+    def _head_pages(self, slot: int) -> int:
+        """Pages per buffer at the start of ``slot`` that belong to registered blocks."""
+        return len(self._heads[slot]) * self._block_pages
+
     def _excess(self, slot: int) -> int:
-        """Pages per buffer a slot holds beyond what its tokens need: all of them for a free slot."""
+        """Pages per buffer a slot holds of its own beyond what its tokens need: every page past its head for a
+        free slot. (Its head's pages are the registry's: they go back only by eviction.)"""
         if not self._active[slot]:
-            return self._mapped[slot]
-        return max(0, self._mapped[slot] - self._pages_per_buffer(self._num_tokens[slot]))
+            return self._mapped[slot] - self._head_pages(slot)
+        return max(0, self._mapped[slot] - max(self._pages_per_buffer(self._num_tokens[slot]), self._head_pages(slot)))
+
+    def _evictable_pages(self) -> int:
+        return (len(self._blocks) - self._num_referenced_blocks) * self._block_pages * self.num_buffers
 
     def _reclaimable(self, exclude: int | None = None) -> int:
-        return sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
+        own = sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
+        return own + self._evictable_pages()
 
     def _is_idle(self, slot: int) -> bool:
         """No launched step that touched ``slot`` may still be running."""
@@ -237,18 +283,40 @@ class VirtualKVCache:
             self._fence[slot] = fence = None
         return fence is None
 
-    def _choose_slot(self, pages_per_buffer: int) -> int | None:
-        """Best fit among free, idle slots: the smallest mapped length that fits, else the largest mapped length.
+    def _common_head(self, slot: int, blocks: Sequence[_Block]) -> int:
+        """How many of ``blocks`` the slot's head already holds, in order."""
+        head, common = self._heads[slot], 0
+        while common < min(len(head), len(blocks)) and head[common] is blocks[common]:
+            common += 1
+        return common
+
+    def _choose_slot(self, pages_per_buffer: int, blocks: Sequence[_Block] = ()) -> int | None:
+        """Among free, idle slots: the one whose head already maps most of ``blocks`` (no remapping), then one with
+        no other registered blocks to drop, then best fit: the smallest mapped length that fits, else the largest.
         A slot that a running step still touches is never handed to another request."""
         best, best_key = None, None
         for slot, active in enumerate(self._active):
             if active or not self._is_idle(slot):
                 continue
+            common = self._common_head(slot, blocks)
             mapped = self._mapped[slot]
-            key = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
+            fit = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
+            key = (-common, len(self._heads[slot]) > common, fit)
             if best_key is None or key < best_key:
                 best, best_key = slot, key
         return best
+
+    def _pages_to_allocate(self, slot: int, pages_per_buffer: int, blocks: Sequence[_Block]) -> tuple[int, int]:
+        """``(pages to map, pages given back on the way)`` when ``slot`` gets ``blocks`` as its head and
+        ``pages_per_buffer`` mapped: a head that differs from ``blocks`` is cut where they part."""
+        common = self._common_head(slot, blocks)
+        mapped, given_back = self._mapped[slot], 0
+        if len(self._heads[slot]) > common or len(blocks) > common:
+            cut = common * self._block_pages
+            given_back = (mapped - max(cut, self._head_pages(slot))) * self.num_buffers
+            mapped = cut
+        mapped = max(mapped, len(blocks) * self._block_pages)
+        return max(0, pages_per_buffer - mapped) * self.num_buffers, max(0, given_back)
 
     def pages_needed(self, num_tokens: int, slot: int | None = None) -> int:
         """Physical pages that must be mapped to hold ``num_tokens`` in ``slot`` (or in a new request's slot)."""
@@ -259,15 +327,24 @@ class VirtualKVCache:
                 return per_buffer * self.num_buffers
         return max(0, per_buffer - self._mapped[slot]) * self.num_buffers
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether :meth:`allocate` of ``num_tokens`` would succeed now."""
+    def can_allocate(self, num_tokens: int, prefix: Sequence[int] = ()) -> bool:
+        """Whether :meth:`allocate` of ``num_tokens`` with ``prefix`` would succeed now."""
         if num_tokens > self.config.max_seq_len:
             return False
-        slot = self._choose_slot(self._pages_per_buffer(num_tokens))
+        blocks = self._lookup(prefix)
+        fit = self._pages_per_buffer(num_tokens)
+        slot = self._choose_slot(fit, blocks)
         if slot is None:
             return False
-        needed = self.pages_needed(num_tokens, slot)
-        return needed <= self._pool.num_free_pages + self._reclaimable(exclude=slot)
+        needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
+        return needed <= available
+
+    def _allocation_budget(self, slot: int, pages_per_buffer: int, blocks: Sequence[_Block]) -> tuple[int, int]:
+        """``(pages to map, pages that free pages and reclamation can give)`` for ``slot`` to get ``blocks`` as
+        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it."""
+        needed, given_back = self._pages_to_allocate(slot, pages_per_buffer, blocks)
+        reused = sum(1 for b in blocks if b.refs == 0) * self._block_pages * self.num_buffers
+        return needed, self._pool.num_free_pages + given_back + self._reclaimable(exclude=slot) - reused
 
     @property
     def max_request_tokens(self) -> int:
@@ -288,17 +365,23 @@ class VirtualKVCache:
     def is_active(self, slot: int) -> bool:
         return self._active[slot]
 
+    def head_tokens(self, slot: int) -> int:
+        """Rows at the start of ``slot`` held by registered blocks: shared, never to be written."""
+        return len(self._heads[slot]) * self.block_tokens
+
     def stats(self) -> KVCacheStats:
+        """Counts physical pages: a page mapped in several slots counts once; a registered block mapped nowhere
+        is held (and reclaimable) all the same."""
         reserved = self._reserved_pages * self.num_buffers
-        mapped = sum(self._mapped) * self.num_buffers - reserved
+        held = self._pool.num_pages - reserved - self._pool.num_free_pages
         reclaimable = self._reclaimable()
         active = sum(self._active) - 1
         return KVCacheStats(
             total_pages=self._pool.num_pages - reserved,
             free_pages=self._pool.num_free_pages,
-            mapped_pages=mapped,
+            mapped_pages=held,
             reclaimable_pages=reclaimable,
-            used_pages=mapped - reclaimable,
+            used_pages=held - reclaimable,
             page_size_bytes=self.page_size_bytes,
             tokens_per_page=self.tokens_per_page,
             num_buffers=self.num_buffers,
@@ -321,27 +404,168 @@ class VirtualKVCache:
         if not 0 < slot < len(self._active) or not self._active[slot]:
             raise KVCacheError(f"slot {slot} is not allocated")
 
-    def allocate(self, num_tokens: int, final_tokens: int | None = None) -> int:
+    def allocate(self, num_tokens: int, final_tokens: int | None = None, prefix: Sequence[int] = ()) -> int:
         """Gives a free slot to a new request and maps pages for its first ``num_tokens`` tokens.
 
         ``final_tokens`` (default ``num_tokens``): the tokens the request will hold once its prompt is in, e.g.
         when ``num_tokens`` is only its first prefill chunk; the slot is chosen to fit that best.
+        ``prefix``: keys of registered blocks (see :meth:`match_prefix`) whose pages become the slot's first
+        ``len(prefix) * block_tokens`` rows; the request must not write them (its computation starts after).
 
         Raises:
             SequenceTooLongError: ``num_tokens > max_seq_len``.
+            KVCacheError: a key of ``prefix`` is not registered, or ``num_tokens`` does not go past the prefix.
             NoFreeSlotError: every slot is taken, or still touched by a running step.
             PoolExhaustedError: not enough free or reclaimable pages.
         """
         if self._closed:
             raise KVCacheError("the cache is closed")
         self._check_length(num_tokens)
+        blocks = self._lookup(prefix)
+        if len(blocks) != len(prefix):
+            raise KVCacheError(f"prefix block {prefix[len(blocks)]:#x} is not cached")
+        if blocks and num_tokens <= len(blocks) * self.block_tokens:
+            raise KVCacheError(f"{num_tokens} tokens do not go past the {len(blocks) * self.block_tokens} cached")
         fit = self._pages_per_buffer(min(max(num_tokens, final_tokens or 0), self.config.max_seq_len))
-        slot = self._choose_slot(fit)
+        slot = self._choose_slot(fit, blocks)
         if slot is None:
             raise NoFreeSlotError(f"all {self.config.max_batch_size} slots are in use or still in flight")
-        self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
+        needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
+        if needed > available:
+            raise PoolExhaustedError(needed, available)
+        for block in blocks:  # not evicted to make room for the request itself
+            self._ref(block, +1)
+        try:
+            self._set_head(slot, blocks)
+            self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
+        finally:
+            for block in blocks:
+                self._ref(block, -1)
         self._set_active(slot, num_tokens)
         return slot
+
+    # ---- prefix registry --------------------------------------------------------------------------------------
+
+    def _lookup(self, keys: Sequence[int]) -> list[_Block]:
+        blocks = []
+        for index, key in enumerate(keys):
+            block = self._blocks.get(key)
+            if block is None or block.index != index:
+                break
+            blocks.append(block)
+        return blocks
+
+    def match_prefix(self, keys: Sequence[int]) -> int:
+        """How many of the leading ``keys`` (chained hashes of a prompt's full blocks) are registered."""
+        return len(self._lookup(keys))
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._blocks)
+
+    def cached_keys(self, limit: int, index: int = 0) -> list[int]:
+        """Up to ``limit`` keys of registered blocks at chain position ``index``, most recently used first: a
+        compact summary of the prefixes this cache holds (position 0 are the first blocks of prompts)."""
+        found = [b for b in self._blocks.values() if b.index == index]
+        found.sort(key=lambda b: (b.refs == 0, -b.last_used))
+        return [b.key for b in found[:limit]]
+
+    def _ref(self, block: _Block, delta: int) -> None:
+        if block.refs == 0 and delta > 0:
+            self._num_referenced_blocks += 1
+        block.refs += delta
+        if block.refs == 0:
+            self._num_referenced_blocks -= 1
+            block.last_used = self._clock
+
+    def register(self, slot: int, keys: Sequence[int]) -> int:
+        """Registers the first ``len(keys)`` blocks of ``slot`` under ``keys``, the chained hashes of their tokens
+        (those of its head are registered already). Each must be full of computed tokens: launched steps wrote
+        them, and nothing writes them again. Stops at a key registered already (another slot computed the same
+        tokens: its copy stays the registry's, this one the slot's own). Returns the length of the slot's head:
+        ``< len(keys)`` means no more of this slot's blocks can be registered.
+
+        Raises:
+            KVCacheError: ``keys`` do not start with the head's keys.
+        """
+        self._check_slot(slot)
+        head = self._heads[slot]
+        if any(block.key != key for block, key in zip(head, keys)):
+            raise KVCacheError(f"the keys do not match the registered blocks at the start of slot {slot}")
+        limit = min(self._num_tokens[slot], self._mapped[slot] * self.page_size_bytes // self.token_bytes)
+        registered = []
+        for key in keys[len(head) :]:
+            index = len(head)
+            if (index + 1) * self.block_tokens > limit or key in self._blocks:
+                break
+            first = index * self._block_pages
+            pages = [list(buf[first : first + self._block_pages]) for buf in self._pages[slot]]
+            block = _Block(key, index, pages, slots={slot})
+            self._blocks[key] = block
+            self._ref(block, +1)
+            head.append(block)
+            registered.append(key)
+        if registered:
+            self._log("register", slot, keys=tuple(b.key for b in head))
+        return len(head)
+
+    def _set_head(self, slot: int, blocks: Sequence[_Block]) -> None:
+        """Makes ``blocks`` the head of the free, idle ``slot``: where its head parts from them, the slot is cut
+        (its other registered blocks and its own pages after the cut unmapped), then the missing blocks mapped."""
+        common = self._common_head(slot, blocks)
+        if len(self._heads[slot]) == common and len(blocks) == common:
+            return
+        self._quiet += 1
+        try:
+            self._cut(slot, common)
+            for block in blocks[common:]:
+                self._map_tail(slot, self._block_pages, [p for buf in block.pages for p in buf])
+                self._heads[slot].append(block)
+                block.slots.add(slot)
+        finally:
+            self._quiet -= 1
+        self._log("head", slot, keys=tuple(b.key for b in blocks))
+
+    def _cut(self, slot: int, keep_blocks: int) -> None:
+        """Unmaps everything of ``slot`` after its first ``keep_blocks`` head blocks (the slot must be free and idle
+        or be a replaying rank's); its own pages go back to the pool, the registry keeps the blocks."""
+        keep = keep_blocks * self._block_pages
+        if self._mapped[slot] <= keep:
+            return
+        own = self._excess(slot) if not self._active[slot] else 0
+        if own:
+            self._unmap_tail(slot, own)
+        dropped = self._heads[slot][keep_blocks:]
+        if dropped:
+            count = self._mapped[slot] - keep
+            for buffer in range(self.num_buffers):
+                self._memory.unmap(self._address(buffer, slot, keep), count)
+                del self._pages[slot][buffer][keep:]
+            for block in dropped:
+                block.slots.discard(slot)
+            del self._heads[slot][keep_blocks:]
+            self._mapped[slot] = keep
+
+    def _evict_one(self) -> bool:
+        """Drops the least recently used block that no active slot holds (deeper blocks first among equals):
+        unmapped from the free slots that map it, once their steps are done, and its pages freed."""
+        candidates = [b for b in self._blocks.values() if b.refs == 0]
+        if not candidates:
+            return False
+        self._evict(min(candidates, key=lambda b: (b.last_used, -b.index)))
+        return True
+
+    def _evict(self, block: _Block) -> None:
+        self._quiet += 1
+        try:
+            for slot in sorted(block.slots):
+                self._wait_if_busy(slot)
+                self._cut(slot, block.index)
+            del self._blocks[block.key]
+            self._pool.give_back([p for buf in block.pages for p in buf])
+        finally:
+            self._quiet -= 1
+        self._log("evict", 0, keys=(block.key,))
 
     def grow(self, slot: int, num_tokens: int) -> None:
         """Makes the first ``num_tokens`` rows of ``slot`` usable in every layer's K and V.
@@ -356,9 +580,13 @@ class VirtualKVCache:
             self._set_tokens(slot, num_tokens)
 
     def free(self, slot: int) -> None:
-        """Returns ``slot``; its pages stay mapped for the next request (deferred reclamation). Steps still running
-        may touch it: its rows are unmapped or handed out only once their fences are complete."""
+        """Returns ``slot``; its pages stay mapped for the next request (deferred reclamation), its head's blocks
+        stay cached. Steps still running may touch it: its rows are unmapped or handed out only once their fences
+        are complete."""
         self._check_slot(slot)
+        self._clock += 1
+        for block in self._heads[slot]:
+            self._ref(block, -1)
         self._active[slot] = False
         self._num_tokens[slot] = 0
         self._log("free", slot)
@@ -375,7 +603,7 @@ class VirtualKVCache:
         """Block until all device work queued so far has finished, recorded with :meth:`record_use` or not."""
         self._memory.record_fence().wait()
 
-    def prepare(self, next_tokens: Mapping[int, int]) -> int:
+    def map_ahead(self, next_tokens: Mapping[int, int]) -> int:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
 
         Called once per iteration after the device work of the current one is launched, so that the driver
@@ -394,9 +622,9 @@ class VirtualKVCache:
             missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
             if missing <= 0:
                 continue
-            if budget is None:  # free slots still in flight are left alone: prepare never waits for the device
+            if budget is None:  # free slots still in flight are left alone: map_ahead never waits for the device
                 budget = self._pool.num_free_pages // self.num_buffers + sum(
-                    self._mapped[s] for s, active in enumerate(self._active) if not active and self._is_idle(s)
+                    self._excess(s) for s, active in enumerate(self._active) if not active and self._is_idle(s)
                 )
             count = min(missing, budget)
             if count <= 0:
@@ -436,18 +664,20 @@ class VirtualKVCache:
         return mapped
 
     def reclaim(self) -> int:
-        """Unmaps every reclaimable page now (free slots' pages, pages prefetched past a slot's length), e.g. to
-        hand memory back or to measure from a cold cache. Returns the pages unmapped."""
+        """Frees every reclaimable page now (free slots' pages, pages prefetched past a slot's length, cached
+        blocks no request holds), e.g. to hand memory back or to measure from a cold cache. Returns the pages
+        freed."""
         if self._closed:
             raise KVCacheError("the cache is closed")
-        unmapped = 0
+        before = self._pool.num_free_pages
+        while self._evict_one():
+            pass
         for slot in range(len(self._active)):
             count = self._excess(slot)
             if count:
                 self._wait_if_busy(slot)
                 self._unmap_tail(slot, count)
-                unmapped += count * self.num_buffers
-        return unmapped
+        return self._pool.num_free_pages - before
 
     # ---- mapping ----------------------------------------------------------------------------------------------
 
@@ -466,13 +696,18 @@ class VirtualKVCache:
         self._map_tail(slot, missing)
 
     def _reclaim(self, pages: int, exclude: int, free_slots_only: bool = False, wait: bool = True) -> None:
-        """Unmaps pages until ``pages`` are free: idle free slots' pages first (largest first), then active slots'
-        pages beyond their tokens (no launched step touches those), then free slots still in flight, after waiting
-        for their fences (``wait``; else they are skipped)."""
+        """Unmaps pages until ``pages`` are free: idle free slots' own pages first (largest first), then active
+        slots' pages beyond their tokens (no launched step touches those), then free slots still in flight, after
+        waiting for their fences (``wait``; else they are skipped), then cached blocks no request holds, least
+        recently used first (``wait`` only)."""
         deficit = pages - self._pool.num_free_pages
         if deficit <= 0:
             return
+        self._reclaim_own(deficit, exclude, free_slots_only, wait)
+        while wait and pages > self._pool.num_free_pages and self._evict_one():
+            pass
 
+    def _reclaim_own(self, deficit: int, exclude: int, free_slots_only: bool, wait: bool) -> None:
         def order(s: int) -> tuple:
             group = 1 if self._active[s] else (0 if self._is_idle(s) else 2)
             return group, -self._excess(s)
@@ -497,9 +732,12 @@ class VirtualKVCache:
             self._fence[slot].wait()
             self._fence[slot] = None
 
-    def _map_tail(self, slot: int, count: int) -> None:
-        """Maps ``count`` more pages at the end of ``slot`` in every buffer; all or nothing."""
-        page_ids = self._pool.take(count * self.num_buffers)
+    def _map_tail(self, slot: int, count: int, page_ids: list[int] | None = None) -> None:
+        """Maps ``count`` more pages at the end of ``slot`` in every buffer, from the pool or ``page_ids``
+        (``count`` per buffer, buffer by buffer); all or nothing."""
+        from_pool = page_ids is None
+        if from_pool:
+            page_ids = self._pool.take(count * self.num_buffers)
         start = self._mapped[slot]
         done = 0
         try:
@@ -509,7 +747,8 @@ class VirtualKVCache:
         except BaseException:
             for buffer in range(done):
                 self._memory.unmap(self._address(buffer, slot, start), count)
-            self._pool.give_back(page_ids)
+            if from_pool:
+                self._pool.give_back(page_ids)
             raise
         for buffer in range(self.num_buffers):
             self._pages[slot][buffer].extend(page_ids[buffer * count : (buffer + 1) * count])
@@ -517,11 +756,14 @@ class VirtualKVCache:
         self._log("map", slot, count)
 
     def _unmap_tail(self, slot: int, count: int) -> None:
+        """Unmaps the last ``count`` pages of ``slot``, its own (never its head's), back to the pool."""
         start = self._mapped[slot] - count
         if slot == RESERVED_SLOT or start < (
             self._pages_per_buffer(self._num_tokens[slot]) if self._active[slot] else 0
         ):
             raise KVCacheError(f"unmapping pages of slot {slot} that hold its tokens")
+        if start < self._head_pages(slot):
+            raise KVCacheError(f"unmapping registered pages of slot {slot} as its own")
         if not self._active[slot] and not self._is_idle(slot):
             raise KVCacheError(f"unmapping pages of slot {slot} under a step that may still touch them")
         for buffer in range(self.num_buffers):
@@ -533,6 +775,8 @@ class VirtualKVCache:
         self._log("unmap", slot, count)
 
     def _set_active(self, slot: int, num_tokens: int) -> None:
+        for block in self._heads[slot]:
+            self._ref(block, +1)
         self._active[slot] = True
         self._num_tokens[slot] = num_tokens
         self._log("activate", slot, num_tokens)
@@ -543,9 +787,9 @@ class VirtualKVCache:
 
     # ---- tensor parallelism: rank 0 records, the other ranks replay ------------------------------------------
 
-    def _log(self, kind: str, slot: int, count: int = 0) -> None:
-        if self._journal is not None:
-            self._journal.append(CacheOp(kind, slot, count))
+    def _log(self, kind: str, slot: int, count: int = 0, keys: tuple[int, ...] = ()) -> None:
+        if self._journal is not None and not self._quiet:
+            self._journal.append(CacheOp(kind, slot, count, keys))
 
     def record_ops(self) -> None:
         """From now on, record every change of slots and mappings for :meth:`take_ops` (rank 0 under tensor
@@ -570,6 +814,12 @@ class VirtualKVCache:
         """
         for op in ops:
             slot = op.slot
+            if op.kind == "evict":
+                block = self._blocks.get(op.keys[0]) if op.keys else None
+                if block is None or block.refs:
+                    raise CacheDesyncError(f"{op}: no such block, or held here")
+                self._evict(block)
+                continue
             if not 0 < slot < len(self._active):
                 raise CacheDesyncError(f"{op}: no such slot")
             active = self._active[slot]
@@ -596,6 +846,15 @@ class VirtualKVCache:
                 if not active:
                     raise CacheDesyncError(f"{op}: the slot is not active here")
                 self.free(slot)
+            elif op.kind == "head":
+                blocks = self._lookup(op.keys)
+                if active or len(blocks) != len(op.keys):
+                    raise CacheDesyncError(f"{op}: the slot is active or a block is not cached here")
+                self._fence[slot] = None
+                self._set_head(slot, blocks)
+            elif op.kind == "register":
+                if not active or self.register(slot, list(op.keys)) != len(op.keys):
+                    raise CacheDesyncError(f"{op}: the blocks cannot be registered here")
             else:
                 raise CacheDesyncError(f"unknown cache operation {op!r}")
 

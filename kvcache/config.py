@@ -8,6 +8,8 @@ import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = ("layer_major", "token_major")
+# Share of the memory free at start-up that the page pool takes when no size is given.
+DEFAULT_KV_CACHE_MEMORY_FRACTION = 0.9
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -36,11 +38,11 @@ class KVCacheConfig:
         device: "cpu" (host mmap backend) or "cuda[:N]" (CUDA driver virtual memory).
         page_size_bytes: physical page size; a multiple of the backend's granularity
             (default: the granularity, 64 KiB on the host and 2 MiB on CUDA).
-        pool_size_bytes: physical memory for the page pool, created up front.
-        memory_fraction: alternatively, this fraction of the memory free at start-up.
+        kv_cache_memory_bytes: physical memory for the page pool, created up front.
+        kv_cache_memory_fraction: alternatively, this fraction of the memory free at start-up.
             With neither set, the pool is sized to back the whole virtual cache, capped at
-            90% of free memory.
-        layout: how the K/V bytes are laid out in virtual memory, i.e. what one physical page holds.
+            ``DEFAULT_KV_CACHE_MEMORY_FRACTION`` (0.9) of free memory.
+        kv_cache_layout: how the K/V bytes are laid out in virtual memory, i.e. what one physical page holds.
             ``"layer_major"``: one virtual buffer per layer's K and per layer's V, each slot's tokens contiguous in
             it (the per-layer tensors are dense); a page holds ``page / (H * D * itemsize)`` tokens of one buffer
             (1024 for Llama-3-8B on 2 MiB pages), so a request holds up to a page of unused KV per buffer.
@@ -50,7 +52,7 @@ class KVCacheConfig:
             Either way a request's KV is one virtually contiguous range per buffer and kernels see no block table.
         prefetch_tokens: tokens mapped eagerly beyond what the next iteration needs, so that a slot's next page
             is mapped steps before its first token is written there.
-        prefetch_pages_per_step: most pages one ``prepare`` call maps ahead beyond the next iteration's need
+        prefetch_pages_per_step: most pages one ``map_ahead`` call maps beyond the next iteration's need
             (``None``: no limit). Requests decoding in lockstep all cross a page boundary at the same step; the
             limit spreads their mapping over the steps before it instead of stalling that one step.
     """
@@ -63,9 +65,9 @@ class KVCacheConfig:
     dtype: torch.dtype | str = torch.float32
     device: str = "cpu"
     page_size_bytes: int | None = None
-    pool_size_bytes: int | None = None
-    memory_fraction: float | None = None
-    layout: str = "layer_major"
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float | None = None
+    kv_cache_layout: str = "layer_major"
     prefetch_tokens: int = 0
     prefetch_pages_per_step: int | None = None
 
@@ -83,14 +85,14 @@ class KVCacheConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.page_size_bytes is not None and (self.page_size_bytes < 4096 or self.page_size_bytes % 4096):
             raise ValueError(f"page_size_bytes must be a positive multiple of 4096, got {self.page_size_bytes}")
-        if self.pool_size_bytes is not None and self.memory_fraction is not None:
-            raise ValueError("set at most one of pool_size_bytes and memory_fraction")
-        if self.pool_size_bytes is not None and self.pool_size_bytes < 1:
-            raise ValueError(f"pool_size_bytes must be >= 1, got {self.pool_size_bytes}")
-        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
-            raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_fraction is not None:
+            raise ValueError("set at most one of kv_cache_memory_bytes and kv_cache_memory_fraction")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError(f"kv_cache_memory_bytes must be >= 1, got {self.kv_cache_memory_bytes}")
+        if self.kv_cache_memory_fraction is not None and not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_cache_layout not in LAYOUTS:
+            raise ValueError(f"kv_cache_layout must be one of {LAYOUTS}, got {self.kv_cache_layout!r}")
         if self.prefetch_tokens < 0:
             raise ValueError(f"prefetch_tokens must be >= 0, got {self.prefetch_tokens}")
         if self.prefetch_pages_per_step is not None and self.prefetch_pages_per_step < 0:
@@ -104,7 +106,7 @@ class KVCacheConfig:
     @property
     def num_buffers(self) -> int:
         """Virtual buffers, each mapped page by page: every layer's K and V, or one for all (token-major)."""
-        return 2 * self.num_layers if self.layout == "layer_major" else 1
+        return 2 * self.num_layers if self.kv_cache_layout == "layer_major" else 1
 
     @property
     def buffer_token_bytes(self) -> int:

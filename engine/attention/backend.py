@@ -11,7 +11,7 @@ from engine.layers.triton_dispatch import use_triton
 
 if TYPE_CHECKING:
     from engine.batch import ForwardBatch
-    from kvcache import VirtualKVCache
+    from kvcache import KVCache
 
 
 class AttentionBackend(ABC):
@@ -33,9 +33,7 @@ class AttentionBackend(ABC):
         self.head_dim = head_dim
         self.scale = scale if scale is not None else head_dim**-0.5
 
-    def write_kv(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_cache: VirtualKVCache
-    ) -> None:
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache) -> None:
         """Store ``k, v [T, H_kv, D]`` at rows ``batch.slot_mapping`` of layer ``layer``'s cache.
         The rows must be mapped (the engine grows slots before the forward). On CUDA one fused launch writes
         both (``triton_ops.store_kv``), elsewhere two ``index_copy_``."""
@@ -54,14 +52,14 @@ class AttentionBackend(ABC):
         k: torch.Tensor,
         v: torch.Tensor,
         batch: ForwardBatch,
-        kv_cache: VirtualKVCache,
+        kv_cache: KVCache,
     ) -> torch.Tensor:
         """``q [T, H, D]``, new ``k, v [T, H_kv, D]`` -> attention output ``[T, H, D]``."""
         self.write_kv(layer, k, v, batch, kv_cache)
         return self.attend(layer, q, batch, kv_cache)
 
     @abstractmethod
-    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, kv_cache: VirtualKVCache) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, kv_cache: KVCache) -> torch.Tensor:
         """Attention of ``q [T, H, D]`` over each sequence's first ``seq_lens[i]`` cache rows
         (new K/V already written) -> ``[T, H, D]``."""
 

@@ -28,21 +28,27 @@ class TritonFlashBackend(TorchFlashBackend):
         num_decodes = batch.num_leading_decodes
         if num_decodes == batch.num_seqs:
             return self._decode(
-                q, k_flat, v_flat, batch.cu_seqlens_k[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
+                q, k_flat, v_flat, batch.kv_start_rows[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
             )
         if num_decodes == 0:
             return super().attend(layer, q, batch, kv_cache)
         n = num_decodes  # decode rows are the first n tokens of the flat stream, one each
         out = torch.empty_like(q)
         out[:n] = self._decode(
-            q[:n], k_flat, v_flat, batch.cu_seqlens_k[:n], batch.seq_lens[:n], self.scale, max_seq_len=batch.max_seq_len
+            q[:n],
+            k_flat,
+            v_flat,
+            batch.kv_start_rows[:n],
+            batch.seq_lens[:n],
+            self.scale,
+            max_seq_len=batch.max_seq_len,
         )
         out[n:] = self._varlen(
             q[n:],
             k_flat,
             v_flat,
             batch.cu_seqlens_q[n:] - n,
-            batch.cu_seqlens_k[n:],
+            batch.kv_start_rows[n:],
             batch.seq_lens[n:],
             batch.max_query_len,
             batch.max_seq_len,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.tp import check_tp, divide, tp_all_gather_last_dim, tp_all_reduce
+from engine.layers.tp import CheckpointTensor, check_tp, divide, tp_all_gather_last_dim, tp_all_reduce
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -25,7 +25,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_embeddings_per_rank, embedding_dim), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id=None) -> None:
         param.data.copy_(loaded_weight.narrow(0, self.vocab_start, self.num_embeddings_per_rank))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

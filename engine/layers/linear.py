@@ -1,7 +1,9 @@
 """Tensor-parallel linear layers (Megatron style).
 
 Every parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that copies
-the rank's shard out of a full checkpoint tensor, so checkpoints are sharded at load time.
+the rank's shard out of a full checkpoint tensor, so checkpoints are sharded at load time. ``loaded_weight`` is a
+:class:`~engine.layers.tp.CheckpointTensor`: a ``torch.Tensor``, or a tensor still in its file, of which a rank
+reads only the slice it keeps; the copy into the parameter casts to its dtype and moves it to its device.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers.tp import check_tp, divide, tp_all_reduce
+from engine.layers.tp import CheckpointTensor, check_tp, divide, load_whole, tp_all_reduce
 
 
 class _ParallelLinear(nn.Module):
@@ -27,7 +29,7 @@ class _ParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id=None) -> None:
         raise NotImplementedError
 
 
@@ -38,7 +40,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(input_size, divide(output_size, tp_size, "output_size"), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id=None) -> None:
         shard = param.shape[0]
         param.data.copy_(loaded_weight.narrow(0, self.tp_rank * shard, shard))
 
@@ -56,7 +58,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         param.data.narrow(0, offset, size).copy_(loaded_weight.narrow(0, self.tp_rank * size, size))
@@ -89,7 +91,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id: str) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -109,9 +111,9 @@ class RowParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, tp_rank: int = 0, tp_size: int = 1):
         super().__init__(divide(input_size, tp_size, "input_size"), output_size, bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded_weight: CheckpointTensor, shard_id=None) -> None:
         if param.dim() == 1:  # bias: not split
-            param.data.copy_(loaded_weight)
+            load_whole(param, loaded_weight)
             return
         shard = param.shape[1]
         param.data.copy_(loaded_weight.narrow(1, self.tp_rank * shard, shard))

@@ -1,8 +1,28 @@
-"""Tensor-parallel collectives. With ``tp_size == 1`` they are no-ops, so nothing here needs
-``torch.distributed`` to be initialised on a single device."""
+"""Tensor-parallel collectives and checkpoint shards. With ``tp_size == 1`` the collectives are no-ops, so nothing
+here needs ``torch.distributed`` to be initialised on a single device."""
+
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+
+class CheckpointTensor(Protocol):
+    """A checkpoint tensor as a parameter's ``weight_loader`` sees it: a ``torch.Tensor``, or one not read yet
+    (``engine.weights.safetensors_loader.SafetensorsTensor``) whose ``narrow`` reads only the slice asked for, so
+    that a tensor-parallel rank reads its shard, not the whole tensor."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor: ...
+
+
+def load_whole(param: nn.Parameter, loaded_weight: CheckpointTensor) -> None:
+    """Copy all of ``loaded_weight`` into ``param`` (a weight every rank holds whole: norms, a row-parallel bias),
+    cast to its dtype and moved to its device."""
+    param.data.copy_(loaded_weight.narrow(0, 0, loaded_weight.shape[0]))
 
 
 def tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from engine.weights.resolve import (
     default_gguf_path,
     get_weight_loader,
     model_source,
+    read_generation_config,
     resolve_model,
 )
 from engine.weights.weight_loader import WeightLoader, WeightLoadError
@@ -31,5 +32,6 @@ __all__ = [
     "default_gguf_path",
     "get_weight_loader",
     "model_source",
+    "read_generation_config",
     "resolve_model",
 ]

@@ -155,6 +155,22 @@ def resolve_model(model: str) -> ResolvedModel:
     return ResolvedModel(model, _load_hf_config(model, model_dir), model_dir, "safetensors", model_dir, source)
 
 
+def read_generation_config(resolved: ResolvedModel) -> dict[str, Any]:
+    """The model's parsed ``generation_config.json`` (EOS ids, recommended sampling), ``{}`` when it has none (dummy
+    models included).
+
+    Raises:
+        ModelSourceError: the file is not valid JSON.
+    """
+    path = resolved.weights_dir / "generation_config.json" if resolved.weights_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSourceError(f"model {resolved.name!r}: generation_config.json is not valid JSON: {exc}") from exc
+
+
 def get_weight_loader(resolved: ResolvedModel, seed: int = 0, show_progress: bool = True):
     """The :class:`WeightLoader` for a resolved model, fetching its weights first if they are remote (once per
     node: other processes of the node wait for the one downloading)."""

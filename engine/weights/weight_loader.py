@@ -5,8 +5,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
-import torch
 from torch import nn
+
+from engine.layers.tp import CheckpointTensor
 
 
 class WeightLoader(ABC):
@@ -30,8 +31,9 @@ class CheckpointWeightLoader(WeightLoader):
     fuses and shards them; every parameter must be filled."""
 
     @abstractmethod
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for every tensor of the checkpoint."""
+    def iter_weights(self) -> Iterator[tuple[str, CheckpointTensor]]:
+        """``(name, tensor)`` for every tensor of the checkpoint: a ``torch.Tensor``, or one read lazily, slice by
+        slice, by the parameter that takes it."""
 
     def load_into(self, model: nn.Module) -> None:
         try:

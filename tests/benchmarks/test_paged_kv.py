@@ -42,6 +42,7 @@ from kvcache import (  # noqa: E402
     SequenceTooLongError,
     VirtualKVCache,
 )
+from tests.kvcache.kv_cache_contract import check_implements_kv_cache  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 8, 2, 64
 
@@ -67,8 +68,16 @@ def block_bytes(config: KVCacheConfig) -> int:
 # ---- the block pool -------------------------------------------------------------------------------------------
 
 
+def test_paged_cache_implements_the_kv_cache_protocol():
+    cache = PagedKVCache(small_config(kv_cache_memory_bytes=10 * block_bytes(small_config())))
+    try:
+        check_implements_kv_cache(cache)
+    finally:
+        cache.close()
+
+
 def test_blocks_pages_and_table_stay_consistent():
-    config = small_config(pool_size_bytes=10 * block_bytes(small_config()) + 123)
+    config = small_config(kv_cache_memory_bytes=10 * block_bytes(small_config()) + 123)
     cache = PagedKVCache(config)
     nb = cache.num_buffers
     # One block more than the pool: the reserved slot's (slot 0, for CUDA graphs' padding rows).
@@ -113,15 +122,15 @@ def test_blocks_pages_and_table_stay_consistent():
         cache.free(slot)
     stats = cache.stats()
     assert stats.free_pages == stats.total_pages and stats.num_free_slots == 4 and stats.used_pages == 0
-    assert cache.prepare({0: 100}) == 0 and cache.reclaim() == 0
+    assert cache.map_ahead({0: 100}) == 0 and cache.reclaim() == 0
     cache.close()
     with pytest.raises(KVCacheError):
         cache.allocate(1)
 
 
 def test_pool_too_small_for_one_block_is_rejected():
-    with pytest.raises(ValueError, match="pool_size_bytes"):
-        PagedKVCache(small_config(pool_size_bytes=block_bytes(small_config()) - 1))
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
+        PagedKVCache(small_config(kv_cache_memory_bytes=block_bytes(small_config()) - 1))
 
 
 # ---- attention through the block table --------------------------------------------------------------------------
@@ -158,9 +167,9 @@ def test_attention_through_the_table_matches_sdpa_over_the_vattention_cache(deco
     requests, against the product's SDPA backend over the vAttention cache fed the same q/k/v."""
     context = _triton_interpreter() if decode_kernel == "triton" else contextlib.nullcontext()
     with context:
-        config = small_config(num_layers=1, pool_size_bytes=14 * block_bytes(small_config(num_layers=1)))
+        config = small_config(num_layers=1, kv_cache_memory_bytes=14 * block_bytes(small_config(num_layers=1)))
         paged = PagedKVCache(config)
-        dense = VirtualKVCache(small_config(num_layers=1, pool_size_bytes=64 << 20))
+        dense = VirtualKVCache(small_config(num_layers=1, kv_cache_memory_bytes=64 << 20))
         backends = [
             (PagedAttentionBackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, decode_kernel=decode_kernel), paged),
             (SDPABackend(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), dense),
@@ -249,7 +258,9 @@ def test_paged_engine_equals_vattention_engine_with_chunked_prefill(expected):
 
 def test_paged_engine_preempts_under_a_small_pool_and_keeps_greedy_outputs(expected):
     num_blocks = 14  # 6 requests of 2-8 blocks each at the end: they cannot all stay
-    config = EngineConfig.from_dict({**ENGINE_CONFIG, "kv_cache_bytes": num_blocks * BLOCK_SIZE_TOKENS * 768 * 60})
+    config = EngineConfig.from_dict(
+        {**ENGINE_CONFIG, "kv_cache_memory_bytes": num_blocks * BLOCK_SIZE_TOKENS * 768 * 60}
+    )
     engine = build_paged_engine(config)
     try:
         assert engine.kv_cache.num_blocks == num_blocks  # SmolLM2: 30 layers, 3 x 64 fp32 K (or V) per token
@@ -279,7 +290,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
     and blocks are reused while the next step is in flight, so a block table copied too early or too late, or a row
     written through a stale table, moves a choice far beyond rounding. Every output must be the model's own greedy
     choice (teacher-forced on the paged engine); in float32 all but a few (near-ties) equal the vAttention engine's."""
-    from benchmarks.common import greedy_shortfall
+    from engine.greedy_check import greedy_shortfall
 
     values = {
         "model": "dummy:tiny-llama",
@@ -288,7 +299,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         "max_batch_size": 17,
         "max_seq_len": 512,
         "max_num_batched_tokens": 256,
-        "kv_cache_bytes": 64 << 20,
+        "kv_cache_memory_bytes": 64 << 20,
         "sampler_seed": 0,
     }
     gen = torch.Generator().manual_seed(0)
@@ -306,7 +317,7 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         reference.shutdown()
     itemsize = torch.finfo(getattr(torch, dtype)).bits // 8
     block = BLOCK_SIZE_TOKENS * 2 * 16 * itemsize * 4  # tiny-llama: 2 layers, 2 KV heads of 16
-    engine = build_paged_engine(EngineConfig.from_dict({**values, "kv_cache_bytes": 200 * block}))
+    engine = build_paged_engine(EngineConfig.from_dict({**values, "kv_cache_memory_bytes": 200 * block}))
     try:
         assert engine.runner.graph_runner is not None and engine.async_scheduling
         assert engine.kv_cache.num_blocks == 200
@@ -337,7 +348,7 @@ def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs():
         "dtype": "bfloat16",
         "max_batch_size": 20,
         "max_seq_len": 2048,
-        "kv_cache_bytes": 256 << 20,
+        "kv_cache_memory_bytes": 256 << 20,
     }
     executors = [PagedExecutor(EngineConfig.from_dict(values)), LocalExecutor(EngineConfig.from_dict(values))]
     try:

@@ -29,7 +29,7 @@ APP_ARGS = {
     "engine_kwargs": {
         "max_batch_size": 4,
         "max_seq_len": 1024,
-        "kv_cache_bytes": 64 << 20,
+        "kv_cache_memory_bytes": 64 << 20,
         "max_num_batched_tokens": 256,
     },
     "engine": {

@@ -87,6 +87,9 @@ def test_serve_configs_are_valid(name, offline_hub):
         ({"modle": "smollm2"}, "modle"),
         ({"engine_kwargs": {"max_batch_size": 0}}, "max_batch_size"),
         ({"engine_kwargs": {"max_batch_sise": 4}}, "max_batch_sise"),
+        ({"engine_kwargs": {"kv_cache_bytes": 1 << 20}}, r"kv_cache_bytes \(now kv_cache_memory_bytes\)"),
+        ({"engine_kwargs": {"gpu_memory_fraction": 0.5}}, r"gpu_memory_fraction \(now kv_cache_memory_fraction\)"),
+        ({"engine_kwargs": {"kv_layout": "token_major"}}, r"kv_layout \(now kv_cache_layout\)"),
     ],
 )
 def test_bad_app_config_names_the_field(args, field):

@@ -23,7 +23,7 @@ ENGINE_CONFIG = {
     "device": "cpu",
     "max_batch_size": 4,
     "max_seq_len": 256,
-    "kv_cache_bytes": 1 << 20,
+    "kv_cache_memory_bytes": 1 << 20,
 }
 
 

@@ -18,7 +18,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica  # noqa: E40
 from deployments.page_aware_router import PageAwareRequestRouter, Tier  # noqa: E402
 from deployments.routing_hint import RoutingHint  # noqa: E402
 
-DEPLOYMENT_ID = DeploymentID(name="LLMEngine", app_name="llm")
+DEPLOYMENT_ID = DeploymentID(name="EngineDeployment", app_name="llm")
 TOTAL_PAGES = 1000
 # The loop the router's calls run on; a PendingRequest's future belongs to it.
 LOOP = asyncio.new_event_loop()

@@ -44,7 +44,7 @@ APP_ARGS = {
     "engine_kwargs": {
         "max_batch_size": MAX_BATCH_SIZE,
         "max_seq_len": 512,
-        "kv_cache_bytes": 32 << 20,
+        "kv_cache_memory_bytes": 32 << 20,
         "max_num_batched_tokens": 256,
     },
     "engine": {

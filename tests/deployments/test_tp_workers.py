@@ -45,7 +45,7 @@ TINY_LLAMA = dict(
     eos_token_id=2,
 )
 # 20 pages of 64 KiB = 5 per layer's K and V: at TP=2 two requests past 64 tokens don't fit together.
-CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_bytes=20 << 16, max_num_batched_tokens=128)
+CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_memory_bytes=20 << 16, max_num_batched_tokens=128)
 
 
 def _free_port() -> int:

@@ -36,7 +36,7 @@ APP_ARGS = {
     "engine_kwargs": {
         "max_batch_size": 4,
         "max_seq_len": MAX_SEQ_LEN,
-        "kv_cache_bytes": 16 << 20,
+        "kv_cache_memory_bytes": 16 << 20,
         "max_num_batched_tokens": 256,
     },
     "engine": {

@@ -42,8 +42,8 @@ def run_backend(name, device, dtype, slot_order, seqs=SEQS, layout="layer_major"
             max_seq_len=256,
             dtype=dtype,
             device=device,
-            pool_size_bytes=64 << 20,
-            layout=layout,
+            kv_cache_memory_bytes=64 << 20,
+            kv_cache_layout=layout,
         )
     )
     try:

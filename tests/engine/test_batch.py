@@ -41,7 +41,7 @@ def test_leading_decodes_are_counted_up_to_the_first_chunk():
 def test_bind_cache_rows():
     b = ForwardBatch.build(SEQS, "cpu", slot_stride_tokens=100)
     assert b.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]
-    assert b.cu_seqlens_k.tolist()[:3] == [300, 0, 100] and b.cu_seqlens_k.dtype == torch.int32
+    assert b.kv_start_rows.tolist()[:3] == [300, 0, 100] and b.kv_start_rows.dtype == torch.int32
     unbound = ForwardBatch.build(SEQS, "cpu")
     assert unbound.bind_cache(100).slot_mapping.tolist() == b.slot_mapping.tolist()
     assert b.bind_cache(100) is b
@@ -70,5 +70,5 @@ def test_build_rejects_bad_input(seqs, match):
 @pytest.mark.gpu
 def test_build_on_gpu():
     b = ForwardBatch.build(SEQS, "cuda", slot_stride_tokens=100)
-    assert b.input_ids.is_cuda and b.slot_mapping.is_cuda and b.cu_seqlens_k.is_cuda
+    assert b.input_ids.is_cuda and b.slot_mapping.is_cuda and b.kv_start_rows.is_cuda
     assert b.positions.tolist() == [0, 1, 2, 5, 2, 3]

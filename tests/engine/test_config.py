@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.config import CacheConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
 
 
 def test_defaults_resolve_on_cpu():
@@ -40,12 +40,40 @@ def test_model_config_rejects(kwargs, field):
         ({"max_batch_size": True}, "max_batch_size"),
         ({"max_seq_len": 0}, "max_seq_len"),
         ({"page_size_bytes": 100}, "page_size_bytes"),
-        ({"kv_cache_bytes": 0}, "kv_cache_bytes"),
-        ({"gpu_memory_fraction": 1.5}, "gpu_memory_fraction"),
-        ({"gpu_memory_fraction": "half"}, "gpu_memory_fraction"),
+        ({"kv_cache_memory_bytes": 0}, "kv_cache_memory_bytes"),
+        ({"kv_cache_memory_fraction": 1.5}, "kv_cache_memory_fraction"),
+        ({"kv_cache_memory_fraction": "half"}, "kv_cache_memory_fraction"),
         ({"prefetch_tokens": -1}, "prefetch_tokens"),
     ],
 )
 def test_cache_config_rejects(kwargs, field):
     with pytest.raises(ValueError, match=field):
         CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("kv_cache_bytes", "kv_cache_memory_bytes"),
+        ("pool_size_bytes", "kv_cache_memory_bytes"),
+        ("gpu_memory_fraction", "kv_cache_memory_fraction"),
+        ("memory_fraction", "kv_cache_memory_fraction"),
+        ("kv_layout", "kv_cache_layout"),
+    ],
+)
+def test_an_old_setting_name_fails_naming_the_new_one(old, new):
+    with pytest.raises(ValueError, match=rf"{old} \(now {new}\)"):
+        EngineConfig.from_dict({"model": "smollm2", old: 1})
+
+
+def test_cache_defaults_resolve_per_device():
+    cfg = CacheConfig()
+    assert cfg.resolved_kv_cache_layout(on_gpu=True) == "token_major"
+    assert cfg.resolved_kv_cache_layout(on_gpu=False) == "layer_major"
+    assert cfg.resolved_prefetch_tokens(on_gpu=True) == 128 and cfg.resolved_prefetch_tokens(on_gpu=False) == 0
+    assert cfg.resolved_prefetch_pages_per_step(on_gpu=True) == 128
+    assert cfg.resolved_prefetch_pages_per_step(on_gpu=False) is None
+    explicit = CacheConfig(kv_cache_layout="layer_major", prefetch_tokens=5, prefetch_pages_per_step=3)
+    assert explicit.resolved_kv_cache_layout(on_gpu=True) == "layer_major"
+    assert explicit.resolved_prefetch_tokens(on_gpu=True) == 5
+    assert explicit.resolved_prefetch_pages_per_step(on_gpu=False) == 3

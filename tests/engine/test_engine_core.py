@@ -30,7 +30,7 @@ TINY = {
     "device": "cpu",
     "max_batch_size": 2,
     "max_seq_len": 256,
-    "kv_cache_bytes": 1 << 20,
+    "kv_cache_memory_bytes": 1 << 20,
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -96,12 +96,12 @@ def build_engine(async_scheduling: bool, layout: str) -> tuple[LLMEngine, Hazard
             "max_batch_size": 6,
             "max_seq_len": 2048,
             "max_num_batched_tokens": 128,
-            "kv_layout": layout,
+            "kv_cache_layout": layout,
             "async_scheduling": async_scheduling,
             "prefetch_tokens": 32,
             # 20 pages of 64 KiB: 2,560 tokens for 6 slots (512 tokens a page in each of the layer-major layout's 4
             # buffers, 128 tokens of all layers a page token-major): long requests must preempt each other.
-            "kv_cache_bytes": 20 * (64 << 10),
+            "kv_cache_memory_bytes": 20 * (64 << 10),
             "sampler_seed": 0,
         }
     )

@@ -5,9 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from benchmarks.common import greedy_shortfall
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.greedy_check import greedy_shortfall
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -140,7 +140,7 @@ def test_preemption_under_a_tiny_page_pool_keeps_greedy_outputs(engine):
             "max_batch_size": 6,
             "max_seq_len": 1024,
             "max_num_batched_tokens": 64,
-            "kv_cache_bytes": page_rows * num_buffers * stats.page_size_bytes,
+            "kv_cache_memory_bytes": page_rows * num_buffers * stats.page_size_bytes,
         }
     )
     # 77-token prompts fit one page row when admitted, then cross into a second one while decoding:
@@ -407,8 +407,8 @@ def test_asynchronous_scheduling_on_the_gpu_changes_no_output():
                 "max_batch_size": 17,
                 "max_seq_len": 512,
                 "max_num_batched_tokens": 256,
-                "kv_cache_bytes": 8 * 4 * (2 << 20),
-                "kv_layout": "layer_major",
+                "kv_cache_memory_bytes": 8 * 4 * (2 << 20),
+                "kv_cache_layout": "layer_major",
             }
         )
     )
@@ -456,8 +456,8 @@ def test_token_major_layout_gives_the_same_tokens_under_preemption(engine):
                 "max_batch_size": 6,
                 "max_seq_len": 1024,
                 "max_num_batched_tokens": 64,
-                "kv_layout": "token_major",
-                "kv_cache_bytes": 5 * 85 * token_bytes,
+                "kv_cache_layout": "token_major",
+                "kv_cache_memory_bytes": 5 * 85 * token_bytes,
             }
         )
     )  # ~5 x 85 tokens: six ~93-token requests must preempt

@@ -25,7 +25,7 @@ LOGITS_ATOL = 1e-3
 def runner():
     r = ModelRunner(
         ModelConfig(model="smollm2", device="cpu"),
-        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=128 << 20),
+        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_memory_bytes=128 << 20),
     )
     yield r
     r.close()
@@ -171,7 +171,7 @@ def test_runner_properties(runner):
 def test_gpu_backends_match_transformers(sequences, tokenizer, backend, dtype):
     gpu = ModelRunner(
         ModelConfig(model="smollm2", device="cuda", dtype=dtype, attention_backend=backend),
-        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_bytes=512 << 20),
+        CacheConfig(max_batch_size=6, max_seq_len=512, kv_cache_memory_bytes=512 << 20),
     )
     try:
         ours = run_schedule(gpu, sequences, [3, 0, 2, 1], [7, 1, 16, 1])

@@ -1,7 +1,7 @@
 import pytest
 
 from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingDefaults, SamplingParams
 
 
 def test_defaults_are_valid_and_stop_string_is_normalized():
@@ -68,3 +68,25 @@ def test_error_hierarchy_and_pickling():
 
     err = pickle.loads(pickle.dumps(PromptTooLongError("too long", param="max_tokens")))
     assert isinstance(err, InvalidRequestError) and err.param == "max_tokens" and err.message == "too long"
+
+
+def test_generation_config_gives_the_defaults_it_names_and_skips_what_it_cannot():
+    qwen_like = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "eos_token_id": [1, 2]}
+    assert SamplingDefaults.from_generation_config(qwen_like) == SamplingDefaults(temperature=0.7, top_p=0.8, top_k=20)
+    # top_k 0 is "off" in transformers; a value out of range is dropped (requests get the engine's default).
+    off = SamplingDefaults.from_generation_config({"top_k": 0, "temperature": 5.0, "max_new_tokens": 64})
+    assert off == SamplingDefaults(top_k=-1, max_tokens=64)
+    assert SamplingDefaults.from_generation_config({}) == SamplingDefaults()
+
+
+def test_defaults_fill_only_what_a_request_leaves_unset():
+    defaults = SamplingDefaults(temperature=0.6, top_p=0.9)
+    unset = defaults.params(temperature=None, top_p=None, top_k=None, seed=3)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.seed) == (0.6, 0.9, -1, 3)
+    assert unset.max_tokens == SamplingParams().max_tokens
+    chosen = defaults.params(temperature=0.0, top_p=1.0, max_tokens=5)
+    assert (chosen.temperature, chosen.top_p, chosen.max_tokens) == (0.0, 1.0, 5)
+    assert SamplingDefaults().params() == SamplingParams()
+    with pytest.raises(InvalidRequestError) as info:
+        defaults.params(top_p=0.0)
+    assert info.value.param == "top_p"

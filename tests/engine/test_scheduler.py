@@ -28,7 +28,7 @@ def make_scheduler():
                 max_seq_len=1024,
                 dtype=torch.float32,
                 device="cpu",
-                pool_size_bytes=page_rows * NUM_BUFFERS * PAGE_BYTES,
+                kv_cache_memory_bytes=page_rows * NUM_BUFFERS * PAGE_BYTES,
             )
         )
         caches.append(cache)

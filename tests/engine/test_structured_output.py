@@ -376,7 +376,7 @@ def test_grammars_mask_cuda_logits_under_asynchronous_scheduling():
                 "max_batch_size": 8,
                 "max_seq_len": 512,
                 "max_num_batched_tokens": 256,
-                "kv_cache_bytes": 8 * 4 * (2 << 20),
+                "kv_cache_memory_bytes": 8 * 4 * (2 << 20),
             }
         )
     )

@@ -1,5 +1,5 @@
-"""The Triton split-KV decode kernel (engine/attention/triton_decode.py) and its benchmark-only paged twin
-(benchmarks/triton_paged_decode.py) against fp32 SDPA on gathered K/V.
+"""The Triton split-KV decode kernel (engine/attention/triton_decode.py) against fp32 SDPA on gathered K/V (its
+paged twin in benchmarks/ is tested in tests/benchmarks/test_triton_paged_decode.py, with the helpers here).
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors (see ``triton_interpreter``); the ``gpu``
 tests run the compiled, autotuned kernels.
@@ -16,7 +16,6 @@ import torch
 from tests.engine.triton_interpreter import devices, triton_interpreter
 
 # isort: split
-from benchmarks.triton_paged_decode import triton_paged_decode_attention  # noqa: E402
 from engine.attention import triton_decode  # noqa: E402
 from engine.attention.triton_decode import plan_splits, triton_decode_attention  # noqa: E402
 from kvcache import KVCacheConfig, VirtualKVCache  # noqa: E402
@@ -121,7 +120,7 @@ def test_reads_a_virtual_kv_cache_in_place(device):
         max_seq_len=1024,
         dtype=dtype,
         device=device,
-        pool_size_bytes=64 << 20,
+        kv_cache_memory_bytes=64 << 20,
     )
     cache = VirtualKVCache(config)
     try:
@@ -141,39 +140,6 @@ def test_reads_a_virtual_kv_cache_in_place(device):
             torch.testing.assert_close(out[b].float().cpu(), ref, atol=tolerance(dtype), rtol=tolerance(dtype))
     finally:
         cache.close()
-
-
-@pytest.mark.parametrize("device", _devices())
-@pytest.mark.parametrize("num_splits", [None, 2])
-def test_paged_twin_matches_sdpa_on_scattered_pages(device, num_splits):
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    page_size, lens = 16, [70, 16, 1]
-    gen = torch.Generator().manual_seed(4)
-    pages_per_seq = [-(-n // page_size) for n in lens]
-    num_pages = sum(pages_per_seq) + 3
-    k_pages = torch.randn(num_pages * page_size, 2, 64, generator=gen).to(device, dtype)
-    v_pages = torch.randn(num_pages * page_size, 2, 64, generator=gen).to(device, dtype)
-    perm = torch.randperm(num_pages, generator=gen)
-    table = torch.zeros(len(lens), max(pages_per_seq), dtype=torch.int32)
-    used = 0
-    for b, n in enumerate(pages_per_seq):
-        table[b, :n] = perm[used : used + n]
-        used += n
-    q = torch.randn(len(lens), 8, 64, generator=gen).to(device, dtype)
-    out = triton_paged_decode_attention(
-        q,
-        k_pages,
-        v_pages,
-        table.to(device),
-        torch.tensor(lens, dtype=torch.int32, device=device),
-        0.125,
-        page_size,
-        num_splits=num_splits,
-    )
-    for b, n in enumerate(lens):
-        rows = (table[b, : pages_per_seq[b]].long()[:, None] * page_size + torch.arange(page_size)).flatten()[:n]
-        ref = reference(q[b].cpu(), k_pages.cpu()[rows], v_pages.cpu()[rows], 0.125)
-        torch.testing.assert_close(out[b].float().cpu(), ref, atol=tolerance(dtype), rtol=tolerance(dtype))
 
 
 def test_split_plan_fills_the_gpu_with_power_of_two_splits():
@@ -204,15 +170,14 @@ def test_rejects_bad_shapes():
 
 
 _HOPPER_COMPILE = r"""
-import json, sys
+import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from benchmarks import triton_paged_decode
-from engine.attention import triton_decode
 
-paged = sys.argv[1] == "paged"
-fn = triton_paged_decode._paged_split_kv_kernel if paged else triton_decode._split_kv_kernel
+module, name = sys.argv[1].split(":")
+fn = getattr(importlib.import_module(module), name)
+paged = sys.argv[2] == "paged"
 constexprs = dict(GROUP_SIZE=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64, DIRECT_OUT=False)
 if paged:
     constexprs["PAGE_SIZE"] = 16
@@ -230,11 +195,10 @@ print(json.dumps({"cp_async_16B": ptx.count("cp.async.cg.shared.global"), "ld_b1
 """
 
 
-@pytest.mark.parametrize("paged", [False, True])
-def test_compiles_for_hopper_with_pipelined_16_byte_loads(paged):
-    """Llama-3-8B shapes compiled ahead of time for sm_90 (no GPU needed): K/V tiles must be fetched by 16-byte
-    cp.async (vectorised and software-pipelined), the property the bandwidth figures rest on; scalar 2-byte loads
-    would mean a slow kernel on the GPU. In a subprocess: this process's triton may be in interpreter mode."""
+def hopper_load_counts(kernel: str, paged: bool) -> dict:
+    """Compiles ``kernel`` (``"module:function"``) at Llama-3-8B shapes ahead of time for sm_90 (no GPU needed) and
+    counts its 16-byte ``cp.async`` and scalar 2-byte global loads in the PTX. In a subprocess: this process's
+    triton may be in interpreter mode."""
     import json
     import subprocess
     import sys
@@ -244,7 +208,7 @@ def test_compiles_for_hopper_with_pipelined_16_byte_loads(paged):
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     done = subprocess.run(
-        [sys.executable, "-c", _HOPPER_COMPILE, "paged" if paged else "contiguous"],
+        [sys.executable, "-c", _HOPPER_COMPILE, kernel, "paged" if paged else "contiguous"],
         env=env,
         cwd=root,
         capture_output=True,
@@ -252,5 +216,11 @@ def test_compiles_for_hopper_with_pipelined_16_byte_loads(paged):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_compiles_for_hopper_with_pipelined_16_byte_loads():
+    """K/V tiles must be fetched by 16-byte cp.async (vectorised and software-pipelined), the property the
+    bandwidth figures rest on; scalar 2-byte loads would mean a slow kernel on the GPU."""
+    counts = hopper_load_counts("engine.attention.triton_decode:_split_kv_kernel", paged=False)
     assert counts["cp_async_16B"] > 0 and counts["ld_b16"] == 0, counts

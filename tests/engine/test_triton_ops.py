@@ -169,7 +169,7 @@ def test_store_kv_writes_strided_k_v_into_a_virtual_kv_cache(device):
         max_seq_len=256,
         dtype=dtype,
         device=device,
-        pool_size_bytes=32 << 20,
+        kv_cache_memory_bytes=32 << 20,
     )
     cache = VirtualKVCache(config)
     try:

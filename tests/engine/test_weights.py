@@ -7,7 +7,7 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.llm_engine import LLMEngine
 from engine.model import LlamaForCausalLM
 from engine.model_runner import ModelRunner
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingDefaults, SamplingParams
 from engine.weights import NAMED_CONFIGS, WeightLoadError, resolve_model
 from engine.weights.gguf_loader import GGUFWeightLoader
 from engine.weights.resolve import default_gguf_path
@@ -54,7 +54,7 @@ def test_hf_checkpoint_logits_match_transformers(tmp_path, model_type, overrides
     hf_model = save_tiny_checkpoint(tmp_path, model_type, **overrides)
     runner = ModelRunner(
         ModelConfig(model=str(tmp_path), device="cpu"),
-        CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_bytes=8 << 20),
+        CacheConfig(max_batch_size=3, max_seq_len=128, kv_cache_memory_bytes=8 << 20),
     )
     try:
         g = torch.Generator().manual_seed(1)
@@ -161,7 +161,7 @@ def test_converted_dir_is_cached_and_complete():
 
 
 def test_dummy_weights_shapes_and_seed():
-    cache = CacheConfig(max_batch_size=2, max_seq_len=64, kv_cache_bytes=4 << 20)
+    cache = CacheConfig(max_batch_size=2, max_seq_len=64, kv_cache_memory_bytes=4 << 20)
     runners = [ModelRunner(ModelConfig(model="dummy:tiny-llama", device="cpu", seed=s), cache) for s in (0, 0, 1)]
     try:
         a, b, c = (dict(r.model.named_parameters()) for r in runners)
@@ -207,3 +207,46 @@ def test_dummy_config_from_path(tmp_path):
 def test_resolve_rejects_unknown_models(bad):
     with pytest.raises(ValueError, match="model"):
         resolve_model(bad)
+
+
+def test_generation_config_gives_eos_ids_and_sampling_defaults(tmp_path):
+    """A checkpoint's generation_config.json: every id of its eos_token_id list ends generation, and its sampling
+    values are the defaults of a request that sets none (vLLM's generation-config auto)."""
+    import json
+
+    hf_model = save_tiny_checkpoint(tmp_path, "llama", with_tokenizer=True)
+    prompt = [5, 17, 42, 9]
+    greedy = hf_greedy_tokens(hf_model, prompt, 8)
+    eos = greedy[3]  # the 4th greedy token ends the answer (unless an earlier one is the same token)
+    generation_config = {"eos_token_id": [255, eos], "temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    engine = LLMEngine(EngineConfig.from_dict({"model": str(tmp_path), "device": "cpu", "max_seq_len": 64}))
+    try:
+        assert {255, eos} <= engine.eos_token_ids
+        assert engine.sampling_defaults == SamplingDefaults(temperature=0.6, top_p=0.9)
+        engine.add_request("defaults", prompt)
+        params = engine.requests["defaults"][0].params
+        assert (params.temperature, params.top_p, params.top_k) == (0.6, 0.9, -1)
+        engine.abort("defaults")
+        engine.step()
+        [out] = engine.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
+        assert list(out.token_ids) == greedy[: greedy.index(eos) + 1] and out.finish_reason == "stop"
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2)])
+def test_checkpoint_loads_shard_by_shard_onto_the_gpu(tmp_path, tp_rank, tp_size):
+    """A sharded float32 checkpoint read tensor by tensor into a bfloat16 model built on the GPU (a rank of TP=2
+    reading its slices): the parameters are the checkpoint's, cast, on the device."""
+    save_tiny_checkpoint(tmp_path, "llama", max_shard_size="100KB", attention_bias=True)
+    config = resolve_model(str(tmp_path)).hf_config
+    reference = LlamaForCausalLM(config, "sdpa", tp_rank, tp_size)
+    SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(reference)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config, "sdpa", tp_rank, tp_size).to(torch.bfloat16)
+    SafetensorsWeightLoader(tmp_path, show_progress=False).load_into(model)
+    for (name, got), (_, want) in zip(model.named_parameters(), reference.named_parameters()):
+        assert got.device.type == "cuda" and got.dtype == torch.bfloat16, name
+        assert torch.equal(got.cpu(), want.to(torch.bfloat16)), name

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.common import greedy_shortfall
 from engine.config import EngineConfig
+from engine.greedy_check import greedy_shortfall
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.request import RequestStatus
@@ -432,7 +432,7 @@ class StressCase:
     """One engine configuration. Every layout, graph mode, scheduling mode and pool size appears at least once, and
     each pair of the three switches in every combination."""
 
-    kv_layout: str
+    kv_cache_layout: str
     enforce_eager: bool
     async_scheduling: bool
     kv_cache_gib: float
@@ -443,7 +443,7 @@ class StressCase:
     def name(self) -> str:
         return "-".join(
             [
-                "tm" if self.kv_layout == "token_major" else "lm",
+                "tm" if self.kv_cache_layout == "token_major" else "lm",
                 "eager" if self.enforce_eager else "graphs",
                 "async" if self.async_scheduling else "sync",
                 f"{self.kv_cache_gib:g}GiB",
@@ -458,8 +458,8 @@ class StressCase:
             "enforce_eager": self.enforce_eager,
             "max_batch_size": MAX_BATCH_SIZE,
             "max_seq_len": MAX_SEQ_LEN,
-            "kv_layout": self.kv_layout,
-            "kv_cache_bytes": int(self.kv_cache_gib * GiB),
+            "kv_cache_layout": self.kv_cache_layout,
+            "kv_cache_memory_bytes": int(self.kv_cache_gib * GiB),
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "async_scheduling": self.async_scheduling,
             "sampler_seed": 0,
@@ -646,8 +646,8 @@ def test_a_100k_token_request_decodes_greedily_past_32_bit_offsets():
                 "dtype": "bfloat16",
                 "max_batch_size": 4,
                 "max_seq_len": LONG_MAX_SEQ_LEN,
-                "kv_layout": "token_major",
-                "kv_cache_bytes": LONG_KV_CACHE_BYTES,
+                "kv_cache_layout": "token_major",
+                "kv_cache_memory_bytes": LONG_KV_CACHE_BYTES,
                 "max_num_batched_tokens": 8192,
                 "sampler_seed": 0,
             }

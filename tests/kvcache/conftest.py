@@ -36,7 +36,7 @@ def make_cache(device):
             max_seq_len=1,
             dtype=dtype,
             device=device,
-            layout=layout,
+            kv_cache_layout=layout,
         )
         granularity = 64 << 10 if device == "cpu" else 2 << 20
         tokens_per_page = granularity // probe.buffer_token_bytes
@@ -49,10 +49,10 @@ def make_cache(device):
             max_seq_len=pages_per_slot * tokens_per_page,
             dtype=dtype,
             device=device,
-            pool_size_bytes=pool_pages * granularity,
+            kv_cache_memory_bytes=pool_pages * granularity,
             prefetch_tokens=prefetch_tokens,
             prefetch_pages_per_step=prefetch_pages_per_step,
-            layout=layout,
+            kv_cache_layout=layout,
         )
         cache = VirtualKVCache(config)
         made.append(cache)

@@ -165,7 +165,7 @@ def test_reclaim_unmaps_only_what_no_request_uses(make_cache):
     tpp = int(cache.tokens_per_page)
     a, b = cache.allocate(2 * tpp), cache.allocate(tpp)
     fill(cache, b, 0, tpp, 3.0)
-    cache.prepare({b: tpp})  # one page per buffer mapped ahead for b
+    cache.map_ahead({b: tpp})  # one page per buffer mapped ahead for b
     cache.free(a)
     assert cache.reclaim() == (2 + 1) * 2 * 2
     stats = cache.stats()
@@ -178,19 +178,19 @@ def test_prepare_maps_ahead_best_effort(make_cache):
     cache = make_cache(max_batch_size=2, pages_per_slot=5, pool_pages=2 * 2 * 4, prefetch_tokens=1)
     tpp = int(cache.tokens_per_page)
     a = cache.allocate(tpp)  # exactly one page per buffer
-    assert cache.prepare({a: tpp}) == 2 * 2  # the prefetched token needs a second page
+    assert cache.map_ahead({a: tpp}) == 2 * 2  # the prefetched token needs a second page
     assert cache.stats().reclaimable_pages == 2 * 2  # mapped ahead, not yet used
     free = cache.stats().free_pages
     cache.grow(a, tpp + 1)
     assert cache.stats().free_pages == free  # the step that needs it finds it mapped
     # Asking for far more than the pool maps what fits and raises nothing.
-    assert cache.prepare({a: 5 * tpp}) == 2 * 2 * 2
+    assert cache.map_ahead({a: 5 * tpp}) == 2 * 2 * 2
     assert cache.stats().free_pages == 0
     assert_accounting(cache)
 
 
 def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cache):
-    """Slots decoding in lockstep towards a page boundary: each prepare maps ahead at most the step's page budget,
+    """Slots decoding in lockstep towards a page boundary: each map_ahead maps at most the step's page budget,
     for the slot nearest to its boundary first, and the next step's own need is never held back by the budget."""
     cache = make_cache(
         max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8, prefetch_pages_per_step=2 * 2
@@ -198,19 +198,19 @@ def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cac
     tpp = int(cache.tokens_per_page)
     slots = [cache.allocate(tpp - 8 + i) for i in range(4)]  # 8, 7, 6, 5 tokens before their boundary
     lengths = {s: tpp - 8 + i for i, s in enumerate(slots)}
-    assert cache.prepare(lengths) == 2 * 2
+    assert cache.map_ahead(lengths) == 2 * 2
     assert [cache.capacity_tokens(s) for s in slots] == [tpp, tpp, tpp, 2 * tpp]  # the nearest one
-    assert cache.prepare(lengths) == 2 * 2
+    assert cache.map_ahead(lengths) == 2 * 2
     assert cache.capacity_tokens(slots[2]) == 2 * tpp
     # The need of the next step is mapped whatever the budget: three slots cross at once.
-    assert cache.prepare({s: max(n, tpp + 1) for s, n in lengths.items()}) == 2 * 2 * 2
+    assert cache.map_ahead({s: max(n, tpp + 1) for s, n in lengths.items()}) == 2 * 2 * 2
     assert all(cache.capacity_tokens(s) == 2 * tpp for s in slots)
     assert_accounting(cache)
 
     # Without a budget, prefetch still takes at most half of the free pages (the rest is for growth).
     tight = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 4 * 2, prefetch_tokens=8)
     near = [tight.allocate(tpp - 4) for _ in range(4)]  # 16 pages left; 4 slots want one more page per buffer
-    assert tight.prepare({s: tpp - 4 for s in near}) == 2 * 2 * 2
+    assert tight.map_ahead({s: tpp - 4 for s in near}) == 2 * 2 * 2
     assert tight.stats().free_pages == 8
     assert_accounting(tight)
 
@@ -268,8 +268,8 @@ def test_errors(make_cache):
         ("dtype", "int8"),
         ("device", "tpu"),
         ("page_size_bytes", 1000),
-        ("pool_size_bytes", 0),
-        ("memory_fraction", 1.5),
+        ("kv_cache_memory_bytes", 0),
+        ("kv_cache_memory_fraction", 1.5),
         ("prefetch_tokens", -1),
     ],
 )
@@ -281,7 +281,7 @@ def test_bad_config_names_the_field(field, value):
 
 
 def test_pool_too_small_for_one_request_is_a_config_error(device):
-    with pytest.raises(ValueError, match="pool_size_bytes"):
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         VirtualKVCache(
             KVCacheConfig(
                 num_layers=4,
@@ -290,14 +290,25 @@ def test_pool_too_small_for_one_request_is_a_config_error(device):
                 max_batch_size=2,
                 max_seq_len=16,
                 device=device,
-                pool_size_bytes=1,
+                kv_cache_memory_bytes=1,
             )
         )
 
 
 def test_close_unmaps_everything(make_cache, device):
+    """After close the pool's physical memory is gone: no mapping of its file on the host; on CUDA the device's
+    free memory is back to what it was before the cache took it."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info(device)[0]
     cache = make_cache()
+    pool_bytes = cache.stats().total_pages * cache.page_size_bytes
     cache.allocate(int(cache.tokens_per_page) * 2)
+    if device == "cpu":
+        with open("/proc/self/maps") as f:
+            assert "vattention-kv-pool" in f.read()
+    else:
+        assert torch.cuda.mem_get_info(device)[0] <= free_before - pool_bytes
     cache.close()
     cache.close()  # idempotent
     assert cache.k == []
@@ -306,27 +317,47 @@ def test_close_unmaps_everything(make_cache, device):
     if device == "cpu":
         with open("/proc/self/maps") as f:
             assert "vattention-kv-pool" not in f.read()
+    else:
+        # Other allocations of this process may come and go by a granule or two; the pool is far larger.
+        assert torch.cuda.mem_get_info(device)[0] >= free_before - pool_bytes // 4
 
 
 def test_teardown_at_exit_with_the_cache_alive(device):
+    """A cache still referenced when the interpreter exits: exit hooks registered after it still read its memory,
+    and it is torn down at exit (its memory released), with a clean exit status."""
     script = textwrap.dedent(f"""
-        import atexit, torch
+        import atexit
+
+        state = {{}}
+
+        def after_teardown():  # registered before any weakref.finalize exists: runs after their exit hook
+            print("finalizer-alive-at-the-end", state["finalizer"].alive)
+            if {device!r} == "cpu":
+                with open("/proc/self/maps") as maps:
+                    print("pool-mapped-at-the-end", "vattention-kv-pool" in maps.read())
+
+        atexit.register(after_teardown)
+
+        import torch
         from kvcache import KVCacheConfig, VirtualKVCache
+
         cache = VirtualKVCache(KVCacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2,
-                                             max_seq_len=4096, device={device!r}, pool_size_bytes=64 << 20))
+                                             max_seq_len=4096, device={device!r}, kv_cache_memory_bytes=64 << 20))
         slot = cache.allocate(3000)
         cache.k[0][slot, :3000] = 1.0
-        finalizer = cache._finalizer
-        # Registered after the cache, so it runs first: the cache must still be alive here...
-        atexit.register(lambda: print("alive-before-exit", finalizer.alive))
-        import weakref
-        # ...and weakref.finalize's own exit hook then tears it down.
-        weakref.finalize._exitfunc()
-        print("alive-after-teardown", finalizer.alive)
+        state["finalizer"] = cache._finalizer
+
+        def before_teardown():  # registered last: runs first, while the cache must still be usable
+            print("value-at-exit", float(cache.k[0][slot, 2999].sum()))
+
+        atexit.register(before_teardown)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "alive-after-teardown False" in out.stdout
+    assert "value-at-exit 128.0" in out.stdout, out.stdout
+    assert "finalizer-alive-at-the-end False" in out.stdout, out.stdout
+    if device == "cpu":
+        assert "pool-mapped-at-the-end False" in out.stdout, out.stdout
 
 
 def test_replayed_changes_give_identical_slots_and_pages(make_cache):
@@ -339,7 +370,7 @@ def test_replayed_changes_give_identical_slots_and_pages(make_cache):
     rank0.grow(a, 2 * tpp + 1)
     rank0.record_use([a, b])  # a step in flight over both
     rank0.free(b)
-    rank0.prepare({a: 3 * tpp})
+    rank0.map_ahead({a: 3 * tpp})
     with pytest.raises(PoolExhaustedError):  # failed calls change nothing and are not recorded
         rank0.allocate(4 * tpp)
     c = rank0.allocate(tpp)
@@ -372,7 +403,7 @@ def test_a_freed_slot_keeps_its_pages_until_the_step_that_used_it_is_done(make_c
     pages = cache.slot_page_ids(a)
     cache.free(a)
     assert cache.stats().reclaimable_pages == 2 * 2 * 2  # counted as reclaimable at once...
-    assert cache.prepare({}) == 0 and cache.slot_page_ids(a) == pages
+    assert cache.map_ahead({}) == 0 and cache.slot_page_ids(a) == pages
     assert not cache.can_allocate(1) or cache.allocate(1) != a  # ...but the slot goes to no one
     assert cache.slot_page_ids(a) == pages and not fence.is_complete()
     b = next(s for s in range(1, 3) if cache.is_active(s))

@@ -1,9 +1,17 @@
-"""Random sequences of allocate / grow / free / prepare / launch / wait, checked against the cache's invariants.
+"""Random sequences of allocate / share / register / grow / free / map_ahead / launch / wait / reclaim, checked
+against the cache's invariants.
 
 ``launch`` stands for a step put on the device over some slots (``record_use``), ``wait`` for the host waiting on
 one: until then the machine checks that the step's slots keep their pages and are not handed to a new request, as
 the GPU needs. A second cache replays the first one's recorded changes, as a tensor-parallel rank does.
+
+Prefix caching: every request's content is a chain of blocks drawn from a small alphabet (so prompts share
+prefixes), each row's value a function of its block's chained key. A request reuses the registered blocks its
+chain starts with and writes only after them; it registers its full blocks. Reading every live slot back proves
+that no registered page was written or handed out while another slot maps it.
 """
+
+import hashlib
 
 import pytest
 import torch
@@ -30,17 +38,18 @@ class CacheMachine(RuleBasedStateMachine):
             max_batch_size=4,
             max_seq_len=1,
             device=self.device,
-            layout=self.layout,
+            kv_cache_layout=self.layout,
         )
         self.tpp = granularity // config.buffer_token_bytes
         config.max_seq_len = 4 * self.tpp
-        config.pool_size_bytes = pool_pages_per_buffer * config.num_buffers * granularity
+        config.kv_cache_memory_bytes = pool_pages_per_buffer * config.num_buffers * granularity
         config.prefetch_tokens = prefetch
         self.cache = VirtualKVCache(config)
         self.cache.record_ops()
         self.replica = VirtualKVCache(config)  # another rank, following the recorded changes
-        self.live: dict[int, tuple[int, float]] = {}  # slot -> (tokens written, signature)
-        self.next_signature = 1.0
+        self.live: dict[int, tuple[int, list[int]]] = {}  # slot -> (tokens written, chained keys of its blocks)
+        self.block = self.cache.block_tokens
+        self.values: dict[int, float] = {}  # key -> the value its rows start from
         self.in_flight: list[tuple] = []  # (fence, {slot: its page ids when the step was launched})
 
     def teardown(self):
@@ -51,34 +60,61 @@ class CacheMachine(RuleBasedStateMachine):
     def _busy_slots(self) -> set[int]:
         return {slot for fence, pages in self.in_flight if not fence.is_complete() for slot in pages}
 
-    def _write(self, slot, start, end, signature):
-        rows = torch.arange(start, end, dtype=torch.float32, device=self.cache.k[0].device).view(-1, 1, 1)
-        for layer in range(2):
-            self.cache.k[layer][slot, start:end] = signature + rows
-            self.cache.v[layer][slot, start:end] = signature - rows
+    def _chain(self, content: list[int]) -> list[int]:
+        keys, previous = [], b""
+        for symbol in content:
+            previous = hashlib.blake2b(previous + bytes([symbol]), digest_size=8).digest()
+            key = int.from_bytes(previous, "little")
+            self.values.setdefault(key, 1000.0 * (len(self.values) + 1))
+            keys.append(key)
+        return keys
 
-    @rule(num_tokens=st.integers(1, 4 * 1024))
-    def allocate(self, num_tokens):
+    def _expected(self, keys, start, end):
+        rows = torch.arange(start, end, dtype=torch.float32)
+        base = torch.tensor([self.values[keys[r // self.block]] for r in range(start, end)])
+        return (base + rows % self.block).to(self.cache.k[0].device).view(-1, 1, 1)
+
+    def _write(self, slot, start, end, keys):
+        values = self._expected(keys, start, end)
+        for layer in range(2):
+            self.cache.k[layer][slot, start:end] = values
+            self.cache.v[layer][slot, start:end] = -values
+
+    @rule(
+        num_tokens=st.integers(1, 4 * 1024),
+        content=st.lists(st.integers(0, 1), min_size=4, max_size=4),
+        share=st.booleans(),
+    )
+    def allocate(self, num_tokens, content, share):
         num_tokens = min(num_tokens, self.cache.config.max_seq_len)
+        keys = self._chain(content)
+        cached = self.cache.match_prefix(keys[: (num_tokens - 1) // self.block]) if share else 0
+        prefix = keys[:cached]
         before = self.cache.stats()
-        can = self.cache.can_allocate(num_tokens)
+        can = self.cache.can_allocate(num_tokens, prefix)
         try:
-            slot = self.cache.allocate(num_tokens)
+            slot = self.cache.allocate(num_tokens, prefix=prefix)
         except (NoFreeSlotError, PoolExhaustedError):
             assert not can
             assert self.cache.stats() == before
             return
         assert can and slot not in self.live
         assert slot not in self._busy_slots(), "a slot handed out under a step that may still touch it"
-        signature, self.next_signature = self.next_signature * 1000.0, self.next_signature + 1
-        self._write(slot, 0, num_tokens, signature)
-        self.live[slot] = (num_tokens, signature)
+        self._write(slot, cached * self.block, num_tokens, keys)
+        self.live[slot] = (num_tokens, keys)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def register(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.live)))
+        written, keys = self.live[slot]
+        self.cache.register(slot, keys[: written // self.block])
 
     @precondition(lambda self: self.live)
     @rule(data=st.data(), extra=st.integers(0, 2048))
     def grow(self, data, extra):
         slot = data.draw(st.sampled_from(sorted(self.live)))
-        written, signature = self.live[slot]
+        written, keys = self.live[slot]
         target = min(written + extra, self.cache.config.max_seq_len)
         before = self.cache.stats()
         try:
@@ -86,8 +122,8 @@ class CacheMachine(RuleBasedStateMachine):
         except PoolExhaustedError:
             assert self.cache.stats() == before
             return
-        self._write(slot, written, target, signature)
-        self.live[slot] = (target, signature)
+        self._write(slot, written, target, keys)
+        self.live[slot] = (target, keys)
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -98,8 +134,8 @@ class CacheMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(step=st.integers(1, 64))
-    def prepare(self, step):
-        self.cache.prepare({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
+    def map_ahead(self, step):
+        self.cache.map_ahead({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
@@ -146,8 +182,22 @@ class CacheMachine(RuleBasedStateMachine):
         assert stats.used_pages + stats.reclaimable_pages == stats.mapped_pages
         if not self.live:
             assert stats.free_pages + stats.reclaimable_pages == stats.total_pages
-        owned = [p for s in range(1, 5) for buf in self.cache.slot_page_ids(s) for p in buf]
-        assert len(owned) == len(set(owned)) == stats.mapped_pages
+        # A page is the registry's (mapped in any number of slots, or none) or one slot's own, never both.
+        registered = [p for block in self.cache._blocks.values() for buf in block.pages for p in buf]
+        assert len(registered) == len(set(registered))
+        own = [
+            p
+            for s in range(1, 5)
+            for buf in self.cache.slot_page_ids(s)
+            for p in buf[len(self.cache._heads[s]) * self.cache._block_pages :]
+        ]
+        assert len(own) == len(set(own)) and not set(own) & set(registered)
+        assert len(own) + len(registered) == stats.mapped_pages
+        heads = {p for s in range(1, 5) for buf in self.cache.slot_page_ids(s) for p in buf} - set(own)
+        assert heads <= set(registered)
+        # Blocks that an active slot holds are in use; a live request's pages never count as reclaimable.
+        held = {id(b) for s in self.live for b in self.cache._heads[s]}
+        assert all((b.refs > 0) == (id(b) in held) for b in self.cache._blocks.values())
         assert stats.num_active_slots == len(self.live)
         for slot, (written, _) in self.live.items():
             assert self.cache.capacity_tokens(slot) >= written
@@ -156,11 +206,11 @@ class CacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def tensors_read_back_what_was_written(self):
-        for slot, (written, signature) in self.live.items():
-            rows = torch.arange(written, dtype=torch.float32, device=self.cache.k[0].device).view(-1, 1, 1)
+        for slot, (written, keys) in self.live.items():
+            values = self._expected(keys, 0, written).expand(-1, 2, 16)
             for layer in range(2):
-                assert torch.equal(self.cache.k[layer][slot, :written], (signature + rows).expand(-1, 2, 16))
-                assert torch.equal(self.cache.v[layer][slot, :written], (signature - rows).expand(-1, 2, 16))
+                assert torch.equal(self.cache.k[layer][slot, :written], values)
+                assert torch.equal(self.cache.v[layer][slot, :written], -values)
 
 
 _settings = settings(

@@ -74,7 +74,12 @@ def test_a_map_that_fails_part_way_leaves_nothing_mapped(monkeypatch):
 
     cache = VirtualKVCache(
         KVCacheConfig(
-            num_layers=2, num_kv_heads=2, head_dim=64, max_batch_size=2, max_seq_len=1024, pool_size_bytes=16 * page
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=64,
+            max_batch_size=2,
+            max_seq_len=1024,
+            kv_cache_memory_bytes=16 * page,
         )
     )
     try:

@@ -1,0 +1,139 @@
+"""Prefix caching end to end: the same greedy tokens with caching on and off (real SmolLM2 and a tiny Llama, both
+layouts, through chunked prefill, preemption, aborts and eviction), cached tokens reported, the pool balanced."""
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+SYSTEM = (
+    "You are a careful assistant for a city library. The library opens at nine and closes at six, except on "
+    "Sundays. Members may borrow twelve books for three weeks; renewals are possible twice unless another member "
+    "has reserved the book. Fines are ten cents a day. The reading room is quiet; group rooms can be booked. "
+) * 6
+QUESTIONS = ["When does it open?", "How many books?", "What are the fines?", "Can I renew?", "Group rooms?"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def _engine(layout: str, prefix_caching: bool, **overrides) -> LLMEngine:
+    values = {
+        "max_batch_size": 6,
+        "max_seq_len": 1024,
+        "max_num_batched_tokens": 128,
+        "kv_cache_layout": layout,
+        "enable_prefix_caching": prefix_caching,
+    }
+    values.update(overrides)
+    return LLMEngine(EngineConfig.from_dict(values))
+
+
+def _run(engine: LLMEngine, prompts, waves: int = 2) -> list[list[int]]:
+    """Each prompt ``waves`` times, one wave after the other (later waves find the earlier ones' blocks)."""
+    tokens = []
+    for _ in range(waves):
+        tokens += [o.token_ids for o in engine.generate(prompts, GREEDY)]
+    return tokens
+
+
+def _assert_balanced(engine: LLMEngine) -> None:
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_same_greedy_tokens_with_prefix_caching_on_and_off(layout):
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    off = _engine(layout, False)
+    on = _engine(layout, True)
+    try:
+        expected = _run(off, prompts)
+        assert _run(on, prompts) == expected
+        stats = on.stats()
+        block = on.kv_cache.block_tokens
+        assert stats.prefix_cache_hits >= len(prompts) * block  # the second wave at least
+        assert stats.prefix_cache_queries > stats.prefix_cache_hits
+        assert off.stats().prefix_cache_hits == 0
+        _assert_balanced(on)
+        on.kv_cache.reclaim()  # evicts every cached block: nothing is held any more
+        assert on.stats().num_free_pages == on.stats().num_total_pages
+        assert on.kv_cache.num_cached_blocks == 0
+    finally:
+        off.shutdown()
+        on.shutdown()
+
+
+def test_cached_tokens_are_reported_and_prefill_starts_after_them():
+    engine = _engine("token_major", True)
+    try:
+        block = engine.kv_cache.block_tokens
+        prompt = engine.tokenizer.encode(SYSTEM + QUESTIONS[0])
+        first = engine.generate([prompt], GREEDY)[0]
+        assert first.num_cached_tokens == 0
+        again = engine.generate([prompt], GREEDY)[0]
+        assert again.num_cached_tokens == (len(prompt) - 1) // block * block > 0
+        assert again.token_ids == first.token_ids
+        other = engine.generate([prompt[: 2 * block] + [42] * 30], GREEDY)[0]  # shares two blocks only
+        assert other.num_cached_tokens == 2 * block
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("layout", ["token_major", "layer_major"])
+def test_preemption_aborts_and_eviction_keep_greedy_tokens(layout):
+    """A pool too small for every request and every cached block: cached blocks are evicted, requests preempted and
+    recomputed (finding their own blocks), some aborted mid-flight; survivors match caching off."""
+    prompts = [SYSTEM + q for q in QUESTIONS] + [f"Story {i}: " + SYSTEM[i * 40 :] for i in range(4)]
+    off = _engine(layout, False)
+    expected = _run(off, prompts)
+    off.shutdown()
+    probe = _engine(layout, True)
+    need = probe.kv_cache.pages_for_tokens(len(probe.tokenizer.encode(SYSTEM)) + 40)
+    page = probe.kv_cache.page_size_bytes
+    probe.shutdown()
+    on = _engine(layout, True, kv_cache_memory_bytes=3 * need * page, max_batch_size=8)
+    try:
+        assert _run(on, prompts) == expected
+        assert on.stats().num_preemptions > 0
+        evicted_before = on.kv_cache.num_cached_blocks
+        # Aborts mid-prefill and mid-decode, while others run on.
+        for i, p in enumerate(prompts):
+            on.add_request(f"r{i}", p, GREEDY)
+        finals = {}
+        for step in range(400):
+            if step in (2, 6):
+                on.abort(f"r{step // 2}")
+            for out in on.step():
+                if out.finished:
+                    finals[out.request_id] = out
+            if not on.has_unfinished():
+                break
+        for i in range(len(prompts)):
+            out = finals[f"r{i}"]
+            if out.finish_reason != "abort":
+                assert out.token_ids == expected[i]
+        assert sum(o.finish_reason == "abort" for o in finals.values()) == 2
+        assert evicted_before >= 0 and on.kv_cache.num_cached_blocks > 0
+        _assert_balanced(on)
+    finally:
+        on.shutdown()
+
+
+def test_tiny_llama_gives_the_same_tokens_with_caching(tmp_path):
+    from tests.engine.tiny_checkpoints import TOKENIZER_VOCAB_SIZE, save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path, "llama", with_tokenizer=True, vocab_size=TOKENIZER_VOCAB_SIZE)
+    prompts = [[5 + (i % 7) for i in range(100)] + [50 + q] * (3 + q) for q in range(4)]
+    engines = [
+        _engine("token_major", flag, model=str(tmp_path), max_seq_len=256, page_size_bytes=4096)
+        for flag in (False, True)
+    ]
+    try:
+        off, on = engines
+        assert on.kv_cache.block_tokens < 100
+        assert _run(on, prompts) == _run(off, prompts)
+        assert on.stats().prefix_cache_hits > 0
+    finally:
+        for e in engines:
+            e.shutdown()
