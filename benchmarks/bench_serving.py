@@ -359,7 +359,7 @@ def compare_routers(args: argparse.Namespace) -> None:
         logging_level="WARNING",
     )
     specs = workload_from_args(args, "skewed")
-    model = app_base.get("model_id", app_base["model"])
+    model = app_base.get("served_model_name") or app_base["model"]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.request_rate]
     runs = {}
     for router in ("page_aware", "power_of_two"):
