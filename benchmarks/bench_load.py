@@ -217,7 +217,7 @@ def phase_engine(spec: dict) -> dict:
                 "enforce_eager": True,
                 "max_batch_size": len(spec["prompts"]),
                 "max_seq_len": 1024,
-                "kv_cache_bytes": spec["kv_cache_bytes"],
+                "kv_cache_memory_bytes": spec["kv_cache_bytes"],
                 "sampler_seed": 0,
             }
         )

@@ -187,6 +187,9 @@ async def run_load(
         return list(results), time.perf_counter() - start
 
 
+SLO_TTFT_S, SLO_TPOT_S = 2.0, 0.050
+
+
 def summarize(results: list[RequestResult], duration_s: float) -> dict:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.num_output_tokens for r in ok)
@@ -200,8 +203,17 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
     tpot = [(r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) for r in timed if r.num_output_tokens > 1]
     itl = [x for r in ok for x in r.itl_s]
     e2e = [r.e2e_s for r in ok]
+    # Goodput: requests that met the SLO (TTFT <= 2 s, TPOT <= 50 ms), per second.
+    good = [
+        r
+        for r in timed
+        if r.ttft_s <= SLO_TTFT_S
+        and (r.num_output_tokens <= 1 or (r.e2e_s - r.ttft_s) / (r.num_output_tokens - 1) <= SLO_TPOT_S)
+    ]
     summary = {
         "num_requests": len(results),
+        "goodput_req_s": len(good) / duration_s,
+        "slo_attainment": len(good) / len(results) if results else None,
         "num_completed": len(ok),
         "num_failed": len(results) - len(ok),
         "failures_by_status": {
@@ -242,6 +254,7 @@ def print_summary(title: str, s: dict) -> None:
     print(f"{'Benchmark duration (s):':<40}{s['duration_s']:>10.2f}")
     print(f"{'Request throughput (req/s):':<40}{s['request_throughput_per_s']:>10.2f}")
     print(f"{'Output token throughput (tok/s):':<40}{s['output_throughput_tok_s']:>10.2f}")
+    print(f"{'Goodput (req/s, TTFT<=2s TPOT<=50ms):':<40}{s['goodput_req_s']:>10.2f}")
     print(f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput_tok_s']:>10.2f}")
     for name, label in (
         ("ttft", "Time to First Token"),
@@ -309,17 +322,16 @@ COMPARE_APP_ARGS = {
 }
 
 
-def deploy(router: str, http_port: int) -> str:
+def deploy(app_args: dict, http_port: int, name: str = "bench") -> str:
+    """Deploy the app of ``app_args`` as ``name`` on this Ray cluster; its base URL once ``/health`` answers."""
     from ray import serve
 
     from deployments.app import build_app
 
-    args = copy.deepcopy(COMPARE_APP_ARGS)
-    args["engine"]["router"] = router
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build_app(args), name="bench", route_prefix="/")
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "request_timeout_s": 1800})
+    serve.run(build_app(app_args), name=name, route_prefix="/")
     base = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=15).status_code == 200:
@@ -335,9 +347,11 @@ def compare_routers(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
+    app_base = json.loads(args.app_args) if args.app_args else COMPARE_APP_ARGS
+    on_gpu = app_base.get("device") == "cuda"
     ray.init(
         address="local",
-        num_cpus=2,
+        num_cpus=os.cpu_count() if on_gpu else 2,
         include_dashboard=False,
         _metrics_export_port=args.metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
@@ -345,23 +359,30 @@ def compare_routers(args: argparse.Namespace) -> None:
         logging_level="WARNING",
     )
     specs = workload_from_args(args, "skewed")
+    model = app_base.get("served_model_name") or app_base["model"]
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.request_rate]
     runs = {}
     for router in ("page_aware", "power_of_two"):
-        base = deploy(router, args.http_port)
+        app_args = copy.deepcopy(app_base)
+        app_args["engine"]["router"] = router
+        base = deploy(app_args, args.http_port)
         # Warm-up: one short request per replica (first forward allocates buffers).
-        asyncio.run(run_load(base, "smollm2", specs[:2], float("inf"), args.seed, None))
+        num_replicas = app_base["engine"]["num_replicas"]
+        asyncio.run(run_load(base, model, specs[: 2 * num_replicas], float("inf"), args.seed, None))
         time.sleep(2.0)
-        num_replicas = COMPARE_APP_ARGS["engine"]["num_replicas"]
-        preempt_before = scrape_preemptions(base, num_replicas)
-        results, duration = asyncio.run(run_load(base, "smollm2", specs, args.request_rate, args.seed, None))
-        time.sleep(3.0)  # counters reach the metrics export once per second
-        summary = summarize(results, duration)
-        preempt_after = scrape_preemptions(base, num_replicas)
-        summary["num_preemptions"] = (
-            None if preempt_before is None or preempt_after is None else preempt_after - preempt_before
-        )
-        print_summary(f"router={router}", summary)
-        runs[router] = summary
+        for rate in rates:
+            preempt_before = scrape_preemptions(base, num_replicas)
+            results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
+            time.sleep(3.0)  # counters reach the metrics export once per second
+            summary = summarize(results, duration)
+            preempt_after = scrape_preemptions(base, num_replicas)
+            summary["num_preemptions"] = (
+                None if preempt_before is None or preempt_after is None else preempt_after - preempt_before
+            )
+            summary["request_rate_per_s"] = rate
+            label = router if len(rates) == 1 else f"{router}@{rate:g}"
+            print_summary(f"router={label}", summary)
+            runs[label] = summary
         serve.delete("bench")
         time.sleep(2.0)
     serve.shutdown()
@@ -379,7 +400,7 @@ def compare_routers(args: argparse.Namespace) -> None:
             "ignore_eos": True,
             "arrivals": "poisson",
         },
-        "app_args": COMPARE_APP_ARGS,
+        "app_args": app_base,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
@@ -417,7 +438,7 @@ def plot(runs: dict, path: Path) -> None:
         ax.set_title(label)
         for i, v in enumerate(values):
             ax.text(i, v or 0, "n/a" if v is None else f"{v:.0f}", ha="center", va="bottom")
-    fig.suptitle("Page-aware vs default (power-of-two) router: skewed workload, 2 CPU replicas, SmolLM2-135M")
+    fig.suptitle("Page-aware vs default (power-of-two) router: skewed workload")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -431,6 +452,16 @@ def _git_commit() -> str:
         return "uncommitted"
 
 
+def add_skewed_args(p: argparse.ArgumentParser) -> None:
+    """The skewed mix's lengths and the workload seed."""
+    p.add_argument("--long-fraction", type=float, default=0.25)
+    p.add_argument("--long-input-len", type=int, default=300)
+    p.add_argument("--long-output-len", type=int, default=120)
+    p.add_argument("--short-input-len", type=int, default=32)
+    p.add_argument("--short-output-len", type=int, default=24)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", default="http://localhost:8000", help="OpenAI-compatible server")
@@ -441,14 +472,11 @@ def main() -> None:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--long-fraction", type=float, default=0.25)
-    p.add_argument("--long-input-len", type=int, default=300)
-    p.add_argument("--long-output-len", type=int, default=120)
-    p.add_argument("--short-input-len", type=int, default=32)
-    p.add_argument("--short-output-len", type=int, default=24)
-    p.add_argument("--seed", type=int, default=0)
+    add_skewed_args(p)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--compare-routers", action="store_true", help="deploy and compare page_aware vs power_of_two")
+    p.add_argument("--app-args", default=None, help="JSON app args for --compare-routers (default: 2 CPU replicas)")
+    p.add_argument("--rates", default=None, help="comma-separated Poisson rates for --compare-routers")
     p.add_argument("--http-port", type=int, default=8011)
     p.add_argument("--metrics-port", type=int, default=8091)
     args = p.parse_args()

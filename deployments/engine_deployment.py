@@ -1,7 +1,9 @@
 """The engine deployment: each replica owns one ``AsyncLLMEngine`` and streams its outputs.
 
-The engine steps in its own thread (``AsyncLLMEngine``), so the replica's event loop only awaits
-per-request queues and stays free to accept requests, answer health checks and routing-stats calls.
+The engine core steps in a process of its own (``engine_process``, the default) or in a thread of the replica,
+so the replica's event loop only awaits per-request queues and stays free to accept requests, answer health checks
+and routing-stats calls. Each item streamed to the ingress holds everything ready for the request at that moment
+(one ``StreamChunk`` per choice), so Ray moves one item per request per wake-up, not one per token.
 The class is plain Python; :func:`deployments.app.build_app` turns it into a Serve deployment with
 the options of the YAML config (replicas, resources, the page-aware router).
 """
@@ -40,8 +42,8 @@ class _InflightRequest:
 
 @dataclass
 class StreamChunk:
-    """One message from an engine replica to the ingress (the new part of a ``RequestOutput`` of the request's
-    choice ``index``; a request with ``n`` choices streams the chunks of all of them, interleaved).
+    """The new part of a request's choice ``index`` (one or more of its ``RequestOutput``s merged); the replica
+    streams lists of them to the ingress, at most one per choice in a list, the choices interleaved.
 
     ``error`` is set (and nothing else is meaningful) when the request failed: the ingress turns it
     into an OpenAI error body with ``status_code``.
@@ -73,15 +75,12 @@ class EngineDeployment:
         from deployments.tp_workers import make_executor_factory
         from engine.async_engine import AsyncLLMEngine
         from engine.config import EngineConfig
-        from engine.llm_engine import LLMEngine
 
         self._replica_tag = _replica_tag()
         # tensor_parallel_size > 1: this replica is rank 0; ranks 1.. are Ray actors in its placement group.
         self._engine = AsyncLLMEngine(
-            engine=LLMEngine(
-                EngineConfig.from_dict(dict(engine_config)),
-                executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"),
-            )
+            EngineConfig.from_dict(dict(engine_config)),
+            executor_factory=make_executor_factory(name_prefix=f"{self._replica_tag}-tp"),
         )
         self._model_id = model_id
         self._metrics = EngineMetrics(model_id, self._replica_tag)
@@ -98,9 +97,10 @@ class EngineDeployment:
 
     async def generate(
         self, routing_hint: RoutingHint, prompt_token_ids: list[int], sampling_params: Any, request_id: str
-    ) -> AsyncIterator[StreamChunk]:
-        """Stream a request's outputs (of each of its ``sampling_params.n`` choices, interleaved) until the last
-        choice finishes. Cancelling the consumer (client gone) aborts it in the engine.
+    ) -> AsyncIterator[list[StreamChunk]]:
+        """Stream a request's outputs (of each of its ``sampling_params.n`` choices) until the last choice
+        finishes, each item everything ready at that moment, one chunk per choice. Cancelling the consumer (client
+        gone) aborts it in the engine. A failure is one chunk with ``error`` set.
 
         Args:
             routing_hint: read by the router; here only for page accounting.
@@ -125,47 +125,39 @@ class EngineDeployment:
         num_finished = 0
         aborted = False
         try:
-            async for out in self._engine.generate(prompt_token_ids, sampling_params, request_id):
+            async for outputs in self._engine.stream(prompt_token_ids, sampling_params, request_id):
                 now_s = time.monotonic()
-                num_new = len(out.new_token_ids)
-                if num_new:
-                    previous_s = last_token_s[out.index]
-                    if previous_s is None:
-                        if all(s is None for s in last_token_s):  # the request's first token, its prompt's KV done
-                            self._metrics.time_to_first_token.observe(now_s - arrival_s)
-                            self._metrics.prompt_tokens.inc(out.num_prompt_tokens)
-                    else:
-                        gap_s = (now_s - previous_s) / num_new
-                        for _ in range(num_new):
-                            self._metrics.inter_token_latency.observe(gap_s)
-                    self._metrics.generation_tokens.inc(num_new)
-                    last_token_s[out.index] = now_s
-                    counts = list(inflight.num_output_tokens)
-                    counts[out.index] = out.num_output_tokens
-                    inflight.num_output_tokens = tuple(counts)
-                if out.finished:
-                    num_finished += 1
-                    aborted = aborted or out.finish_reason == "abort"
-                    if num_finished == num_sequences:
-                        if not aborted:
-                            self._metrics.request_success.inc()
-                        self._metrics.e2e_request_latency.observe(now_s - arrival_s)
-                yield StreamChunk(
-                    new_text=out.new_text,
-                    index=out.index,
-                    num_new_tokens=num_new,
-                    finished=out.finished,
-                    finish_reason=out.finish_reason,
-                    num_prompt_tokens=out.num_prompt_tokens,
-                    num_output_tokens=out.num_output_tokens,
-                    num_cached_tokens=out.num_cached_tokens,
-                    new_logprobs=out.new_logprobs,
-                    replica=self._replica_tag,
-                )
+                chunks: dict[int, StreamChunk] = {}
+                counts = list(inflight.num_output_tokens)
+                for out in outputs:
+                    num_new = len(out.new_token_ids)
+                    if num_new:
+                        previous_s = last_token_s[out.index]
+                        if previous_s is None:
+                            if all(s is None for s in last_token_s):  # the request's first token, its prompt's KV done
+                                self._metrics.time_to_first_token.observe(now_s - arrival_s)
+                                self._metrics.prompt_tokens.inc(out.num_prompt_tokens)
+                        else:
+                            gap_s = (now_s - previous_s) / num_new
+                            for _ in range(num_new):
+                                self._metrics.inter_token_latency.observe(gap_s)
+                        self._metrics.generation_tokens.inc(num_new)
+                        last_token_s[out.index] = now_s
+                        counts[out.index] = out.num_output_tokens
+                    if out.finished:
+                        num_finished += 1
+                        aborted = aborted or out.finish_reason == "abort"
+                        if num_finished == num_sequences:
+                            if not aborted:
+                                self._metrics.request_success.inc()
+                            self._metrics.e2e_request_latency.observe(now_s - arrival_s)
+                    _merge(chunks, out, self._replica_tag)
+                inflight.num_output_tokens = tuple(counts)
+                yield list(chunks.values())
         except InvalidRequestError as exc:
-            yield StreamChunk(error=_error_body(exc.message, "invalid_request_error", exc.param), status_code=400)
+            yield [StreamChunk(error=_error_body(exc.message, "invalid_request_error", exc.param), status_code=400)]
         except EngineDeadError as exc:
-            yield StreamChunk(error=_error_body(str(exc), "engine_dead", None), status_code=503)
+            yield [StreamChunk(error=_error_body(str(exc), "engine_dead", None), status_code=503)]
         finally:
             with self._inflight_lock:
                 self._inflight.pop(request_id, None)
@@ -187,13 +179,15 @@ class EngineDeployment:
         }
 
     async def engine_stats(self) -> dict[str, Any]:
-        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory (debugging, soak tests)."""
+        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory, its engine core's included
+        (debugging, soak tests)."""
         stats = dict(self._engine.stats().as_dict())
         stats["replica"] = self._replica_tag
         with self._inflight_lock:
             stats["num_inflight"] = len(self._inflight)
         stats["pid"] = os.getpid()
-        stats["rss_bytes"] = _rss_bytes()
+        core_pid = self._engine.core_pid
+        stats["rss_bytes"] = _rss_bytes("self") + (_rss_bytes(str(core_pid)) if core_pid != os.getpid() else 0)
         return stats
 
     # ---- Serve hooks ----------------------------------------------------------------------------------
@@ -251,17 +245,9 @@ class EngineDeployment:
     # ---- internals ------------------------------------------------------------------------------------
 
     def _engine_failure(self) -> Exception | None:
-        """Why this replica cannot serve (its engine's step loop or a tensor-parallel worker died), or None."""
-        from engine.errors import EngineDeadError
-
-        if self._engine.is_dead:
-            return EngineDeadError("engine step loop died")
-        try:
-            # A tensor-parallel worker that died while the engine was idle: fail now, not at the next request.
-            self._engine.engine.executor.check_health()
-        except Exception as exc:  # noqa: BLE001 - whatever the executor raises is the failure to report
-            return exc
-        return None
+        """Why this replica cannot serve (its engine core died, or a tensor-parallel worker did while idle: fail
+        now, not at the next request), or None."""
+        return self._engine.failure()
 
     def _pages_still_claimed(self, req: _InflightRequest, tokens_per_page: float) -> int:
         final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
@@ -290,6 +276,22 @@ class EngineDeployment:
             await asyncio.sleep(1.0)
 
 
+def _merge(chunks: dict[int, StreamChunk], out: Any, replica: str) -> None:
+    """Add ``out`` (a ``RequestOutput``) to the chunk of its choice in ``chunks``: one chunk per choice per item."""
+    chunk = chunks.get(out.index)
+    if chunk is None:
+        chunk = chunks[out.index] = StreamChunk(index=out.index, replica=replica)
+    chunk.new_text += out.new_text
+    chunk.num_new_tokens += len(out.new_token_ids)
+    chunk.finished = out.finished
+    chunk.finish_reason = out.finish_reason
+    chunk.num_prompt_tokens = out.num_prompt_tokens
+    chunk.num_output_tokens = out.num_output_tokens
+    chunk.num_cached_tokens = out.num_cached_tokens
+    if out.new_logprobs is not None:
+        chunk.new_logprobs = (chunk.new_logprobs or []) + out.new_logprobs
+
+
 def _error_body(message: str, error_type: str, param: str | None) -> dict:
     return {"message": message, "type": error_type, "param": param, "code": None}
 
@@ -309,10 +311,10 @@ def _replica_tag() -> str:
         return f"local-{uuid.uuid4().hex[:8]}"
 
 
-def _rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc; 0 where unavailable)."""
+def _rss_bytes(pid: str) -> int:
+    """Resident set size of process ``pid`` ("self": this one) (Linux /proc; 0 where unavailable)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

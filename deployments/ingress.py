@@ -235,7 +235,7 @@ class OpenAIIngress:
             if overload is not None:
                 raise self._overload_error(overload)
             try:
-                first = await self._next_chunk(stream)
+                first = await self._next_chunks(stream)
                 break
             except ReplicaUnavailableError:
                 _cancel_quietly(stream)
@@ -247,7 +247,7 @@ class OpenAIIngress:
                 raise
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # Which engine replica served the request: for operators' debugging and the routing tests.
-        headers = {REPLICA_HEADER: first.replica} if first is not None else {}
+        headers = {REPLICA_HEADER: first[0].replica} if first else {}
         choices = Choices(params.n)
         if body.stream:
             sse = self._sse(stream, first, choices, request_id, chat=chat, include_usage=include_usage)
@@ -255,11 +255,12 @@ class OpenAIIngress:
             return StreamingResponse(sse, media_type="text/event-stream", headers=headers)
         return JSONResponse(await self._collect(stream, first, choices, request_id, chat=chat), headers=headers)
 
-    async def _next_chunk(self, stream: Any) -> StreamChunk | None:
-        """The next chunk of the engine stream, or None at its end; errors become ``OpenAIError``."""
+    async def _next_chunks(self, stream: Any) -> list[StreamChunk] | None:
+        """The next item of the engine stream (every chunk the replica had ready), or None at its end; errors
+        become ``OpenAIError``."""
         overload: str | None = None
         try:
-            chunk: StreamChunk = await stream.__anext__()
+            chunks: list[StreamChunk] = await stream.__anext__()
         except StopAsyncIteration:
             return None
         except BackPressureError as exc:
@@ -281,12 +282,13 @@ class OpenAIIngress:
             ) from None
         if overload is not None:
             raise self._overload_error(overload)
-        if chunk.error is not None:
-            err = chunk.error
-            # The engine's own checks (context length, JSON schema) name fields spelled alike on both endpoints.
-            param = http_param(err.get("param"), chat=False)
-            raise OpenAIError(err["message"], status_code=chunk.status_code, error_type=err["type"], param=param)
-        return chunk
+        for chunk in chunks:
+            if chunk.error is not None:
+                err = chunk.error
+                # The engine's own checks (context length, JSON schema) name fields spelled alike on both endpoints.
+                param = http_param(err.get("param"), chat=False)
+                raise OpenAIError(err["message"], status_code=chunk.status_code, error_type=err["type"], param=param)
+        return chunks
 
     def _overload_error(self, message: str) -> OpenAIError:
         ingress = self._config.ingress
@@ -299,15 +301,16 @@ class OpenAIIngress:
         )
 
     async def _collect(
-        self, stream: Any, first: StreamChunk | None, choices: Choices, request_id: str, *, chat: bool
+        self, stream: Any, first: list[StreamChunk] | None, choices: Choices, request_id: str, *, chat: bool
     ) -> dict:
-        chunk = first
+        chunks = first
         try:
-            while chunk is not None:
-                choices.add(chunk)
+            while chunks is not None:
+                for chunk in chunks:
+                    choices.add(chunk)
                 if choices.all_finished:
                     break
-                chunk = await self._next_chunk(stream)
+                chunks = await self._next_chunks(stream)
         finally:
             # Also runs when the client disconnects (this task is cancelled): abort in the engine.
             _cancel_quietly(stream)
@@ -316,7 +319,7 @@ class OpenAIIngress:
     async def _sse(
         self,
         stream: Any,
-        first: StreamChunk | None,
+        first: list[StreamChunk] | None,
         choices: Choices,
         request_id: str,
         *,
@@ -324,19 +327,23 @@ class OpenAIIngress:
         include_usage: bool,
     ) -> AsyncIterator[str]:
         events = StreamEvents(self._formatter, request_id, chat=chat, include_usage=include_usage)
-        chunk = first
+        chunks = first
         try:
             for opening in events.opening(choices.num_choices):
                 yield opening
-            while chunk is not None:
-                choices.add(chunk)
-                event = events.chunk(chunk)
-                if event is not None:
-                    yield event
+            while chunks is not None:
+                text = []  # the item's events in one write
+                for chunk in chunks:
+                    choices.add(chunk)
+                    event = events.chunk(chunk)
+                    if event is not None:
+                        text.append(event)
+                if text:
+                    yield "".join(text)
                 if choices.all_finished:
                     break
                 try:
-                    chunk = await self._next_chunk(stream)
+                    chunks = await self._next_chunks(stream)
                 except OpenAIError as exc:
                     # Headers are gone: report in-band, then end the stream.
                     yield events.error(exc)

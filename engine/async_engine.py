@@ -1,17 +1,25 @@
-"""asyncio front-end: the engine steps in its own thread; callers stream outputs with ``async for``."""
+"""asyncio frontend of the engine: tokenization and per-request streams over an engine core that steps on its own.
+
+The core (``engine.engine_core.EngineCore``) runs in a process of its own or in a thread of this one
+(``EngineConfig.engine_process``, see ``engine.core_client``); either way it never waits for a consumer, and every
+step's outputs reach this frontend in one batch, which it sorts into the requests' queues.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
+from engine.core_client import EngineCoreClient, InProcessCore, start_core
+from engine.core_protocol import SHUT_DOWN
 from engine.errors import EngineDeadError, InvalidRequestError
+from engine.executor import ExecutorFactory
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -25,46 +33,160 @@ class _Stream:
     (``params.n``) whose final output has not come yet."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    num_unfinished: int = 1
+    prompt_token_ids: list[int]
+    num_unfinished: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
-            pass
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class _RequestStreams:
+    """The requests being streamed, by id: the one owner of their queues, and the core's outbox (its calls come
+    from the core's thread, or from the thread reading the core process's events)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # callers' event loops and the core's thread
+        self.dead_error: EngineDeadError | None = None
+        self.stats: EngineStats | None = None
+
+    def open(self, request_id: str, stream: _Stream) -> None:
+        with self._lock:
+            if self.dead_error is not None:
+                raise EngineDeadError(str(self.dead_error)) from self.dead_error
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+            self._streams[request_id] = stream
+
+    def close(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+
+    def step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        """One step's outputs: into their requests' queues, one wake-up per consumer event loop."""
+        self.stats = stats
+        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue
+                if out.finished:
+                    stream.num_unfinished -= 1
+                    if stream.num_unfinished == 0:
+                        del self._streams[out.request_id]
+                if out.prompt_token_ids is None:  # from a core process: the prompt stays here
+                    out.prompt_token_ids = stream.prompt_token_ids
+                by_loop[stream.loop].append((stream.queue, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, items)
+
+    def rejected(self, request_id: str, error: BaseException) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            _call_soon(stream.loop, [(stream.queue, error)])
+
+    def dead(self, message: str) -> None:
+        with self._lock:
+            if self.dead_error is None:
+                self.dead_error = EngineDeadError(message)
+                if message != SHUT_DOWN:
+                    logger.error("engine core died: %s", message)
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            _call_soon(stream.loop, [(stream.queue, self.dead_error)])
 
 
 class AsyncLLMEngine:
-    """Runs an :class:`LLMEngine` in a dedicated thread so that stepping (forward, sampling, page
-    mapping) never blocks the caller's event loop.
+    """Streams requests' outputs to asyncio consumers while the engine core steps without waiting for them.
 
-    Everything that touches the ``LLMEngine`` (tokenization included) happens on that thread; callers
-    talk to it through a command queue, and outputs come back through ``loop.call_soon_threadsafe``
-    into a per-request ``asyncio.Queue``.
+    Args:
+        config: the engine's config; ``engine_process`` picks where the core runs.
+        engine: an already built ``LLMEngine`` to step in a thread of this process (tests).
+        executor_factory: ``LLMEngine``'s, for a core in this process (tensor parallelism).
 
-    Failures: a request's own problem (bad parameters, a prompt that can never fit, an error while
-    processing its token) is raised to that request's consumer only. If a step itself fails, the
-    engine is dead: every consumer, present and future, gets ``EngineDeadError``.
+    Failures: a request's own problem (bad parameters, a prompt that can never fit, an error while processing its
+    token) is raised to that request's consumer only. If the core dies (a step failed, its process exited), every
+    consumer, present and future, gets ``EngineDeadError``.
     """
 
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None) -> None:
-        self.engine = engine if engine is not None else LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.max_model_len = self.engine.max_model_len
-        self.max_request_tokens = self.engine.max_request_tokens
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
-        self._dead_error: EngineDeadError | None = None
-        self._stats = self.engine.stats()
-        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
-        self._thread.start()
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        engine: LLMEngine | None = None,
+        executor_factory: ExecutorFactory | None = None,
+    ) -> None:
+        from engine.tokenizer import load_tokenizer
 
-    # ---- caller side (any event loop) ------------------------------------------------------------------------
+        self._streams = _RequestStreams()
+        self._core: EngineCoreClient
+        if engine is not None:
+            self._core = InProcessCore(self._streams, engine=engine)
+        else:
+            self._core = start_core(self._streams, config if config is not None else EngineConfig(), executor_factory)
+        info = self._core.info
+        self._streams.stats = info.stats
+        self.max_model_len = info.max_model_len
+        self.max_request_tokens = info.max_request_tokens
+        self.tokenizer = engine.tokenizer if engine is not None else load_tokenizer((config or EngineConfig()).model)
+
+    # ---- callers (any event loop) ----------------------------------------------------------------------------
 
     @property
     def is_dead(self) -> bool:
-        return self._dead_error is not None
+        return self._streams.dead_error is not None
+
+    async def stream(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[list[RequestOutput]]:
+        """Stream a request's outputs, each item every output ready for it at that moment (in order, the ``n``
+        sequences' interleaved, told apart by ``index``), until the final output of each sequence.
+
+        Leaving the loop early or cancelling the consuming task aborts the request and frees its slots.
+
+        Raises:
+            InvalidRequestError / PromptTooLongError: the request was rejected.
+            EngineDeadError: the engine failed or was shut down.
+            Any exception the request failed with inside the engine.
+        """
+        params = params if params is not None else SamplingParams()
+        params.validate()
+        prompt_token_ids = self._tokenize(prompt)
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        stream = _Stream(asyncio.get_running_loop(), prompt_token_ids, params.n)
+        self._streams.open(request_id, stream)
+        try:
+            self._core.add(request_id, prompt_token_ids, params)
+        except BaseException:
+            self._streams.close(request_id)
+            raise
+        num_unfinished = params.n
+        try:
+            while num_unfinished:
+                batch = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    batch.append(stream.queue.get_nowait())
+                outputs = []
+                for item in batch:
+                    if isinstance(item, BaseException):
+                        num_unfinished = 0
+                        raise item
+                    num_unfinished -= item.finished
+                    if item.error is not None:  # its other sequences, if any, are aborted below
+                        raise item.error
+                    outputs.append(item)
+                yield outputs
+        finally:
+            if num_unfinished:
+                self._core.abort(request_id)
+                self._streams.close(request_id)
 
     async def generate(
         self,
@@ -72,135 +194,59 @@ class AsyncLLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs until its final one (``finished=True``); with ``params.n`` > 1, those of its
-        ``n`` sequences (told apart by ``index``), interleaved, until the final one of each.
-
-        Leaving the loop early or cancelling the consuming task aborts the request and frees its slot.
-
-        Raises:
-            InvalidRequestError / PromptTooLongError: the request was rejected.
-            EngineDeadError: the engine failed or was shut down.
-            Any exception the request failed with inside the engine.
-        """
-        if self._dead_error is not None:
-            raise EngineDeadError(str(self._dead_error)) from self._dead_error
-        params = params if params is not None else SamplingParams()
-        params.validate()
-        request_id = request_id if request_id is not None else uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        self._commands.put(("add", request_id, prompt, params, stream))
-        num_unfinished = params.n
-        finished = False
+        """:meth:`stream`, one output at a time."""
+        outputs = self.stream(prompt, params, request_id)
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                num_unfinished -= item.finished
-                finished = num_unfinished == 0
-                if item.error is not None:  # its other sequences, if any, are aborted below
-                    raise item.error
-                yield item
-                if finished:
-                    return
+            async for batch in outputs:
+                for out in batch:
+                    yield out
         finally:
-            if not finished:
-                self._commands.put(("abort", request_id))
+            await outputs.aclose()
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or finished); its consumer gets a final "abort" output."""
-        self._commands.put(("abort", request_id))
+        self._core.abort(request_id)
 
     def stats(self) -> EngineStats:
         """Engine statistics as of the last step (a snapshot; safe from any thread)."""
-        return self._stats
+        return self._streams.stats
+
+    @property
+    def core_pid(self) -> int:
+        """The process the engine core steps in (this one's when it runs in a thread)."""
+        return self._core.pid
+
+    def failure(self) -> Exception | None:
+        """Why this engine cannot serve (its core died, or a tensor-parallel worker did while idle), or None."""
+        if self._streams.dead_error is not None:
+            return self._streams.dead_error
+        try:
+            self._core.check_health()
+        except Exception as exc:  # noqa: BLE001 - whatever the core raises is the failure to report
+            return exc
+        return None
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop the loop, fail outstanding requests with ``EngineDeadError`` and free the KV cache."""
-        if self._thread.is_alive():
-            self._commands.put(("stop",))
-            self._thread.join(timeout_s)
+        """Stop the core, fail outstanding requests with ``EngineDeadError`` and free the KV cache."""
+        self._core.shutdown(timeout_s)
+        self._streams.dead(SHUT_DOWN)
 
-    # ---- engine thread ---------------------------------------------------------------------------------------
+    # ---- internals ------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                # Block only when idle; while requests run, pick up new commands between steps.
-                if not self._handle_commands(block=not engine.has_unfinished()):
-                    break
-                if not engine.has_unfinished():
-                    continue
-                try:
-                    outputs = engine.step()
-                except Exception as exc:
-                    logger.exception("engine step failed; the engine is dead")
-                    self._die(EngineDeadError(f"engine step failed: {exc!r}"), exc)
-                    self._serve_dead()
-                    return
-                for out in outputs:
-                    stream = self._streams.get(out.request_id)
-                    if stream is None:
-                        continue
-                    if out.finished:
-                        stream.num_unfinished -= 1
-                        if stream.num_unfinished == 0:
-                            del self._streams[out.request_id]
-                    stream.put(out)
-                self._stats = engine.stats()
-        except BaseException as exc:  # a bug in the loop itself: don't leave consumers hanging
-            logger.exception("engine loop crashed")
-            self._die(EngineDeadError(f"engine loop crashed: {exc!r}"), exc)
-            return
-        self._die(EngineDeadError("the engine was shut down"), None)
-        try:
-            engine.shutdown()
-        except Exception:
-            logger.exception("engine shutdown failed")
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        """A text prompt's tokens (special tokens added, BOS where the model uses one); token ids as given (the
+        core checks them against the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            return list(self.tokenizer.encode(prompt))
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+        return list(prompt)
 
-    def _handle_commands(self, block: bool) -> bool:
-        """Apply queued commands; False once asked to stop."""
-        while True:
-            try:
-                command = self._commands.get(block=block)
-            except queue.Empty:
-                return True
-            block = False
-            kind = command[0]
-            if kind == "stop":
-                return False
-            if kind == "add":
-                _, request_id, prompt, params, stream = command
-                if request_id in self._streams:
-                    stream.put(InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id"))
-                    continue
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except Exception as exc:
-                    stream.put(exc)
-                    continue
-                self._streams[request_id] = stream
-            elif kind == "abort":
-                self.engine.abort(command[1])
 
-    def _die(self, error: EngineDeadError, cause: BaseException | None) -> None:
-        error.__cause__ = cause
-        self._dead_error = error
-        streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream.put(error)
-
-    def _serve_dead(self) -> None:
-        """After a fatal failure: answer every later request with the error until shut down."""
-        while True:
-            command = self._commands.get()
-            if command[0] == "stop":
-                break
-            if command[0] == "add":
-                command[4].put(self._dead_error)
-        try:
-            self.engine.shutdown()
-        except Exception:
-            logger.exception("engine shutdown failed")
+def _call_soon(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+        pass

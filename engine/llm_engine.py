@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 class LLMEngine:
     """Continuous-batching generation over the vAttention KV cache. Not thread-safe: one caller
-    thread drives ``add_request`` / ``step`` / ``abort`` (``AsyncLLMEngine`` wraps it in a thread).
+    thread drives ``add_request`` / ``step`` / ``abort`` (``engine.engine_core.EngineCore``'s loop, under
+    ``AsyncLLMEngine``).
 
     Attributes:
         tokenizer: the model's Hugging Face tokenizer (chat template included).
@@ -418,7 +419,7 @@ class LLMEngine:
             prompt_token_ids=request.prompt_token_ids,
             new_token_ids=new_token_ids,
             new_text=request.detokenizer.take_new_text(finished=finished),
-            text=request.detokenizer.emitted_text,
+            text=request.detokenizer.emitted_text if finished else "",
             token_ids=list(request.output_token_ids) if finished else [],
             finished=finished,
             finish_reason=request.finish_reason,

@@ -16,7 +16,8 @@ class RequestOutput:
         prompt_token_ids: the prompt's tokens (set on every output; cheap, and handy for usage).
         new_token_ids: tokens generated since the previous output.
         new_text: text released since the previous output (complete characters, no stop string).
-        text: all text released so far.
+        text: all text released, on the final output only (empty before; streams read ``new_text``), like
+            ``token_ids``.
         token_ids: all generated tokens (EOS / stop token included when it ended the request), on the final
             output only (empty before; streams read ``new_token_ids``): copying them every step costs O(length).
         finished: whether this is the sequence's last output.

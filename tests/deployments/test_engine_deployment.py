@@ -13,6 +13,7 @@ from ray.serve.context import _RequestContext, _serve_request_context  # noqa: E
 from deployments import engine_deployment  # noqa: E402
 from deployments.engine_deployment import EngineDeployment, _InflightRequest  # noqa: E402
 from deployments.routing_hint import RoutingHint  # noqa: E402
+from engine.core_client import ProcessCore  # noqa: E402
 from engine.errors import EngineDeadError  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -26,9 +27,9 @@ ENGINE_CONFIG = {
 }
 
 
-@pytest.fixture
-def deployment():
-    replica = EngineDeployment(dict(ENGINE_CONFIG), "tiny")
+@pytest.fixture(params=[False, True], ids=["core-in-thread", "core-process"])
+def deployment(request):
+    replica = EngineDeployment({**ENGINE_CONFIG, "engine_process": request.param}, "tiny")
     yield replica
     replica._engine.shutdown()
 
@@ -83,7 +84,9 @@ def test_n_choices_stream_with_their_index_and_reserve_pages_each(deployment):
         params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=4, ignore_eos=True)
         return [chunk async for chunk in deployment.generate(RoutingHint(5, 4, 3), [5, 6, 7, 8, 9], params, "n3")]
 
-    chunks = asyncio.run(run())
+    items = asyncio.run(run())
+    assert all(len({c.index for c in item}) == len(item) for item in items)  # one chunk per choice per item
+    chunks = [c for item in items for c in item]
     assert sorted(c.index for c in chunks if c.finished) == [0, 1, 2]
     assert all(sum(c.num_new_tokens for c in chunks if c.index == i) == 4 for i in range(3))
     assert deployment._inflight == {}
@@ -94,14 +97,19 @@ def test_n_choices_stream_with_their_index_and_reserve_pages_each(deployment):
 
 def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     assert deployment.record_routing_stats()["num_free_pages"] == 16
+    core = deployment._engine._core
+    if isinstance(core, ProcessCore):
+        core.process.kill()  # the engine core process dies (OOM killer, a crash in native code)
+        core.process.wait()
+    else:
 
-    def failing_step():
-        raise RuntimeError("boom")
+        def failing_step():
+            raise RuntimeError("boom")
 
-    monkeypatch.setattr(deployment._engine.engine, "step", failing_step)
+        monkeypatch.setattr(core.engine, "step", failing_step)
 
     async def run() -> list:
-        return [chunk async for chunk in _generate(deployment, "doomed")]
+        return [chunk async for item in _generate(deployment, "doomed") for chunk in item]
 
     chunks = asyncio.run(run())
     assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"

@@ -158,9 +158,10 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
     async def generate(request_id: str) -> list:
         return [
             c
-            async for c in deployment.generate(
+            async for item in deployment.generate(
                 RoutingHint(5, 4), [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=4), request_id
             )
+            for c in item
         ]
 
     try:
@@ -169,7 +170,8 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
         deployment.check_health()
         assert deployment.record_routing_stats()["num_free_pages"] > 0
 
-        (worker,) = deployment._engine.engine.executor.workers.actors
+        # Tensor parallelism keeps the core in the replica's process, where the worker actors are driven from.
+        (worker,) = deployment._engine._core.engine.executor.workers.actors
         ray.kill(worker)
         deadline = time.time() + 20
         while True:  # the death watch notices without any request

@@ -13,11 +13,10 @@ from engine.sampling_params import SamplingParams
 NUM_SLOTS = 4
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncLLMEngine(
-        EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 512, "max_num_batched_tokens": 128})
-    )
+@pytest.fixture(scope="module", params=[False, True], ids=["core-in-thread", "core-process"])
+def engine(request):
+    config = {"max_batch_size": NUM_SLOTS, "max_seq_len": 512, "max_num_batched_tokens": 128}
+    eng = AsyncLLMEngine(EngineConfig.from_dict({**config, "engine_process": request.param}))
     yield eng
     eng.shutdown()
 

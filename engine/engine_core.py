@@ -1,0 +1,196 @@
+"""The engine core: a busy step loop over one ``LLMEngine`` that never waits for its consumers.
+
+Commands (add, abort, stop) are picked up between steps; each step's outputs leave in one batch through a
+:class:`~engine.core_protocol.CoreOutbox`. The same loop runs in a thread of the frontend's process
+(``engine.core_client.InProcessCore``) or alone in a process of its own (``python -m engine.engine_core``, started
+by ``engine.core_client.ProcessCore``), where the commands arrive and the batches leave over ZeroMQ as msgpack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import sys
+import time
+from collections.abc import Callable
+
+from engine.core_protocol import (
+    ADD,
+    SHUT_DOWN,
+    STOP,
+    CoreOutbox,
+    decode_command,
+    encode_dead,
+    encode_rejected,
+    encode_step,
+)
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+# A core process whose frontend is gone exits; checked this often while idle, and between steps.
+PARENT_CHECK_PERIOD_S = 1.0
+
+
+class EngineCore:
+    """Steps ``engine`` while it has work, applies commands between steps, sends each step's outputs at once.
+
+    Args:
+        engine: the engine, driven by this loop only.
+        next_commands: ``next_commands(block)`` -> the commands queued now (waiting for one when ``block``); an
+            empty list when there are none, or when a blocking wait timed out.
+        outbox: where outputs, refusals and the death notice go.
+    """
+
+    def __init__(self, engine: LLMEngine, next_commands: Callable[[bool], list[tuple]], outbox: CoreOutbox) -> None:
+        self.engine = engine
+        self._next_commands = next_commands
+        self._outbox = outbox
+
+    def run(self) -> None:
+        """Until a stop command, or a failure: then the outbox hears ``dead`` and the engine is shut down."""
+        engine = self.engine
+        try:
+            while self._apply(self._next_commands(not engine.has_unfinished())):
+                if not engine.has_unfinished():
+                    continue
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    logger.exception("engine step failed; the engine is dead")
+                    self._outbox.dead(f"engine step failed: {exc!r}")
+                    return self._shutdown()
+                self._outbox.step(outputs, engine.stats())
+        except BaseException as exc:  # a bug in the loop itself: don't leave consumers hanging
+            logger.exception("engine loop crashed")
+            self._outbox.dead(f"engine loop crashed: {exc!r}")
+            return self._shutdown()
+        self._outbox.dead(SHUT_DOWN)
+        self._shutdown()
+
+    def _apply(self, commands: list[tuple]) -> bool:
+        """Apply ``commands`` in order; False once asked to stop."""
+        for command in commands:
+            kind = command[0]
+            if kind == STOP:
+                return False
+            if kind == ADD:
+                _, request_id, prompt_token_ids, params = command
+                try:
+                    self.engine.add_request(request_id, prompt_token_ids, params)
+                except Exception as exc:
+                    self._outbox.rejected(request_id, exc)
+            else:
+                self.engine.abort(command[1])
+        return True
+
+    def _shutdown(self) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception:
+            logger.exception("engine shutdown failed")
+
+
+def queue_commands(commands: queue.SimpleQueue) -> Callable[[bool], list[tuple]]:
+    """``EngineCore``'s ``next_commands`` over a queue filled by other threads."""
+
+    def next_commands(block: bool) -> list[tuple]:
+        batch = []
+        try:
+            batch.append(commands.get(block=block))
+            while True:
+                batch.append(commands.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    return next_commands
+
+
+# ---- the core's own process ----------------------------------------------------------------------------
+
+
+class _SocketOutbox:
+    """The outbox of a core process: one msgpack message per event on a ZeroMQ PUSH socket."""
+
+    def __init__(self, socket) -> None:
+        self._socket = socket
+
+    def step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        self._socket.send(encode_step(outputs, stats), copy=False)
+
+    def rejected(self, request_id: str, error: BaseException) -> None:
+        self._socket.send(encode_rejected(request_id, error))
+
+    def dead(self, message: str) -> None:
+        self._socket.send(encode_dead(message))
+
+
+def _socket_commands(socket, parent_pid: int) -> Callable[[bool], list[tuple]]:
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(socket, zmq.POLLIN)
+    last_check = [time.monotonic()]
+
+    def next_commands(block: bool) -> list[tuple]:
+        now = time.monotonic()
+        if now - last_check[0] > PARENT_CHECK_PERIOD_S:
+            last_check[0] = now
+            if os.getppid() != parent_pid:  # the frontend died without a word: nobody reads the outputs
+                return [(STOP,)]
+        if block and not poller.poll(PARENT_CHECK_PERIOD_S * 1000):
+            return []
+        batch = []
+        while True:
+            try:
+                batch.append(decode_command(socket.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return batch
+
+    return next_commands
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of a core process: build the engine, say ``ready``, run the loop until told to stop."""
+    import zmq
+
+    from engine.config import EngineConfig
+    from engine.core_protocol import CoreInfo, encode_ready
+
+    parser = argparse.ArgumentParser(description="engine core process (started by engine.core_client.ProcessCore)")
+    parser.add_argument("--commands", required=True, help="ZeroMQ address the frontend pushes commands to")
+    parser.add_argument("--events", required=True, help="ZeroMQ address the frontend pulls events from")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
+    config = EngineConfig.from_dict(json.loads(sys.stdin.read()))
+
+    context = zmq.Context()
+    events = context.socket(zmq.PUSH)
+    events.setsockopt(zmq.LINGER, 5000)
+    events.connect(args.events)
+    commands = context.socket(zmq.PULL)
+    commands.connect(args.commands)
+    outbox = _SocketOutbox(events)
+    try:
+        engine = LLMEngine(config)
+    except Exception as exc:
+        logger.exception("the engine failed to start")
+        outbox.dead(f"the engine failed to start: {exc!r}")
+        events.close()
+        context.term()
+        raise SystemExit(1) from None
+    events.send(encode_ready(CoreInfo(engine.max_model_len, engine.max_request_tokens, engine.stats())))
+    EngineCore(engine, _socket_commands(commands, args.parent_pid), outbox).run()
+    events.close()
+    commands.close(linger=0)
+    context.term()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The engine core in its own process: a real child process, real ZeroMQ sockets, a real engine.
+
+The embedded model for what a client sees through the process (tokens, logprobs, errors; streaming, aborts and
+cancellation run through both cores in test_async_engine.py); a tiny dummy model for the core's death, which these
+tests cause.
+"""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.core_client import ProcessCore
+from engine.core_protocol import decode_event, encode_step
+from engine.errors import EngineDeadError, InvalidRequestError, PromptTooLongError
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
+from engine.sampling_params import SamplingParams
+
+CONFIG = {"max_batch_size": 4, "max_seq_len": 512, "max_num_batched_tokens": 128, "device": "cpu"}
+TINY = {
+    "model": "dummy:tiny-llama",
+    "device": "cpu",
+    "max_batch_size": 2,
+    "max_seq_len": 256,
+    "kv_cache_memory_bytes": 1 << 20,
+}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncLLMEngine(EngineConfig.from_dict({**CONFIG, "engine_process": True}))
+    assert isinstance(eng._core, ProcessCore)
+    yield eng
+    eng.shutdown()
+    assert eng._core.process.poll() == 0  # told to stop, it stopped cleanly
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+def test_the_process_streams_the_engines_greedy_tokens_with_logprobs(engine):
+    prompts = ["The capital of France is", "Count from 1 to 10:"]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+    reference = LLMEngine(EngineConfig.from_dict(CONFIG))
+    try:
+        expected = reference.generate(prompts, params)
+    finally:
+        reference.shutdown()
+
+    async def collect(prompt):
+        return [o async for o in engine.generate(prompt, params)]
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in prompts))
+
+    for outs, want in zip(run(main()), expected):
+        assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids == want.token_ids
+        assert "".join(o.new_text for o in outs) == outs[-1].text == want.text
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert outs[-1].prompt_token_ids == want.prompt_token_ids  # kept by the frontend, not sent back
+        logprobs = [lp for o in outs for lp in o.new_logprobs]
+        assert [lp["token_id"] for lp in logprobs] == want.token_ids
+        assert all(len(lp["top"]) == 2 for lp in logprobs)
+
+
+def test_the_cores_refusals_reach_their_request_with_the_param(engine):
+    async def main():
+        with pytest.raises(PromptTooLongError) as too_long:
+            async for _ in engine.generate([5] * 600, SamplingParams(max_tokens=4)):
+                pass
+        with pytest.raises(InvalidRequestError) as bad_ids:
+            async for _ in engine.generate([5, 10**9], SamplingParams(max_tokens=4)):
+                pass
+        return too_long.value, bad_ids.value
+
+    too_long, bad_ids = run(main())
+    assert too_long.param == "prompt" and "maximum context length" in too_long.message
+    assert bad_ids.param == "prompt"
+    assert not engine.is_dead and engine.failure() is None
+
+
+def test_integers_past_64_bits_reach_the_core(engine):
+    params = SamplingParams(temperature=0.5, top_k=10**30, stop_token_ids=[10**40], max_tokens=3, ignore_eos=True)
+
+    async def main():
+        return [o async for o in engine.generate("Hello", params)]
+
+    outs = run(main())
+    assert outs[-1].finished and outs[-1].num_output_tokens == 3
+
+
+def test_step_messages_round_trip():
+    out = RequestOutput(
+        request_id="r",
+        prompt_token_ids=[1, 2],
+        new_token_ids=[7],
+        new_text="x",
+        text="",
+        token_ids=[],
+        finished=True,
+        finish_reason="abort",
+        stop_reason="\n",
+        num_prompt_tokens=2,
+        num_output_tokens=1,
+        arrival_time=1.5,
+        first_token_time=None,
+        new_logprobs=[{"token_id": 7, "logprob": -0.5, "top": [[7, -0.5]]}],
+        error=PromptTooLongError("too long", "max_tokens"),
+        index=1,
+    )
+    stats = EngineStats(10, 5, 5, 1, 85.3, 65536, 60, 1, 0, 0.5, 0, 3, 4)
+    kind, (got,), got_stats = decode_event(encode_step([out], stats))
+    assert got_stats == stats and got.prompt_token_ids is None  # the frontend fills it in
+    assert isinstance(got.error, PromptTooLongError) and got.error.param == "max_tokens"
+    got.prompt_token_ids, got.error, out.error = out.prompt_token_ids, None, None
+    assert got == out
+
+
+def test_a_dead_core_process_fails_its_requests_and_the_health_check():
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": True}))
+    try:
+
+        async def main():
+            outs = []
+
+            async def consume():
+                params = SamplingParams(max_tokens=200, ignore_eos=True)
+                async for out in engine.generate([5, 6, 7], params):
+                    outs.append(out)
+
+            task = asyncio.create_task(consume())
+            while not outs:
+                await asyncio.sleep(0.01)
+            os.kill(engine._core.process.pid, signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="exited with code -9"):
+                await task
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate([5, 6], SamplingParams(max_tokens=2)):
+                    pass
+
+        run(main())
+        assert engine.is_dead and isinstance(engine.failure(), EngineDeadError)
+    finally:
+        engine.shutdown()
+
+
+def test_the_core_process_exits_when_its_frontend_dies():
+    script = textwrap.dedent(f"""
+        import time
+        from engine.async_engine import AsyncLLMEngine
+        from engine.config import EngineConfig
+        engine = AsyncLLMEngine(EngineConfig.from_dict({{**{TINY!r}, "engine_process": True}}))
+        print(engine._core.process.pid, flush=True)
+        time.sleep(600)
+    """)
+    frontend = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO_ROOT}
+    )
+    try:
+        core_pid = int(frontend.stdout.readline())
+    finally:
+        frontend.kill()
+        frontend.wait()
+    deadline = time.monotonic() + 20
+    while _is_running(core_pid):
+        assert time.monotonic() < deadline, "the orphaned core process kept running"
+        time.sleep(0.2)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited (nobody reaped it yet)
+    except FileNotFoundError:
+        return False
