@@ -141,7 +141,12 @@ def app_args(args: argparse.Namespace, num_replicas: int, engine_process: str = 
             "max_ongoing_requests": args.max_ongoing_requests,
             "max_queued_requests": -1,
         },
-        "ingress": {"num_cpus": 0, "max_ongoing_requests": 4096, "max_queued_requests": -1},
+        "ingress": {
+            "num_replicas": args.ingress_replicas,
+            "num_cpus": 0,
+            "max_ongoing_requests": 4096,
+            "max_queued_requests": -1,
+        },
     }
 
 
@@ -303,6 +308,7 @@ def main() -> None:
     )
     p.add_argument("--num-replicas", default="1", help="comma-separated replica counts, one served run each")
     p.add_argument("--max-ongoing-requests", type=int, default=256, help="per engine replica")
+    p.add_argument("--ingress-replicas", type=int, default=1, help="ingress replicas (each one Python process)")
     p.add_argument("--num-prompts", type=int, default=48, help="offline requests; served: this x replicas")
     add_skewed_args(p)
     p.add_argument("--http-port", type=int, default=8012)
