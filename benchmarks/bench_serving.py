@@ -309,12 +309,14 @@ COMPARE_APP_ARGS = {
 }
 
 
-def deploy(router: str, http_port: int) -> str:
+def deploy(router: str, http_port: int, app_args: dict | None = None) -> str:
+    """Deploys the app (``app_args``, default ``COMPARE_APP_ARGS``) with ``router`` as "bench"; its base URL once
+    healthy."""
     from ray import serve
 
     from deployments.app import build_app
 
-    args = copy.deepcopy(COMPARE_APP_ARGS)
+    args = copy.deepcopy(app_args or COMPARE_APP_ARGS)
     args["engine"]["router"] = router
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     serve.run(build_app(args), name="bench", route_prefix="/")
@@ -330,20 +332,27 @@ def deploy(router: str, http_port: int) -> str:
     raise RuntimeError("app did not become healthy")
 
 
-def compare_routers(args: argparse.Namespace) -> None:
+def start_local_ray(metrics_port: int) -> None:
+    """A fresh local Ray cluster (2 CPUs, token auth off) whose workers import this checkout."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    from ray import serve
 
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
-        _metrics_export_port=args.metrics_port,
+        _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
     )
+
+
+def compare_routers(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    start_local_ray(args.metrics_port)
     specs = workload_from_args(args, "skewed")
     runs = {}
     for router in ("page_aware", "power_of_two"):
