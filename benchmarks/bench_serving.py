@@ -342,22 +342,28 @@ def deploy(app_args: dict, http_port: int, name: str = "bench") -> str:
     raise RuntimeError("app did not become healthy")
 
 
-def compare_routers(args: argparse.Namespace) -> None:
+def start_local_ray(metrics_port: int, num_cpus: int = 2) -> None:
+    """A fresh local Ray cluster (``num_cpus``, token auth off) whose workers import this checkout."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
-    from ray import serve
 
-    app_base = json.loads(args.app_args) if args.app_args else COMPARE_APP_ARGS
-    on_gpu = app_base.get("device") == "cuda"
     ray.init(
         address="local",
-        num_cpus=os.cpu_count() if on_gpu else 2,
+        num_cpus=num_cpus,
         include_dashboard=False,
-        _metrics_export_port=args.metrics_port,
+        _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
     )
+
+
+def compare_routers(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    app_base = json.loads(args.app_args) if args.app_args else COMPARE_APP_ARGS
+    start_local_ray(args.metrics_port, os.cpu_count() if app_base.get("device") == "cuda" else 2)
     specs = workload_from_args(args, "skewed")
     model = app_base.get("served_model_name") or app_base["model"]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.request_rate]

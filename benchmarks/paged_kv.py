@@ -187,6 +187,9 @@ class PagedKVCache:
     def match_prefix(self, keys: Sequence[int]) -> int:
         return 0
 
+    def cached_keys(self, limit: int, indices: Sequence[int] = (0,)) -> dict[int, list[int]]:
+        return {index: [] for index in indices}
+
     def register(self, slot: int, keys: Sequence[int]) -> int:
         return 0
 

@@ -74,6 +74,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         "health_check_period_s": eng.health_check_period_s,
         "request_router_config": RequestRouterConfig(
             request_router_class=router_class,
+            request_router_kwargs={"prefix_affinity": eng.prefix_affinity} if eng.router == "page_aware" else {},
             request_routing_stats_period_s=eng.routing_stats_period_s,
             request_routing_stats_timeout_s=eng.routing_stats_timeout_s,
         ),

@@ -46,6 +46,11 @@ class EngineDeploymentConfig(BaseModel):
         default="page_aware",
         description="'page_aware' ranks replicas by predicted free KV pages; 'power_of_two' is Serve's default.",
     )
+    prefix_affinity: bool = Field(
+        default=True,
+        description="With router 'page_aware': among replicas with pages to spare and queues within reach of the "
+        "shortest, send a request where the most of its prompt's prefix is cached (see page_aware_router).",
+    )
     routing_stats_period_s: float = Field(
         default=0.5, gt=0, description="How often Serve calls record_routing_stats() on each replica."
     )

@@ -171,11 +171,15 @@ class EngineDeployment:
         ``max_model_len``: most tokens (prompt + output) a request may hold in a slot.
         ``max_request_tokens``: the same, also bounded by the whole physical page pool, so that the
         ingress can reject (or cap the default ``max_tokens`` of) a request that could never run.
+        ``prefix_caching``: ``block_tokens`` and ``seed`` of the engine's prefix keys (None when it caches no
+        prefixes): the ingress hashes prompts with them for the router's prefix affinity.
         """
+        summary = self._engine.stats().prefix_summary
         return {
             "max_model_len": int(self._engine.max_model_len),
             "max_request_tokens": self._max_request_tokens,
             "model_id": self._model_id,
+            "prefix_caching": {"block_tokens": summary.block_tokens, "seed": summary.seed} if summary else None,
         }
 
     async def engine_stats(self) -> dict[str, Any]:
@@ -201,7 +205,8 @@ class EngineDeployment:
         yet started, and the remaining growth of running ones. ``accepted_request_ids`` are Serve's ids of
         those requests: the router counts what it routed here that the report does not include yet.
         ``report_seq`` grows by one per report, so the router ages reports by its own clock. A dead engine
-        reports ``healthy: False`` and no free pages or slots: it can take nothing.
+        reports ``healthy: False`` and no free pages or slots: it can take nothing. ``prefix_keys``: the engine's
+        prefix summary (``engine.prefix_summary``), for the router's prefix affinity.
         """
         stats = self._engine.stats().as_dict()
         self._metrics.record_engine_stats(stats)
@@ -225,6 +230,7 @@ class EngineDeployment:
             "num_preemptions": int(stats.get("num_preemptions", 0)),
             "accepted_request_ids": [req.serve_request_id for req in inflight],
             "report_seq": self._num_routing_reports,
+            "prefix_keys": list(stats["prefix_summary"]["keys"]) if stats["prefix_summary"] else [],
             "replica": self._replica_tag,
         }
 

@@ -36,6 +36,7 @@ from deployments.openai_format import SSE_DONE, Choices, ResponseFormatter, Stre
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
 from deployments.request_guard import GuardSettings, RequestGuard
 from deployments.routing_hint import RoutingHint
+from engine.prefix_summary import prefix_probe
 
 logger = logging.getLogger("ray.serve")
 
@@ -117,6 +118,7 @@ class OpenAIIngress:
         # The model's recommended sampling, for the fields a request leaves unset (as vLLM's generation-config auto).
         self._sampling_defaults = SamplingDefaults.from_generation_config(read_generation_config(resolved))
         self._model_limits: tuple[int, int] | None = None  # (max_model_len, max_request_tokens)
+        self._prefix_caching: dict[str, int] | None = None  # the engine's block_tokens and seed of prefix keys
         self._created_s = int(time.time())
         self._formatter = ResponseFormatter(self._model_id, self._token_str)
         # Read by RequestGuard on every request (through the replica context); the key is never logged.
@@ -222,7 +224,12 @@ class OpenAIIngress:
         params = sampling_params(body, max_tokens, logprobs, room, self._sampling_defaults, chat=chat)
 
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        hint = RoutingHint(num_prompt_tokens=len(prompt_ids), max_tokens=params.max_tokens, num_sequences=params.n)
+        hint = RoutingHint(
+            num_prompt_tokens=len(prompt_ids),
+            max_tokens=params.max_tokens,
+            num_sequences=params.n,
+            prefix_probe=self._prefix_probe(prompt_ids),
+        )
         for attempt in range(MAX_ROUTING_ATTEMPTS):
             # Overload errors are raised outside the except blocks: Serve renders any exception whose
             # context is a BackPressureError with its own plain-text handler, not our OpenAI JSON.
@@ -380,8 +387,15 @@ class OpenAIIngress:
         """``(max_model_len, max_request_tokens)`` of the engine replicas, asked once."""
         if self._model_limits is None:
             info = await self._engine.model_info.remote()
+            self._prefix_caching = info.get("prefix_caching")
             self._model_limits = (int(info["max_model_len"]), int(info["max_request_tokens"]))
         return self._model_limits
+
+    def _prefix_probe(self, prompt_ids: list[int]) -> tuple[tuple[int, int], ...]:
+        """The prompt's keys at the positions replicas summarize their cached prefixes at (the router compares)."""
+        if self._prefix_caching is None:
+            return ()
+        return prefix_probe(prompt_ids, self._prefix_caching["block_tokens"], self._prefix_caching["seed"])
 
     def _token_str(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])

@@ -26,6 +26,16 @@ whatever the queues, gave 2-3x the median TTFT of power-of-two choices at satura
   4. replicas where it does not fit, one per rank, least short first.
 Replicas whose engine reports itself unhealthy (dead) are left out while any other replica is there.
 Without a ``RoutingHint`` or without any stats the router falls back to power-of-two choices.
+
+Prefix affinity: a replica whose cache holds the start of the prompt computes only the rest, so among roomy
+replicas, those whose queue is at most ``prefix_queue_slack`` requests longer than the shortest come first, the one
+holding the most prompt tokens first (queue length among equals; a prefix under ``prefix_min_cached_tokens`` does
+not count). How much of the prompt a replica holds: the
+``RoutingHint`` carries the keys of a few of the prompt's blocks (``prefix_probe``), the replica's report the keys
+of its cached blocks at the same chain positions (``prefix_keys``, ``engine.prefix_summary``); a prompt routed there
+and not finished yet counts as cached there too (it will be by the time this request runs). A replica short of
+pages is never chosen for its prefix: tiers still come first, and tight fits rank by pages (cached tokens only
+break ties).
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ REQUIRED_STATS_KEYS = (
     "accepted_request_ids",
     "report_seq",
 )
+# Optional: ``prefix_keys``, the replica's prefix summary (absent or empty when its engine caches no prefixes).
 
 
 # A request ranked but not yet routed counts against its first-ranked replica for at most this long.
@@ -66,12 +77,14 @@ TENTATIVE_TTL_S = 10.0
 class _RoutedRequest:
     routed_at_s: float
     num_pages: int
+    prefix_keys: frozenset[int] = frozenset()  # its prompt's probe keys: cached where it runs, once it has run
 
 
 @dataclass
 class _ReportSeen:
     report_seq: int
     received_at_s: float  # router's clock
+    prefix_keys: frozenset[int] | None = None  # the report's prefix summary as a set, made when first needed
 
 
 class Tier(enum.IntEnum):
@@ -96,6 +109,7 @@ class ReplicaScore:
     tier: Tier
     predicted_free_pages: float
     queue_len: int
+    cached_tokens: int = 0  # prompt tokens the replica holds or will hold (to within the probe's spacing)
 
 
 def find_routing_hint(pending_request: PendingRequest | None) -> RoutingHint | None:
@@ -108,30 +122,57 @@ def find_routing_hint(pending_request: PendingRequest | None) -> RoutingHint | N
     return hint if isinstance(hint, RoutingHint) else None
 
 
+def _probe_keys(hint: RoutingHint | None) -> frozenset[int]:
+    return frozenset(key for _, key in hint.prefix_probe) if hint is not None else frozenset()
+
+
 class PageAwareRequestRouter(FIFOMixin, RequestRouter):
-    """Ranks replicas by predicted free physical KV pages after the pending request, and by queue
-    length among those with room to spare.
+    """Ranks replicas by predicted free physical KV pages after the pending request, and, among those with room
+    to spare, by the prompt tokens they hold cached and by queue length.
 
     ``request_router_kwargs``:
         stats_max_age_s: a report not renewed for this long is ignored (the replica is treated as unknown).
         roomy_free_page_fraction: the fraction of a replica's pool that must stay free after the request
             for the replica to be "roomy" (ranked with the others by queue length). 0 ranks every replica
             where the request fits by queue length; 1 ranks all by pages.
+        prefix_affinity: rank roomy replicas by the prompt tokens they hold (off: pages and queues only).
+        prefix_queue_slack: how many requests longer than the shortest roomy queue a replica's queue may be for
+            its cached prefix to count.
+        prefix_min_cached_tokens: a cached prefix shorter than this does not count: it saves little prefill, and
+            the first tokens of a chat template are cached wherever any chat ran.
     """
 
     def initialize_state(
-        self, stats_max_age_s: float = 30.0, roomy_free_page_fraction: float = 0.2, **kwargs: Any
+        self,
+        stats_max_age_s: float = 30.0,
+        roomy_free_page_fraction: float = 0.2,
+        prefix_affinity: bool = True,
+        prefix_queue_slack: int = 4,
+        prefix_min_cached_tokens: int = 256,
+        **kwargs: Any,
     ) -> None:
         if stats_max_age_s <= 0:
             raise ValueError(f"stats_max_age_s must be > 0, got {stats_max_age_s}")
         if not 0.0 <= roomy_free_page_fraction <= 1.0:
             raise ValueError(f"roomy_free_page_fraction must be in [0, 1], got {roomy_free_page_fraction}")
+        if not isinstance(prefix_affinity, bool):
+            raise ValueError(f"prefix_affinity must be a bool, got {prefix_affinity!r}")
+        if not isinstance(prefix_queue_slack, int) or prefix_queue_slack < 0:
+            raise ValueError(f"prefix_queue_slack must be an int >= 0, got {prefix_queue_slack!r}")
+        if not isinstance(prefix_min_cached_tokens, int) or prefix_min_cached_tokens < 1:
+            raise ValueError(f"prefix_min_cached_tokens must be an int >= 1, got {prefix_min_cached_tokens!r}")
         if kwargs:
             raise ValueError(f"unknown request_router_kwargs for PageAwareRequestRouter: {sorted(kwargs)}")
         self._stats_max_age_s = float(stats_max_age_s)
         self._roomy_free_page_fraction = float(roomy_free_page_fraction)
+        self._prefix_affinity = prefix_affinity
+        self._prefix_queue_slack = prefix_queue_slack
+        self._prefix_min_cached_tokens = prefix_min_cached_tokens
         # replica -> internal_request_id -> what this router sent there and has not seen complete.
         self._routed: dict[ReplicaID, dict[str, _RoutedRequest]] = {}
+        # replica -> internal_request_id -> (completed at, router's clock; what it was): a report taken before a
+        # request completed still counts its pages as held or reserved.
+        self._completed: dict[ReplicaID, dict[str, tuple[float, _RoutedRequest]]] = {}
         # internal_request_id -> (replica ranked first, pages): requests being routed right now. Serve
         # routes concurrent requests concurrently, so a burst is ranked before any of it is routed;
         # counting these keeps the burst from piling onto one replica.
@@ -167,13 +208,16 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             queue_len = cached_queue_len if cached_queue_len is not None else len(routed)
             tier = Tier.UNKNOWN if stats is None else Tier.UNHEALTHY
             return ReplicaScore(replica.replica_id, tier, -math.inf, queue_len)
-        # What this router sent here that the report does not count yet.
+        # What this router sent here that the report does not count yet, and what it counts but has completed since.
         accepted = set(stats["accepted_request_ids"])
         unseen = [r for request_id, r in routed.items() if request_id not in accepted]
+        completed = self._completed.get(replica.replica_id, {})
+        gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
         predicted = (
             int(stats["num_free_pages"])
             - int(stats["num_reserved_pages"])
             - sum(r.num_pages for r in unseen)
+            + sum(r.num_pages for r in gone)
             - self._pages_of(hint, stats)
         )
         if predicted < 0:
@@ -187,7 +231,24 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             queue_len = cached_queue_len + placing
         else:
             queue_len = int(stats["num_running"]) + int(stats["num_waiting"]) + len(unseen)
-        return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len)
+        cached = self._cached_tokens(replica.replica_id, stats, hint, list(routed.values()))
+        return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached)
+
+    def _cached_tokens(
+        self, replica_id: ReplicaID, stats: dict[str, Any], hint: RoutingHint, routed: list[_RoutedRequest]
+    ) -> int:
+        """Prompt tokens of ``hint``'s request held by the replica (its report), or soon to be (the prompts of
+        requests routed there and not finished)."""
+        if not self._prefix_affinity or not hint.prefix_probe:
+            return 0
+        seen = self._reports[replica_id]  # the report of ``stats``, noted by _fresh_stats
+        if seen.prefix_keys is None:
+            seen.prefix_keys = frozenset(stats.get("prefix_keys") or ())
+        cached = 0
+        for num_tokens, key in hint.prefix_probe:
+            if key in seen.prefix_keys or any(key in r.prefix_keys for r in routed):
+                cached = max(cached, num_tokens)
+        return cached if cached >= self._prefix_min_cached_tokens else 0
 
     def rank_replicas(
         self, candidate_replicas: list[RunningReplica], hint: RoutingHint, now_s: float
@@ -206,9 +267,17 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
                     ranks.append(sorted(members, key=lambda pair: pair[0].queue_len))
             elif tier == Tier.ROOMY:
                 members.sort(key=lambda pair: (pair[0].queue_len, -pair[0].predicted_free_pages))
+                if members:
+                    # Within reach of the shortest queue, where the prompt's prefix is cached first.
+                    reach = members[0][0].queue_len + self._prefix_queue_slack
+                    near = [pair for pair in members if pair[0].queue_len <= reach]
+                    near.sort(key=lambda pair: -pair[0].cached_tokens)
+                    members = near + members[len(near) :]
                 ranks.extend([pair] for pair in members)
             else:
-                members.sort(key=lambda pair: (-pair[0].predicted_free_pages, pair[0].queue_len))
+                members.sort(
+                    key=lambda pair: (-pair[0].predicted_free_pages, -pair[0].cached_tokens, pair[0].queue_len)
+                )
                 ranks.extend([pair] for pair in members)
         return ranks
 
@@ -237,7 +306,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(now_s, self._pages_of(hint, stats)),
+                _RoutedRequest(now_s, self._pages_of(hint, stats), _probe_keys(hint)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
@@ -249,8 +318,8 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
 
     def _forget_request(self, request_id: str) -> None:
         self._tentative.pop(request_id, None)
-        for routed in self._routed.values():
-            routed.pop(request_id, None)
+        for table in (*self._routed.values(), *self._completed.values()):
+            table.pop(request_id, None)
 
     def _prune_tentative(self, now_s: float) -> None:
         # Requests cancelled while being routed never reach on_request_routed/completed.
@@ -267,14 +336,23 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         request_id = pending_request.metadata.internal_request_id
         self._tentative.pop(request_id, None)
         replica = self._replicas.get(replica_id)
-        pages = self._pages_of(find_routing_hint(pending_request), replica.routing_stats if replica else None)
-        self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(self._get_curr_time_s(), pages)
+        hint = find_routing_hint(pending_request)
+        pages = self._pages_of(hint, replica.routing_stats if replica else None)
+        self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(
+            self._get_curr_time_s(), pages, _probe_keys(hint)
+        )
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)
         routed = self._routed.get(replica_id)
-        if routed is not None:
-            routed.pop(internal_request_id, None)
+        request = routed.pop(internal_request_id, None) if routed is not None else None
+        now_s = self._get_curr_time_s()
+        completed = self._completed.setdefault(replica_id, {})
+        # Kept while a report that still lists it may be read: no longer than a report stays fresh.
+        for request_id in [k for k, (at_s, _) in completed.items() if now_s - at_s > self._stats_max_age_s]:
+            del completed[request_id]
+        if request is not None and replica_id in self._replicas:
+            completed[internal_request_id] = (now_s, request)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
@@ -284,6 +362,6 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             if replica.routing_stats and "report_seq" in replica.routing_stats:
                 self._note_report(replica.replica_id, replica.routing_stats["report_seq"], now_s)
         live = {r.replica_id for r in replicas}
-        for table in (self._routed, self._reports):
+        for table in (self._routed, self._completed, self._reports):
             for replica_id in [k for k in table if k not in live]:
                 del table[replica_id]

@@ -17,11 +17,15 @@ class RoutingHint:
         num_prompt_tokens: tokens in the (chat-templated) prompt.
         max_tokens: most output tokens each of its sequences may generate (already capped by the model length).
         num_sequences: sequences the request runs (OpenAI's ``n``), each with its own copy of the prompt's KV.
+        prefix_probe: ``(num_tokens, key)`` of a few of the prompt's blocks (``engine.prefix_summary.prefix_probe``):
+            matched against each replica's prefix summary, they tell how much of the prompt a replica holds. Empty
+            when the engine does not cache prefixes.
     """
 
     num_prompt_tokens: int
     max_tokens: int
     num_sequences: int = 1
+    prefix_probe: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

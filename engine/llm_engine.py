@@ -16,6 +16,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.executor import ExecutorFactory
 from engine.outputs import EngineStats, RequestOutput
+from engine.prefix_summary import PrefixSummary, summarize_prefixes
 from engine.request import Request, RequestStatus
 from engine.sampler import SampledTokens, Sampler, SamplerOutput
 from engine.sampling_params import SamplingDefaults, SamplingParams
@@ -23,6 +24,10 @@ from engine.scheduler import LaunchedStep, Scheduler, SchedulerOutput
 from engine.structured_output import Grammar, GrammarCompiler
 
 logger = logging.getLogger(__name__)
+
+# How old the prefix summary in stats() may get while requests run: it costs a pass over the prefix registry
+# (milliseconds with tens of thousands of cached blocks), too much for every step; the router reads it every 0.5 s.
+PREFIX_SUMMARY_PERIOD_S = 0.2
 
 
 class LLMEngine:
@@ -70,6 +75,7 @@ class LLMEngine:
         self.num_steps = 0
         self.async_scheduling = self.config.scheduler.async_scheduling and self.executor.supports_device_inputs
         self._in_flight: LaunchedStep | None = None  # launched, tokens not processed yet
+        self._prefix_summary: tuple[float, PrefixSummary] | None = None  # (taken at, monotonic s; the summary)
 
     # ---- requests ---------------------------------------------------------------------------------------------
 
@@ -331,6 +337,7 @@ class LLMEngine:
             prefix_cache_queries=self.scheduler.prefix_queries,
             prefix_cache_hits=self.scheduler.prefix_hits,
             num_cached_blocks=self.kv_cache.num_cached_blocks,
+            prefix_summary=self._summarize_prefixes(),
         )
 
     def shutdown(self) -> None:
@@ -349,6 +356,22 @@ class LLMEngine:
             return None
         model = self.config.model
         return prefix_seed(model.model, model.seed, self.runner.dtype, model.tensor_parallel_size)
+
+    def _summarize_prefixes(self) -> PrefixSummary | None:
+        """The cache's prefix summary, retaken at most every ``PREFIX_SUMMARY_PERIOD_S`` while requests run, and
+        whenever none does (the last stats before the engine idles must show what it cached)."""
+        seed = self.scheduler.prefix_seed
+        if seed is None:
+            return None
+        now_s = time.monotonic()
+        if (
+            self._prefix_summary is None
+            or now_s - self._prefix_summary[0] >= PREFIX_SUMMARY_PERIOD_S
+            or not self.has_unfinished()
+        ):
+            max_blocks = self.kv_cache.config.max_seq_len // self.kv_cache.block_tokens
+            self._prefix_summary = (now_s, summarize_prefixes(self.kv_cache, seed, max_blocks))
+        return self._prefix_summary[1]
 
     def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from engine.prefix_summary import PrefixSummary
+
 
 @dataclass
 class RequestOutput:
@@ -71,6 +73,7 @@ class EngineStats:
         prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in the prefix cache at admission /
             found there, since start (vLLM's counters).
         num_cached_blocks: blocks of computed tokens registered for reuse now.
+        prefix_summary: the prefixes the cache holds, for the router's prefix affinity (None: prefix caching off).
     """
 
     num_total_pages: int
@@ -89,6 +92,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_cached_blocks: int = 0
+    prefix_summary: PrefixSummary | None = None
 
     @property
     def num_available_pages(self) -> int:

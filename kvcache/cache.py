@@ -27,6 +27,7 @@ when the pool runs short.
 
 from __future__ import annotations
 
+import heapq
 import math
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -464,12 +465,19 @@ class VirtualKVCache:
     def num_cached_blocks(self) -> int:
         return len(self._blocks)
 
-    def cached_keys(self, limit: int, index: int = 0) -> list[int]:
-        """Up to ``limit`` keys of registered blocks at chain position ``index``, most recently used first: a
-        compact summary of the prefixes this cache holds (position 0 are the first blocks of prompts)."""
-        found = [b for b in self._blocks.values() if b.index == index]
-        found.sort(key=lambda b: (b.refs == 0, -b.last_used))
-        return [b.key for b in found[:limit]]
+    def cached_keys(self, limit: int, indices: Sequence[int] = (0,)) -> dict[int, list[int]]:
+        """For each chain position of ``indices``, up to ``limit`` keys of registered blocks there, those in use
+        first, then the most recently used: a compact summary of the prefixes this cache holds (position 0 are the
+        first blocks of prompts). One pass over the registry, whatever the number of positions."""
+        found: dict[int, list[_Block]] = {index: [] for index in indices}
+        for block in self._blocks.values():
+            at_index = found.get(block.index)
+            if at_index is not None:
+                at_index.append(block)
+        return {
+            index: [b.key for b in heapq.nsmallest(limit, blocks, key=lambda b: (b.refs == 0, -b.last_used))]
+            for index, blocks in found.items()
+        }
 
     def _ref(self, block: _Block, delta: int) -> None:
         if block.refs == 0 and delta > 0:

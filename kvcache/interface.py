@@ -66,6 +66,11 @@ class KVCache(Protocol):
         """How many of the leading block keys are cached."""
         ...
 
+    def cached_keys(self, limit: int, indices: Sequence[int] = (0,)) -> dict[int, list[int]]:
+        """For each chain position of ``indices``, up to ``limit`` keys of the blocks cached there, in use or most
+        recently used first."""
+        ...
+
     def register(self, slot: int, keys: Sequence[int]) -> int:
         """Register the slot's first ``len(keys)`` blocks (computed in full) for reuse; returns how many of them
         are registered now (fewer: the rest never will be)."""

@@ -15,6 +15,7 @@ from deployments.engine_deployment import EngineDeployment, _InflightRequest  # 
 from deployments.routing_hint import RoutingHint  # noqa: E402
 from engine.core_client import ProcessCore  # noqa: E402
 from engine.errors import EngineDeadError  # noqa: E402
+from engine.prefix_summary import cached_prefix_tokens, prefix_probe  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
 # 16 pages of 64 KiB, 512 tokens per page, 4 pages (2 layers x K,V) per block of 512 tokens.
@@ -119,3 +120,26 @@ def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     assert report["num_free_pages"] == 0 and report["num_free_slots"] == 0
     with pytest.raises(EngineDeadError):
         deployment.check_health()
+
+
+def test_report_summarizes_the_cached_prefixes_that_the_ingress_probes_for():
+    # Token-major: 128 tokens of both layers' K and V in a page, the block of prefix caching.
+    replica = EngineDeployment({**ENGINE_CONFIG, "kv_cache_layout": "token_major", "max_seq_len": 1024}, "tiny")
+    try:
+        params = asyncio.run(replica.model_info())["prefix_caching"]
+        assert params["block_tokens"] == 128
+        prompt = list(range(5, 605))  # 4 full blocks before its last token
+
+        async def run(prompt_ids: list[int], request_id: str) -> list:
+            sampling = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+            return [
+                c async for c in replica.generate(RoutingHint(len(prompt_ids), 2), prompt_ids, sampling, request_id)
+            ]
+
+        asyncio.run(run(prompt, "first"))
+        keys = set(replica.record_routing_stats()["prefix_keys"])
+        assert cached_prefix_tokens(prefix_probe(prompt, params["block_tokens"], params["seed"]), keys) == 4 * 128
+        other = prompt[:128] + [7] * 400  # shares its first block only
+        assert cached_prefix_tokens(prefix_probe(other, params["block_tokens"], params["seed"]), keys) == 128
+    finally:
+        replica._engine.shutdown()

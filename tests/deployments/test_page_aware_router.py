@@ -17,6 +17,8 @@ from ray.serve.request_router import PendingRequest, RunningReplica  # noqa: E40
 
 from deployments.page_aware_router import PageAwareRequestRouter, Tier  # noqa: E402
 from deployments.routing_hint import RoutingHint  # noqa: E402
+from engine.block_hashes import block_hashes  # noqa: E402
+from engine.prefix_summary import prefix_probe, summary_positions  # noqa: E402
 
 DEPLOYMENT_ID = DeploymentID(name="EngineDeployment", app_name="llm")
 TOTAL_PAGES = 1000
@@ -202,6 +204,23 @@ def test_routed_requests_count_until_a_report_lists_them_whatever_the_replica_cl
     assert scores(router, [a], 30_000)["a"] == (Tier.SHORT, 500 - 300 - 300)
 
 
+def test_a_report_taken_before_a_request_completed_does_not_hold_its_pages_after():
+    a = FakeReplica("a")
+    a.report(1000)
+    router = make_router([a], roomy_free_page_fraction=1.0)
+    first = request("r1", 30_000)  # 300 pages
+    choose(router, [a], first)
+    router.on_request_routed(first, a.replica_id, None)
+    # Taken while r1 ran: 200 pages of its prompt mapped, 100 more reserved for its output.
+    a.report(800, reserved_pages=100, accepted=("r1",))
+    assert scores(router, [a], 100)["a"] == (Tier.TIGHT, 800 - 100 - 1)
+    router.on_request_completed(a.replica_id, "r1")
+    # Still the last report, but r1 is done: its pages are free again (or reclaimable, cached).
+    assert scores(router, [a], 100)["a"] == (Tier.TIGHT, 800 - 100 + 300 - 1)
+    a.report(1000)  # the next report: r1 gone, nothing to add back
+    assert scores(router, [a], 100)["a"] == (Tier.TIGHT, 1000 - 1)
+
+
 def test_reports_age_by_the_router_clock():
     a, b = FakeReplica("a"), FakeReplica("b")
     a.report(900, timestamp_s=0.0)  # a replica clock far behind the router's: the report is still new
@@ -272,3 +291,135 @@ def test_a_burst_routed_at_once_spreads_over_roomy_replicas():
     router.on_new_queue_len_info(b.replica_id, 0)
     firsts = [choose(router, [a, b], request(f"r{i}", 1_000))[0][0] for i in range(4)]
     assert firsts[0] == "b" and sorted(firsts) == ["a", "a", "b", "b"], firsts
+
+
+# ---- prefix affinity ----------------------------------------------------------------------------------------
+
+BLOCK_TOKENS = 100
+SEED = 7
+SYSTEM = list(range(1000, 1000 + 16 * BLOCK_TOKENS))  # a shared 16-block system prompt
+
+
+def holding(*prompts: list[int]) -> list[int]:
+    """``prefix_keys`` of a replica that cached ``prompts``: their blocks' keys at the summary positions."""
+    keys = []
+    for prompt in prompts:
+        hashes = block_hashes(prompt, BLOCK_TOKENS, SEED)
+        keys += [hashes[p] for p in summary_positions(len(hashes))]
+    return keys
+
+
+def prompt_request(request_id: str, prompt: list[int], max_tokens: int = 100) -> PendingRequest:
+    metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, call_method="generate")
+    hint = RoutingHint(len(prompt), max_tokens, prefix_probe=prefix_probe(prompt, BLOCK_TOKENS, SEED))
+    return PendingRequest(args=[hint], kwargs={}, metadata=metadata, future=LOOP.create_future())
+
+
+def set_queues(router: PageAwareRequestRouter, queue_lens: dict[FakeReplica, int]) -> None:
+    for replica, queue_len in queue_lens.items():
+        router.on_new_queue_len_info(replica.replica_id, queue_len)
+
+
+def cached_tokens(router: PageAwareRequestRouter, replicas: list[FakeReplica], prompt: list[int]) -> dict[str, int]:
+    hint = RoutingHint(len(prompt), 100, prefix_probe=prefix_probe(prompt, BLOCK_TOKENS, SEED))
+    now_s = router._get_curr_time_s()
+    return {r.replica_id.unique_id: router.score_replica(r, hint, now_s).cached_tokens for r in replicas}
+
+
+def test_a_prompt_goes_where_its_prefix_is_cached_within_the_queue_slack():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900, prefix_keys=[])
+    b.report(800, prefix_keys=holding(SYSTEM + [1] * 50))
+    router = make_router([a, b])
+    set_queues(router, {a: 0, b: 3})
+    question = SYSTEM + [5] * 30
+    # 16 blocks are cached on "b": the probe finds 16 (position 15); "a" holds none of it.
+    assert cached_tokens(router, [a, b], question) == {"a": 0, "b": 16 * BLOCK_TOKENS}
+    assert choose(router, [a, b], prompt_request("r1", question)) == [["b"], ["a"]]
+    # A prompt that shares nothing with it: the shorter queue, as without prefix affinity.
+    assert choose(router, [a, b], prompt_request("r2", [9] * 500)) == [["a"], ["b"]]
+
+
+def test_the_prefix_loses_to_a_queue_longer_than_the_slack():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900, prefix_keys=holding(SYSTEM + [1]))
+    router = make_router([a, b], prefix_queue_slack=2)
+    set_queues(router, {a: 1, b: 4})
+    assert choose(router, [a, b], prompt_request("r1", SYSTEM + [5] * 30)) == [["a"], ["b"]]
+
+
+def test_the_prefix_loses_to_a_replica_short_of_pages():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(100 + 18 + 10, prefix_keys=holding(SYSTEM + [1]))  # after 18 pages, 110 left: under 20% of 1000
+    router = make_router([a, b])
+    set_queues(router, {a: 3, b: 0})
+    question = SYSTEM + [5] * 30  # 1630 + 100 tokens: 18 pages
+    assert scores(router, [b], 1730)["b"][0] == Tier.TIGHT
+    assert choose(router, [a, b], prompt_request("r1", question)) == [["a"], ["b"]]
+
+
+def test_the_longest_cached_prefix_wins_a_multi_turn_conversation():
+    a, b, c = FakeReplica("a"), FakeReplica("b"), FakeReplica("c")
+    turn1 = SYSTEM + [3] * 700
+    turn2 = turn1 + [4] * 800  # the history, the answer and the next question
+    a.report(900, prefix_keys=holding(SYSTEM + [2] * 300))  # the system prompt only, for another user
+    b.report(900, prefix_keys=holding(turn1))  # this conversation's first turn
+    c.report(900)
+    router = make_router([a, b, c])
+    set_queues(router, {a: 0, b: 2, c: 1})
+    assert cached_tokens(router, [a, b, c], turn2) == {"a": 16 * BLOCK_TOKENS, "b": 16 * BLOCK_TOKENS, "c": 0}
+    # Positions 0..15 match on both; turn1's 23 blocks end before position 23. Deeper probes tell them apart:
+    turn3 = turn2 + [6] * 1000
+    b.report(900, prefix_keys=holding(turn2))  # 31 blocks: position 23 is there now
+    assert cached_tokens(router, [a, b, c], turn3) == {"a": 16 * BLOCK_TOKENS, "b": 24 * BLOCK_TOKENS, "c": 0}
+    assert choose(router, [a, b, c], prompt_request("t3", turn3)) == [["b"], ["a"], ["c"]]
+
+
+def test_a_prompt_routed_but_not_reported_yet_counts_as_cached_where_it_went():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900)
+    router = make_router([a, b])
+    set_queues(router, {a: 0, b: 0})
+    first = prompt_request("r1", SYSTEM + [1] * 40)
+    where = choose(router, [a, b], first)[0][0]
+    replica = {"a": a, "b": b}[where]
+    router.on_request_routed(first, replica.replica_id, None)
+    set_queues(router, {replica: 1})
+    # The next question with the same system prompt follows the first, though no report lists its blocks yet.
+    assert choose(router, [a, b], prompt_request("r2", SYSTEM + [2] * 40))[0] == [where]
+    for request_id in ("r1", "r2"):
+        router.on_request_completed(replica.replica_id, request_id)
+    assert cached_tokens(router, [replica], SYSTEM + [3] * 40) == {where: 0}  # finished, and still unreported
+
+
+def test_a_short_common_prefix_does_not_pull_requests_together():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    template = SYSTEM[: 2 * BLOCK_TOKENS]  # the first tokens of every chat: cached wherever a chat ran
+    a.report(900)
+    b.report(900, prefix_keys=holding(template + [1] * 300))
+    router = make_router([a, b])  # prefix_min_cached_tokens=256
+    set_queues(router, {a: 0, b: 1})
+    assert cached_tokens(router, [a, b], template + [2] * 300) == {"a": 0, "b": 0}
+    assert choose(router, [a, b], prompt_request("r1", template + [2] * 300)) == [["a"], ["b"]]
+
+
+def test_without_prefix_affinity_queues_decide_as_before():
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900, prefix_keys=holding(SYSTEM + [1]))
+    router = make_router([a, b], prefix_affinity=False)
+    set_queues(router, {a: 0, b: 1})
+    assert cached_tokens(router, [a, b], SYSTEM + [5] * 30) == {"a": 0, "b": 0}
+    assert choose(router, [a, b], prompt_request("r1", SYSTEM + [5] * 30)) == [["a"], ["b"]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"prefix_queue_slack": -1}, {"prefix_queue_slack": 1.5}, {"prefix_affinity": 1}, {"prefix_min_cached_tokens": 0}],
+)
+def test_bad_prefix_kwargs_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        make_router([], **kwargs)

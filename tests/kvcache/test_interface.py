@@ -24,6 +24,13 @@ def test_protocol_declares_what_the_engine_calls():
         "wait_idle",
         "stats",
         "close",
+        # prefix caching
+        "block_tokens",
+        "num_cached_blocks",
+        "match_prefix",
+        "register",
+        "head_tokens",
+        "cached_keys",
     }
 
 
