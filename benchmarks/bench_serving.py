@@ -342,6 +342,10 @@ def deploy(app_args: dict, http_port: int, name: str = "bench") -> str:
     raise RuntimeError("app did not become healthy")
 
 
+def _worker_pythonpath() -> str:
+    return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def start_local_ray(metrics_port: int, num_cpus: int = 2) -> None:
     """A fresh local Ray cluster (``num_cpus``, token auth off) whose workers import this checkout."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -353,7 +357,8 @@ def start_local_ray(metrics_port: int, num_cpus: int = 2) -> None:
         include_dashboard=False,
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
+        # Workers import this checkout, and whatever the driver's PYTHONPATH holds (packages installed beside it).
+        runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath(), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
     )
 
