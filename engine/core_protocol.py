@@ -16,6 +16,7 @@ import msgpack
 
 from engine.errors import EngineError, InvalidRequestError, PromptTooLongError
 from engine.outputs import EngineStats, RequestOutput
+from engine.prefix_summary import PrefixSummary
 
 ADD, ABORT, STOP = "add", "abort", "stop"
 SHUT_DOWN = "the engine was shut down"  # the death notice of a core that was told to stop
@@ -85,16 +86,26 @@ def decode_event(data: bytes) -> tuple:
     event = msgpack.unpackb(data, use_list=True)
     kind = event[0]
     if kind == STEP:
-        return STEP, [_output(fields) for fields in event[1]], EngineStats(**event[2])
+        return STEP, [_output(fields) for fields in event[1]], _stats(event[2])
     if kind == REJECTED:
         return REJECTED, event[1], _error(event[2])
     if kind == READY:
-        return READY, CoreInfo(event[1], event[2], EngineStats(**event[3]))
+        return READY, CoreInfo(event[1], event[2], _stats(event[3]))
     return DEAD, event[1]
 
 
 def _stats_fields(stats: EngineStats) -> dict[str, Any]:
     return dataclasses.asdict(stats)
+
+
+def _stats(fields: dict[str, Any]) -> EngineStats:
+    summary = fields.get("prefix_summary")
+    if summary is not None:
+        fields = {
+            **fields,
+            "prefix_summary": PrefixSummary(summary["block_tokens"], summary["seed"], tuple(summary["keys"])),
+        }
+    return EngineStats(**fields)
 
 
 def _output_fields(out: RequestOutput) -> list:

@@ -22,6 +22,7 @@ from engine.core_protocol import decode_event, encode_step
 from engine.errors import EngineDeadError, InvalidRequestError, PromptTooLongError
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
+from engine.prefix_summary import PrefixSummary
 from engine.sampling_params import SamplingParams
 
 CONFIG = {"max_batch_size": 4, "max_seq_len": 512, "max_num_batched_tokens": 128, "device": "cpu"}
@@ -117,8 +118,10 @@ def test_step_messages_round_trip():
         new_logprobs=[{"token_id": 7, "logprob": -0.5, "top": [[7, -0.5]]}],
         error=PromptTooLongError("too long", "max_tokens"),
         index=1,
+        num_cached_tokens=64,
     )
-    stats = EngineStats(10, 5, 5, 1, 85.3, 65536, 60, 1, 0, 0.5, 0, 3, 4)
+    summary = PrefixSummary(block_tokens=16, seed=2**64 - 1, keys=(2**63 + 5, 7))
+    stats = EngineStats(10, 5, 5, 1, 85.3, 65536, 60, 1, 0, 0.5, 0, 3, 4, 900, 512, 2, prefix_summary=summary)
     kind, (got,), got_stats = decode_event(encode_step([out], stats))
     assert got_stats == stats and got.prompt_token_ids is None  # the frontend fills it in
     assert isinstance(got.error, PromptTooLongError) and got.error.param == "max_tokens"
