@@ -119,20 +119,8 @@ class KVCacheStats:
     max_batch_size: int
 
     @property
-    def total_bytes(self) -> int:
-        return self.total_pages * self.page_size_bytes
-
-    @property
-    def free_bytes(self) -> int:
-        return self.free_pages * self.page_size_bytes
-
-    @property
     def mapped_bytes(self) -> int:
         return self.mapped_pages * self.page_size_bytes
-
-    @property
-    def reclaimable_bytes(self) -> int:
-        return self.reclaimable_pages * self.page_size_bytes
 
     @property
     def used_bytes(self) -> int:
