@@ -254,7 +254,7 @@ def print_summary(title: str, s: dict) -> None:
     print(f"{'Benchmark duration (s):':<40}{s['duration_s']:>10.2f}")
     print(f"{'Request throughput (req/s):':<40}{s['request_throughput_per_s']:>10.2f}")
     print(f"{'Output token throughput (tok/s):':<40}{s['output_throughput_tok_s']:>10.2f}")
-    print(f"{'Goodput (req/s, TTFT<=2s TPOT<=50ms):':<40}{s['goodput_req_s']:>10.2f}")
+    print(f"{'Goodput (req/s within the SLO):':<40}{s['goodput_req_s']:>10.2f}")
     print(f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput_tok_s']:>10.2f}")
     for name, label in (
         ("ttft", "Time to First Token"),
