@@ -135,6 +135,8 @@ class Scheduler:
       * then waiting requests in FIFO order (no overtaking: the head waits until it fits), admitted only
         when a slot is free and the cache can hold their whole prompt plus one decode token, so that
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
+      * with prefix caching, a waiting request whose next uncached block a running prefill is computing waits for
+        it (the head of the queue, so those behind it too): a burst of prompts sharing a prefix computes it once.
 
     Slots go back to the cache as soon as their request finishes or is preempted; the cache itself keeps a slot's
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
@@ -220,10 +222,13 @@ class Scheduler:
             budget -= num_tokens
 
         # Admitting while preempting would thrash: the pages just freed belong to the preempted.
+        in_progress = self._blocks_in_progress()
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             final_tokens = min(request.num_tokens + 1, self.max_seq_len)
             prefix = self._cached_prefix(request)
+            if self._next_block_in_progress(request, len(prefix), in_progress):
+                break  # a running prefill is computing it: wait a step or two and reuse it
             if not self.kv_cache.can_allocate(final_tokens, prefix):
                 break
             cached = len(prefix) * self.block_tokens
@@ -243,6 +248,7 @@ class Scheduler:
             self.running.append(request)
             planned[id(request)] = ScheduledRequest(request, num_tokens, cached)
             budget -= num_tokens
+            in_progress.update(request.block_hashes[len(prefix) :])
 
         # Keep the batch in a stable order: decodes, then prefill chunks, then newly admitted.
         out.scheduled = list(planned.values())
@@ -324,6 +330,26 @@ class Scheduler:
         usable = (request.num_tokens - 1) // self.block_tokens
         keys = self._update_block_hashes(request)[:usable]
         return keys[: self.kv_cache.match_prefix(keys)]
+
+    def _blocks_in_progress(self) -> set[int]:
+        """Keys of the full blocks that running prefills have still to compute (registered once computed)."""
+        if self.prefix_seed is None:
+            return set()
+        return {
+            key
+            for r in self.running
+            if r.num_uncomputed_tokens > 1
+            for key in r.block_hashes[r.num_computed_tokens // self.block_tokens :]
+        }
+
+    def _next_block_in_progress(self, request: Request, num_cached_blocks: int, in_progress: set[int]) -> bool:
+        """Whether the first block the request would compute is being computed by a running prefill: a burst of
+        prompts sharing a prefix (or the ``n`` sequences of one request) computes it once, the rest reuse it."""
+        if not in_progress:
+            return False
+        usable = (request.num_tokens - 1) // self.block_tokens
+        keys = request.block_hashes
+        return num_cached_blocks < min(usable, len(keys)) and keys[num_cached_blocks] in in_progress
 
     def _register_blocks(self, request: Request) -> None:
         """Registers the request's blocks that launched steps have now computed in full (known tokens only)."""

@@ -64,6 +64,25 @@ def test_same_greedy_tokens_with_prefix_caching_on_and_off(layout):
         on.shutdown()
 
 
+def test_a_burst_sharing_a_prefix_computes_it_once():
+    """Sent together, prompts sharing a system prompt (and the n samples of one request) wait for the first one's
+    prefill of the shared blocks and reuse them, with the tokens caching off gives."""
+    prompts = [SYSTEM + q for q in QUESTIONS]
+    off = _engine("token_major", False, max_num_batched_tokens=4096)
+    on = _engine("token_major", True, max_num_batched_tokens=4096)  # room for every prompt in the first step
+    try:
+        assert _run(on, prompts, waves=1) == _run(off, prompts, waves=1)
+        block = on.kv_cache.block_tokens
+        shared = len(on.tokenizer.encode(SYSTEM)) // block * block
+        assert on.stats().prefix_cache_hits >= (len(prompts) - 1) * shared
+        params = SamplingParams(temperature=0.8, max_tokens=4, n=4, seed=1)
+        outs = on.generate([QUESTIONS[0] + SYSTEM], params)
+        assert sorted(o.num_cached_tokens for o in outs)[1:] == [(len(outs[0].prompt_token_ids) - 1) // block * block] * 3
+    finally:
+        off.shutdown()
+        on.shutdown()
+
+
 def test_cached_tokens_are_reported_and_prefill_starts_after_them():
     engine = _engine("token_major", True)
     try:
