@@ -77,7 +77,9 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
         assert on.stats().prefix_cache_hits >= (len(prompts) - 1) * shared
         params = SamplingParams(temperature=0.8, max_tokens=4, n=4, seed=1)
         outs = on.generate([QUESTIONS[0] + SYSTEM], params)
-        assert sorted(o.num_cached_tokens for o in outs)[1:] == [(len(outs[0].prompt_token_ids) - 1) // block * block] * 3
+        assert (
+            sorted(o.num_cached_tokens for o in outs)[1:] == [(len(outs[0].prompt_token_ids) - 1) // block * block] * 3
+        )
     finally:
         off.shutdown()
         on.shutdown()
