@@ -42,11 +42,11 @@ suite)
 router)
   app='{"model": "dummy:llama-3-8b", "served_model_name": "llama-3-8b", "device": "cuda",
     "engine_kwargs": {"max_batch_size": 64, "kv_cache_memory_bytes": 6442450944, "max_num_batched_tokens": 8192},
-    "engine": {"num_replicas": 4, "num_gpus": 1, "max_ongoing_requests": 64, "max_queued_requests": 2000,
+    "engine": {"num_replicas": 4, "num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 64, "max_queued_requests": 2000,
                "routing_stats_period_s": 0.5},
-    "ingress": {"num_cpus": 0, "max_queued_requests": 4000}}'
-  timeout 580 python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" --rates ${RATES:-12,24} \
-    --num-prompts ${NUM_PROMPTS:-300} --long-input-len 4000 --long-output-len 600 --short-input-len 300 \
+    "ingress": {"num_replicas": 4, "num_cpus": 0, "max_queued_requests": 4000}}'
+  timeout 580 python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" --rates ${RATES:-14,28} \
+    --num-prompts ${NUM_PROMPTS:-240} --long-input-len 4000 --long-output-len 600 --short-input-len 300 \
     --short-output-len 150 --out "$OUT/scale_h100x4.json" 2>&1 | quiet | tee "$OUT/router.log" | tail -120
   ;;
 esac
