@@ -45,6 +45,8 @@ from benchmarks.bench_serving import (  # noqa: E402
     make_workload,
     print_summary,
     run_load,
+    skewed_lengths,
+    start_local_ray,
     summarize,
 )
 
@@ -321,28 +323,10 @@ def main() -> None:
         summarize_profiles(Path(args.summarize))
         return
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    # The workers' PYTHONPATH must keep the driver's (a --target install of Ray lives there on the GPU machine).
-    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled"}},
-        logging_level="WARNING",
-    )
-    specs = make_workload(
-        "skewed",
-        args.num_prompts,
-        args.seed,
-        long_fraction=args.long_fraction,
-        long_input_len=args.long_input_len,
-        long_output_len=args.long_output_len,
-        short_input_len=args.short_input_len,
-        short_output_len=args.short_output_len,
-    )
+    start_local_ray(None, os.cpu_count())
+    specs = make_workload("skewed", args.num_prompts, args.seed, **skewed_lengths(args))
     engine_config = {"model": args.model, "device": args.device, **app_args(args, 1)["engine_kwargs"]}
     offline = None
     if not args.skip_offline:

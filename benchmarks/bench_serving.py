@@ -64,16 +64,7 @@ class RequestResult:
 def workload_from_args(args: argparse.Namespace, kind: str) -> list:
     """``make_workload`` of ``kind`` with the command line's counts and lengths."""
     return make_workload(
-        kind,
-        args.num_prompts,
-        args.seed,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        long_fraction=args.long_fraction,
-        long_input_len=args.long_input_len,
-        long_output_len=args.long_output_len,
-        short_input_len=args.short_input_len,
-        short_output_len=args.short_output_len,
+        kind, args.num_prompts, args.seed, input_len=args.input_len, output_len=args.output_len, **skewed_lengths(args)
     )
 
 
@@ -346,16 +337,18 @@ def _worker_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
-def start_local_ray(metrics_port: int, num_cpus: int = 2) -> None:
-    """A fresh local Ray cluster (``num_cpus``, token auth off) whose workers import this checkout."""
+def start_local_ray(metrics_port: int | None, num_cpus: int = 2) -> None:
+    """A fresh local Ray cluster (``num_cpus``, token auth off) whose workers import this checkout; its metrics
+    exported on ``metrics_port`` (None: not exported)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
+    metrics = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
-        _metrics_export_port=metrics_port,
+        **metrics,
         _system_config={"metrics_report_interval_ms": 1000},
         # Workers import this checkout, and whatever the driver's PYTHONPATH holds (packages installed beside it).
         runtime_env={"env_vars": {"PYTHONPATH": _worker_pythonpath(), "RAY_AUTH_MODE": "disabled"}},
@@ -461,6 +454,12 @@ def _git_commit() -> str:
         ).strip()
     except (subprocess.CalledProcessError, OSError):
         return "uncommitted"
+
+
+def skewed_lengths(args: argparse.Namespace) -> dict:
+    """``make_workload``'s skewed-mix arguments from the command line of :func:`add_skewed_args`."""
+    names = ("long_fraction", "long_input_len", "long_output_len", "short_input_len", "short_output_len")
+    return {name: getattr(args, name) for name in names}
 
 
 def add_skewed_args(p: argparse.ArgumentParser) -> None:

@@ -332,8 +332,9 @@ class Scheduler:
         return keys[: self.kv_cache.match_prefix(keys)]
 
     def _blocks_in_progress(self) -> set[int]:
-        """Keys of the full blocks that running prefills have still to compute (registered once computed)."""
-        if self.prefix_seed is None:
+        """Keys of the full blocks that running prefills have still to compute (registered once computed); only
+        looked at when a request waits."""
+        if self.prefix_seed is None or not self.waiting:
             return set()
         return {
             key

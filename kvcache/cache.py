@@ -27,9 +27,9 @@ when the pool runs short.
 
 from __future__ import annotations
 
-import heapq
 import math
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -90,7 +90,6 @@ class _Block:
     pages: list[list[int]]
     refs: int = 0
     slots: set[int] = field(default_factory=set)
-    last_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,8 +195,9 @@ class VirtualKVCache:
         self._fence: list[Fence | None] = [None] * num_slots  # the last launched step that touched the slot
         self._heads: list[list[_Block]] = [[] for _ in range(num_slots)]  # registered blocks at each slot's start
         self._blocks: dict[int, _Block] = {}  # the prefix registry, by chained hash
-        self._num_referenced_blocks = 0  # registered blocks with refs > 0
-        self._clock = 0  # ticks at every free, for least-recently-used eviction
+        # Registered blocks no active slot holds, least recently released first (a slot's deeper blocks before
+        # its shallower ones): eviction takes the first, in O(1).
+        self._evictable: OrderedDict[int, _Block] = OrderedDict()
         self.num_evicted_blocks = 0
         self._journal: list[CacheOp] | None = None
         self._quiet = 0  # > 0 while a composite change logs itself as one operation
@@ -260,7 +260,7 @@ class VirtualKVCache:
         return max(0, self._mapped[slot] - max(self._pages_per_buffer(self._num_tokens[slot]), self._head_pages(slot)))
 
     def _evictable_pages(self) -> int:
-        return (len(self._blocks) - self._num_referenced_blocks) * self._block_pages * self.num_buffers
+        return len(self._evictable) * self._block_pages * self.num_buffers
 
     def _reclaimable(self, exclude: int | None = None) -> int:
         own = sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
@@ -429,7 +429,7 @@ class VirtualKVCache:
             self._set_head(slot, blocks)
             self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
         finally:
-            for block in blocks:
+            for block in reversed(blocks):
                 self._ref(block, -1)
         self._set_active(slot, num_tokens)
         return slot
@@ -457,23 +457,20 @@ class VirtualKVCache:
         """For each chain position of ``indices``, up to ``limit`` keys of registered blocks there, those in use
         first, then the most recently used: a compact summary of the prefixes this cache holds (position 0 are the
         first blocks of prompts). One pass over the registry, whatever the number of positions."""
-        found: dict[int, list[_Block]] = {index: [] for index in indices}
-        for block in self._blocks.values():
+        found: dict[int, list[int]] = {index: [] for index in indices}
+        in_use = (b for b in self._blocks.values() if b.refs)
+        for block in (*in_use, *reversed(self._evictable.values())):
             at_index = found.get(block.index)
-            if at_index is not None:
-                at_index.append(block)
-        return {
-            index: [b.key for b in heapq.nsmallest(limit, blocks, key=lambda b: (b.refs == 0, -b.last_used))]
-            for index, blocks in found.items()
-        }
+            if at_index is not None and len(at_index) < limit:
+                at_index.append(block.key)
+        return found
 
     def _ref(self, block: _Block, delta: int) -> None:
         if block.refs == 0 and delta > 0:
-            self._num_referenced_blocks += 1
+            self._evictable.pop(block.key, None)  # absent when the block is being registered
         block.refs += delta
         if block.refs == 0:
-            self._num_referenced_blocks -= 1
-            block.last_used = self._clock
+            self._evictable[block.key] = block
 
     def register(self, slot: int, keys: Sequence[int]) -> int:
         """Registers the first ``len(keys)`` blocks of ``slot`` under ``keys``, the chained hashes of their tokens
@@ -544,12 +541,11 @@ class VirtualKVCache:
             self._mapped[slot] = keep
 
     def _evict_one(self) -> bool:
-        """Drops the least recently used block that no active slot holds (deeper blocks first among equals):
-        unmapped from the free slots that map it, once their steps are done, and its pages freed."""
-        candidates = [b for b in self._blocks.values() if b.refs == 0]
-        if not candidates:
+        """Drops the least recently released block that no active slot holds: unmapped from the free slots that
+        map it, once their steps are done, and its pages freed."""
+        if not self._evictable:
             return False
-        self._evict(min(candidates, key=lambda b: (b.last_used, -b.index)))
+        self._evict(next(iter(self._evictable.values())))
         return True
 
     def _evict(self, block: _Block) -> None:
@@ -559,6 +555,7 @@ class VirtualKVCache:
                 self._wait_if_busy(slot)
                 self._cut(slot, block.index)
             del self._blocks[block.key]
+            del self._evictable[block.key]
             self._pool.give_back([p for buf in block.pages for p in buf])
             self.num_evicted_blocks += 1
         finally:
@@ -582,8 +579,7 @@ class VirtualKVCache:
         stay cached. Steps still running may touch it: its rows are unmapped or handed out only once their fences
         are complete."""
         self._check_slot(slot)
-        self._clock += 1
-        for block in self._heads[slot]:
+        for block in reversed(self._heads[slot]):  # deeper blocks are evicted first
             self._ref(block, -1)
         self._active[slot] = False
         self._num_tokens[slot] = 0

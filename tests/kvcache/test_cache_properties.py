@@ -198,6 +198,7 @@ class CacheMachine(RuleBasedStateMachine):
         # Blocks that an active slot holds are in use; a live request's pages never count as reclaimable.
         held = {id(b) for s in self.live for b in self.cache._heads[s]}
         assert all((b.refs > 0) == (id(b) in held) for b in self.cache._blocks.values())
+        assert set(self.cache._evictable) == {key for key, b in self.cache._blocks.items() if not b.refs}
         assert stats.num_active_slots == len(self.live)
         for slot, (written, _) in self.live.items():
             assert self.cache.capacity_tokens(slot) >= written
