@@ -25,6 +25,7 @@ import platform
 import random
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,14 +259,18 @@ def print_summary(title: str, s: dict) -> None:
             print(f"{f'{stat.upper()} {name.upper()} (ms):':<40}{_figure(s[f'{stat}_{name}_ms'])}")
     if "num_preemptions" in s:
         print(f"{'Preemptions (all replicas):':<40}{_figure(s['num_preemptions'], '>10')}")
+        print(f"{'Preemptions by replica:':<40}{s.get('preemptions_by_replica')}")
+    if "mean_free_fraction_spread" in s:
+        print(f"{'Free-page spread across replicas, mean:':<40}{_figure(s['mean_free_fraction_spread'], '>10.3f')}")
     print(f"{'Requests by replica and kind:':<40}{s['requests_by_replica_and_kind']}")
 
 
 # ---- metrics --------------------------------------------------------------------------------------
 
 
-def scrape_preemptions(base_url: str, num_replicas: int) -> int | None:
-    """Preemptions so far, summed over the engine replicas, from the ingress's ``/metrics``.
+def scrape_replicas(base_url: str, num_replicas: int) -> dict[str, dict[str, float]] | None:
+    """Per engine replica: its preemptions so far and its free and total physical KV pages, from the ingress's
+    ``/metrics``.
 
     None when it cannot be read: ``/metrics`` does not answer, or does not cover ``num_replicas``
     replicas (the ingress could not scrape a node's metrics port). A replica's counter is exported only
@@ -282,10 +287,66 @@ def scrape_preemptions(base_url: str, num_replicas: int) -> int | None:
     pool = families.get("ray_vattn_num_total_pages")
     if pool is None or len({sample.labels.get("replica") for sample in pool.samples}) < num_replicas:
         return None
-    counter = families.get("ray_vllm_num_preemptions")
-    if counter is None:
-        return 0
-    return int(sum(sample.value for sample in counter.samples if sample.name.endswith("_total")))
+    replicas: dict[str, dict[str, float]] = {}
+    for family, key in (
+        ("ray_vattn_num_total_pages", "total_pages"),
+        ("ray_vattn_num_free_pages", "free_pages"),
+        ("ray_vllm_num_preemptions", "preemptions"),
+    ):
+        fam = families.get(family)
+        for sample in fam.samples if fam is not None else ():
+            if key == "preemptions" and not sample.name.endswith("_total"):
+                continue
+            replicas.setdefault(sample.labels.get("replica", ""), {"preemptions": 0.0})[key] = sample.value
+    return replicas
+
+
+def preemptions_between(before: dict | None, after: dict | None) -> dict[str, int] | None:
+    """Preemptions per replica counted between two ``scrape_replicas`` reads; None if either could not be read."""
+    if before is None or after is None:
+        return None
+    return {r: int(after[r]["preemptions"] - before.get(r, {}).get("preemptions", 0)) for r in sorted(after)}
+
+
+class FreePageSampler:
+    """Samples every replica's free physical KV pages through ``/metrics`` once per ``period_s`` while a run
+    goes on (the replicas export their gauges once a second), so the spread across replicas over time can be
+    plotted; a read that fails is skipped, and counted."""
+
+    def __init__(self, base_url: str, num_replicas: int, period_s: float = 1.0) -> None:
+        self.base_url, self.num_replicas, self.period_s = base_url, num_replicas, period_s
+        self.samples: list[dict] = []
+        self.num_unread = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="free-page-sampler", daemon=True)
+
+    def __enter__(self) -> FreePageSampler:
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            replicas = scrape_replicas(self.base_url, self.num_replicas)
+            if replicas is None:
+                self.num_unread += 1
+                continue
+            free = {r: v["free_pages"] / v["total_pages"] for r, v in replicas.items() if v.get("total_pages")}
+            self.samples.append({"t_s": round(time.perf_counter() - self._start, 2), "free_fraction": free})
+
+    def summary(self) -> dict:
+        """The timeline, and the spread (max - min free fraction across replicas) at its mean and p90."""
+        spreads = [max(s["free_fraction"].values()) - min(s["free_fraction"].values()) for s in self.samples]
+        return {
+            "free_page_timeline": self.samples,
+            "free_page_samples_unread": self.num_unread,
+            "mean_free_fraction_spread": float(np.mean(spreads)) if spreads else None,
+            "p90_free_fraction_spread": float(np.percentile(spreads, 90)) if spreads else None,
+        }
 
 
 # ---- router comparison ----------------------------------------------------------------------------
@@ -362,35 +423,51 @@ def compare_routers(args: argparse.Namespace) -> None:
 
     app_base = json.loads(args.app_args) if args.app_args else COMPARE_APP_ARGS
     start_local_ray(args.metrics_port, os.cpu_count() if app_base.get("device") == "cuda" else 2)
-    specs = workload_from_args(args, "skewed")
     model = app_base.get("served_model_name") or app_base["model"]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.request_rate]
+    # One trace per rate (both routers get it; prompts of seed + i for the i-th rate), and the warm-up's
+    # its own: the replicas' prefix caches keep what an earlier run left, and a run must not find its prompts there.
+    specs_by_rate = [
+        workload_from_args(argparse.Namespace(**{**vars(args), "seed": args.seed + i}), "skewed")
+        for i in range(len(rates) + 1)
+    ]
+    warmup = specs_by_rate.pop()
     runs = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for router in ("page_aware", "power_of_two"):
         app_args = copy.deepcopy(app_base)
         app_args["engine"]["router"] = router
         base = deploy(app_args, args.http_port)
         # Warm-up: one short request per replica (first forward allocates buffers).
         num_replicas = app_base["engine"]["num_replicas"]
-        asyncio.run(run_load(base, model, specs[: 2 * num_replicas], float("inf"), args.seed, None))
+        asyncio.run(run_load(base, model, warmup[: 2 * num_replicas], float("inf"), args.seed, None))
         time.sleep(2.0)
-        for rate in rates:
-            preempt_before = scrape_preemptions(base, num_replicas)
-            results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
+        for rate, specs in zip(rates, specs_by_rate):
+            before = scrape_replicas(base, num_replicas)
+            with FreePageSampler(base, num_replicas) as sampler:
+                results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
             time.sleep(3.0)  # counters reach the metrics export once per second
             summary = summarize(results, duration)
-            preempt_after = scrape_preemptions(base, num_replicas)
-            summary["num_preemptions"] = (
-                None if preempt_before is None or preempt_after is None else preempt_after - preempt_before
-            )
+            by_replica = preemptions_between(before, scrape_replicas(base, num_replicas))
+            summary["num_preemptions"] = None if by_replica is None else sum(by_replica.values())
+            summary["preemptions_by_replica"] = by_replica
+            summary.update(sampler.summary())
             summary["request_rate_per_s"] = rate
             label = router if len(rates) == 1 else f"{router}@{rate:g}"
             print_summary(f"router={label}", summary)
             runs[label] = summary
+            write_record(args, app_base, runs, out)  # a run cut short keeps what it measured
         serve.delete("bench")
         time.sleep(2.0)
     serve.shutdown()
     ray.shutdown()
+    print_table(runs)
+    plot(runs, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def write_record(args: argparse.Namespace, app_base: dict, runs: dict, out: Path) -> None:
     record = {
         "benchmark": "bench_serving --compare-routers",
         "workload": {
@@ -401,6 +478,7 @@ def compare_routers(args: argparse.Namespace) -> None:
             "long": [args.long_input_len, args.long_output_len],
             "short": [args.short_input_len, args.short_output_len],
             "seed": args.seed,
+            "prompt_seeds": "seed + i for the i-th rate",
             "ignore_eos": True,
             "arrivals": "poisson",
         },
@@ -414,11 +492,27 @@ def compare_routers(args: argparse.Namespace) -> None:
         "commit": _git_commit(),
         "results": runs,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    plot(runs, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def print_table(runs: dict) -> None:
+    """One line per (router, rate): the figures the router comparison is judged by."""
+    cols = [
+        ("request_throughput_per_s", "req/s", ".2f"),
+        ("goodput_req_s", "goodput", ".2f"),
+        ("output_throughput_tok_s", "out tok/s", ".0f"),
+        ("p50_ttft_ms", "p50 TTFT", ".0f"),
+        ("p99_ttft_ms", "p99 TTFT", ".0f"),
+        ("p50_tpot_ms", "p50 TPOT", ".1f"),
+        ("p99_tpot_ms", "p99 TPOT", ".1f"),
+        ("p50_e2e_ms", "p50 E2E", ".0f"),
+        ("num_preemptions", "preempt", "d"),
+        ("mean_free_fraction_spread", "spread", ".2f"),
+        ("num_failed", "failed", "d"),
+    ]
+    print(f"{'router@rate':<22}" + "".join(f"{title:>10}" for _, title, _ in cols))
+    for label, s in runs.items():
+        print(f"{label:<22}" + "".join(f"{'n/a':>10}" if s.get(k) is None else f"{s[k]:>10{f}}" for k, _, f in cols))
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -427,21 +521,31 @@ def plot(runs: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    routers = list(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    labels = list(runs)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
     metrics = [
+        ("p50_ttft_ms", "p50 TTFT (ms)"),
         ("p99_ttft_ms", "p99 TTFT (ms)"),
-        ("p99_e2e_ms", "p99 E2E latency (ms)"),
         ("num_preemptions", "preemptions"),
     ]
-    colors = ["tab:blue", "tab:orange"]
-    for ax, (key, label) in zip(axes, metrics):
-        values = [runs[r][key] for r in routers]
+    colors = ["tab:blue" if label.startswith("page_aware") else "tab:orange" for label in labels]
+    for ax, (key, title) in zip(axes.flat, metrics):
+        values = [runs[label].get(key) for label in labels]
         # A figure that could not be read is an empty slot marked n/a, not a measured 0.
-        ax.bar(routers, [0 if v is None else v for v in values], color=colors[: len(routers)])
-        ax.set_title(label)
+        ax.bar(labels, [0 if v is None else v for v in values], color=colors)
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelrotation=30)
         for i, v in enumerate(values):
             ax.text(i, v or 0, "n/a" if v is None else f"{v:.0f}", ha="center", va="bottom")
+    ax = axes.flat[3]
+    for label in labels:
+        timeline = runs[label].get("free_page_timeline") or []
+        spread = [max(s["free_fraction"].values()) - min(s["free_fraction"].values()) for s in timeline]
+        style = "-" if label.startswith("page_aware") else "--"
+        ax.plot([s["t_s"] for s in timeline], spread, style, label=label)
+    ax.set_title("free-page spread across replicas (max - min free fraction)")
+    ax.set_xlabel("s since the run's first request")
+    ax.legend(fontsize=7)
     fig.suptitle("Page-aware vs default (power-of-two) router: skewed workload")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,7 +3,9 @@
 # ../shared/tools/gpu-ray-wheels.sh and benchmarks/gpu_wheels.sh), then runs a stage, logs under $OUT.
 #   suite:  GPU 2 the GPU stress suite (then the prefix benchmark, engine mode); GPU 3 bench_load.py;
 #           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2) -- the four in parallel.
-#   router: bench_serving.py --compare-routers, 4 replicas x TP=1 of dummy:llama-3-8b, several Poisson rates.
+#   shards: the GPU stress suite, one test directory per GPU, in parallel.
+#   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
+#           several Poisson rates (RATES, NUM_PROMPTS).
 set -uo pipefail
 stage=$1
 OUT=${OUT:-/tmp/out}
@@ -39,14 +41,29 @@ suite)
   tail -5 "$OUT/gpu_suite.log"; tail -25 "$OUT/prefix_h100.log" 2>/dev/null; tail -12 "$OUT/load_h100.log"
   tail -40 "$OUT/served.log"
   ;;
+shards)
+  # The GPU stress suite split over the four GPUs (a directory each), in parallel.
+  i=0
+  for dir in tests/gpu tests/engine tests/kvcache tests/benchmarks; do
+    CUDA_VISIBLE_DEVICES=$i timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
+      --durations=5 "$dir" > "$OUT/gpu_suite_$i.log" 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  for i in 0 1 2 3; do tail -3 "$OUT/gpu_suite_$i.log"; done
+  ;;
 router)
-  app='{"model": "dummy:llama-3-8b", "served_model_name": "llama-3-8b", "device": "cuda",
+  # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2 (the same 8 GPU-slots of work per replica set).
+  layout=${LAYOUT:-4x1}
+  replicas=${layout%x*} tp=${layout#*x}
+  app='{"model": "dummy:llama-3-8b", "served_model_name": "llama-3-8b", "device": "cuda", "tensor_parallel_size": '$tp',
     "engine_kwargs": {"max_batch_size": 64, "kv_cache_memory_bytes": 6442450944, "max_num_batched_tokens": 8192},
-    "engine": {"num_replicas": 4, "num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 64, "max_queued_requests": 2000,
-               "routing_stats_period_s": 0.5},
+    "engine": {"num_replicas": '$replicas', "num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 64,
+               "max_queued_requests": 2000, "routing_stats_period_s": 0.5},
     "ingress": {"num_replicas": 4, "num_cpus": 0, "max_queued_requests": 4000}}'
-  timeout 580 python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" --rates ${RATES:-14,28} \
-    --num-prompts ${NUM_PROMPTS:-240} --long-input-len 4000 --long-output-len 600 --short-input-len 300 \
-    --short-output-len 150 --out "$OUT/scale_h100x4.json" 2>&1 | quiet | tee "$OUT/router.log" | tail -120
+  timeout ${ROUTER_TIMEOUT:-580} python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" \
+    --rates ${RATES:-8,14,20} --num-prompts ${NUM_PROMPTS:-200} --long-input-len 4000 --long-output-len 600 \
+    --short-input-len 300 --short-output-len 150 --out "$OUT/scale_h100x4_$layout.json" 2>&1 | quiet \
+    | tee "$OUT/router_$layout.log" | grep -v -e '^Preemptions by' -e '^Requests by' | tail -150
   ;;
 esac

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 from benchmarks import bench_serving
-from benchmarks.bench_serving import RequestResult, print_summary, scrape_preemptions, summarize
+from benchmarks.bench_serving import (
+    FreePageSampler,
+    RequestResult,
+    preemptions_between,
+    print_summary,
+    scrape_replicas,
+    summarize,
+)
 
 
-def _metrics_text(replicas: list[str], preemptions: dict[str, float]) -> str:
-    """The ingress's /metrics: the replicas whose nodes it could scrape, and their preemption counters."""
+def _metrics_text(replicas: list[str], preemptions: dict[str, float], free: dict[str, float] | None = None) -> str:
+    """The ingress's /metrics: the replicas whose nodes it could scrape, their free pages and preemption
+    counters."""
     pool = GaugeMetricFamily("ray_vattn_num_total_pages", "pages", labels=["model_name", "replica"])
+    free_pages = GaugeMetricFamily("ray_vattn_num_free_pages", "pages", labels=["model_name", "replica"])
     for replica in replicas:
         pool.add_metric(["m", replica], 384.0)
-    families = [pool]
+        free_pages.add_metric(["m", replica], (free or {}).get(replica, 384.0))
+    families = [pool, free_pages]
     if preemptions:  # Ray exports no counter until its first increment
         counter = CounterMetricFamily("ray_vllm_num_preemptions", "preemptions", labels=["model_name", "replica"])
         for replica, count in preemptions.items():
@@ -53,8 +65,26 @@ def _serve_metrics(monkeypatch, status: int, text: str = "") -> None:
     ],
 )
 def test_preemptions_are_missing_unless_every_replica_was_read(monkeypatch, status, text, expected):
+    _serve_metrics(monkeypatch, status, NO_PREEMPTION_YET)
+    before = scrape_replicas("http://ingress", num_replicas=2)
     _serve_metrics(monkeypatch, status, text)
-    assert scrape_preemptions("http://ingress", num_replicas=2) == expected
+    by_replica = preemptions_between(before, scrape_replicas("http://ingress", num_replicas=2))
+    assert (None if by_replica is None else sum(by_replica.values())) == expected
+
+
+def test_free_page_spread_across_replicas(monkeypatch):
+    _serve_metrics(monkeypatch, 200, _metrics_text(["r0", "r1"], {}, free={"r0": 96.0, "r1": 384.0}))
+    with FreePageSampler("http://ingress", num_replicas=2, period_s=0.01) as sampler:
+        while len(sampler.samples) < 3:
+            time.sleep(0.01)
+    summary = sampler.summary()
+    assert summary["free_page_timeline"][0]["free_fraction"] == {"r0": 0.25, "r1": 1.0}
+    assert summary["mean_free_fraction_spread"] == pytest.approx(0.75)
+    _serve_metrics(monkeypatch, 200, ONE_REPLICA)  # a replica out of reach: the sample is missing, not 0
+    with FreePageSampler("http://ingress", num_replicas=2, period_s=0.01) as sampler:
+        while sampler.num_unread < 2:
+            time.sleep(0.01)
+    assert sampler.summary()["mean_free_fraction_spread"] is None
 
 
 def test_unread_first_token_times_are_missing(capsys):
@@ -67,3 +97,11 @@ def test_unread_first_token_times_are_missing(capsys):
     out = capsys.readouterr().out
     assert "P50 TTFT (ms):" in out and "Preemptions (all replicas):" in out
     assert [line.split()[-1] for line in out.splitlines() if "TTFT" in line and ":" in line] == ["n/a"] * 3
+
+
+def test_plot_marks_unread_figures(tmp_path):
+    run = {"p50_ttft_ms": 80.0, "p99_ttft_ms": 300.0, "num_preemptions": None}
+    timeline = [{"t_s": 1.0, "free_fraction": {"r0": 0.5, "r1": 0.9}}]
+    runs = {"page_aware@6": {**run, "free_page_timeline": timeline}, "power_of_two@6": run}
+    bench_serving.plot(runs, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
