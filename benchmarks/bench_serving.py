@@ -212,6 +212,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
             str(s): sum(1 for r in results if not r.ok and r.status == s)
             for s in sorted({r.status for r in results if not r.ok})
         },
+        "error_samples": sorted({f"{r.status}: {r.error}" for r in results if not r.ok})[:3],
         "duration_s": duration_s,
         "request_throughput_per_s": len(ok) / duration_s,
         "input_tokens": in_tokens,

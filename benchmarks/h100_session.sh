@@ -13,6 +13,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-} RAY_AUTH_MODE=disabled
 export VATTN_COMMIT=${VATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+python3 -c "import ray.dashboard.optional_deps" 2>&1 | tail -1 | sed 's/^/metrics agent deps: /'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt"
 quiet() { grep -v -e ' INFO ' -e 'Loading' -e '^\s*$'; }
 case $stage in
@@ -57,12 +58,13 @@ router)
   layout=${LAYOUT:-4x1}
   replicas=${layout%x*} tp=${layout#*x}
   app='{"model": "dummy:llama-3-8b", "served_model_name": "llama-3-8b", "device": "cuda", "tensor_parallel_size": '$tp',
-    "engine_kwargs": {"max_batch_size": 64, "kv_cache_memory_bytes": 6442450944, "max_num_batched_tokens": 8192},
+    "engine_kwargs": {"max_batch_size": 64, "kv_cache_memory_bytes": 6442450944, "max_num_batched_tokens": 8192,
+                      "max_seq_len": 8192},
     "engine": {"num_replicas": '$replicas', "num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 64,
                "max_queued_requests": 2000, "routing_stats_period_s": 0.5},
     "ingress": {"num_replicas": 4, "num_cpus": 0, "max_queued_requests": 4000}}'
   timeout ${ROUTER_TIMEOUT:-580} python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" \
-    --rates ${RATES:-8,14,20} --num-prompts ${NUM_PROMPTS:-200} --long-input-len 4000 --long-output-len 600 \
+    --rates ${RATES:-8,16,24} --num-prompts ${NUM_PROMPTS:-200} --long-input-len 4000 --long-output-len 600 \
     --short-input-len 300 --short-output-len 150 --out "$OUT/scale_h100x4_$layout.json" 2>&1 | quiet \
     | tee "$OUT/router_$layout.log" | grep -v -e '^Preemptions by' -e '^Requests by' | tail -150
   ;;
