@@ -39,7 +39,6 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.bench_serving import (  # noqa: E402
     RequestSpec,
-    _git_commit,
     add_skewed_args,
     deploy,
     make_workload,
@@ -49,6 +48,7 @@ from benchmarks.bench_serving import (  # noqa: E402
     start_local_ray,
     summarize,
 )
+from benchmarks.common import current_commit  # noqa: E402
 
 # Unique on the machine: the served processes are found by their titles, which carry it.
 APP_NAME = f"served{os.getpid()}"
@@ -334,7 +334,7 @@ def main() -> None:
         offline = ray.get(task.remote(engine_config, specs))
     record = {
         "benchmark": "bench_served_vs_offline",
-        "commit": os.environ.get("VATTN_COMMIT") or _git_commit(),
+        "commit": current_commit(),
         "workload": {
             "kind": "skewed",
             "num_prompts_offline": args.num_prompts,

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -36,6 +35,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import current_commit  # noqa: E402
 
 
 @dataclass
@@ -302,11 +303,12 @@ def scrape_replicas(base_url: str, num_replicas: int) -> dict[str, dict[str, flo
     return replicas
 
 
-def preemptions_between(before: dict | None, after: dict | None) -> dict[str, int] | None:
-    """Preemptions per replica counted between two ``scrape_replicas`` reads; None if either could not be read."""
-    if before is None or after is None:
+def preemptions_between(before: dict | None, after: dict | None, replicas: set[str]) -> dict[str, int] | None:
+    """Preemptions of each of ``replicas`` counted between two ``scrape_replicas`` reads; None if either could not
+    be read or lacks one of them."""
+    if before is None or after is None or not replicas <= after.keys():
         return None
-    return {r: int(after[r]["preemptions"] - before.get(r, {}).get("preemptions", 0)) for r in sorted(after)}
+    return {r: int(after[r]["preemptions"] - before.get(r, {}).get("preemptions", 0)) for r in sorted(replicas)}
 
 
 class FreePageSampler:
@@ -339,15 +341,28 @@ class FreePageSampler:
             free = {r: v["free_pages"] / v["total_pages"] for r, v in replicas.items() if v.get("total_pages")}
             self.samples.append({"t_s": round(time.perf_counter() - self._start, 2), "free_fraction": free})
 
-    def summary(self) -> dict:
-        """The timeline, and the spread (max - min free fraction across replicas) at its mean and p90."""
-        spreads = [max(s["free_fraction"].values()) - min(s["free_fraction"].values()) for s in self.samples]
-        return {
-            "free_page_timeline": self.samples,
-            "free_page_samples_unread": self.num_unread,
-            "mean_free_fraction_spread": float(np.mean(spreads)) if spreads else None,
-            "p90_free_fraction_spread": float(np.percentile(spreads, 90)) if spreads else None,
-        }
+    def summary(self, replicas: set[str]) -> dict:
+        return {"free_page_samples_unread": self.num_unread, **free_page_spread(self.samples, replicas)}
+
+
+def free_page_spread(samples: list[dict], replicas: set[str]) -> dict:
+    """The free-page timeline of ``replicas``, and its spread (max - min free fraction across them) at its mean
+    and p90.
+
+    Only the replicas named (those that served the run) count: Ray's exporter keeps reporting the last values
+    of a deleted deployment's replicas, whose pages read all free.
+    """
+    timeline = [
+        {"t_s": s["t_s"], "free_fraction": {r: f for r, f in s["free_fraction"].items() if r in replicas}}
+        for s in samples
+    ]
+    timeline = [s for s in timeline if s["free_fraction"]]
+    spreads = [max(s["free_fraction"].values()) - min(s["free_fraction"].values()) for s in timeline]
+    return {
+        "free_page_timeline": timeline,
+        "mean_free_fraction_spread": float(np.mean(spreads)) if spreads else None,
+        "p90_free_fraction_spread": float(np.percentile(spreads, 90)) if spreads else None,
+    }
 
 
 # ---- router comparison ----------------------------------------------------------------------------
@@ -418,11 +433,34 @@ def start_local_ray(metrics_port: int | None, num_cpus: int = 2) -> None:
     )
 
 
+def load_app_args(source: str | None, override: str | None = None) -> dict:
+    """The app args to deploy: ``source`` is JSON, or a ``serve deploy`` YAML file (its first application's
+    ``args``), or None (``COMPARE_APP_ARGS``); ``override`` (JSON) is merged into them key by key."""
+    if source is None:
+        app = copy.deepcopy(COMPARE_APP_ARGS)
+    elif source.lstrip().startswith("{"):
+        app = json.loads(source)
+    else:
+        import yaml
+
+        app = yaml.safe_load(Path(source).read_text())["applications"][0]["args"]
+
+    def merge(into: dict, update: dict) -> None:
+        for key, value in update.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(app, json.loads(override) if override else {})
+    return app
+
+
 def compare_routers(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    app_base = json.loads(args.app_args) if args.app_args else COMPARE_APP_ARGS
+    app_base = load_app_args(args.app_args, args.app_override)
     start_local_ray(args.metrics_port, os.cpu_count() if app_base.get("device") == "cuda" else 2)
     model = app_base.get("served_model_name") or app_base["model"]
     rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.request_rate]
@@ -450,10 +488,12 @@ def compare_routers(args: argparse.Namespace) -> None:
                 results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
             time.sleep(3.0)  # counters reach the metrics export once per second
             summary = summarize(results, duration)
-            by_replica = preemptions_between(before, scrape_replicas(base, num_replicas))
+            # This deployment's replicas: those that answered (Ray still exports a deleted deployment's).
+            served = set(summary["requests_by_replica_and_kind"])
+            by_replica = preemptions_between(before, scrape_replicas(base, num_replicas), served)
             summary["num_preemptions"] = None if by_replica is None else sum(by_replica.values())
             summary["preemptions_by_replica"] = by_replica
-            summary.update(sampler.summary())
+            summary.update(sampler.summary(served))
             summary["request_rate_per_s"] = rate
             label = router if len(rates) == 1 else f"{router}@{rate:g}"
             print_summary(f"router={label}", summary)
@@ -490,7 +530,7 @@ def write_record(args: argparse.Namespace, app_base: dict, runs: dict, out: Path
             "cpus": os.cpu_count(),
             "python": sys.version.split()[0],
         },
-        "commit": _git_commit(),
+        "commit": current_commit(),
         "results": runs,
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
@@ -552,15 +592,6 @@ def plot(runs: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (subprocess.CalledProcessError, OSError):
-        return "uncommitted"
-
-
 def skewed_lengths(args: argparse.Namespace) -> dict:
     """``make_workload``'s skewed-mix arguments from the command line of :func:`add_skewed_args`."""
     names = ("long_fraction", "long_input_len", "long_output_len", "short_input_len", "short_output_len")
@@ -590,7 +621,12 @@ def main() -> None:
     add_skewed_args(p)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--compare-routers", action="store_true", help="deploy and compare page_aware vs power_of_two")
-    p.add_argument("--app-args", default=None, help="JSON app args for --compare-routers (default: 2 CPU replicas)")
+    p.add_argument(
+        "--app-args",
+        default=None,
+        help="app args for --compare-routers: JSON, or a serve config YAML file (default: 2 CPU replicas)",
+    )
+    p.add_argument("--app-override", default=None, help="JSON merged into the app args, key by key")
     p.add_argument("--rates", default=None, help="comma-separated Poisson rates for --compare-routers")
     p.add_argument("--http-port", type=int, default=8011)
     p.add_argument("--metrics-port", type=int, default=8091)
@@ -606,7 +642,8 @@ def main() -> None:
     print_summary(f"{args.dataset} @ {args.request_rate} req/s", summary)
     if args.out:
         Path(args.out).write_text(
-            json.dumps({"args": vars(args), "results": summary, "commit": _git_commit()}, indent=2, default=str) + "\n"
+            json.dumps({"args": vars(args), "results": summary, "commit": current_commit()}, indent=2, default=str)
+            + "\n"
         )
 
 

@@ -21,23 +21,27 @@ def machine_info(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
     }
-    # The device machine's copy of the tree may carry no (or a stale) .git: the caller passes the commit there in
-    # VATTN_COMMIT, which wins.
-    info["commit"] = os.environ.get("VATTN_COMMIT", "")
-    if not info["commit"]:
-        try:
-            info["commit"] = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-            ).stdout.strip()
-        except OSError:
-            pass
-    info["commit"] = info["commit"] or "unknown"
+    info["commit"] = current_commit()
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = props.name
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def current_commit() -> str:
+    """The commit of the tree being measured. The device machine's copy of the tree may carry no (or a stale)
+    .git: the caller passes the commit there in VATTN_COMMIT, which wins."""
+    commit = os.environ.get("VATTN_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+        except OSError:
+            pass
+    return commit or "unknown"
 
 
 def write_result(name: str, payload: dict) -> Path:

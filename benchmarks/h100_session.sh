@@ -54,16 +54,12 @@ shards)
   for i in 0 1 2 3; do tail -3 "$OUT/gpu_suite_$i.log"; done
   ;;
 router)
-  # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2 (the same 8 GPU-slots of work per replica set).
+  # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.
   layout=${LAYOUT:-4x1}
   replicas=${layout%x*} tp=${layout#*x}
-  app='{"model": "dummy:llama-3-8b", "served_model_name": "llama-3-8b", "device": "cuda", "tensor_parallel_size": '$tp',
-    "engine_kwargs": {"max_batch_size": 64, "kv_cache_memory_bytes": 6442450944, "max_num_batched_tokens": 8192,
-                      "max_seq_len": 8192},
-    "engine": {"num_replicas": '$replicas', "num_gpus": 1, "num_cpus": 1, "max_ongoing_requests": 64,
-               "max_queued_requests": 2000, "routing_stats_period_s": 0.5},
-    "ingress": {"num_replicas": 4, "num_cpus": 0, "max_queued_requests": 4000}}'
-  timeout ${ROUTER_TIMEOUT:-580} python3 benchmarks/bench_serving.py --compare-routers --app-args "$app" \
+  override='{"tensor_parallel_size": '$tp', "engine": {"num_replicas": '$replicas'}}'
+  timeout ${ROUTER_TIMEOUT:-580} python3 benchmarks/bench_serving.py --compare-routers \
+    --app-args deployments/configs/h100x4_router.yaml --app-override "$override" \
     --rates ${RATES:-8,16,24} --num-prompts ${NUM_PROMPTS:-200} --long-input-len 4000 --long-output-len 600 \
     --short-input-len 300 --short-output-len 150 --out "$OUT/scale_h100x4_$layout.json" 2>&1 | quiet \
     | tee "$OUT/router_$layout.log" | grep -v -e '^Preemptions by' -e '^Requests by' | tail -150

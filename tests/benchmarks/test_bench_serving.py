@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -68,23 +69,25 @@ def test_preemptions_are_missing_unless_every_replica_was_read(monkeypatch, stat
     _serve_metrics(monkeypatch, status, NO_PREEMPTION_YET)
     before = scrape_replicas("http://ingress", num_replicas=2)
     _serve_metrics(monkeypatch, status, text)
-    by_replica = preemptions_between(before, scrape_replicas("http://ingress", num_replicas=2))
+    by_replica = preemptions_between(before, scrape_replicas("http://ingress", num_replicas=2), {"r0", "r1"})
     assert (None if by_replica is None else sum(by_replica.values())) == expected
 
 
 def test_free_page_spread_across_replicas(monkeypatch):
-    _serve_metrics(monkeypatch, 200, _metrics_text(["r0", "r1"], {}, free={"r0": 96.0, "r1": 384.0}))
+    # "old" is a deleted deployment's replica, whose last gauges Ray keeps exporting: it is not counted.
+    free = {"r0": 96.0, "r1": 384.0, "old": 0.0}
+    _serve_metrics(monkeypatch, 200, _metrics_text(["r0", "r1", "old"], {}, free=free))
     with FreePageSampler("http://ingress", num_replicas=2, period_s=0.01) as sampler:
         while len(sampler.samples) < 3:
             time.sleep(0.01)
-    summary = sampler.summary()
+    summary = sampler.summary({"r0", "r1"})
     assert summary["free_page_timeline"][0]["free_fraction"] == {"r0": 0.25, "r1": 1.0}
     assert summary["mean_free_fraction_spread"] == pytest.approx(0.75)
     _serve_metrics(monkeypatch, 200, ONE_REPLICA)  # a replica out of reach: the sample is missing, not 0
     with FreePageSampler("http://ingress", num_replicas=2, period_s=0.01) as sampler:
         while sampler.num_unread < 2:
             time.sleep(0.01)
-    assert sampler.summary()["mean_free_fraction_spread"] is None
+    assert sampler.summary({"r0", "r1"})["mean_free_fraction_spread"] is None
 
 
 def test_unread_first_token_times_are_missing(capsys):
@@ -105,3 +108,21 @@ def test_plot_marks_unread_figures(tmp_path):
     runs = {"page_aware@6": {**run, "free_page_timeline": timeline}, "power_of_two@6": run}
     bench_serving.plot(runs, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_preemptions_count_only_the_replicas_that_served():
+    before = {"r0": {"preemptions": 1.0}, "old": {"preemptions": 5.0}}
+    after = {"r0": {"preemptions": 4.0}, "r1": {"preemptions": 2.0}, "old": {"preemptions": 9.0}}
+    assert preemptions_between(before, after, {"r0", "r1"}) == {"r0": 3, "r1": 2}
+    assert preemptions_between(before, after, {"r0", "r2"}) is None  # a replica that served was not read
+
+
+def test_the_committed_router_config_is_the_one_measured():
+    """deployments/configs/h100x4_router.yaml (+ the 2 x TP=2 override) holds the app args recorded with each
+    layout of benchmarks/results/scale_h100x4.json, the router aside (the benchmark sets it per deployment)."""
+    record = json.loads((bench_serving.REPO_ROOT / "benchmarks/results/scale_h100x4.json").read_text())
+    config = str(bench_serving.REPO_ROOT / "deployments/configs/h100x4_router.yaml")
+    for layout, override in (("4x1", None), ("2x2", '{"tensor_parallel_size": 2, "engine": {"num_replicas": 2}}')):
+        app = bench_serving.load_app_args(config, override)
+        del app["engine"]["router"]
+        assert app == record["layouts"][layout]["app_args"]

@@ -62,7 +62,9 @@ def test_cluster_yaml_validation_catches_a_typo():
         validate_config(prepare_config(config))
 
 
-@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize(
+    "name", ["serve_config.yaml", "serve_config.gpu.yaml", "deployments/configs/h100x4_router.yaml"]
+)
 def test_serve_configs_are_valid(name, offline_hub):
     config = _load(name)
     ServeDeploySchema.model_validate(config)  # Serve's own schema of `serve deploy` files
@@ -72,8 +74,10 @@ def test_serve_configs_are_valid(name, offline_hub):
     if name == "serve_config.yaml":
         assert parsed.engine.num_replicas == 2 and parsed.engine.num_cpus == 0
         assert parsed.device == "cpu"
-    else:
+    elif name == "serve_config.gpu.yaml":
         assert parsed.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    else:
+        assert parsed.engine.num_replicas == 4 and parsed.engine.router == "page_aware"
     build_app(app["args"])  # builds the deployment graph (no cluster needed)
 
 
