@@ -24,6 +24,7 @@ from ray.serve.context import _get_serve_request_context
 
 from deployments.engine_metrics import EngineMetrics
 from deployments.routing_hint import RoutingHint, pages_for_tokens
+from deployments.routing_report import RoutingReport
 
 logger = logging.getLogger("ray.serve")
 
@@ -197,17 +198,8 @@ class EngineDeployment:
     # ---- Serve hooks ----------------------------------------------------------------------------------
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Called by Serve every ``request_routing_stats_period_s``; read by ``PageAwareRequestRouter``.
-
-        ``num_free_pages`` counts reclaimable pages (held by finished requests' slots) as free, since the
-        cache hands them out when the pool runs short. ``num_reserved_pages`` is what the requests this
-        replica already accepted will still claim: the whole footprint (prompt + max_tokens) of those not
-        yet started, and the remaining growth of running ones. ``accepted_request_ids`` are Serve's ids of
-        those requests: the router counts what it routed here that the report does not include yet.
-        ``report_seq`` grows by one per report, so the router ages reports by its own clock. A dead engine
-        reports ``healthy: False`` and no free pages or slots: it can take nothing. ``prefix_keys``: the engine's
-        prefix summary (``engine.prefix_summary``), for the router's prefix affinity.
-        """
+        """Called by Serve every ``request_routing_stats_period_s``: this replica's ``RoutingReport`` (as a dict),
+        read by ``PageAwareRequestRouter``."""
         stats = self._engine.stats().as_dict()
         self._metrics.record_engine_stats(stats)
         with self._inflight_lock:
@@ -216,23 +208,23 @@ class EngineDeployment:
         healthy = self._engine_failure() is None
         tokens_per_page = float(stats["tokens_per_page"])
         num_free_pages = int(stats["num_free_pages"]) + int(stats.get("num_reclaimable_pages", 0))
-        return {
-            "healthy": healthy,
+        return RoutingReport(
+            healthy=healthy,
             # Not the dead engine's last snapshot: that would keep attracting requests that fail at once.
-            "num_free_pages": num_free_pages if healthy else 0,
-            "num_total_pages": int(stats["num_total_pages"]),
-            "tokens_per_page": tokens_per_page,
-            "pages_per_token_block": self._pages_per_token_block,
-            "num_reserved_pages": sum(self._pages_still_claimed(req, tokens_per_page) for req in inflight),
-            "num_running": int(stats["num_running"]),
-            "num_waiting": int(stats["num_waiting"]),
-            "num_free_slots": int(stats.get("num_free_slots", 0)) if healthy else 0,
-            "num_preemptions": int(stats.get("num_preemptions", 0)),
-            "accepted_request_ids": [req.serve_request_id for req in inflight],
-            "report_seq": self._num_routing_reports,
-            "prefix_keys": list(stats["prefix_summary"]["keys"]) if stats["prefix_summary"] else [],
-            "replica": self._replica_tag,
-        }
+            num_free_pages=num_free_pages if healthy else 0,
+            num_total_pages=int(stats["num_total_pages"]),
+            tokens_per_page=tokens_per_page,
+            pages_per_token_block=self._pages_per_token_block,
+            num_reserved_pages=sum(self._pages_still_claimed(req, tokens_per_page) for req in inflight),
+            num_running=int(stats["num_running"]),
+            num_waiting=int(stats["num_waiting"]),
+            num_free_slots=int(stats.get("num_free_slots", 0)) if healthy else 0,
+            num_preemptions=int(stats.get("num_preemptions", 0)),
+            accepted_request_ids=tuple(req.serve_request_id for req in inflight),
+            report_seq=self._num_routing_reports,
+            prefix_keys=tuple(stats["prefix_summary"]["keys"]) if stats["prefix_summary"] else (),
+            replica=self._replica_tag,
+        ).as_dict()
 
     def check_health(self) -> None:
         """Serve health check: a dead engine makes the replica unhealthy so Serve replaces it."""

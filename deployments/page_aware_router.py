@@ -50,24 +50,9 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.routing_hint import RoutingHint
+from deployments.routing_report import RoutingReport
 
 logger = logging.getLogger("ray.serve")
-
-# Keys of the dict returned by EngineDeployment.record_routing_stats() that the router reads.
-REQUIRED_STATS_KEYS = (
-    "healthy",
-    "num_free_pages",
-    "num_total_pages",
-    "tokens_per_page",
-    "pages_per_token_block",
-    "num_reserved_pages",
-    "num_running",
-    "num_waiting",
-    "accepted_request_ids",
-    "report_seq",
-)
-# Optional: ``prefix_keys``, the replica's prefix summary (absent or empty when its engine caches no prefixes).
-
 
 # A request ranked but not yet routed counts against its first-ranked replica for at most this long.
 TENTATIVE_TTL_S = 10.0
@@ -82,7 +67,7 @@ class _RoutedRequest:
 
 @dataclass
 class _ReportSeen:
-    report_seq: int
+    report: RoutingReport
     received_at_s: float  # router's clock
     prefix_keys: frozenset[int] | None = None  # the report's prefix summary as a set, made when first needed
 
@@ -182,19 +167,29 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
 
     # ---- scoring ----------------------------------------------------------------------------------
 
-    def _note_report(self, replica_id: ReplicaID, report_seq: int, now_s: float) -> _ReportSeen:
-        """The replica's last report and when this router first saw it (now, if it is new)."""
-        seen = self._reports.get(replica_id)
-        if seen is None or seen.report_seq != report_seq:
-            seen = self._reports[replica_id] = _ReportSeen(report_seq, now_s)
+    def _note_report(self, replica: RunningReplica, now_s: float) -> _ReportSeen | None:
+        """The replica's last report and when this router first saw it (now, if it is new); None when it has
+        reported nothing the router can read."""
+        stats = replica.routing_stats
+        seq = stats.get("report_seq") if stats else None
+        seen = self._reports.get(replica.replica_id)
+        if seen is not None and seen.report.report_seq == seq:
+            return seen
+        report = RoutingReport.from_dict(stats)
+        if report is None:
+            return None
+        seen = self._reports[replica.replica_id] = _ReportSeen(report, now_s)
         return seen
 
-    def _fresh_stats(self, replica: RunningReplica, now_s: float) -> dict[str, Any] | None:
-        stats = replica.routing_stats
-        if not stats or any(key not in stats for key in REQUIRED_STATS_KEYS):
+    def _fresh_report(self, replica: RunningReplica, now_s: float) -> RoutingReport | None:
+        seen = self._note_report(replica, now_s)
+        if seen is None or now_s - seen.received_at_s > self._stats_max_age_s:
             return None
-        seen = self._note_report(replica.replica_id, stats["report_seq"], now_s)
-        return stats if now_s - seen.received_at_s <= self._stats_max_age_s else None
+        return seen.report
+
+    def _last_report(self, replica_id: ReplicaID) -> RoutingReport | None:
+        seen = self._reports.get(replica_id)
+        return seen.report if seen is not None else None
 
     def score_replica(self, replica: RunningReplica, hint: RoutingHint, now_s: float) -> ReplicaScore:
         """Predicted free pages on ``replica`` if ``hint``'s request were sent there now, and its tier."""
@@ -202,27 +197,27 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         for request_id, (replica_id, tentative) in self._tentative.items():
             if replica_id == replica.replica_id and now_s - tentative.routed_at_s < TENTATIVE_TTL_S:
                 routed[request_id] = tentative
-        stats = self._fresh_stats(replica, now_s)
+        report = self._fresh_report(replica, now_s)
         cached_queue_len = self._replica_queue_len_cache.get(replica.replica_id)
-        if stats is None or not stats["healthy"]:
+        if report is None or not report.healthy:
             queue_len = cached_queue_len if cached_queue_len is not None else len(routed)
-            tier = Tier.UNKNOWN if stats is None else Tier.UNHEALTHY
+            tier = Tier.UNKNOWN if report is None else Tier.UNHEALTHY
             return ReplicaScore(replica.replica_id, tier, -math.inf, queue_len)
         # What this router sent here that the report does not count yet, and what it counts but has completed since.
-        accepted = set(stats["accepted_request_ids"])
+        accepted = set(report.accepted_request_ids)
         unseen = [r for request_id, r in routed.items() if request_id not in accepted]
         completed = self._completed.get(replica.replica_id, {})
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
         predicted = (
-            int(stats["num_free_pages"])
-            - int(stats["num_reserved_pages"])
+            report.num_free_pages
+            - report.num_reserved_pages
             - sum(r.num_pages for r in unseen)
             + sum(r.num_pages for r in gone)
-            - self._pages_of(hint, stats)
+            - self._pages_of(hint, report)
         )
         if predicted < 0:
             tier = Tier.SHORT
-        elif predicted >= self._roomy_free_page_fraction * int(stats["num_total_pages"]):
+        elif predicted >= self._roomy_free_page_fraction * report.num_total_pages:
             tier = Tier.ROOMY
         else:
             tier = Tier.TIGHT
@@ -230,20 +225,18 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             placing = sum(1 for request_id in routed if request_id in self._tentative)
             queue_len = cached_queue_len + placing
         else:
-            queue_len = int(stats["num_running"]) + int(stats["num_waiting"]) + len(unseen)
-        cached = self._cached_tokens(replica.replica_id, stats, hint, list(routed.values()))
+            queue_len = report.num_running + report.num_waiting + len(unseen)
+        cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached)
 
-    def _cached_tokens(
-        self, replica_id: ReplicaID, stats: dict[str, Any], hint: RoutingHint, routed: list[_RoutedRequest]
-    ) -> int:
+    def _cached_tokens(self, replica_id: ReplicaID, hint: RoutingHint, routed: list[_RoutedRequest]) -> int:
         """Prompt tokens of ``hint``'s request held by the replica (its report), or soon to be (the prompts of
         requests routed there and not finished)."""
         if not self._prefix_affinity or not hint.prefix_probe:
             return 0
-        seen = self._reports[replica_id]  # the report of ``stats``, noted by _fresh_stats
+        seen = self._reports[replica_id]  # its fresh report, noted by _fresh_report
         if seen.prefix_keys is None:
-            seen.prefix_keys = frozenset(stats.get("prefix_keys") or ())
+            seen.prefix_keys = frozenset(seen.report.prefix_keys)
         cached = 0
         for num_tokens, key in hint.prefix_probe:
             if key in seen.prefix_keys or any(key in r.prefix_keys for r in routed):
@@ -297,24 +290,24 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             # Routed again (a retry): its earlier placement must not count against its new one.
             self._forget_request(pending_request.metadata.internal_request_id)
         hint = find_routing_hint(pending_request)
-        if hint is None or all(self._fresh_stats(r, now_s) is None for r in candidate_replicas):
+        if hint is None or all(self._fresh_report(r, now_s) is None for r in candidate_replicas):
             return [self._power_of_two(candidate_replicas)]
         ranks = self.rank_replicas(candidate_replicas, hint, now_s)
         if pending_request is not None:
             score, likely = ranks[0][0]
-            stats = likely.routing_stats if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
+            report = self._last_report(likely.replica_id) if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(now_s, self._pages_of(hint, stats), _probe_keys(hint)),
+                _RoutedRequest(now_s, self._pages_of(hint, report), _probe_keys(hint)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
     @staticmethod
-    def _pages_of(hint: RoutingHint | None, stats: dict[str, Any] | None) -> int:
-        if hint is None or not stats or "tokens_per_page" not in stats or "pages_per_token_block" not in stats:
+    def _pages_of(hint: RoutingHint | None, report: RoutingReport | None) -> int:
+        if hint is None or report is None:
             return 0
-        return hint.pages(float(stats["tokens_per_page"]), int(stats["pages_per_token_block"]))
+        return hint.pages(report.tokens_per_page, report.pages_per_token_block)
 
     def _forget_request(self, request_id: str) -> None:
         self._tentative.pop(request_id, None)
@@ -337,7 +330,8 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         self._tentative.pop(request_id, None)
         replica = self._replicas.get(replica_id)
         hint = find_routing_hint(pending_request)
-        pages = self._pages_of(hint, replica.routing_stats if replica else None)
+        seen = self._note_report(replica, self._get_curr_time_s()) if replica is not None else None
+        pages = self._pages_of(hint, seen.report if seen is not None else None)
         self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(
             self._get_curr_time_s(), pages, _probe_keys(hint)
         )
@@ -359,8 +353,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         # Stats arrive with replica updates: note each new report when it arrives, by this router's clock.
         now_s = self._get_curr_time_s()
         for replica in replicas:
-            if replica.routing_stats and "report_seq" in replica.routing_stats:
-                self._note_report(replica.replica_id, replica.routing_stats["report_seq"], now_s)
+            self._note_report(replica, now_s)
         live = {r.replica_id for r in replicas}
         for table in (self._routed, self._completed, self._reports):
             for replica_id in [k for k in table if k not in live]:

@@ -58,10 +58,10 @@ def test_report_lists_the_serve_ids_of_accepted_requests(deployment):
     first_seq = deployment.record_routing_stats()["report_seq"]
     report = asyncio.run(run())
     assert report["healthy"] is True
-    assert report["accepted_request_ids"] == ["serve-id-1"]
+    assert report["accepted_request_ids"] == ("serve-id-1",)
     assert report["num_reserved_pages"] == 0  # 105 tokens fit the block its prompt already mapped
     assert report["report_seq"] == first_seq + 1
-    assert deployment.record_routing_stats()["accepted_request_ids"] == []
+    assert deployment.record_routing_stats()["accepted_request_ids"] == ()
 
 
 def test_report_reads_a_snapshot_while_the_event_loop_accepts_requests(deployment, monkeypatch):
@@ -75,7 +75,7 @@ def test_report_reads_a_snapshot_while_the_event_loop_accepts_requests(deploymen
     deployment._inflight["early"] = _InflightRequest("early", 10, 10)
     monkeypatch.setattr(engine_deployment, "pages_for_tokens", while_a_request_arrives)
     report = deployment.record_routing_stats()
-    assert report["accepted_request_ids"] == ["early"]
+    assert report["accepted_request_ids"] == ("early",)
     assert report["num_reserved_pages"] == 4  # its whole footprint: one block of 4 pages
     deployment._inflight.clear()
 

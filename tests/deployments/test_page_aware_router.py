@@ -7,6 +7,7 @@ request of N tokens (prompt + max_tokens) needs ceil(N / 100) pages.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -17,6 +18,7 @@ from ray.serve.request_router import PendingRequest, RunningReplica  # noqa: E40
 
 from deployments.page_aware_router import PageAwareRequestRouter, Tier  # noqa: E402
 from deployments.routing_hint import RoutingHint  # noqa: E402
+from deployments.routing_report import RoutingReport  # noqa: E402
 from engine.block_hashes import block_hashes  # noqa: E402
 from engine.prefix_summary import prefix_probe, summary_positions  # noqa: E402
 
@@ -51,20 +53,22 @@ class FakeReplica(RunningReplica):
         num_running: int = 0,
         **extra,
     ) -> None:
-        """A new routing-stats report, as ``EngineDeployment.record_routing_stats()`` writes it."""
-        self.stats = {
-            "healthy": healthy,
-            "num_free_pages": free_pages,
-            "num_total_pages": TOTAL_PAGES,
-            "tokens_per_page": 100.0,
-            "pages_per_token_block": 1,
-            "num_reserved_pages": reserved_pages,
-            "num_running": num_running,
-            "num_waiting": 0,
-            "accepted_request_ids": list(accepted),
-            "report_seq": self.stats.get("report_seq", 0) + 1,
-            **extra,
-        }
+        """A new routing-stats report, as ``EngineDeployment.record_routing_stats()`` writes it (plus any field
+        of ``extra`` that a report does not have, such as a replica's clock: the router must not need it)."""
+        fields = {f.name for f in dataclasses.fields(RoutingReport)}
+        self.stats = RoutingReport(
+            healthy=healthy,
+            num_free_pages=free_pages,
+            num_total_pages=TOTAL_PAGES,
+            tokens_per_page=100.0,
+            pages_per_token_block=1,
+            num_reserved_pages=reserved_pages,
+            num_running=num_running,
+            num_waiting=0,
+            accepted_request_ids=tuple(accepted),
+            report_seq=self.stats.get("report_seq", 0) + 1,
+            **{k: v for k, v in extra.items() if k in fields},
+        ).as_dict() | {k: v for k, v in extra.items() if k not in fields}
 
     @property
     def replica_id(self) -> ReplicaID:
@@ -423,3 +427,13 @@ def test_without_prefix_affinity_queues_decide_as_before():
 def test_bad_prefix_kwargs_are_rejected(kwargs):
     with pytest.raises(ValueError):
         make_router([], **kwargs)
+
+
+def test_a_report_reads_back_as_written_and_an_incomplete_one_not_at_all():
+    report = RoutingReport(True, 10, 100, 16.0, 1, 2, 3, 4, ("a",), 7, prefix_keys=(5, 6), replica="r")
+    assert RoutingReport.from_dict(report.as_dict()) == report
+    incomplete = report.as_dict()
+    del incomplete["num_reserved_pages"]  # a replica of another version
+    assert RoutingReport.from_dict(incomplete) is None
+    assert RoutingReport.from_dict({**report.as_dict(), "num_free_pages": None}) is None
+    assert RoutingReport.from_dict({}) is None
