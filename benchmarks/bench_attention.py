@@ -184,7 +184,7 @@ class DecodeBatch:
     """Queries and per-sequence metadata for one decode step over slots ``slots`` with lengths ``lens``.
 
     ``cu_seqlens_k`` is ``[B+1]`` int32: slot start rows, then the end of the last sequence (monotonic when the
-    slots are ascending) or, with ``engine_style_cu_k``, a final 0 as the engine's ``ForwardBatch.kv_start_rows``."""
+    slots are ascending) or, with ``engine_style_cu_k``, a final 0 as the engine's ``SlotRows.kv_start_rows``."""
 
     def __init__(self, cache, slots: list[int], lens: list[int], seed: int, engine_style_cu_k: bool = False):
         batch = len(slots)

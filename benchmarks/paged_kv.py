@@ -43,11 +43,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.attention.backend import AttentionBackend
+from engine.attention.backend import AttentionBackend, store_kv
 from engine.batch import ForwardBatch, to_device
 from engine.config import EngineConfig
 from engine.executor import LocalExecutor
-from engine.layers.triton_dispatch import use_triton
 from engine.llm_engine import LLMEngine
 from kvcache import (
     KVCacheConfig,
@@ -77,8 +76,6 @@ class PagedKVCache:
             ``[max_batch_size, max_seq_len, Hkv, D]`` view: only ``PagedAttentionBackend`` can read this cache.
         block_table: ``[max_batch_size, max_blocks_per_seq]`` int32 on the device: ``block_table[slot, j]`` holds
             tokens ``[16 j, 16 (j + 1))`` of ``slot``. Current for the next forward after ``commit_block_table()``.
-        slot_stride_tokens: ``max_seq_len`` rounded up to a block; only encodes slot ids (``slot * stride``) in the
-            CUDA graph runner's packed metadata, never addresses memory.
         num_blocks: blocks in the pool (each holds 16 tokens of every layer's K and V).
         page_size_bytes, tokens_per_page, num_buffers, token_bytes: as ``VirtualKVCache``'s, a page being one block
             of one buffer (one layer's K or V).
@@ -93,7 +90,6 @@ class PagedKVCache:
         self.page_size_bytes = BLOCK_SIZE_TOKENS * self.token_bytes
         self.tokens_per_page = float(BLOCK_SIZE_TOKENS)
         self.max_blocks_per_seq = _cdiv(config.max_seq_len, BLOCK_SIZE_TOKENS)
-        self.slot_stride_tokens = self.max_blocks_per_seq * BLOCK_SIZE_TOKENS
         self.num_blocks = self._pool_blocks(config)
 
         rows = (self.num_blocks + 1) * BLOCK_SIZE_TOKENS  # one more block for the reserved slot
@@ -399,7 +395,7 @@ class PagedAttentionBackend(AttentionBackend):
 
     Decode batches read only device tensors of the batch (``slot_ids``, ``positions``, ``seq_lens``) and the device
     block table, so the CUDA graph runner can capture them. The per-forward metadata (rows, the batch's block tables)
-    is computed by the first layer and reused by the others, as vLLM computes its slot mapping once per step.
+    is ``build_metadata``'s, asked once per forward by the model.
 
     Args:
         decode_kernel: ``"triton"`` (the paged split-KV kernel), ``"torch"`` (gathered K/V, masked SDPA), or None:
@@ -421,7 +417,6 @@ class PagedAttentionBackend(AttentionBackend):
         if decode_kernel not in (None, "triton", "torch"):
             raise ValueError(f"decode_kernel must be None, 'triton' or 'torch', got {decode_kernel!r}")
         self.decode_kernel = decode_kernel
-        self._memo: tuple[ForwardBatch, PagedKVCache, _PagedMetadata] | None = None
 
     @staticmethod
     def _is_fast_device(x: torch.Tensor) -> bool:
@@ -430,17 +425,14 @@ class PagedAttentionBackend(AttentionBackend):
 
     # ---- per-forward metadata ---------------------------------------------------------------------------------
 
-    def _metadata(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> _PagedMetadata:
-        memo = self._memo
-        if memo is not None and memo[0] is batch and memo[1] is kv_cache:
-            return memo[2]
+    def build_metadata(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> _PagedMetadata:
+        """The forward's rows and block tables (asked once per forward by the model, as vLLM computes its slot
+        mapping once per step)."""
         # An eager forward brings the table up to date itself (PagedExecutor does it before graph replays); a copy
         # must not be captured into a graph.
         if not (batch.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             kv_cache.commit_block_table()
-        meta = self._build_metadata(batch, kv_cache)
-        self._memo = (batch, kv_cache, meta)
-        return meta
+        return self._build_metadata(batch, kv_cache)
 
     @staticmethod
     def _build_metadata(batch: ForwardBatch, kv_cache: PagedKVCache) -> _PagedMetadata:
@@ -496,21 +488,15 @@ class PagedAttentionBackend(AttentionBackend):
     # ---- the backend interface --------------------------------------------------------------------------------
 
     def write_kv(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: _PagedMetadata, kv_cache: PagedKVCache
     ) -> None:
-        """Stores ``k, v [T, Hkv, D]`` at each token's row through the block table (never ``batch.slot_mapping``,
-        which assumes contiguous slots), with the product's fused store kernel on CUDA."""
-        rows = self._metadata(batch, kv_cache).write_rows
-        if use_triton(k):
-            from engine.layers import triton_ops
+        """Stores ``k, v [T, Hkv, D]`` at each token's row found through the block table, with the product's fused
+        store kernel on CUDA."""
+        store_kv(kv_cache, layer, k, v, meta.write_rows)
 
-            triton_ops.store_kv(k, v, kv_cache.k_flat[layer], kv_cache.v_flat[layer], rows)
-            return
-        kv_cache.k_flat[layer].index_copy_(0, rows, k)
-        kv_cache.v_flat[layer].index_copy_(0, rows, v)
-
-    def attend(self, layer: int, q: torch.Tensor, batch: ForwardBatch, kv_cache: PagedKVCache) -> torch.Tensor:
-        meta = self._metadata(batch, kv_cache)
+    def attend(
+        self, layer: int, q: torch.Tensor, batch: ForwardBatch, meta: _PagedMetadata, kv_cache: PagedKVCache
+    ) -> torch.Tensor:
         k_rows, v_rows = kv_cache.k_flat[layer], kv_cache.v_flat[layer]
         decode, prefill = meta.decode, meta.prefill
         if prefill is None and decode.q_index is None:

@@ -2,16 +2,16 @@
 
 A batch mixes prefill chunks and decode tokens of several sequences. Their tokens are
 concatenated into one flat ``[T]`` stream (``T`` = total new tokens, ``N`` = sequences);
-per-sequence metadata locates each sequence's tokens in that stream and its KV in the
-vAttention cache (slot ``s`` owns rows ``s * slot_stride_tokens + [0, max_seq_len)`` of
-every layer's ``k_flat`` / ``v_flat``).
+per-sequence metadata locates each sequence's tokens in that stream and names its cache slot.
+Where a slot's KV lives in the cache (rows of ``k_flat`` / ``v_flat``, or a block table) is the
+attention backend's business: ``AttentionBackend.build_metadata``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -42,14 +42,9 @@ class ForwardBatch:
         cu_seqlens_q: ``[N+1]`` int32, prefix sums of ``query_lens`` (offsets into the flat stream).
         logits_indices: ``[N]`` int64, flat index of each sequence's last token (its logits row).
         max_query_len / max_seq_len: Python ints, maxima of ``query_lens`` / ``seq_lens``.
-        slot_stride_tokens: rows between slot starts in the cache's ``*_flat`` tensors, or ``None``
-            until bound to a cache with :meth:`bind_cache`.
-        slot_mapping: ``[T]`` int64, flat cache row of each new token
-            (``slot * slot_stride_tokens + position``), where its K/V are written; ``None`` until bound.
-        kv_start_rows: ``[N+1]`` int32, ``slot_ids * slot_stride_tokens`` then a final ``0``:
-            the start row of each sequence's KV in ``*_flat``; passed as FA2 varlen's ``cu_seqlens_k``
-            argument with ``seqused_k`` (it is not a prefix sum); ``None`` until bound.
         slot_ids_cpu, query_lens_cpu, context_lens_cpu, seq_lens_cpu, cu_seqlens_q_cpu: host twins.
+        positions_cpu: ``[T]`` int64 host twin of ``positions``; None where the batch is a CUDA graph's static one,
+            whose host lists are placeholders (then only the device tensors are true).
     """
 
     input_ids: torch.Tensor
@@ -67,9 +62,7 @@ class ForwardBatch:
     context_lens_cpu: list[int]
     seq_lens_cpu: list[int]
     cu_seqlens_q_cpu: list[int]
-    slot_stride_tokens: int | None = None
-    slot_mapping: torch.Tensor | None = None
-    kv_start_rows: torch.Tensor | None = None
+    positions_cpu: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -97,17 +90,11 @@ class ForwardBatch:
         return self.input_ids.device
 
     @classmethod
-    def build(
-        cls,
-        seqs: Sequence[tuple[int, Sequence[int], int]],
-        device: torch.device | str,
-        slot_stride_tokens: int | None = None,
-    ) -> ForwardBatch:
+    def build(cls, seqs: Sequence[tuple[int, Sequence[int], int]], device: torch.device | str) -> ForwardBatch:
         """Build the batch from ``(slot, token_ids, start_pos)`` per sequence.
 
         ``token_ids`` is the chunk of tokens to run for that sequence and ``start_pos`` the number
-        of its tokens already in the cache. ``slot_stride_tokens`` (the cache's) may be given now or
-        later through :meth:`bind_cache`.
+        of its tokens already in the cache.
 
         Raises:
             ValueError: empty batch, empty chunk, negative ``start_pos`` / slot, or a slot twice.
@@ -143,7 +130,7 @@ class ForwardBatch:
         num_tokens = cu_seqlens_q[-1]
         positions = torch.arange(num_tokens, dtype=torch.int64) + torch.repeat_interleave(ctx_t - cu_t[:-1], q_lens_t)
 
-        batch = cls(
+        return cls(
             input_ids=to_device(input_ids, torch.int64, device),
             positions=to_device(positions, torch.int64, device),
             slot_ids=to_device(slot_ids, torch.int64, device),
@@ -159,25 +146,5 @@ class ForwardBatch:
             context_lens_cpu=context_lens,
             seq_lens_cpu=seq_lens,
             cu_seqlens_q_cpu=cu_seqlens_q,
-        )
-        if slot_stride_tokens is not None:
-            batch = batch.bind_cache(slot_stride_tokens, _positions_cpu=positions)
-        return batch
-
-    def bind_cache(self, slot_stride_tokens: int, _positions_cpu: torch.Tensor | None = None) -> ForwardBatch:
-        """Return this batch with the cache-row fields (``slot_mapping``, ``kv_start_rows``) filled
-        for a cache whose slots are ``slot_stride_tokens`` rows apart. No-op if already bound so."""
-        if slot_stride_tokens < 1:
-            raise ValueError(f"slot_stride_tokens must be >= 1, got {slot_stride_tokens}")
-        if self.slot_stride_tokens == slot_stride_tokens and self.slot_mapping is not None:
-            return self
-        slot_starts = torch.tensor(self.slot_ids_cpu, dtype=torch.int64) * slot_stride_tokens
-        positions = _positions_cpu if _positions_cpu is not None else self.positions.cpu()
-        q_lens = torch.tensor(self.query_lens_cpu, dtype=torch.int64)
-        slot_mapping = torch.repeat_interleave(slot_starts, q_lens) + positions
-        kv_start_rows = torch.cat([slot_starts, torch.zeros(1, dtype=torch.int64)]).to(torch.int32)
-        slot_mapping = to_device(slot_mapping, torch.int64, self.device)
-        kv_start_rows = to_device(kv_start_rows, torch.int32, self.device)
-        return replace(
-            self, slot_stride_tokens=slot_stride_tokens, slot_mapping=slot_mapping, kv_start_rows=kv_start_rows
+            positions_cpu=positions,
         )

@@ -3,8 +3,9 @@
 The vAttention cache makes this simple: K/V live at virtual addresses reserved once, so a captured graph stays
 valid while physical pages come and go underneath. A decode batch of ``N`` sequences is padded up to the next
 bucket; padding rows point at the cache's reserved slot (never given to a request, its first rows always mapped),
-so they write and read only memory of their own. Per step the host fills one pinned buffer and issues one copy; everything else — casts,
-the model, the logits — is inside the graph. Buckets are captured largest first into one memory pool.
+so they write and read only memory of their own. Per step the host fills one pinned buffer and issues one copy;
+everything else (casts, the attention backend's metadata from the slots and positions, the model, the logits) is
+inside the graph. Buckets are captured largest first into one memory pool.
 
 Under asynchronous scheduling a decode token may still be on the device (sampled by the step before): the packed
 metadata then carries its row in that step's sampled ids, and one gather fills it in before the replay.
@@ -16,9 +17,10 @@ import torch
 
 from engine.batch import ForwardBatch
 
-# Rows of the packed per-step metadata: input ids, positions, cache rows, KV lengths, KV start rows, and the row of
-# the previous step's sampled ids that supplies the input id (-1: the host knows it).
-_IDS, _POS, _ROWS, _LENS, _STARTS, _PREV = range(6)
+# Rows of the packed per-step metadata: input ids, positions, slots, KV lengths, and the row of the previous step's
+# sampled ids that supplies the input id (-1: the host knows it).
+_IDS, _POS, _SLOTS, _LENS, _PREV = range(5)
+_NUM_ROWS = 5
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -48,15 +50,13 @@ class CudaGraphRunner:
         self.scratch_slot = kv_cache.reserved_slot
         self.buckets = graph_buckets(max_batch_size)
         largest = self.buckets[-1]
-        stride = kv_cache.slot_stride_tokens
-        self._stride = stride
         # Two staging buffers used in turn: the host fills one while the copy out of the other may still wait
         # in the stream behind the step before (asynchronous scheduling); an event says when a buffer is free.
-        self._staging = [torch.zeros(6, largest + 1, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self._staging = [torch.zeros(_NUM_ROWS, largest, dtype=torch.int64, pin_memory=True) for _ in range(2)]
         self._copied = [torch.cuda.Event(), torch.cuda.Event()]
         self._turn = 0
         self._host = self._staging[0]
-        self._packed = torch.zeros(6, largest + 1, dtype=torch.int64, device=self.device)
+        self._packed = torch.zeros(_NUM_ROWS, largest, dtype=torch.int64, device=self.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._capture_all()
@@ -66,20 +66,19 @@ class CudaGraphRunner:
         host = self._host
         host[_IDS, num_seqs:bucket] = 0
         host[_POS, num_seqs:bucket] = 0
-        host[_ROWS, num_seqs:bucket] = self.scratch_slot * self._stride
+        host[_SLOTS, num_seqs:bucket] = self.scratch_slot
         host[_LENS, num_seqs:bucket] = 1
-        host[_STARTS, num_seqs:bucket] = self.scratch_slot * self._stride
 
     def _static_batch(self, bucket: int) -> ForwardBatch:
         packed = self._packed
         lens = packed[_LENS, :bucket].to(torch.int32)
         arange = torch.arange(bucket + 1, dtype=torch.int32, device=self.device)
-        starts = packed[_STARTS, : bucket + 1].to(torch.int32)
         ones = [1] * bucket
+        # Only the device tensors are true; the host lists are placeholders (positions_cpu None says so).
         return ForwardBatch(
             input_ids=packed[_IDS, :bucket],
             positions=packed[_POS, :bucket],
-            slot_ids=packed[_STARTS, :bucket] // self._stride,
+            slot_ids=packed[_SLOTS, :bucket],
             query_lens=arange[1:] - arange[:-1],
             context_lens=lens - 1,
             seq_lens=lens,
@@ -92,9 +91,6 @@ class CudaGraphRunner:
             context_lens_cpu=[0] * bucket,
             seq_lens_cpu=ones,
             cu_seqlens_q_cpu=list(range(bucket + 1)),
-            slot_stride_tokens=self._stride,
-            slot_mapping=packed[_ROWS, :bucket],
-            kv_start_rows=starts,
         )
 
     @torch.inference_mode()
@@ -134,8 +130,7 @@ class CudaGraphRunner:
         host = self._host = self._staging[self._turn]
         host[_IDS, :n] = torch.tensor([t[0] for t in token_ids])
         host[_POS, :n] = torch.tensor(positions)
-        host[_STARTS, :n] = torch.tensor(slots) * self._stride
-        host[_ROWS, :n] = host[_STARTS, :n] + host[_POS, :n]
+        host[_SLOTS, :n] = torch.tensor(slots)
         host[_LENS, :n] = host[_POS, :n] + 1
         self._pad(n, bucket)
         if fill is not None:

@@ -112,9 +112,9 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, kv_cache
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, meta: Any, kv_cache
     ) -> torch.Tensor:
-        """``x [T, hidden]`` -> ``[T, hidden]``."""
+        """``x [T, hidden]`` -> ``[T, hidden]``; ``meta``: the backend's ``build_metadata`` of this forward."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -126,7 +126,7 @@ class LlamaAttention(nn.Module):
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(self.layer_idx, q, k, v, batch, kv_cache)
+        out = self.backend.forward(self.layer_idx, q, k, v, batch, meta, kv_cache)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -154,13 +154,13 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, batch, kv_cache):
+    def forward(self, x, residual, cos, sin, batch, meta, kv_cache):
         """Pre-norm block on the running residual stream: returns ``(x, residual)``, both ``[T, hidden]``."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, batch, kv_cache)
+        x = self.self_attn(x, cos, sin, batch, meta, kv_cache)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -168,6 +168,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, hf_config: Any, backend: AttentionBackend, tp_rank: int, tp_size: int):
         super().__init__()
+        self.backend = backend
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, tp_rank, tp_size)
         self.rotary_emb = get_rope(hf_config, head_dim_of(hf_config))
         self.layers = nn.ModuleList(
@@ -178,9 +179,10 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary_emb(batch.positions)  # shared by all layers
+        meta = self.backend.build_metadata(batch, kv_cache)  # where the batch's KV lives, for every layer
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, batch, kv_cache)
+            x, residual = layer(x, residual, cos, sin, batch, meta, kv_cache)
         x, _ = self.norm(x, residual)
         return x
 
@@ -222,8 +224,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, batch: ForwardBatch, kv_cache) -> torch.Tensor:
-        """Run the batch, writing its K/V into ``kv_cache``. Returns hidden states ``[T, hidden]``.
-        ``batch`` must be bound to the cache (``batch.slot_mapping`` set)."""
+        """Run the batch, writing its K/V into ``kv_cache``. Returns hidden states ``[T, hidden]``."""
         return self.model(batch, kv_cache)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -199,8 +199,8 @@ class ModelRunner:
         return self.hf_config.vocab_size
 
     def build_batch(self, seqs) -> ForwardBatch:
-        """``ForwardBatch.build`` for this runner's device and cache (see its docstring for ``seqs``)."""
-        return ForwardBatch.build(seqs, self.device, slot_stride_tokens=self.kv_cache.slot_stride_tokens)
+        """``ForwardBatch.build`` for this runner's device (see its docstring for ``seqs``)."""
+        return ForwardBatch.build(seqs, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch) -> torch.Tensor:
@@ -209,7 +209,6 @@ class ModelRunner:
 
         The cache rows ``[0, seq_lens[i])`` of every slot must be mapped (allocate/grow first).
         """
-        batch = batch.bind_cache(self.kv_cache.slot_stride_tokens)
         hidden = self.model(batch, self.kv_cache)
         return self.model.compute_logits(hidden[batch.logits_indices])
 

@@ -24,9 +24,9 @@ class KVCache(Protocol):
     Attributes:
         config: the shape and budget it was built from.
         k, v: per layer, the K and V tensors the attention backend reads (their shape is the implementation's).
-        k_flat, v_flat: per layer, ``[rows, num_kv_heads, head_dim]``: slot ``i``'s token ``t`` is row
-            ``i * slot_stride_tokens + t`` for the vAttention cache; where new K/V are written (``slot_mapping``).
-        slot_stride_tokens: rows between consecutive slots' starts in ``k_flat`` / ``v_flat``.
+        k_flat, v_flat: per layer, ``[rows, num_kv_heads, head_dim]``, where new K/V are written; which row holds
+            a slot's token is the attention backend's metadata (``AttentionBackend.build_metadata``): for the
+            vAttention cache ``slot * slot_stride_tokens + t``, for the paged baseline a block table's entry.
         reserved_slot: the slot no request gets; CUDA graphs' padding rows point at it.
         max_request_tokens: the most tokens one request can hold (its slot's length, or the whole pool).
         block_tokens: tokens per block of the prefix cache (the unit a prompt's KV is shared in).
@@ -38,7 +38,6 @@ class KVCache(Protocol):
     v: list[torch.Tensor]
     k_flat: list[torch.Tensor]
     v_flat: list[torch.Tensor]
-    slot_stride_tokens: int
     reserved_slot: int
     block_tokens: int
 

@@ -27,7 +27,7 @@ class FlashAttnBackend(AttentionBackend):
             q, k_cache, v_cache, cache_seqlens=seq_lens, cache_batch_idx=slots, softmax_scale=self.scale, causal=True
         )
 
-    def attend(self, layer, q, batch, kv_cache):
+    def attend(self, layer, q, batch, meta, kv_cache):
         k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
         seq_lens, slots = batch.seq_lens, batch.slot_ids.to(torch.int32)
         if batch.is_decode_only:

@@ -22,7 +22,7 @@ class SDPABackend(AttentionBackend):
     name = "sdpa"
     supports_cuda_graphs = False  # loops over the batch's host lists: a graph would replay the captured ones
 
-    def attend(self, layer, q, batch, kv_cache):
+    def attend(self, layer, q, batch, meta, kv_cache):
         out = torch.empty_like(q)
         k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
         num_kv_heads, head_dim = self.num_kv_heads, self.head_dim

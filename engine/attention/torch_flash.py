@@ -1,7 +1,7 @@
 """GPU default: PyTorch's built-in FlashAttention-2 varlen kernel, one launch for the batch.
 
 The kernel takes each sequence's K/V start row in its ``cu_seqlens_k`` argument and its length in
-``seqused_k``; passing the batch's ``kv_start_rows`` (the slots' starts in the flat cache view,
+``seqused_k``; passing the forward's ``SlotRows.kv_start_rows`` (the slots' starts in the flat cache view,
 ``slot * stride``, not a prefix sum) there lets it read every sequence's K/V in place. Causal masking is bottom-right aligned, which is
 what a chunk of new queries over a longer cached context needs.
 """
@@ -16,13 +16,13 @@ from engine.attention.backend import AttentionBackend
 class TorchFlashBackend(AttentionBackend):
     name = "torch_flash"
 
-    def attend(self, layer, q, batch, kv_cache):
+    def attend(self, layer, q, batch, meta, kv_cache):
         return self._varlen(
             q,
             kv_cache.k_flat[layer],
             kv_cache.v_flat[layer],
             batch.cu_seqlens_q,
-            batch.kv_start_rows,
+            meta.kv_start_rows,
             batch.seq_lens,
             batch.max_query_len,
             batch.max_seq_len,

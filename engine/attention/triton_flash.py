@@ -23,22 +23,22 @@ class TritonFlashBackend(TorchFlashBackend):
 
         self._decode = triton_decode_attention
 
-    def attend(self, layer, q, batch, kv_cache):
+    def attend(self, layer, q, batch, meta, kv_cache):
         k_flat, v_flat = kv_cache.k_flat[layer], kv_cache.v_flat[layer]
         num_decodes = batch.num_leading_decodes
         if num_decodes == batch.num_seqs:
             return self._decode(
-                q, k_flat, v_flat, batch.kv_start_rows[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
+                q, k_flat, v_flat, meta.kv_start_rows[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
             )
         if num_decodes == 0:
-            return super().attend(layer, q, batch, kv_cache)
+            return super().attend(layer, q, batch, meta, kv_cache)
         n = num_decodes  # decode rows are the first n tokens of the flat stream, one each
         out = torch.empty_like(q)
         out[:n] = self._decode(
             q[:n],
             k_flat,
             v_flat,
-            batch.kv_start_rows[:n],
+            meta.kv_start_rows[:n],
             batch.seq_lens[:n],
             self.scale,
             max_seq_len=batch.max_seq_len,
@@ -48,7 +48,7 @@ class TritonFlashBackend(TorchFlashBackend):
             k_flat,
             v_flat,
             batch.cu_seqlens_q[n:] - n,
-            batch.kv_start_rows[n:],
+            meta.kv_start_rows[n:],
             batch.seq_lens[n:],
             batch.max_query_len,
             batch.max_seq_len,

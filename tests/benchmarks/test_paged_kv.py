@@ -83,7 +83,7 @@ def test_blocks_pages_and_table_stay_consistent():
     # One block more than the pool: the reserved slot's (slot 0, for CUDA graphs' padding rows).
     assert cache.num_blocks == 10 and cache.k_flat[0].shape == (11 * BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
     assert cache.k[1].shape == (11, BLOCK_SIZE_TOKENS, NUM_KV_HEADS, HEAD_DIM)
-    assert cache.slot_stride_tokens >= config.max_seq_len and cache.max_request_tokens == 10 * BLOCK_SIZE_TOKENS
+    assert cache.max_request_tokens == 10 * BLOCK_SIZE_TOKENS
 
     a = cache.allocate(17)  # 2 blocks
     b = cache.allocate(0)
@@ -202,8 +202,8 @@ def test_attention_through_the_table_matches_sdpa_over_the_vattention_cache(deco
             v = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, generator=gen)
             outs = []
             for backend, cache in backends:
-                batch = ForwardBatch.build(seqs[id(cache)], "cpu", slot_stride_tokens=cache.slot_stride_tokens)
-                outs.append(backend.forward(0, q, k, v, batch, cache))
+                batch = ForwardBatch.build(seqs[id(cache)], "cpu")
+                outs.append(backend.forward(0, q, k, v, batch, backend.build_metadata(batch, cache), cache))
             torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
         assert paged.slot_block_ids(a) == [2, 3, 1]  # the pool ran through and reused tmp's blocks
         paged.close()

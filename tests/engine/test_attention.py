@@ -62,11 +62,11 @@ def run_backend(name, device, dtype, slot_order, seqs=SEQS, layout="layer_major"
             full_v.append(v)
             queries.append(torch.randn(n, NUM_HEADS, HEAD_DIM, generator=g).to(device, dtype))
             items.append((slot, list(range(n)), ctx))
-        batch = ForwardBatch.build(items, device, slot_stride_tokens=cache.slot_stride_tokens)
+        batch = ForwardBatch.build(items, device)
         q = torch.cat(queries)
         k_new = torch.cat([k[ctx:] for k, (ctx, _) in zip(full_k, seqs)])
         v_new = torch.cat([v[ctx:] for v, (ctx, _) in zip(full_v, seqs)])
-        out = backend.forward(layer, q, k_new, v_new, batch, cache)
+        out = backend.forward(layer, q, k_new, v_new, batch, backend.build_metadata(batch, cache), cache)
         assert out.shape == q.shape
         cu = batch.cu_seqlens_q_cpu
         for i, (slot, (ctx, n)) in enumerate(zip(slots, seqs)):

@@ -1,8 +1,9 @@
-"""ForwardBatch construction: flat token layout, per-sequence metadata, cache rows."""
+"""ForwardBatch construction: flat token layout, per-sequence metadata; the vAttention backends' cache rows."""
 
 import pytest
 import torch
 
+from engine.attention.backend import slot_rows
 from engine.batch import ForwardBatch
 
 SEQS = [(3, [11, 12, 13], 0), (0, [21], 5), (1, [31, 32], 2)]  # prefill, decode, prefill chunk
@@ -28,7 +29,7 @@ def test_build_fields():
         [3, 6, 4],
         [0, 3, 4, 6],
     )
-    assert not b.is_decode_only and b.slot_mapping is None
+    assert not b.is_decode_only and b.positions_cpu.tolist() == [0, 1, 2, 5, 2, 3]
     assert b.num_leading_decodes == 0  # the decode row comes after a prefill chunk
 
 
@@ -38,18 +39,23 @@ def test_leading_decodes_are_counted_up_to_the_first_chunk():
     assert ForwardBatch.build([(1, [4], 9), (2, [5], 3)], "cpu").num_leading_decodes == 2
 
 
-def test_bind_cache_rows():
-    b = ForwardBatch.build(SEQS, "cpu", slot_stride_tokens=100)
-    assert b.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]
-    assert b.kv_start_rows.tolist()[:3] == [300, 0, 100] and b.kv_start_rows.dtype == torch.int32
-    unbound = ForwardBatch.build(SEQS, "cpu")
-    assert unbound.bind_cache(100).slot_mapping.tolist() == b.slot_mapping.tolist()
-    assert b.bind_cache(100) is b
+def test_slot_rows():
+    rows = slot_rows(ForwardBatch.build(SEQS, "cpu"), 100)
+    assert rows.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103] and rows.slot_mapping.dtype == torch.int64
+    assert rows.kv_start_rows.tolist() == [300, 0, 100, 0] and rows.kv_start_rows.dtype == torch.int32
+    with pytest.raises(ValueError, match="slot_stride_tokens"):
+        slot_rows(ForwardBatch.build(SEQS, "cpu"), 0)
 
 
-def test_decode_only():
-    b = ForwardBatch.build([(0, [1], 7), (4, [2], 0)], "cpu", slot_stride_tokens=16)
-    assert b.is_decode_only and b.positions.tolist() == [7, 0] and b.slot_mapping.tolist() == [7, 64]
+def test_decode_only_rows_come_from_the_device_tensors():
+    """A CUDA graph's static batch has placeholder host lists: a decode batch's rows are read from its device
+    tensors only."""
+    b = ForwardBatch.build([(0, [1], 7), (4, [2], 0)], "cpu")
+    assert b.is_decode_only and b.positions.tolist() == [7, 0]
+    rows = slot_rows(b, 16)
+    assert rows.slot_mapping.tolist() == [7, 64] and rows.kv_start_rows.tolist() == [0, 64, 0]
+    b.slot_ids_cpu[:] = [9, 9]  # placeholders, as the graph runner's
+    assert slot_rows(b, 16).slot_mapping.tolist() == [7, 64]
 
 
 @pytest.mark.parametrize(
@@ -69,6 +75,7 @@ def test_build_rejects_bad_input(seqs, match):
 
 @pytest.mark.gpu
 def test_build_on_gpu():
-    b = ForwardBatch.build(SEQS, "cuda", slot_stride_tokens=100)
-    assert b.input_ids.is_cuda and b.slot_mapping.is_cuda and b.kv_start_rows.is_cuda
-    assert b.positions.tolist() == [0, 1, 2, 5, 2, 3]
+    b = ForwardBatch.build(SEQS, "cuda")
+    rows = slot_rows(b, 100)
+    assert b.input_ids.is_cuda and rows.slot_mapping.is_cuda and rows.kv_start_rows.is_cuda
+    assert b.positions.tolist() == [0, 1, 2, 5, 2, 3] and rows.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]

@@ -11,7 +11,6 @@ def test_protocol_declares_what_the_engine_calls():
         "v",
         "k_flat",
         "v_flat",
-        "slot_stride_tokens",
         "reserved_slot",
         "max_request_tokens",
         "pages_for_tokens",
