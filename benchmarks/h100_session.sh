@@ -43,15 +43,21 @@ suite)
   tail -40 "$OUT/served.log"
   ;;
 shards)
-  # The GPU stress suite split over the four GPUs (a directory each), in parallel.
-  i=0
-  for dir in tests/gpu tests/engine tests/kvcache tests/benchmarks; do
-    CUDA_VISIBLE_DEVICES=$i timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
-      --durations=5 "$dir" > "$OUT/gpu_suite_$i.log" 2>&1 &
-    i=$((i + 1))
-  done
+  # The GPU stress suite split over the four GPUs in parallel (~100 s; on one GPU it takes ~250 s), balanced by the
+  # durations of a full run: the stress cases of tests/gpu spread out, the other directories beside them.
+  gpu_suite() {  # GPU, log name, pytest arguments
+    local gpu=$1 name=$2
+    shift 2
+    CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
+      --durations=5 "$@" > "$OUT/gpu_suite_$name.log" 2>&1
+    echo "rc=$?" >> "$OUT/gpu_suite_$name.log"
+  }
+  (gpu_suite 0 stress_a tests/gpu -k "tm-graphs-async-0.5GiB"; gpu_suite 0 kvcache tests/kvcache) &
+  (gpu_suite 1 stress_b tests/gpu -k "lm-eager-async or tm-graphs-async-2GiB"; gpu_suite 1 benchmarks tests/benchmarks) &
+  gpu_suite 2 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k" &
+  gpu_suite 3 engine tests/engine &
   wait
-  for i in 0 1 2 3; do tail -3 "$OUT/gpu_suite_$i.log"; done
+  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.

@@ -1,7 +1,9 @@
 """The engine core: a busy step loop over one ``LLMEngine`` that never waits for its consumers.
 
 Commands (add, abort, stop) are picked up between steps; each step's outputs leave in one batch through a
-:class:`~engine.core_protocol.CoreOutbox`. The same loop runs in a thread of the frontend's process
+:class:`~engine.core_protocol.CoreOutbox`. A request with a JSON schema has its grammar compiled in a thread of
+the core (a schema can take a good part of a second) and joins the engine once it is ready: the other requests'
+steps go on meanwhile. The same loop runs in a thread of the frontend's process
 (``engine.core_client.InProcessCore``) or alone in a process of its own (``python -m engine.engine_core``, started
 by ``engine.core_client.ProcessCore``), where the commands arrive and the batches leave over ZeroMQ as msgpack.
 """
@@ -9,6 +11,7 @@ by ``engine.core_client.ProcessCore``), where the commands arrive and the batche
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
@@ -16,6 +19,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from engine.core_protocol import (
     ADD,
@@ -27,6 +31,7 @@ from engine.core_protocol import (
     encode_rejected,
     encode_step,
 )
+from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 
@@ -34,6 +39,18 @@ logger = logging.getLogger(__name__)
 
 # A core process whose frontend is gone exits; checked this often while idle, and between steps.
 PARENT_CHECK_PERIOD_S = 1.0
+# While grammars compile and nothing else runs, the loop looks for new commands this often.
+COMPILE_POLL_S = 0.005
+
+
+@dataclass
+class _Compiling:
+    """A request waiting for its grammars (``future``: ``LLMEngine.compile_grammars``)."""
+
+    prompt_token_ids: list[int]
+    params: object
+    future: concurrent.futures.Future
+    aborted: bool = False
 
 
 class EngineCore:
@@ -50,13 +67,22 @@ class EngineCore:
         self.engine = engine
         self._next_commands = next_commands
         self._outbox = outbox
+        self._compiling: dict[str, _Compiling] = {}
+        self._compiler_thread: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first schema
 
     def run(self) -> None:
         """Until a stop command, or a failure: then the outbox hears ``dead`` and the engine is shut down."""
         engine = self.engine
         try:
-            while self._apply(self._next_commands(not engine.has_unfinished())):
+            while self._apply(self._next_commands(not engine.has_unfinished() and not self._compiling)):
+                self._admit_compiled()
                 if not engine.has_unfinished():
+                    if self._compiling:
+                        concurrent.futures.wait(
+                            [c.future for c in self._compiling.values()],
+                            timeout=COMPILE_POLL_S,
+                            return_when=concurrent.futures.FIRST_COMPLETED,
+                        )
                     continue
                 try:
                     outputs = engine.step()
@@ -80,15 +106,48 @@ class EngineCore:
                 return False
             if kind == ADD:
                 _, request_id, prompt_token_ids, params = command
+                if request_id in self._compiling:
+                    self._outbox.rejected(
+                        request_id, InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+                    )
+                    continue
+                if params.json_schema is not None:
+                    self._compile(request_id, prompt_token_ids, params)
+                    continue
                 try:
                     self.engine.add_request(request_id, prompt_token_ids, params)
                 except Exception as exc:
                     self._outbox.rejected(request_id, exc)
+            elif command[1] in self._compiling:
+                # Admitted once compiled, then aborted there: its consumer gets the engine's final "abort" output.
+                self._compiling[command[1]].aborted = True
             else:
                 self.engine.abort(command[1])
         return True
 
+    def _compile(self, request_id: str, prompt_token_ids: list[int], params) -> None:
+        if self._compiler_thread is None:
+            self._compiler_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
+        future = self._compiler_thread.submit(self.engine.compile_grammars, params)
+        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future)
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile is
+        the request's refusal."""
+        for request_id in [r for r, c in self._compiling.items() if c.future.done()]:
+            waiting = self._compiling.pop(request_id)
+            try:
+                grammars = waiting.future.result()
+                self.engine.add_request(request_id, waiting.prompt_token_ids, waiting.params, grammars=grammars)
+            except Exception as exc:
+                self._outbox.rejected(request_id, exc)
+                continue
+            if waiting.aborted:
+                self.engine.abort(request_id)
+
     def _shutdown(self) -> None:
+        if self._compiler_thread is not None:
+            self._compiler_thread.shutdown(wait=True, cancel_futures=True)
         try:
             self.engine.shutdown()
         except Exception:

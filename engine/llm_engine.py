@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence
 
@@ -70,6 +71,7 @@ class LLMEngine:
         self.sampler = Sampler(self.device, seed=self.config.sampler_seed)
         self.requests: dict[str, list[Request]] = {}  # the caller's id -> its sequences (params.n of them)
         self._grammar_compiler: GrammarCompiler | None = None  # made by the first request with a JSON schema
+        self._grammar_lock = threading.Lock()
         self._pending_outputs: list[RequestOutput] = []  # aborts, delivered by the next step()
         self._request_counter = itertools.count()
         self.num_steps = 0
@@ -85,9 +87,11 @@ class LLMEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        grammars: list[Grammar | None] | None = None,
     ) -> None:
         """Queue a request. A text prompt is tokenized with the tokenizer's special tokens (BOS where the
-        model uses one); pass token ids to control tokenization (e.g. an applied chat template).
+        model uses one); pass token ids to control tokenization (e.g. an applied chat template). ``grammars``: the
+        request's ``compile_grammars(params)``, compiled beforehand (else compiled here).
 
         With ``params.n`` > 1 the prompt is tokenized and checked once, then queued as ``n`` sequences in a row
         (with prefix caching, those admitted after the first has computed the prompt's full blocks reuse them).
@@ -105,7 +109,10 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         prompt_token_ids = self._tokenize(prompt)
         max_tokens = self._check_fits(len(prompt_token_ids), params)
-        grammars = self._grammars(params)
+        if grammars is None:
+            grammars = self.compile_grammars(params)
+        elif len(grammars) != params.n:
+            raise ValueError(f"grammars must hold one entry per sequence ({params.n}), got {len(grammars)}")
 
         arrival_time = arrival_time if arrival_time is not None else time.time()
         requests = []
@@ -392,13 +399,21 @@ class LLMEngine:
             raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}", "prompt")
         return token_ids
 
-    def _grammars(self, params: SamplingParams) -> list[Grammar | None]:
-        """One grammar per sequence of a request (``params.n``), None each without a JSON schema."""
+    def compile_grammars(self, params: SamplingParams) -> list[Grammar | None]:
+        """One grammar per sequence of a request (``params.n``), None each without a JSON schema. Safe to call from
+        another thread than the step loop's (``EngineCore`` compiles in one, so that a schema that takes long to
+        compile holds up only its own request).
+
+        Raises:
+            InvalidRequestError: the schema does not compile.
+        """
         if params.json_schema is None:
             return [None] * params.n
-        if self._grammar_compiler is None:  # scanning the vocabulary takes a moment: only once one is needed
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        return self._grammar_compiler.grammars(params.json_schema, params.n)
+        with self._grammar_lock:
+            if self._grammar_compiler is None:  # scanning the vocabulary takes a moment: only once one is needed
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+            compiler = self._grammar_compiler
+        return compiler.grammars(params.json_schema, params.n)
 
     def _check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> int:
         """The request's output budget; raises ``PromptTooLongError`` if it could never run."""

@@ -190,6 +190,54 @@ def test_duplicate_running_request_id_is_rejected(engine):
     run(main())
 
 
+def _schema_of(num_fields: int) -> dict:
+    """A JSON schema whose grammar takes xgrammar ~6 ms per field to compile on a 2-core machine."""
+    field = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "array", "items": {"type": "string", "pattern": "[a-z]{3,9}"}},
+            "b": {"enum": [str(j) for j in range(50)]},
+            "c": {"type": "number"},
+        },
+        "required": ["a", "b"],
+    }
+    names = [f"f{i}" for i in range(num_fields)]
+    return {"type": "object", "properties": dict.fromkeys(names, field), "required": names}
+
+
+def test_a_schema_compiles_while_the_other_requests_run(engine):
+    """A schema that takes seconds to compile holds up its own request only: a plain request sent after it streams
+    and finishes first. A schema that does not compile fails its request, and one aborted while it compiles ends
+    with a final "abort" output."""
+    slow = _schema_of(400)
+
+    async def main():
+        finished = []
+
+        async def send(name, params, request_id=None):
+            outs = [o async for o in engine.generate("Hello", params, request_id)]
+            finished.append(name)
+            return outs
+
+        constrained = asyncio.create_task(send("constrained", SamplingParams(max_tokens=1, json_schema=slow)))
+        await asyncio.sleep(0.05)  # the schema's request reaches the core first
+        plain = await send("plain", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert (await constrained)[-1].finished
+        with pytest.raises(InvalidRequestError) as info:
+            await send("invalid", SamplingParams(max_tokens=4, json_schema={"type": "objekt"}))
+        aborted = asyncio.create_task(send("aborted", SamplingParams(max_tokens=4, json_schema=_schema_of(401)), "ab2"))
+        await asyncio.sleep(0.05)
+        await engine.abort("ab2")
+        return finished, plain, info.value, await aborted
+
+    finished, plain, invalid, aborted = run(main())
+    assert finished == ["plain", "constrained", "aborted"]
+    assert plain[-1].num_output_tokens == 4
+    assert invalid.param == "json_schema"
+    assert aborted[-1].finished and aborted[-1].finish_reason == "abort"
+    run(wait_idle(engine))
+
+
 def test_shutdown_fails_pending_and_new_requests_with_engine_dead(engine):
     # Runs last in this module: it kills the module's engine.
     async def main():
