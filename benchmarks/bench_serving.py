@@ -270,9 +270,12 @@ def print_summary(title: str, s: dict) -> None:
 # ---- metrics --------------------------------------------------------------------------------------
 
 
-def scrape_replicas(base_url: str, num_replicas: int) -> dict[str, dict[str, float]] | None:
+def scrape_replicas(
+    base_url: str, num_replicas: int, exclude: frozenset[str] = frozenset()
+) -> dict[str, dict[str, float]] | None:
     """Per engine replica: its preemptions so far and its free and total physical KV pages, from the ingress's
-    ``/metrics``.
+    ``/metrics``; the replicas in ``exclude`` left out (those of a deleted deployment, whose last values Ray's
+    exporter keeps reporting).
 
     None when it cannot be read: ``/metrics`` does not answer, or does not cover ``num_replicas``
     replicas (the ingress could not scrape a node's metrics port). A replica's counter is exported only
@@ -283,11 +286,12 @@ def scrape_replicas(base_url: str, num_replicas: int) -> dict[str, dict[str, flo
     try:
         resp = httpx.get(f"{base_url}/metrics", timeout=30)
         resp.raise_for_status()
-    except httpx.HTTPError:
+        families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
+    except (httpx.HTTPError, ValueError):
         return None
-    families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
     pool = families.get("ray_vattn_num_total_pages")
-    if pool is None or len({sample.labels.get("replica") for sample in pool.samples}) < num_replicas:
+    live = {sample.labels.get("replica") for sample in pool.samples} - exclude if pool is not None else set()
+    if len(live) < num_replicas:
         return None
     replicas: dict[str, dict[str, float]] = {}
     for family, key in (
@@ -299,7 +303,8 @@ def scrape_replicas(base_url: str, num_replicas: int) -> dict[str, dict[str, flo
         for sample in fam.samples if fam is not None else ():
             if key == "preemptions" and not sample.name.endswith("_total"):
                 continue
-            replicas.setdefault(sample.labels.get("replica", ""), {"preemptions": 0.0})[key] = sample.value
+            if sample.labels.get("replica", "") in live:
+                replicas.setdefault(sample.labels.get("replica", ""), {"preemptions": 0.0})[key] = sample.value
     return replicas
 
 
@@ -316,8 +321,10 @@ class FreePageSampler:
     goes on (the replicas export their gauges once a second), so the spread across replicas over time can be
     plotted; a read that fails is skipped, and counted."""
 
-    def __init__(self, base_url: str, num_replicas: int, period_s: float = 1.0) -> None:
-        self.base_url, self.num_replicas, self.period_s = base_url, num_replicas, period_s
+    def __init__(
+        self, base_url: str, num_replicas: int, period_s: float = 1.0, exclude: frozenset[str] = frozenset()
+    ) -> None:
+        self.base_url, self.num_replicas, self.period_s, self.exclude = base_url, num_replicas, period_s, exclude
         self.samples: list[dict] = []
         self.num_unread = 0
         self._stop = threading.Event()
@@ -334,11 +341,11 @@ class FreePageSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            replicas = scrape_replicas(self.base_url, self.num_replicas)
-            if replicas is None:
+            replicas = scrape_replicas(self.base_url, self.num_replicas, self.exclude)
+            if replicas is None or not all(v.get("total_pages") and "free_pages" in v for v in replicas.values()):
                 self.num_unread += 1
                 continue
-            free = {r: v["free_pages"] / v["total_pages"] for r, v in replicas.items() if v.get("total_pages")}
+            free = {r: v["free_pages"] / v["total_pages"] for r, v in replicas.items()}
             self.samples.append({"t_s": round(time.perf_counter() - self._start, 2), "free_fraction": free})
 
     def summary(self, replicas: set[str]) -> dict:
@@ -349,14 +356,14 @@ def free_page_spread(samples: list[dict], replicas: set[str]) -> dict:
     """The free-page timeline of ``replicas``, and its spread (max - min free fraction across them) at its mean
     and p90.
 
-    Only the replicas named (those that served the run) count: Ray's exporter keeps reporting the last values
-    of a deleted deployment's replicas, whose pages read all free.
+    Only the replicas named count (Ray's exporter keeps reporting the last values of a deleted deployment's
+    replicas, whose pages read all free), and only samples that hold every one of them.
     """
     timeline = [
         {"t_s": s["t_s"], "free_fraction": {r: f for r, f in s["free_fraction"].items() if r in replicas}}
         for s in samples
     ]
-    timeline = [s for s in timeline if s["free_fraction"]]
+    timeline = [s for s in timeline if replicas and len(s["free_fraction"]) == len(replicas)]
     spreads = [max(s["free_fraction"].values()) - min(s["free_fraction"].values()) for s in timeline]
     return {
         "free_page_timeline": timeline,
@@ -474,6 +481,7 @@ def compare_routers(args: argparse.Namespace) -> None:
     runs = {}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    stale: frozenset[str] = frozenset()  # the replicas of the deployments deleted before this one
     for router in ("page_aware", "power_of_two"):
         app_args = copy.deepcopy(app_base)
         app_args["engine"]["router"] = router
@@ -483,14 +491,15 @@ def compare_routers(args: argparse.Namespace) -> None:
         asyncio.run(run_load(base, model, warmup[: 2 * num_replicas], float("inf"), args.seed, None))
         time.sleep(2.0)
         for rate, specs in zip(rates, specs_by_rate):
-            before = scrape_replicas(base, num_replicas)
-            with FreePageSampler(base, num_replicas) as sampler:
+            before = scrape_replicas(base, num_replicas, stale)
+            with FreePageSampler(base, num_replicas, exclude=stale) as sampler:
                 results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
             time.sleep(3.0)  # counters reach the metrics export once per second
             summary = summarize(results, duration)
-            # This deployment's replicas: those that answered (Ray still exports a deleted deployment's).
-            served = set(summary["requests_by_replica_and_kind"])
-            by_replica = preemptions_between(before, scrape_replicas(base, num_replicas), served)
+            after = scrape_replicas(base, num_replicas, stale)
+            # This deployment's replicas, those that served nothing included (Ray still exports a deleted one's).
+            served = set(after or {}) or set(summary["requests_by_replica_and_kind"])
+            by_replica = preemptions_between(before, after, served)
             summary["num_preemptions"] = None if by_replica is None else sum(by_replica.values())
             summary["preemptions_by_replica"] = by_replica
             summary.update(sampler.summary(served))
@@ -499,6 +508,7 @@ def compare_routers(args: argparse.Namespace) -> None:
             print_summary(f"router={label}", summary)
             runs[label] = summary
             write_record(args, app_base, runs, out)  # a run cut short keeps what it measured
+        stale |= set(scrape_replicas(base, 0) or {})
         serve.delete("bench")
         time.sleep(2.0)
     serve.shutdown()

@@ -43,13 +43,22 @@ def merge(paths: list[Path]) -> dict:
     records = [json.loads(p.read_text()) for p in paths]
     runs: dict[str, dict] = {}
     for record in records:
-        runs.update({label: _refilter(run) for label, run in record["results"].items()})
+        for label, run in record["results"].items():  # a single-rate record labels its runs by router alone
+            runs[f"{label.split('@')[0]}@{run['request_rate_per_s']:g}"] = _refilter(run)
     runs = dict(sorted(runs.items(), key=lambda kv: (kv[0].split("@")[0], float(kv[1]["request_rate_per_s"]))))
     return {"app_args": records[0]["app_args"], "workload": records[0]["workload"], "runs": runs}
 
 
 def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
+
+
+def _ttft_no_worse(page_aware: dict, default: dict) -> bool | None:
+    """Page-aware p50 and p99 TTFT no higher than the default's; None when a run produced no first token."""
+    keys = ("p50_ttft_ms", "p99_ttft_ms")
+    if any(run.get(key) is None for run in (page_aware, default) for key in keys):
+        return None
+    return all(page_aware[key] <= default[key] for key in keys)
 
 
 def verdict(runs: dict) -> dict:
@@ -74,10 +83,7 @@ def verdict(runs: dict) -> dict:
         "goodput_ratio_bound": 1.0 / p2["slo_attainment"],
         "preemptions": pre,
         "preemptions_met": pre is not None and pre[0] <= PREEMPTION_TARGET * pre[1],
-        "ttft_never_worse": {
-            f"{r:g}": pa_["p50_ttft_ms"] <= p2_["p50_ttft_ms"] and pa_["p99_ttft_ms"] <= p2_["p99_ttft_ms"]
-            for r, pa_, p2_ in pairs
-        },
+        "ttft_never_worse": {f"{r:g}": _ttft_no_worse(pa_, p2_) for r, pa_, p2_ in pairs},
     }
 
 
@@ -119,7 +125,9 @@ def markdown(layout: str, merged: dict) -> str:
             f"{GOODPUT_TARGET}x; at most {v['goodput_ratio_bound']:.2f}x is possible there), preemptions "
             f"{'n/a' if pre is None else f'{pre[0]} vs {pre[1]}'} (target <= half). Page-aware p50 and p99 TTFT "
             f"no higher than the default's at: "
-            + ", ".join(f"{r}/s {'yes' if ok else 'no'}" for r, ok in v["ttft_never_worse"].items())
+            + ", ".join(
+                f"{r}/s {'n/a' if ok is None else 'yes' if ok else 'no'}" for r, ok in v["ttft_never_worse"].items()
+            )
             + "."
         )
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ class _Compiling:
     prompt_token_ids: list[int]
     params: object
     future: concurrent.futures.Future
-    aborted: bool = False
+    arrival_time: float
 
 
 class EngineCore:
@@ -112,6 +112,11 @@ class EngineCore:
                     )
                     continue
                 if params.json_schema is not None:
+                    try:  # everything but the schema is refused now, not after the compile
+                        self.engine.check_request(request_id, prompt_token_ids, params)
+                    except Exception as exc:
+                        self._outbox.rejected(request_id, exc)
+                        continue
                     self._compile(request_id, prompt_token_ids, params)
                     continue
                 try:
@@ -119,8 +124,10 @@ class EngineCore:
                 except Exception as exc:
                     self._outbox.rejected(request_id, exc)
             elif command[1] in self._compiling:
-                # Admitted once compiled, then aborted there: its consumer gets the engine's final "abort" output.
-                self._compiling[command[1]].aborted = True
+                # Its compile's result is dropped when it comes; its consumer gets its final "abort" output now.
+                waiting = self._compiling.pop(command[1])
+                waiting.future.cancel()
+                self._outbox.step(self._aborted_outputs(command[1], waiting), self.engine.stats())
             else:
                 self.engine.abort(command[1])
         return True
@@ -129,7 +136,7 @@ class EngineCore:
         if self._compiler_thread is None:
             self._compiler_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
         future = self._compiler_thread.submit(self.engine.compile_grammars, params)
-        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future)
+        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future, time.time())
 
     def _admit_compiled(self) -> None:
         """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile is
@@ -138,16 +145,39 @@ class EngineCore:
             waiting = self._compiling.pop(request_id)
             try:
                 grammars = waiting.future.result()
-                self.engine.add_request(request_id, waiting.prompt_token_ids, waiting.params, grammars=grammars)
+                self.engine.add_request(
+                    request_id, waiting.prompt_token_ids, waiting.params, waiting.arrival_time, grammars=grammars
+                )
             except Exception as exc:
                 self._outbox.rejected(request_id, exc)
-                continue
-            if waiting.aborted:
-                self.engine.abort(request_id)
+
+    @staticmethod
+    def _aborted_outputs(request_id: str, waiting: _Compiling) -> list[RequestOutput]:
+        """The final outputs of a request aborted before it reached the engine: one per sequence, nothing
+        generated."""
+        return [
+            RequestOutput(
+                request_id=request_id,
+                prompt_token_ids=None,  # the frontend holds the prompt
+                new_token_ids=[],
+                new_text="",
+                text="",
+                token_ids=[],
+                finished=True,
+                finish_reason="abort",
+                stop_reason=None,
+                num_prompt_tokens=len(waiting.prompt_token_ids),
+                num_output_tokens=0,
+                arrival_time=waiting.arrival_time,
+                first_token_time=None,
+                index=index,
+            )
+            for index in range(waiting.params.n)
+        ]
 
     def _shutdown(self) -> None:
-        if self._compiler_thread is not None:
-            self._compiler_thread.shutdown(wait=True, cancel_futures=True)
+        if self._compiler_thread is not None:  # a compile under way touches only the tokenizer and xgrammar
+            self._compiler_thread.shutdown(wait=False, cancel_futures=True)
         try:
             self.engine.shutdown()
         except Exception:

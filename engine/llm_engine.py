@@ -102,13 +102,7 @@ class LLMEngine:
                 whole pool holds, i.e. a request that could never run.
         """
         params = params if params is not None else self.sampling_defaults.params()
-        params.validate()
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
-        prompt_token_ids = self._tokenize(prompt)
-        max_tokens = self._check_fits(len(prompt_token_ids), params)
+        prompt_token_ids, max_tokens = self.check_request(request_id, prompt, params)
         if grammars is None:
             grammars = self.compile_grammars(params)
         elif len(grammars) != params.n:
@@ -139,6 +133,22 @@ class LLMEngine:
         self.requests[request_id] = requests
         for request in requests:
             self.scheduler.add(request)
+
+    def check_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
+    ) -> tuple[list[int], int]:
+        """What ``add_request`` checks before it compiles grammars and queues: ``(prompt_token_ids, max_tokens)``.
+
+        Raises:
+            InvalidRequestError / PromptTooLongError: as ``add_request`` (all but an invalid JSON schema).
+        """
+        params.validate()
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", "request_id")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        prompt_token_ids = self._tokenize(prompt)
+        return prompt_token_ids, self._check_fits(len(prompt_token_ids), params)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its slot (the cache keeps the slot's rows until the steps in flight that touch

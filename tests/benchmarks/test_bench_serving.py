@@ -126,3 +126,10 @@ def test_the_committed_router_config_is_the_one_measured():
         app = bench_serving.load_app_args(config, override)
         del app["engine"]["router"]
         assert app == record["layouts"][layout]["app_args"]
+
+
+def test_a_deleted_deployments_replicas_are_left_out_and_do_not_count_as_read(monkeypatch):
+    _serve_metrics(monkeypatch, 200, _metrics_text(["r0", "old"], {"old": 4.0}))
+    assert scrape_replicas("http://ingress", num_replicas=2) is not None
+    assert scrape_replicas("http://ingress", num_replicas=2, exclude=frozenset({"old"})) is None  # r1 unread
+    assert set(scrape_replicas("http://ingress", num_replicas=1, exclude=frozenset({"old"}))) == {"r0"}

@@ -207,34 +207,40 @@ def _schema_of(num_fields: int) -> dict:
 
 def test_a_schema_compiles_while_the_other_requests_run(engine):
     """A schema that takes seconds to compile holds up its own request only: a plain request sent after it streams
-    and finishes first. A schema that does not compile fails its request, and one aborted while it compiles ends
-    with a final "abort" output."""
+    and finishes first. What can be refused without the grammar is refused at once; a schema that does not compile
+    fails its request; a request aborted while it compiles ends with a final "abort" output at once, and its id is
+    free again."""
     slow = _schema_of(400)
 
     async def main():
         finished = []
 
-        async def send(name, params, request_id=None):
-            outs = [o async for o in engine.generate("Hello", params, request_id)]
+        async def send(name, params, request_id=None, prompt="Hello"):
+            outs = [o async for o in engine.generate(prompt, params, request_id)]
             finished.append(name)
             return outs
 
         constrained = asyncio.create_task(send("constrained", SamplingParams(max_tokens=1, json_schema=slow)))
         await asyncio.sleep(0.05)  # the schema's request reaches the core first
         plain = await send("plain", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        with pytest.raises(PromptTooLongError):  # refused before its (invalid) schema is looked at
+            await send("too long", SamplingParams(max_tokens=4, json_schema={"type": "objekt"}), prompt=[5] * 600)
         assert (await constrained)[-1].finished
         with pytest.raises(InvalidRequestError) as info:
             await send("invalid", SamplingParams(max_tokens=4, json_schema={"type": "objekt"}))
         aborted = asyncio.create_task(send("aborted", SamplingParams(max_tokens=4, json_schema=_schema_of(401)), "ab2"))
         await asyncio.sleep(0.05)
         await engine.abort("ab2")
-        return finished, plain, info.value, await aborted
+        aborted = await aborted
+        again = await send("again", SamplingParams(max_tokens=2, temperature=0), "ab2")
+        return finished, plain, info.value, aborted, again
 
-    finished, plain, invalid, aborted = run(main())
-    assert finished == ["plain", "constrained", "aborted"]
+    finished, plain, invalid, aborted, again = run(main())
+    assert finished == ["plain", "constrained", "aborted", "again"]
     assert plain[-1].num_output_tokens == 4
     assert invalid.param == "json_schema"
-    assert aborted[-1].finished and aborted[-1].finish_reason == "abort"
+    assert aborted[-1].finished and aborted[-1].finish_reason == "abort" and aborted[-1].num_output_tokens == 0
+    assert again[-1].num_output_tokens == 2
     run(wait_idle(engine))
 
 

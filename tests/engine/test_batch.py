@@ -1,5 +1,7 @@
 """ForwardBatch construction: flat token layout, per-sequence metadata; the vAttention backends' cache rows."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -56,6 +58,13 @@ def test_decode_only_rows_come_from_the_device_tensors():
     assert rows.slot_mapping.tolist() == [7, 64] and rows.kv_start_rows.tolist() == [0, 64, 0]
     b.slot_ids_cpu[:] = [9, 9]  # placeholders, as the graph runner's
     assert slot_rows(b, 16).slot_mapping.tolist() == [7, 64]
+
+
+def test_rows_of_a_batch_without_host_positions_come_from_the_device_tensors():
+    b = dataclasses.replace(ForwardBatch.build(SEQS, "cpu"), positions_cpu=None)
+    rows = slot_rows(b, 100)
+    assert rows.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]
+    assert rows.kv_start_rows.tolist() == [300, 0, 100, 0]
 
 
 @pytest.mark.parametrize(
