@@ -100,6 +100,17 @@ def _cancel_quietly(stream: Any) -> None:
         pass
 
 
+def context_limit_hint(max_model_len: int, max_request_tokens: int) -> str:
+    """What sets the context limit a request hit, for the operator reading the client's error: the engine's page pool
+    (when it holds less than one sequence may) or its ``max_seq_len``."""
+    if max_request_tokens < max_model_len:
+        return (
+            f" (the engine's whole KV page pool holds {max_request_tokens} tokens of one request; the deployment's "
+            "engine_kwargs.kv_cache_memory_bytes or kv_cache_memory_fraction sets the pool)"
+        )
+    return " (the deployment's engine_kwargs.max_seq_len, up to the model's max_position_embeddings)"
+
+
 @serve.ingress(app)
 class OpenAIIngress:
     """HTTP front door. Args: the engine deployment's handle and ``AppConfig.model_dump()``."""
@@ -206,18 +217,19 @@ class OpenAIIngress:
         if not prompt_ids:
             raise OpenAIError("the prompt is empty", param=prompt_param)
         # The model's context, also bounded by the engine's whole page pool: a longer request could never run.
-        _, max_request_tokens = await self._get_model_limits()
+        max_model_len, max_request_tokens = await self._get_model_limits()
         room = max_request_tokens - len(prompt_ids)
         if room < 1:
             raise OpenAIError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is {max_request_tokens}",
+                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context length is {max_request_tokens}"
+                + context_limit_hint(max_model_len, max_request_tokens),
                 param=prompt_param,
                 code="context_length_exceeded",
             )
         if isinstance(max_tokens, int) and max_tokens >= 1 and max_tokens > room:
             raise OpenAIError(
                 f"max_tokens={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed this model's maximum "
-                f"context length {max_request_tokens}",
+                f"context length {max_request_tokens}" + context_limit_hint(max_model_len, max_request_tokens),
                 param="max_tokens",
                 code="context_length_exceeded",
             )

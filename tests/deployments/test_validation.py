@@ -212,6 +212,7 @@ def test_request_needing_more_pages_than_the_pool_is_rejected(client, max_reques
         client.post(COMPLETIONS, json=completion(max_tokens=max_request_tokens + 10)), 400, "max_tokens"
     )
     assert err["code"] == "context_length_exceeded"
+    assert "KV page pool" in err["message"] and "kv_cache_memory_bytes" in err["message"]  # what to change
     err = assert_openai_error(
         client.post(COMPLETIONS, json=completion(prompt=[42] * (max_request_tokens + 1))), 400, "prompt"
     )
@@ -219,6 +220,13 @@ def test_request_needing_more_pages_than_the_pool_is_rejected(client, max_reques
     # Just at the limit is accepted (greedy, stops early or at length).
     r = client.post(COMPLETIONS, json=completion(prompt=[42] * (max_request_tokens - 2), max_tokens=2))
     assert r.status_code == 200, r.text
+
+
+def test_a_context_limit_names_the_setting_behind_it():
+    from deployments.ingress import context_limit_hint
+
+    assert "max_seq_len" in context_limit_hint(max_model_len=4096, max_request_tokens=4096)
+    assert "kv_cache_memory" in context_limit_hint(max_model_len=4096, max_request_tokens=1000)
 
 
 def test_chat_without_max_tokens_is_capped_by_the_pool_not_rejected(client, max_request_tokens):
