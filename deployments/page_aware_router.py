@@ -204,7 +204,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             tier = Tier.UNKNOWN if report is None else Tier.UNHEALTHY
             return ReplicaScore(replica.replica_id, tier, -math.inf, queue_len)
         # What this router sent here that the report does not count yet, and what it counts but has completed since.
-        accepted = set(report.accepted_request_ids)
+        accepted = report.accepted
         unseen = [r for request_id, r in routed.items() if request_id not in accepted]
         completed = self._completed.get(replica.replica_id, {})
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]

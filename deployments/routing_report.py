@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,11 @@ class RoutingReport:
     num_preemptions: int = 0
     prefix_keys: tuple[int, ...] = ()
     replica: str = ""
+
+    @functools.cached_property
+    def accepted(self) -> frozenset[str]:
+        """``accepted_request_ids`` as a set, made once per report (the router looks ids up at every decision)."""
+        return frozenset(self.accepted_request_ids)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

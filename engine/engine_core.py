@@ -127,7 +127,11 @@ class EngineCore:
                 # Its compile's result is dropped when it comes; its consumer gets its final "abort" output now.
                 waiting = self._compiling.pop(command[1])
                 waiting.future.cancel()
-                self._outbox.step(self._aborted_outputs(command[1], waiting), self.engine.stats())
+                aborted = [
+                    RequestOutput.aborted_unstarted(command[1], len(waiting.prompt_token_ids), waiting.arrival_time, i)
+                    for i in range(waiting.params.n)
+                ]
+                self._outbox.step(aborted, self.engine.stats())
             else:
                 self.engine.abort(command[1])
         return True
@@ -150,30 +154,6 @@ class EngineCore:
                 )
             except Exception as exc:
                 self._outbox.rejected(request_id, exc)
-
-    @staticmethod
-    def _aborted_outputs(request_id: str, waiting: _Compiling) -> list[RequestOutput]:
-        """The final outputs of a request aborted before it reached the engine: one per sequence, nothing
-        generated."""
-        return [
-            RequestOutput(
-                request_id=request_id,
-                prompt_token_ids=None,  # the frontend holds the prompt
-                new_token_ids=[],
-                new_text="",
-                text="",
-                token_ids=[],
-                finished=True,
-                finish_reason="abort",
-                stop_reason=None,
-                num_prompt_tokens=len(waiting.prompt_token_ids),
-                num_output_tokens=0,
-                arrival_time=waiting.arrival_time,
-                first_token_time=None,
-                index=index,
-            )
-            for index in range(waiting.params.n)
-        ]
 
     def _shutdown(self) -> None:
         if self._compiler_thread is not None:  # a compile under way touches only the tokenizer and xgrammar

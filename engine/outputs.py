@@ -53,6 +53,28 @@ class RequestOutput:
     index: int = 0
     num_cached_tokens: int = 0
 
+    @classmethod
+    def aborted_unstarted(
+        cls, request_id: str, num_prompt_tokens: int, arrival_time: float, index: int = 0
+    ) -> RequestOutput:
+        """The final output of a sequence aborted before it reached the scheduler: nothing generated."""
+        return cls(
+            request_id=request_id,
+            prompt_token_ids=None,  # the frontend holds the prompt
+            new_token_ids=[],
+            new_text="",
+            text="",
+            token_ids=[],
+            finished=True,
+            finish_reason="abort",
+            stop_reason=None,
+            num_prompt_tokens=num_prompt_tokens,
+            num_output_tokens=0,
+            arrival_time=arrival_time,
+            first_token_time=None,
+            index=index,
+        )
+
 
 @dataclass(frozen=True)
 class EngineStats:

@@ -35,18 +35,22 @@ class SlotRows:
 def slot_rows(batch: ForwardBatch, slot_stride_tokens: int) -> SlotRows:
     """``SlotRows`` of ``batch`` in a cache whose slots are ``slot_stride_tokens`` rows apart.
 
-    A decode batch (one token per sequence), or one without host positions, is computed on the device from its
-    device tensors alone, so a CUDA graph captures it and each replay recomputes it from the step's slots and
-    positions; any other batch from its host lists, copied over without waiting for the device."""
+    A decode batch (one token per sequence) is computed on the device from its device tensors alone, so a CUDA graph
+    captures it and each replay recomputes it from the step's slots and positions; any other batch from its host
+    lists, copied over without waiting for the device.
+
+    Raises:
+        ValueError: a batch with chunks of several tokens and no host positions (only a CUDA graph's static batch
+            lacks them, and it is a decode batch).
+    """
     if slot_stride_tokens < 1:
         raise ValueError(f"slot_stride_tokens must be >= 1, got {slot_stride_tokens}")
-    if batch.is_decode_only or batch.positions_cpu is None:
+    if batch.is_decode_only:
         starts = batch.slot_ids * slot_stride_tokens
         zero = torch.zeros(1, dtype=starts.dtype, device=starts.device)
-        token_starts = starts
-        if not batch.is_decode_only:  # output_size known on the host: no wait for the device
-            token_starts = torch.repeat_interleave(starts, batch.query_lens, output_size=batch.num_tokens)
-        return SlotRows(token_starts + batch.positions, torch.cat([starts, zero]).to(torch.int32))
+        return SlotRows(starts + batch.positions, torch.cat([starts, zero]).to(torch.int32))
+    if batch.positions_cpu is None:
+        raise ValueError("a batch of multi-token chunks needs its host positions (positions_cpu)")
     starts = torch.tensor(batch.slot_ids_cpu, dtype=torch.int64) * slot_stride_tokens
     q_lens = torch.tensor(batch.query_lens_cpu, dtype=torch.int64)
     mapping = torch.repeat_interleave(starts, q_lens) + batch.positions_cpu

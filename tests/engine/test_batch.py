@@ -60,11 +60,9 @@ def test_decode_only_rows_come_from_the_device_tensors():
     assert slot_rows(b, 16).slot_mapping.tolist() == [7, 64]
 
 
-def test_rows_of_a_batch_without_host_positions_come_from_the_device_tensors():
-    b = dataclasses.replace(ForwardBatch.build(SEQS, "cpu"), positions_cpu=None)
-    rows = slot_rows(b, 100)
-    assert rows.slot_mapping.tolist() == [300, 301, 302, 5, 102, 103]
-    assert rows.kv_start_rows.tolist() == [300, 0, 100, 0]
+def test_a_batch_of_chunks_without_host_positions_is_refused():
+    with pytest.raises(ValueError, match="host positions"):
+        slot_rows(dataclasses.replace(ForwardBatch.build(SEQS, "cpu"), positions_cpu=None), 100)
 
 
 @pytest.mark.parametrize(
