@@ -9,17 +9,24 @@ virtual memory, sequence ``i`` in slot ``i`` (rows ``i * slot_stride_tokens ...`
 
     non-paged  fa2_varlen    torch's FlashAttention-2 varlen: cu_seqlens_k = slot starts, seqused_k = lengths
                triton_split  engine/attention/triton_decode.py: split-KV, one program per (seq, KV head, split)
+               fi_slots_tc   FlashInfer's paged decode (tensor cores) over the cache, each slot one page of max_seq_len
     paged      triton_paged  the same Triton kernel reading through a block table (benchmarks/triton_paged_decode.py)
+               fi_paged      FlashInfer's paged decode (CUDA cores), 16-token pages: what vLLM and SGLang run
+               fi_paged_tc   the same with tensor cores (FlashInfer's prefill kernel on one query row)
                flex_paged    FlexAttention with torch's experimental PagedAttention block-mask conversion
+
+FlashInfer kernels (where ``flashinfer`` is importable; skipped otherwise) compile on first use, 15-30 s each.
 
 The paged kernels read a copy of the same K/V laid out in 16-token pages scattered at random over a pool sized for
 the batch at the longest context. Figures: bytes moved (K/V read + q read + output written) over kernel time,
 against the device-to-device copy bandwidth measured in the same run (target: >= 80% where B*L >= 64K tokens), and
 the best non-paged kernel against the best paged one on the same work (target: >= 1.3x).
 
-Prefill: causal chunks of new tokens after cached context, fa2_varlen over the cache vs flex_paged (pages of 16,
-block mask 128x16); TFLOP/s of useful work (causal FLOPs) against a bf16 8192^3 GEMM measured in the same run
-(target: >= 1.2x the paged baseline).
+Prefill: causal chunks of new tokens after cached context. Over the cache: fa2_varlen (torch's FA2) and fi_slots
+(FlashInfer's paged prefill, FA3 on Hopper, each slot one page: the engine's path, ``engine/attention/flashinfer.py``).
+Paged (16-token pages): fi_fa3_paged, fi_fa2_paged (FlashInfer) and flex_paged (block mask 128x16). TFLOP/s of
+useful work (causal FLOPs) against a bf16 8192^3 GEMM measured in the same run. Targets: fa2_varlen >= 1.2x
+flex_paged; fi_slots >= 1.0x fi_fa3_paged (the best kernel of the day, unmodified, loses nothing over our cache).
 
 Trust: every kernel is first run on a batch of varied lengths in non-monotonic slot order and compared with fp32
 SDPA on gathered K/V; at every timed point its output for the first and last sequences is compared again. A kernel
@@ -67,9 +74,11 @@ BW_TARGET_MIN_TOKENS = 64 * 1024
 DECODE_SPEEDUP_TARGET = 1.3
 PREFILL_SPEEDUP_TARGET = 1.2
 
-DECODE_KERNELS = ["fa2_varlen", "triton_split", "triton_paged", "flex_paged"]
-NONPAGED = {"fa2_varlen", "triton_split"}
-PREFILL_KERNELS = ["fa2_varlen", "flex_paged"]
+DECODE_KERNELS = ["fa2_varlen", "triton_split", "fi_slots_tc", "triton_paged", "fi_paged", "fi_paged_tc", "flex_paged"]
+NONPAGED = {"fa2_varlen", "triton_split", "fi_slots_tc"}
+PREFILL_KERNELS = ["fa2_varlen", "fi_slots", "fi_fa3_paged", "fi_fa2_paged", "flex_paged"]
+FI_DECODE_TARGET = 1.0  # our decode kernel / FlashInfer paged decode (tensor cores), at every point
+FI_PREFILL_TARGET = 1.0  # the engine's prefill over the slots / FlashInfer FA3 over 16-token pages
 
 # FlexAttention needs block sizes that divide the 16-token pages; tried in order, the first that compiles and
 # passes the check is kept for the rest of the run.
@@ -275,6 +284,71 @@ def fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, seqused_k):
     )[0]
 
 
+def _flashinfer():
+    try:
+        import flashinfer
+    except ImportError as exc:
+        raise _Skip(f"skipped: flashinfer not importable ({short_error(exc)})") from None
+    return flashinfer
+
+
+_FI_WORKSPACE: list[torch.Tensor] = []
+
+
+def fi_workspace() -> torch.Tensor:
+    """One 128 MiB float workspace for every FlashInfer wrapper of the run (their calls never overlap)."""
+    if not _FI_WORKSPACE:
+        _FI_WORKSPACE.append(torch.empty(128 << 20, dtype=torch.uint8, device=DEVICE))
+    return _FI_WORKSPACE[0]
+
+
+def page_lists(table: torch.Tensor, lens: list[int], page_size: int) -> tuple[list[int], list[int], list[int]]:
+    """FlashInfer's ``(indptr, indices, last_page_len)`` of sequences whose pages are the rows of ``table``."""
+    indptr, indices, last = [0], [], []
+    rows = table.tolist()
+    for row, n in zip(rows, lens):
+        pages = -(-n // page_size)
+        indptr.append(indptr[-1] + pages)
+        indices.extend(row[:pages])
+        last.append(n - (pages - 1) * page_size)
+    return indptr, indices, last
+
+
+def fi_decode(q, k_pages, v_pages, indptr, indices, last, page_size: int, tensor_cores: bool):
+    """A planned FlashInfer paged decode over ``[pages, page_size, Hkv, D]`` K/V -> a callable."""
+    fi = _flashinfer()
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(fi_workspace(), "NHD", use_tensor_cores=tensor_cores)
+
+    def as_tensor(values):
+        return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+    wrapper.plan(
+        as_tensor(indptr),
+        as_tensor(indices),
+        as_tensor(last),
+        NUM_HEADS,
+        NUM_KV_HEADS,
+        HEAD_DIM,
+        page_size,
+        q_data_type=DTYPE,
+        kv_data_type=DTYPE,
+        sm_scale=SCALE,
+    )
+    out = torch.empty_like(q)
+    return lambda: wrapper.run(q, (k_pages, v_pages), out=out)
+
+
+def fi_prefill(q, k_pages, v_pages, cu_q, indptr, indices, last, page_size: int, kernel: str):
+    """A planned FlashInfer paged prefill (the engine's ``PagedPrefill``) -> a callable."""
+    _flashinfer()
+    from engine.attention.flashinfer import PagedPrefill
+
+    planner = PagedPrefill(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, SCALE, DTYPE, q.device, kernel=kernel)
+    wrapper = planner.plan(cu_q, indptr, indices, last, page_size)
+    out = torch.empty_like(q)
+    return lambda: wrapper.run(q, (k_pages, v_pages), out=out)
+
+
 class Runner:
     """Holds the run's state: cache, timer, time budget, per-kernel disablement and Flex options found."""
 
@@ -372,6 +446,29 @@ class Runner:
                 batch.q, paged.k, paged.v, table, batch.seq_lens, SCALE, PAGE_SIZE, max_seq_len=batch.max_len
             )
 
+        def build_fi_slots():
+            # Each slot one page of max_seq_len tokens: page list = the slot, last page length = the length.
+            count = len(batch.slots)
+            return fi_decode(
+                batch.q,
+                cache.k[0],
+                cache.v[0],
+                list(range(count + 1)),
+                batch.slots,
+                batch.lens,
+                cache.k[0].shape[1],
+                tensor_cores=True,
+            )
+
+        def build_fi_paged(tensor_cores):
+            def build():
+                indptr, indices, last = page_lists(table, batch.lens, PAGE_SIZE)
+                pages = paged.k.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+                values = paged.v.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+                return fi_decode(batch.q, pages, values, indptr, indices, last, PAGE_SIZE, tensor_cores)
+
+            return build
+
         def build_flex():
             why = self.flex_allowed("decode")
             if why:
@@ -383,7 +480,10 @@ class Runner:
         return {
             "fa2_varlen": build_fa2,
             "triton_split": build_triton,
+            "fi_slots_tc": build_fi_slots,
             "triton_paged": build_triton_paged,
+            "fi_paged": build_fi_paged(False),
+            "fi_paged_tc": build_fi_paged(True),
             "flex_paged": build_flex,
         }
 
@@ -584,6 +684,8 @@ def summarise_decode_point(point: dict, copy_gb_s: float) -> dict:
             paged[point["best_paged"]]["time_us"] / nonpaged[point["best_nonpaged"]]["time_us"]
         )
         point["speedup_target_met"] = point["speedup_vs_best_paged"] >= DECODE_SPEEDUP_TARGET
+    if "triton_split" in ok and "fi_paged_tc" in ok:
+        point["triton_split_vs_fi_paged_tc"] = ok["fi_paged_tc"]["time_us"] / ok["triton_split"]["time_us"]
     return point
 
 
@@ -593,7 +695,11 @@ def print_decode_header(copy_gb_s: float) -> None:
         f">= {BW_TARGET:.0%} of copy where B*L >= {BW_TARGET_MIN_TOKENS // 1024}K; best non-paged >= "
         f"{DECODE_SPEEDUP_TARGET}x best paged"
     )
-    print(f"{'B':>4} {'L':>6} {'tokens':>7} | " + " | ".join(f"{k:>15}" for k in DECODE_KERNELS) + " | np/paged  bw  x")
+    print(
+        f"{'B':>4} {'L':>6} {'tokens':>7} | "
+        + " | ".join(f"{k:>15}" for k in DECODE_KERNELS)
+        + " | np/paged  bw  x | ours/fi_tc"
+    )
 
 
 def print_decode_row(point: dict, copy_gb_s: float) -> None:
@@ -610,10 +716,12 @@ def print_decode_row(point: dict, copy_gb_s: float) -> None:
         "ok" if point.get("speedup_target_met") else ("--" if "speedup_target_met" not in point else "NO"),
     )
     speed_cell = f"{speed:6.2f}x" if speed else "     - "
+    vs_fi = point.get("triton_split_vs_fi_paged_tc")
     print(
         f"{point['batch']:>4} {point['context']:>6} {point['tokens'] // 1024:>6}K | "
         + " | ".join(cells)
-        + f" | {speed_cell} {flags[0]:>3} {flags[1]:>2}",
+        + f" | {speed_cell} {flags[0]:>3} {flags[1]:>2}"
+        + (f" | {vs_fi:9.2f}x" if vs_fi else " |         -"),
         flush=True,
     )
 
@@ -634,7 +742,11 @@ def run_prefill(runner: Runner, args) -> dict:
         f"\nPrefill, causal chunk after cached context. Cells: TFLOP/s (% of bf16 GEMM {runner.gemm_tflops:.0f} "
         f"TFLOP/s). Target: fa2_varlen >= {PREFILL_SPEEDUP_TARGET}x flex_paged"
     )
-    print(f"{'reqs':>4} {'chunk':>6} {'prior':>6} | " + " | ".join(f"{k:>16}" for k in PREFILL_KERNELS) + " | speedup")
+    print(
+        f"{'reqs':>4} {'chunk':>6} {'prior':>6} | "
+        + " | ".join(f"{k:>16}" for k in PREFILL_KERNELS)
+        + " | fa2/flex | fi_slots/fi_fa3_paged"
+    )
     results = []
     for requests, chunk, prior in points:
         total = prior + chunk
@@ -686,6 +798,42 @@ def run_prefill(runner: Runner, args) -> dict:
                 disabled_key="fa2_varlen_prefill",
             )
         }
+        cu_q_host = [r * chunk for r in range(requests + 1)]
+        kernels["fi_slots"] = runner.measure(
+            "fi_slots",
+            label,
+            lambda: fi_prefill(
+                q,
+                cache.k[0],
+                cache.v[0],
+                cu_q_host,
+                list(range(requests + 1)),
+                slots,
+                [total] * requests,
+                cache.k[0].shape[1],
+                kernel=None,
+            ),
+            check,
+        )
+        state = {}
+
+        def build_fi_paged(kernel):
+            def build():
+                if "paged" not in state:
+                    pages_per_request = -(-total // PAGE_SIZE)
+                    paged = PagedCopy(requests * pages_per_request, with_flex=False)
+                    state["paged"] = (paged, paged.fill(cache, slots, [total] * requests, seed=chunk))
+                paged, table = state["paged"]
+                indptr, indices, last = page_lists(table, [total] * requests, PAGE_SIZE)
+                pages = paged.k.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+                values = paged.v.view(-1, PAGE_SIZE, NUM_KV_HEADS, HEAD_DIM)
+                return fi_prefill(q, pages, values, cu_q_host, indptr, indices, last, PAGE_SIZE, kernel)
+
+            return build
+
+        for kernel in ("fa3", "fa2"):
+            kernels[f"fi_{kernel}_paged"] = runner.measure(f"fi_{kernel}_paged", label, build_fi_paged(kernel), check)
+        state.clear()
         kernels["flex_paged"] = measure_flex_prefill(runner, label, q, requests, chunk, prior, slots, check)
         flops = causal_flops(chunk, prior) * requests
         for r in kernels.values():
@@ -693,9 +841,11 @@ def run_prefill(runner: Runner, args) -> dict:
                 r["tflops"] = flops / (r["time_us"] * 1e-6) / 1e12
                 r["fraction_of_gemm"] = r["tflops"] / runner.gemm_tflops
         point = {"requests": requests, "chunk": chunk, "prior": prior, "flops": flops, "kernels": kernels}
-        if all(kernels[k].get("status") == "ok" for k in PREFILL_KERNELS):
+        if all(kernels[k].get("status") == "ok" for k in ("fa2_varlen", "flex_paged")):
             point["speedup_vs_paged"] = kernels["flex_paged"]["time_us"] / kernels["fa2_varlen"]["time_us"]
             point["speedup_target_met"] = point["speedup_vs_paged"] >= PREFILL_SPEEDUP_TARGET
+        if all(kernels[k].get("status") == "ok" for k in ("fi_slots", "fi_fa3_paged")):
+            point["fi_slots_vs_fi_fa3_paged"] = kernels["fi_fa3_paged"]["time_us"] / kernels["fi_slots"]["time_us"]
         results.append(point)
         cells = []
         for name in PREFILL_KERNELS:
@@ -705,11 +855,12 @@ def run_prefill(runner: Runner, args) -> dict:
                 if r.get("status") == "ok"
                 else f"{r.get('status', '-'):>16}"
             )
-        speed = point.get("speedup_vs_paged")
+        speed, vs_fi = point.get("speedup_vs_paged"), point.get("fi_slots_vs_fi_fa3_paged")
         print(
             f"{requests:>4} {chunk:>6} {prior:>6} | "
             + " | ".join(cells)
-            + (f" | {speed:5.2f}x {'ok' if point['speedup_target_met'] else 'NO'}" if speed else " |     -"),
+            + (f" | {speed:5.2f}x {'ok' if point['speedup_target_met'] else 'NO'}" if speed else " |     -")
+            + (f" | {vs_fi:5.2f}x" if vs_fi else " |     -"),
             flush=True,
         )
         free_gpu_memory()
@@ -824,7 +975,7 @@ def plot(payload: dict, out_dir: Path) -> list[Path]:
         ax.set_xticks([x + width * (len(PREFILL_KERNELS) - 1) / 2 for x in range(len(ppoints))])
         ax.set_xticklabels([f"{p['requests']}x{p['chunk'] // 1024}K\n+{p['prior'] // 1024}K ctx" for p in ppoints])
         ax.set_ylabel("TFLOP/s (causal useful FLOPs)")
-        ax.set_title("Prefill attention: non-paged FA2 over the cache vs paged FlexAttention (page 16)")
+        ax.set_title("Prefill attention over the cache (fa2_varlen, fi_slots) vs paged kernels (page 16)")
         ax.legend(fontsize=8)
         path = out_dir / "attention_prefill_tflops.png"
         fig.tight_layout()
@@ -847,6 +998,10 @@ def summarise_targets(payload: dict) -> dict:
     speed_all = [p["speedup_vs_best_paged"] for p in decode if "speedup_vs_best_paged" in p]
     speed_big = [p["speedup_vs_best_paged"] for p in big if "speedup_vs_best_paged" in p]
     prefill = [p["speedup_vs_paged"] for p in payload["prefill"]["points"] if "speedup_vs_paged" in p]
+    vs_fi_decode = [p["triton_split_vs_fi_paged_tc"] for p in decode if "triton_split_vs_fi_paged_tc" in p]
+    vs_fi_prefill = [
+        p["fi_slots_vs_fi_fa3_paged"] for p in payload["prefill"]["points"] if "fi_slots_vs_fi_fa3_paged" in p
+    ]
 
     def stats(values):
         return {"n": len(values), "min": min(values), "median": statistics.median(values)} if values else {"n": 0}
@@ -869,6 +1024,19 @@ def summarise_targets(payload: dict) -> dict:
             "points_b_l_ge_64k": stats(speed_big),
             "points_meeting": sum(s >= DECODE_SPEEDUP_TARGET for s in speed_all),
             "met": bool(speed_all) and len(speed_all) == len(decode) and min(speed_all) >= DECODE_SPEEDUP_TARGET,
+        },
+        "decode_vs_flashinfer_paged": {
+            "target": f"triton_split >= {FI_DECODE_TARGET}x fi_paged_tc at every point",
+            **stats(vs_fi_decode),
+            "points_meeting": sum(s >= FI_DECODE_TARGET for s in vs_fi_decode),
+            "met": bool(vs_fi_decode) and len(vs_fi_decode) == len(decode) and min(vs_fi_decode) >= FI_DECODE_TARGET,
+        },
+        "prefill_slots_vs_flashinfer_paged": {
+            "target": f"fi_slots >= {FI_PREFILL_TARGET}x fi_fa3_paged at every point",
+            **stats(vs_fi_prefill),
+            "met": bool(vs_fi_prefill)
+            and len(vs_fi_prefill) == len(payload["prefill"]["points"])
+            and min(vs_fi_prefill) >= FI_PREFILL_TARGET,
         },
         "prefill_speedup_vs_paged": {
             "target": f">= {PREFILL_SPEEDUP_TARGET}x flex_paged",
@@ -1050,6 +1218,11 @@ def main() -> int:
         f"({t['decode_speedup_vs_paged']['points_meeting']} points meet it) -> "
         f"{'MET' if t['decode_speedup_vs_paged']['met'] else 'NOT MET'}"
     )
+    for key, label in (
+        ("decode_vs_flashinfer_paged", "decode vs FlashInfer"),
+        ("prefill_slots_vs_flashinfer_paged", "prefill vs FlashInfer"),
+    ):
+        print(f"  {label:<17} {t[key]['target']}: {_fmt_stats(t[key])} -> {'MET' if t[key]['met'] else 'NOT MET'}")
     print(
         f"  prefill vs paged  {t['prefill_speedup_vs_paged']['target']}: "
         f"{_fmt_stats(t['prefill_speedup_vs_paged'])} -> {'MET' if t['prefill_speedup_vs_paged']['met'] else 'NOT MET'}"

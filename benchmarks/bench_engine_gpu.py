@@ -13,8 +13,12 @@
 4. Page mapping hidden: 128 requests whose decode crosses a 1024-token page boundary in lockstep, run on a cold
    cache (every page mapped on demand, while the GPU computes) and again on the pages the first run left mapped
    (deferred reclamation: nothing to map). Decode-loop times compared (and whole runs, and median decode steps).
-5. The paged baseline: the same engine over a vLLM-style block pool with block tables and the paged twin of the
-   decode kernel (``benchmarks/paged_kv.py``), on the decode-heavy and the default throughput workloads.
+5. The paged baseline: the same engine over a vLLM-style block pool with block tables, the paged twin of the
+   decode kernel and FlashInfer's paged prefill where importable (``benchmarks/paged_kv.py``), on the decode-heavy
+   and the default throughput workloads.
+
+``--layouts`` runs only the two workloads on the engines named by ``--engines`` (KV layouts, the prefill kernel, the
+paged mode with or without FlashInfer), one after the other, into ``results/<--name>.json``.
 """
 
 from __future__ import annotations
@@ -224,28 +228,45 @@ def finish(result: dict) -> None:
     write_result("engine_h100" if "H100" in result["machine"].get("gpu", "") else "engine_gpu", result)
 
 
-def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: float, scale: int) -> None:
-    """The decode-heavy and default workloads on the layer-major cache, the token-major cache (every layer of a
-    token in one page: 16 tokens a 2 MiB page instead of 1024) and the paged-KV mode, one engine after the other.
-    Each engine's greedy outputs are first checked against the model itself (teacher-forced)."""
+def layout_engines(config: EngineConfig) -> dict:
+    """The engines ``--layouts`` can compare, by name -> a builder. Each layout and attention backend named
+    explicitly (the engine's GPU default is the token-major cache with ``attention_backend="auto"``: FlashInfer's
+    prefill where it is importable)."""
     from benchmarks.paged_kv import build_paged_engine
 
-    builders = {
-        # Each layout named explicitly: the engine's default on the GPU is token-major.
-        "layer_major": lambda: LLMEngine(
-            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_layout="layer_major"))
-        ),
-        "token_major": lambda: LLMEngine(
-            dataclasses.replace(config, cache=dataclasses.replace(config.cache, kv_cache_layout="token_major"))
-        ),
-        "paged": lambda: build_paged_engine(config),
+    def vattention(layout: str, backend: str = "auto"):
+        cache = dataclasses.replace(config.cache, kv_cache_layout=layout)
+        model = dataclasses.replace(config.model, attention_backend=backend)
+        return lambda: LLMEngine(dataclasses.replace(config, cache=cache, model=model))
+
+    return {
+        "layer_major": vattention("layer_major"),
+        "token_major": vattention("token_major"),
+        "token_major_fa2": vattention("token_major", "triton_flash"),  # torch's FA2 varlen for prefill rows
+        "paged": lambda: build_paged_engine(config),  # FlashInfer's paged prefill where importable
+        "paged_gather": lambda: build_paged_engine(config, prefill_kernel="gather"),
     }
+
+
+def compare_layouts(
+    config: EngineConfig, result: dict, bandwidth: float, gemm: float, scale: int, names: list[str], out_name: str
+) -> None:
+    """The decode-heavy and default workloads on each engine of ``names`` (``layout_engines``), one after the
+    other in this process. Each engine's greedy outputs are first checked against the model itself (teacher-forced).
+    Writes ``results/<out_name>.json``."""
+    engines = layout_engines(config)
+    unknown = sorted(set(names) - set(engines))
+    if unknown:
+        raise SystemExit(f"unknown engines {unknown}; choose from {sorted(engines)}")
+    builders = {name: engines[name] for name in names}
     for name, build in builders.items():
         engine = None
         try:
             t = time.perf_counter()
             engine = build()
             entry = result[name] = {"start_s": time.perf_counter() - t}
+            backend = engine.runner.model.attn_backend
+            entry["attention_backend"] = backend.name
             stats = engine.stats()
             entry["kv_pool_bytes"] = stats.num_total_pages * stats.page_size_bytes
             model = engine.runner.model
@@ -280,7 +301,9 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
                     {k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry[label].items()},
                     flush=True,
                 )
-            del recorder, model
+            planner = getattr(backend, "prefill_planner", None)  # made at the first prefill that uses it
+            entry["prefill_kernel"] = f"flashinfer {planner.kernel}" if planner is not None else "torch fa2 varlen"
+            del recorder, model, backend, planner
         except Exception as e:  # one engine's failure must not cost the others
             result.setdefault(name, {})["error"] = repr(e)
             print(name, "failed:", repr(e), flush=True)
@@ -289,17 +312,17 @@ def compare_layouts(config: EngineConfig, result: dict, bandwidth: float, gemm: 
             del engine
         gc.collect()
         torch.cuda.empty_cache()
-        write_result("engine_layouts_h100", result)
-    print("\nengine        decode-heavy tok/s  default tok/s  preemptions  greedy shortfall")
+        write_result(out_name, result)
+    print("\nengine           prefill kernel     decode-heavy tok/s  default tok/s  preemptions  greedy shortfall")
     for name in builders:
         e = result.get(name, {})
         if "error" in e or "throughput_1024_128" not in e:
-            print(f"{name:<12} failed: {e.get('error')}")
+            print(f"{name:<16} failed: {e.get('error')}")
             continue
         d, t = e["decode_heavy_256_1024"], e["throughput_1024_128"]
         print(
-            f"{name:<12} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} {d['preemptions'] + t['preemptions']:>12} "
-            f"{e['greedy_shortfall_max']:>17.4f}"
+            f"{name:<16} {e['prefill_kernel']:<18} {d['output_tok_s']:>18.0f} {t['output_tok_s']:>14.0f} "
+            f"{d['preemptions'] + t['preemptions']:>12} {e['greedy_shortfall_max']:>17.4f}"
         )
 
 
@@ -309,9 +332,16 @@ def main() -> None:
     parser.add_argument(
         "--layouts",
         action="store_true",
-        help="only compare the layer-major cache, the token-major cache and the paged-KV mode "
-        "(writes results/engine_layouts_h100.json)",
+        help="only compare engines (KV layouts, prefill kernels, the paged-KV mode; see --engines); writes "
+        "results/<--name>.json",
     )
+    parser.add_argument(
+        "--engines",
+        default="token_major,paged,layer_major",
+        help="with --layouts: comma-separated engines, run one after the other (layer_major, token_major, "
+        "token_major_fa2, paged, paged_gather)",
+    )
+    parser.add_argument("--name", default="engine_layouts_h100", help="with --layouts: the result's name")
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     torch.manual_seed(0)
@@ -331,7 +361,7 @@ def main() -> None:
         }
     )
     if args.layouts:
-        compare_layouts(config, result, bandwidth, gemm, scale)
+        compare_layouts(config, result, bandwidth, gemm, scale, args.engines.split(","), args.name)
         return
 
     base_requests = workload(64 // scale, 1024, 128, 128256, seed=1)

@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# One device-tool call on a 4 x H100 machine: installs .whl/ (Ray Serve + pyzmq, see
-# ../shared/tools/gpu-ray-wheels.sh and benchmarks/gpu_wheels.sh), then runs a stage, logs under $OUT.
+# One device-tool call on a 4 x H100 machine: installs the wheels sent along (.whl/: Ray Serve + pyzmq, see
+# ../shared/tools/gpu-ray-wheels.sh and benchmarks/gpu_wheels.sh; .whl-fi/: FlashInfer, see
+# ../shared/tools/gpu-flashinfer-wheels.sh; the two do not fit one call), then runs a stage, logs under $OUT.
 #   suite:  GPU 2 the GPU stress suite (then the prefix benchmark, engine mode); GPU 3 bench_load.py;
 #           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2) -- the four in parallel.
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
+#   kernels: (with .whl-fi) GPU 0 the FlashInfer GPU tests, then bench_attention.py; GPU 1 bench_engine_gpu.py
+#           --layouts on the token-major and paged engines (FlashInfer prefill in both), then bench_load.py; GPU 2
+#           --layouts on the other engines (torch FA2 prefill, gathered paged prefill, layer-major); GPU 3
+#           bench_engine_gpu.py in full -- the four in parallel.
 set -uo pipefail
 stage=$1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-} RAY_AUTH_MODE=disabled
+wheels=$(ls .whl/*.whl .whl-fi/*.whl 2>/dev/null)
+[ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site $wheels
+export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-} RAY_AUTH_MODE=disabled MAX_JOBS=${MAX_JOBS:-16}
 export VATTN_COMMIT=${VATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -c "import ray.dashboard.optional_deps" 2>&1 | tail -1 | sed 's/^/metrics agent deps: /'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt"
@@ -58,6 +65,36 @@ shards)
   gpu_suite 3 engine tests/engine &
   wait
   for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
+  ;;
+kernels)
+  python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)"
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 180 \
+      tests/engine/test_attention.py tests/benchmarks/test_paged_kv.py > "$OUT/gpu_tests_kernels.log" 2>&1
+    echo "rc=$?" >> "$OUT/gpu_tests_kernels.log"
+    CUDA_VISIBLE_DEVICES=0 timeout 400 python3 benchmarks/bench_attention.py --budget-s 200 \
+      > "$OUT/attention_h100.log" 2>&1
+    cp benchmarks/results/attention_h100.json benchmarks/results/attention_*.png "$OUT/" 2>/dev/null
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=1 timeout 330 python3 benchmarks/bench_engine_gpu.py --layouts \
+      --engines token_major,paged --name engine_layouts_h100 > "$OUT/engine_layouts_h100.log" 2>&1
+    cp benchmarks/results/engine_layouts_h100.json "$OUT/" 2>/dev/null
+    CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_load.py --dir /tmp/vattn_bench_load \
+      > "$OUT/load_h100.log" 2>&1
+    cp benchmarks/results/load_h100.json "$OUT/" 2>/dev/null
+  ) &
+  (
+    CUDA_VISIBLE_DEVICES=2 timeout 540 python3 benchmarks/bench_engine_gpu.py --layouts \
+      --engines token_major_fa2,paged_gather,layer_major --name engine_layouts_more_h100 \
+      > "$OUT/engine_layouts_more_h100.log" 2>&1
+    cp benchmarks/results/engine_layouts_more_h100.json "$OUT/" 2>/dev/null
+  ) &
+  CUDA_VISIBLE_DEVICES=3 timeout 540 python3 benchmarks/bench_engine_gpu.py > "$OUT/engine_h100.log" 2>&1
+  cp benchmarks/results/engine_h100.json "$OUT/" 2>/dev/null
+  wait
+  tail -4 "$OUT/gpu_tests_kernels.log"; tail -32 "$OUT/attention_h100.log"; tail -5 "$OUT/engine_layouts_h100.log"
+  tail -6 "$OUT/engine_layouts_more_h100.log"; tail -6 "$OUT/load_h100.log"; tail -15 "$OUT/engine_h100.log"
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.

@@ -15,12 +15,14 @@ layers — with only the KV layout and its addressing swapped for vLLM's:
 
 What it is not: vLLM. Differences that matter when reading its figures:
 
-* Prefill and the prefill chunks of mixed batches gather each sequence's K/V (context + new tokens) through its block
-  table into contiguous temporaries, then run the same FA2 varlen call as ``engine/attention/torch_flash.py``. vLLM's
-  FlashAttention reads the paged cache directly (torch's FA2 takes a ``block_table`` only for blocks of 256 tokens),
-  so this mode pays an extra read + write of the prefilled sequences' K/V per layer: it flatters vAttention on
-  prefill-heavy work. Decode rows of a mixed batch do not pay it: they go through the paged decode kernel, which the
-  product's FA2 varlen path does not (a small edge for this baseline).
+* Prefill and the prefill chunks of mixed batches: where FlashInfer is importable, its paged prefill kernel (FA3 on
+  Hopper) reads the blocks in place, as in vLLM and SGLang on this GPU, and the vAttention engine runs the same
+  kernel over its slots (``engine/attention/flashinfer.py``). Without it (or with ``prefill_kernel="gather"``,
+  ``GatherPrefillPagedBackend``) each sequence's K/V (context + new tokens) is gathered through its block table into
+  contiguous temporaries for the FA2 varlen call of ``engine/attention/torch_flash.py`` (torch's FA2 takes a
+  ``block_table`` only for blocks of 256 tokens): an extra read + write of the prefilled sequences' K/V per layer
+  that flatters vAttention on prefill-heavy work. Decode rows of a mixed batch go through the paged decode kernel
+  in both engines.
 * No prefix caching, no block sharing, no swapping: recompute preemption exactly as the product's scheduler does.
 * Blocks are allocated when the scheduler grows a slot (as vLLM allocates in its scheduler); nothing is prefetched,
   and a finished request's blocks return to the free queue at once (no deferred reclamation).
@@ -39,6 +41,7 @@ import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -377,12 +380,21 @@ class _PrefillRows:
 
 
 @dataclass(frozen=True)
+class _PlannedPrefill:
+    """Sequences with several query tokens, read by FlashInfer's paged prefill straight from the pool:
+    ``q_index [Tp]`` int64 (their rows of ``q``) and the wrapper planned over their blocks."""
+
+    q_index: torch.Tensor
+    plan: Any
+
+
+@dataclass(frozen=True)
 class _PagedMetadata:
     """What every layer of one forward needs: ``write_rows [T]`` int64, each new token's row in the pool."""
 
     write_rows: torch.Tensor
     decode: _DecodeRows | None
-    prefill: _PrefillRows | None
+    prefill: _PrefillRows | _PlannedPrefill | None
 
 
 def _pool_rows(block_table: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -400,9 +412,15 @@ class PagedAttentionBackend(AttentionBackend):
     Args:
         decode_kernel: ``"triton"`` (the paged split-KV kernel), ``"torch"`` (gathered K/V, masked SDPA), or None:
             Triton on a CUDA device in 16-bit, where the product engine uses its Triton kernel; torch elsewhere.
+
+    Prefill rows (``prefill_kernel``, a class attribute): ``"flashinfer"``, FlashInfer's paged prefill (FA3 on
+    Hopper) reading the blocks in place, as vLLM and SGLang run it; ``"gather"``, K/V gathered through the table
+    into contiguous temporaries for FA2 varlen (or torch off the fast device); None: FlashInfer where it is
+    importable and has a kernel for the cache (16-bit CUDA), else gather.
     """
 
     name = "paged"
+    prefill_kernel: str | None = None
 
     def __init__(
         self,
@@ -416,7 +434,26 @@ class PagedAttentionBackend(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         if decode_kernel not in (None, "triton", "torch"):
             raise ValueError(f"decode_kernel must be None, 'triton' or 'torch', got {decode_kernel!r}")
+        if self.prefill_kernel not in (None, "flashinfer", "gather"):
+            raise ValueError(f"prefill_kernel must be None, 'flashinfer' or 'gather', got {self.prefill_kernel!r}")
         self.decode_kernel = decode_kernel
+        self.prefill_planner = None  # FlashInfer's PagedPrefill, made at the first prefill that uses it
+
+    def _planner(self, kv_cache: PagedKVCache):
+        """FlashInfer's planner where prefill rows go through it, else None (see ``prefill_kernel``)."""
+        if self.prefill_kernel == "gather" or self.prefill_planner is not None:
+            return self.prefill_planner
+        try:
+            from engine.attention.flashinfer import PagedPrefill
+        except ImportError:
+            PagedPrefill = None
+        else:
+            self.prefill_planner = PagedPrefill.for_cache(
+                self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
+            )
+        if self.prefill_planner is None and self.prefill_kernel == "flashinfer":
+            raise ValueError("prefill_kernel 'flashinfer' needs FlashInfer and a 16-bit CUDA cache")
+        return self.prefill_planner
 
     @staticmethod
     def _is_fast_device(x: torch.Tensor) -> bool:
@@ -434,8 +471,7 @@ class PagedAttentionBackend(AttentionBackend):
             kv_cache.commit_block_table()
         return self._build_metadata(batch, kv_cache)
 
-    @staticmethod
-    def _build_metadata(batch: ForwardBatch, kv_cache: PagedKVCache) -> _PagedMetadata:
+    def _build_metadata(self, batch: ForwardBatch, kv_cache: PagedKVCache) -> _PagedMetadata:
         table = kv_cache.block_table
         device = batch.device
         if batch.is_decode_only:
@@ -460,7 +496,20 @@ class PagedAttentionBackend(AttentionBackend):
                 to_device([seq_lens[i] for i in dec], torch.int32, device),
                 max(seq_lens[i] for i in dec),
             )
-        if pre:
+        planner = self._planner(kv_cache) if pre else None
+        if planner is not None:
+            # Each sequence's first ceil(len / 16) blocks, the last holding the rest of its tokens.
+            cu_q, kv_indptr, blocks, last_lens = [0], [0], [], []
+            for i in pre:
+                count = _cdiv(seq_lens[i], BLOCK_SIZE_TOKENS)
+                cu_q.append(cu_q[-1] + query_lens[i])
+                kv_indptr.append(kv_indptr[-1] + count)
+                blocks.extend(kv_cache.slot_block_ids(slot_ids[i])[:count])
+                last_lens.append(seq_lens[i] - (count - 1) * BLOCK_SIZE_TOKENS)
+            q_index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pre])
+            plan = planner.plan(cu_q, kv_indptr, blocks, last_lens, BLOCK_SIZE_TOKENS)
+            prefill = _PlannedPrefill(to_device(q_index, torch.int64, device), plan)
+        elif pre:
             pre_lens = torch.tensor([seq_lens[i] for i in pre])
             cu_q, cu_k = [0], [0]
             for i in pre:
@@ -504,7 +553,13 @@ class PagedAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)
         if decode is not None:
             out.index_copy_(0, decode.q_index, self._decode(q.index_select(0, decode.q_index), k_rows, v_rows, decode))
-        if prefill is not None:
+        if isinstance(prefill, _PlannedPrefill):
+            out.index_copy_(
+                0,
+                prefill.q_index,
+                prefill.plan.run(q.index_select(0, prefill.q_index), (kv_cache.k[layer], kv_cache.v[layer])),
+            )
+        elif prefill is not None:
             out.index_copy_(
                 0, prefill.q_index, self._prefill(q.index_select(0, prefill.q_index), k_rows, v_rows, prefill)
             )
@@ -590,26 +645,34 @@ class PagedAttentionBackend(AttentionBackend):
         return out
 
 
+class GatherPrefillPagedBackend(PagedAttentionBackend):
+    """``PagedAttentionBackend`` whose prefill rows gather K/V for FA2 varlen: the paged mode without FlashInfer."""
+
+    name = "paged_gather"
+    prefill_kernel = "gather"
+
+
 class PagedExecutor(LocalExecutor):
-    """``LocalExecutor`` over ``PagedKVCache`` + ``PagedAttentionBackend``.
+    """``LocalExecutor`` over ``PagedKVCache`` + ``PagedAttentionBackend`` (or ``backend``, a subclass).
 
     Before each forward it queues the block-table update (a CUDA graph replay runs no backend code that could): the
     scheduler grew the slots for this step on the host while the previous step may still run on the device; that
     step was queued before the copy, so it still reads its own table.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config, kv_cache_factory=PagedKVCache, attention_backend=PagedAttentionBackend)
+    def __init__(self, config: EngineConfig, backend: type[PagedAttentionBackend] = PagedAttentionBackend) -> None:
+        super().__init__(config, kv_cache_factory=PagedKVCache, attention_backend=backend)
 
     def run(self, seqs, prev_token_ids=None, prev_rows=None) -> torch.Tensor:
         self.kv_cache.commit_block_table()
         return super().run(seqs, prev_token_ids, prev_rows)
 
 
-def build_paged_engine(config: EngineConfig) -> LLMEngine:
+def build_paged_engine(config: EngineConfig, prefill_kernel: str | None = None) -> LLMEngine:
     """The engine of ``config`` with a paged KV cache (blocks of 16 tokens) and paged attention: the benchmark's
     vLLM-like baseline. ``cache.page_size_bytes`` and ``cache.prefetch_tokens`` do not apply; the pool gets the bytes
-    the vAttention cache would.
+    the vAttention cache would. ``prefill_kernel``: ``"gather"`` for ``GatherPrefillPagedBackend``, else
+    ``PagedAttentionBackend``'s choice.
 
     Raises:
         ValueError: ``tensor_parallel_size`` other than 1 (the paged mode runs on one device).
@@ -618,4 +681,7 @@ def build_paged_engine(config: EngineConfig) -> LLMEngine:
         raise ValueError(
             f"tensor_parallel_size must be 1 for the paged benchmark mode, got {config.model.tensor_parallel_size}"
         )
-    return LLMEngine(config, executor_factory=PagedExecutor)
+    if prefill_kernel not in (None, "gather"):
+        raise ValueError(f"prefill_kernel must be None or 'gather', got {prefill_kernel!r}")
+    backend = GatherPrefillPagedBackend if prefill_kernel == "gather" else PagedAttentionBackend
+    return LLMEngine(config, executor_factory=lambda c: PagedExecutor(c, backend))

@@ -6,11 +6,12 @@ the allowed range, so a bad YAML/HTTP value fails at construction rather than de
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, fields
 
 from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, LAYOUTS
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "triton_flash", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "torch_flash", "triton_flash", "flashinfer", "flash_attn")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 DEFAULT_MAX_SEQ_LEN = 4096
@@ -49,9 +50,10 @@ class ModelConfig:
             See ``engine.weights.resolve_model``.
         dtype: ``"auto"`` = float32 on CPU, bfloat16 on GPU; or an explicit torch dtype name.
         device: ``"auto"`` = ``"cuda"`` when available else ``"cpu"``; or ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32); on GPU ``flash_attn`` when
-            importable, else ``triton_flash`` (Triton split-KV decode + FA2 varlen prefill) when Triton is,
-            else ``torch_flash``; or one of those names.
+        attention_backend: ``"auto"`` = ``sdpa`` on CPU (or in float32); on GPU ``flashinfer`` (Triton
+            split-KV decode + FlashInfer's FA3 prefill on Hopper, FA2 elsewhere) when FlashInfer and Triton are
+            importable, else ``flash_attn`` when it is, else ``triton_flash`` (Triton split-KV decode + torch's FA2
+            varlen prefill) when Triton is, else ``torch_flash``; or one of those names.
         seed: seed for dummy weights.
         tensor_parallel_size: number of tensor-parallel ranks.
         enforce_eager: never use CUDA graphs (decode steps are otherwise replayed from graphs
@@ -113,18 +115,21 @@ class ModelConfig:
         # FlashAttention kernels take only 16-bit inputs.
         if self.resolved_device() == "cpu" or self.resolved_dtype() == torch.float32:
             return "sdpa"
-        try:
-            import flash_attn  # noqa: F401
-
+        has_triton = _importable("triton")
+        if has_triton and _importable("flashinfer"):
+            return "flashinfer"
+        if _importable("flash_attn"):
             return "flash_attn"
-        except ImportError:
-            pass
-        try:
-            import triton  # noqa: F401
+        return "triton_flash" if has_triton else "torch_flash"
 
-            return "triton_flash"
-        except ImportError:
-            return "torch_flash"
+
+def _importable(module: str) -> bool:
+    """Whether ``import module`` succeeds (an installed but broken package counts as absent)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass

@@ -160,6 +160,7 @@ class ModelRunner:
             )
         )
         self.eos_token_ids = self._eos_token_ids()
+        self.model.attn_backend.compile_kernels(self.kv_cache)
         self.graph_runner = None
         if (
             self.device.type == "cuda"

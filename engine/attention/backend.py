@@ -84,6 +84,11 @@ class AttentionBackend(ABC):
         """What every layer of this forward needs to find the batch's KV in ``kv_cache``: ``SlotRows``."""
         return slot_rows(batch, kv_cache.slot_stride_tokens)
 
+    def compile_kernels(self, kv_cache: KVCache) -> None:
+        """Builds what the backend compiles on first use (the model runner asks once the cache exists, so that no
+        request's step waits for a compiler); nothing for backends whose kernels are built ahead."""
+        return None
+
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: Any, kv_cache: KVCache) -> None:
         """Store ``k, v [T, H_kv, D]`` at rows ``meta.slot_mapping`` of layer ``layer``'s cache.
         The rows must be mapped (the engine grows slots before the forward). On CUDA one fused launch writes
@@ -125,11 +130,12 @@ def store_kv(kv_cache: Any, layer: int, k: torch.Tensor, v: torch.Tensor, rows: 
 def get_attention_backend(
     name: str, num_heads: int, num_kv_heads: int, head_dim: int, scale: float | None = None
 ) -> AttentionBackend:
-    """Instantiate the backend called ``name`` (``sdpa``, ``torch_flash``, ``triton_flash`` or ``flash_attn``).
+    """Instantiate the backend called ``name`` (``sdpa``, ``torch_flash``, ``triton_flash``, ``flashinfer`` or
+    ``flash_attn``).
 
     Raises:
         ValueError: unknown name.
-        ImportError: ``flash_attn`` asked for but not importable.
+        ImportError: ``flash_attn`` or ``flashinfer`` asked for but not importable.
     """
     if name == "sdpa":
         from engine.attention.sdpa import SDPABackend as cls
@@ -137,10 +143,13 @@ def get_attention_backend(
         from engine.attention.torch_flash import TorchFlashBackend as cls
     elif name == "triton_flash":
         from engine.attention.triton_flash import TritonFlashBackend as cls
+    elif name == "flashinfer":
+        from engine.attention.flashinfer import FlashInferBackend as cls
     elif name == "flash_attn":
         from engine.attention.flash_attn import FlashAttnBackend as cls
     else:
         raise ValueError(
-            f"attention_backend must be 'sdpa', 'torch_flash', 'triton_flash' or 'flash_attn', got {name!r}"
+            "attention_backend must be 'sdpa', 'torch_flash', 'triton_flash', 'flashinfer' or 'flash_attn', "
+            f"got {name!r}"
         )
     return cls(num_heads, num_kv_heads, head_dim, scale)

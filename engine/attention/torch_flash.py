@@ -17,16 +17,26 @@ class TorchFlashBackend(AttentionBackend):
     name = "torch_flash"
 
     def attend(self, layer, q, batch, meta, kv_cache):
-        return self._varlen(
+        return self._prefill(layer, q, batch, meta, kv_cache, 0)
+
+    def _prefill(self, layer, q, batch, meta, kv_cache, first, out=None):
+        """Attention of the batch's sequences ``first..`` (``q`` holds only their rows; every sequence before
+        ``first`` has one row), into ``out`` when given; returns the output."""
+        cu_seqlens_q = batch.cu_seqlens_q if first == 0 else batch.cu_seqlens_q[first:] - first
+        result = self._varlen(
             q,
             kv_cache.k_flat[layer],
             kv_cache.v_flat[layer],
-            batch.cu_seqlens_q,
-            meta.kv_start_rows,
-            batch.seq_lens,
+            cu_seqlens_q,
+            meta.kv_start_rows[first:],
+            batch.seq_lens[first:],
             batch.max_query_len,
             batch.max_seq_len,
         )
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
 
     def _varlen(self, q, k_flat, v_flat, cu_seqlens_q, slot_starts, seq_lens, max_query_len, max_seq_len):
         """FA2 varlen over the cache: ``q [T, H, D]`` with offsets ``cu_seqlens_q [N+1]``; sequence ``i``'s K/V are

@@ -31,7 +31,7 @@ class TritonFlashBackend(TorchFlashBackend):
                 q, k_flat, v_flat, meta.kv_start_rows[:-1], batch.seq_lens, self.scale, max_seq_len=batch.max_seq_len
             )
         if num_decodes == 0:
-            return super().attend(layer, q, batch, meta, kv_cache)
+            return self._prefill(layer, q, batch, meta, kv_cache, 0)
         n = num_decodes  # decode rows are the first n tokens of the flat stream, one each
         out = torch.empty_like(q)
         out[:n] = self._decode(
@@ -43,14 +43,5 @@ class TritonFlashBackend(TorchFlashBackend):
             self.scale,
             max_seq_len=batch.max_seq_len,
         )
-        out[n:] = self._varlen(
-            q[n:],
-            k_flat,
-            v_flat,
-            batch.cu_seqlens_q[n:] - n,
-            meta.kv_start_rows[n:],
-            batch.seq_lens[n:],
-            batch.max_query_len,
-            batch.max_seq_len,
-        )
+        self._prefill(layer, q[n:], batch, meta, kv_cache, n, out=out[n:])
         return out

@@ -13,6 +13,7 @@ block-table copies under asynchronous scheduling, in float32 and in bf16 (the be
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import pytest
@@ -23,6 +24,7 @@ if not torch.cuda.is_available():  # before anything imports triton: its kernels
 
 from benchmarks.paged_kv import (  # noqa: E402
     BLOCK_SIZE_TOKENS,
+    GatherPrefillPagedBackend,
     PagedAttentionBackend,
     PagedExecutor,
     PagedKVCache,
@@ -338,19 +340,39 @@ def test_paged_engine_on_cuda_matches_vattention_engine(dtype, tie):
         engine.shutdown()
 
 
+HAS_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+
+
 @pytest.mark.gpu
-def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs():
-    """bf16: the paged Triton decode (graph replay) and FA2 over gathered K/V (prefill, mixed batch) against the
-    product's Triton decode and in-place FA2, teacher-forced on the same tokens."""
+@pytest.mark.parametrize(
+    "model,paged_backend",
+    [
+        ("tiny-llama", PagedAttentionBackend),  # head dim 16: no FlashInfer kernel, FA2 over gathered K/V
+        ("smollm2-135m", GatherPrefillPagedBackend),
+        pytest.param(
+            "smollm2-135m",
+            PagedAttentionBackend,
+            marks=pytest.mark.skipif(not HAS_FLASHINFER, reason="flashinfer not installed"),
+        ),
+    ],
+)
+def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs(model, paged_backend):
+    """bf16: the paged Triton decode (graph replay) and the paged mode's prefill (FlashInfer over the blocks where
+    installed and the head dim has a kernel, else FA2 over gathered K/V), in a prefill and a mixed batch, against the
+    product's Triton decode and its own prefill (FlashInfer over the slots, or FA2 in place), teacher-forced on the
+    same tokens."""
     values = {
-        "model": "dummy:tiny-llama",
+        "model": f"dummy:{model}",
         "device": "cuda",
         "dtype": "bfloat16",
         "max_batch_size": 20,
         "max_seq_len": 2048,
         "kv_cache_memory_bytes": 256 << 20,
     }
-    executors = [PagedExecutor(EngineConfig.from_dict(values)), LocalExecutor(EngineConfig.from_dict(values))]
+    executors = [
+        PagedExecutor(EngineConfig.from_dict(values), paged_backend),
+        LocalExecutor(EngineConfig.from_dict(values)),
+    ]
     try:
         gen = torch.Generator().manual_seed(1)
         prompts = [

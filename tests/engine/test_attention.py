@@ -91,34 +91,38 @@ def test_unknown_backend_raises():
         get_attention_backend("paged", NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize(
-    "name",
-    [
-        "sdpa",
-        "torch_flash",
-        "triton_flash",
-        pytest.param(
-            "flash_attn",
-            marks=pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash_attn not installed"),
-        ),
-    ],
-)
-@pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
-def test_backends_mixed_batch_gpu(name, slot_order):
-    run_backend(name, "cuda", torch.bfloat16, slot_order)
+def optional(name):
+    """The backend ``name`` as a test parameter, skipped where its package is not installed."""
+    missing = importlib.util.find_spec(name) is None
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=f"{name} not installed"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flashinfer") is not None, reason="flashinfer installed")
+def test_flashinfer_backend_without_the_package_names_it():
+    with pytest.raises(ImportError, match="flashinfer"):
+        get_attention_backend("flashinfer", NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
+@pytest.mark.parametrize(
+    "name", ["sdpa", "torch_flash", "triton_flash", optional("flashinfer"), optional("flash_attn")]
+)
+@pytest.mark.parametrize("slot_order", [[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]])
+def test_backends_mixed_batch_gpu(name, slot_order, layout):
+    run_backend(name, "cuda", torch.bfloat16, slot_order, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", ["torch_flash", "triton_flash", optional("flashinfer")])
 def test_backends_decode_only_batch_gpu(name, layout):
     run_backend(name, "cuda", torch.bfloat16, [3, 1, 4, 0, 2], seqs=DECODE_SEQS, layout=layout)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", ["torch_flash", "triton_flash"])
+@pytest.mark.parametrize("name", ["torch_flash", "triton_flash", optional("flashinfer")])
 def test_backends_decodes_first_mixed_batch_gpu(name, layout):
     """The scheduler's order: running decodes first, then prefill chunks and new prompts."""
     run_backend(name, "cuda", torch.bfloat16, [5, 2, 0, 4, 1, 3], seqs=DECODES_FIRST_SEQS, layout=layout)
