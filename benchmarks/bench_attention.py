@@ -5,7 +5,7 @@
     python benchmarks/bench_attention.py --plot-only benchmarks/results/attention_h100.json   # PNGs, no GPU
 
 Decode, Llama-3-8B shapes (32 q heads, 8 KV heads, d=128, bf16), one layer of a real ``VirtualKVCache`` on CUDA
-virtual memory, sequence ``i`` in slot ``i`` (rows ``i * slot_stride_tokens ...`` of ``k_flat[0]``):
+virtual memory, sequence ``i`` in the ``i``-th slot allocated (``slot * slot_stride_tokens ...`` rows of ``k_flat[0]``):
 
     non-paged  fa2_varlen    torch's FlashAttention-2 varlen: cu_seqlens_k = slot starts, seqused_k = lengths
                triton_split  engine/attention/triton_decode.py: split-KV, one program per (seq, KV head, split)
@@ -604,7 +604,7 @@ def run_decode(runner: Runner, args) -> dict:
             if b != batch_size:
                 continue
             label = f"decode B={b} L={n}"
-            batch = DecodeBatch(cache, list(range(b)), [n] * b, seed=b * 100003 + n)
+            batch = DecodeBatch(cache, runner.slots[:b], [n] * b, seed=b * 100003 + n)
             table = paged.fill(cache, batch.slots, batch.lens, seed=n)
             kernels = runner.decode_point(batch, paged, table, sorted({0, b - 1}), label)
             point = {"batch": b, "context": n, "tokens": b * n, "bytes_moved": batch.bytes_moved, "kernels": kernels}
@@ -621,7 +621,7 @@ def decode_checks(runner: Runner, paged: PagedCopy) -> dict:
     """Every decode kernel on varied lengths in non-monotonic slot order (slots 7..0), the engine's kv_start_rows
     convention (slot starts then 0) for FA2. Kernels failing here are disabled for the run."""
     cache = runner.cache
-    slots = list(range(CHECK_BATCH - 1, -1, -1))
+    slots = runner.slots[:CHECK_BATCH][::-1]
     lens = [min(n, cache.config.max_seq_len) for n in CHECK_LENS]
     batch = DecodeBatch(cache, slots, lens, seed=7, engine_style_cu_k=True)
     table = paged.fill(cache, slots, lens, seed=7)
@@ -763,7 +763,7 @@ def run_prefill(runner: Runner, args) -> dict:
             continue
         gen = torch.Generator(device=DEVICE).manual_seed(requests * 7 + chunk)
         q = torch.randn(requests * chunk, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE).to(DTYPE)
-        slots = list(range(requests))
+        slots = runner.slots[:requests]
         starts = [s * cache.slot_stride_tokens for s in slots]
         cu_q = torch.arange(requests + 1, dtype=torch.int32, device=DEVICE) * chunk
         cu_k = torch.tensor(starts + [starts[-1] + total], dtype=torch.int32, device=DEVICE)
@@ -1081,14 +1081,13 @@ def make_cache(max_batch: int, max_context: int):
         kv_cache_memory_bytes=pool,
     )
     cache = VirtualKVCache(config)
-    for _ in range(max_batch):
-        cache.allocate(max_context)
+    slots = [cache.allocate(max_context) for _ in range(max_batch)]  # not the cache's reserved slot
     torch.manual_seed(0)
-    for slot in range(max_batch):  # slot by slot: only mapped rows are touched
+    for slot in slots:  # slot by slot: only mapped rows are touched
         cache.k[0][slot].normal_()
         cache.v[0][slot].normal_()
     sync()
-    return cache
+    return cache, slots
 
 
 def main() -> int:
@@ -1144,7 +1143,7 @@ def main() -> int:
     prefill_points = QUICK_PREFILL if args.quick else PREFILL_POINTS
     max_batch = max([b for b, _ in decode_points] + [CHECK_BATCH] + [r for r, _, _ in prefill_points])
     max_context = max([n for _, n in decode_points] + [max(CHECK_LENS)] + [c + p for _, c, p in prefill_points])
-    cache = make_cache(max_batch, max_context)
+    cache, slots = make_cache(max_batch, max_context)
     print(
         f"cache: {max_batch} slots x {max_context} tokens, slot stride {cache.slot_stride_tokens} rows, "
         f"{cache.stats().mapped_bytes / 2**30:.1f} GiB mapped ({time.perf_counter() - start:.1f} s)",
@@ -1152,6 +1151,7 @@ def main() -> int:
     )
 
     runner = Runner(args, cache)
+    runner.slots = slots  # the batch's sequence i lives in slots[i]
     runner.t0 = start
     runner.copy_gb_s = copy_gb_s
     gemm_n = 8192 if DEVICE == "cuda" else 256

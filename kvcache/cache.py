@@ -484,7 +484,9 @@ class VirtualKVCache:
         """
         self._check_slot(slot)
         head = self._heads[slot]
-        if any(block.key != key for block, key in zip(head, keys)):
+        # The keys are chained hashes: the last of them both hold matching says every earlier one matches.
+        common = min(len(head), len(keys))
+        if common and keys[common - 1] != head[common - 1].key:
             raise KVCacheError(f"the keys do not match the registered blocks at the start of slot {slot}")
         limit = min(self._num_tokens[slot], self._mapped[slot] * self.page_size_bytes // self.token_bytes)
         registered = []
@@ -499,7 +501,7 @@ class VirtualKVCache:
             self._ref(block, +1)
             head.append(block)
             registered.append(key)
-        if registered:
+        if registered and self._journal is not None:
             self._log("register", slot, keys=tuple(b.key for b in head))
         return len(head)
 
@@ -610,10 +612,12 @@ class VirtualKVCache:
             return 0
         mapped = 0
         budget = None  # pages per buffer that free pages and free slots' pages can still give; counted once
+        token_bytes, page, active, mapped_pages = self.token_bytes, self.page_size_bytes, self._active, self._mapped
         for slot, num_tokens in next_tokens.items():
-            if not self._active[slot]:
+            # Called every step for every running slot: the common case (already mapped) in plain arithmetic.
+            if not active[slot] or num_tokens * token_bytes <= mapped_pages[slot] * page:
                 continue
-            missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - self._mapped[slot]
+            missing = self._pages_per_buffer(min(num_tokens, self.config.max_seq_len)) - mapped_pages[slot]
             if missing <= 0:
                 continue
             if budget is None:  # free slots still in flight are left alone: map_ahead never waits for the device
@@ -632,17 +636,24 @@ class VirtualKVCache:
     def _prefetch(self, next_tokens: Mapping[int, int]) -> int:
         """Maps pages within ``prefetch_tokens`` of the slots' next needs, nearest first, from free pages only and
         at most half of them: the rest stays for growth and admissions, which would otherwise unmap prefetched
-        pages again under memory pressure."""
+        pages again under memory pressure.
+
+        With hysteresis: a slot is topped up to the whole window only once fewer than half of it is mapped ahead,
+        so that its pages come several to a call (one access-setting driver call and one pass of bookkeeping for
+        the run, instead of one per page as the window slides token by token)."""
         window = self.config.prefetch_tokens
         if window == 0:
             return 0
+        low_water = (window + 1) // 2
+        token_bytes, page, max_len = self.token_bytes, self.page_size_bytes, self.config.max_seq_len
         wanted = []  # (tokens before the first unmapped row is needed, slot, pages per buffer to map)
         for slot, num_tokens in next_tokens.items():
-            if not self._active[slot]:
+            capacity = self._mapped[slot] * page  # bytes per buffer mapped for the slot
+            if not self._active[slot] or min(num_tokens + low_water, max_len) * token_bytes <= capacity:
                 continue
-            missing = self._pages_per_buffer(min(num_tokens + window, self.config.max_seq_len)) - self._mapped[slot]
+            missing = self._pages_per_buffer(min(num_tokens + window, max_len)) - self._mapped[slot]
             if missing > 0:
-                wanted.append((self._mapped[slot] * self.tokens_per_page - num_tokens, slot, missing))
+                wanted.append((capacity / token_bytes - num_tokens, slot, missing))
         limit = self.config.prefetch_pages_per_step
         rows = self._pool.num_free_pages // self.num_buffers // 2
         if limit is not None:

@@ -196,8 +196,10 @@ def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cac
         max_batch_size=4, pages_per_slot=3, pool_pages=4 * 3 * 4, prefetch_tokens=8, prefetch_pages_per_step=2 * 2
     )  # one page in each of the 4 buffers: one slot a step
     tpp = int(cache.tokens_per_page)
-    slots = [cache.allocate(tpp - 8 + i) for i in range(4)]  # 8, 7, 6, 5 tokens before their boundary
-    lengths = {s: tpp - 8 + i for i, s in enumerate(slots)}
+    slots = [cache.allocate(tpp - 4 + i) for i in range(4)]  # 4, 3, 2, 1 tokens before their boundary
+    lengths = {s: tpp - 4 + i for i, s in enumerate(slots)}
+    # 4 tokens ahead is half the window: that slot is not due yet, the others are.
+    assert cache.map_ahead({slots[0]: lengths[slots[0]]}) == 0
     assert cache.map_ahead(lengths) == 2 * 2
     assert [cache.capacity_tokens(s) for s in slots] == [tpp, tpp, tpp, 2 * tpp]  # the nearest one
     assert cache.map_ahead(lengths) == 2 * 2
@@ -209,10 +211,30 @@ def test_prefetch_is_paced_nearest_first_and_leaves_half_the_free_pages(make_cac
 
     # Without a budget, prefetch still takes at most half of the free pages (the rest is for growth).
     tight = make_cache(max_batch_size=4, pages_per_slot=3, pool_pages=4 * 4 * 2, prefetch_tokens=8)
-    near = [tight.allocate(tpp - 4) for _ in range(4)]  # 16 pages left; 4 slots want one more page per buffer
-    assert tight.map_ahead({s: tpp - 4 for s in near}) == 2 * 2 * 2
+    near = [tight.allocate(tpp - 3) for _ in range(4)]  # 16 pages left; 4 slots want one more page per buffer
+    assert tight.map_ahead({s: tpp - 3 for s in near}) == 2 * 2 * 2
     assert tight.stats().free_pages == 8
     assert_accounting(tight)
+
+
+def test_prefetch_tops_a_slot_up_to_the_window_once_half_of_it_is_used(make_cache):
+    """Hysteresis: a slot decoding token by token gets its pages several at a time (one driver run per top-up), not
+    one page each time the window slides past a page boundary; what is mapped ahead stays within the window."""
+    tpp = int(make_cache(max_batch_size=1).tokens_per_page)
+    window = 4 * tpp
+    cache = make_cache(max_batch_size=2, pages_per_slot=12, pool_pages=2 * 2 * 12, prefetch_tokens=window)
+    slot = cache.allocate(1)
+    calls = []
+    for n in range(1, 8 * tpp):
+        cache.grow(slot, n)
+        if cache.map_ahead({slot: n}):
+            calls.append((n, cache.capacity_tokens(slot)))
+        assert n <= cache.capacity_tokens(slot) <= n + window + tpp  # never more than the window (rounded up) ahead
+    # After the first top-up, a call comes only once half the window is used, and maps about half of it.
+    gaps = [b[0] - a[0] for a, b in zip(calls, calls[1:])]
+    assert gaps and all(g >= 2 * tpp - 1 for g in gaps), calls
+    assert len(calls) <= 8 * tpp // (2 * tpp) + 1
+    assert_accounting(cache)
 
 
 def test_token_major_layout_puts_every_layer_of_a_token_in_one_page(make_cache):
