@@ -184,3 +184,9 @@ router)
     | tee "$OUT/router_$layout.log" | grep -v -e '^Preemptions by' -e '^Requests by' | tail -150
   ;;
 esac
+# The device tool brings back a few files only: the logs travel as one archive, the result JSONs and plots as they are.
+(
+  cd "$OUT" || exit
+  logs=$(ls *.log *.txt gpu_stress.json 2>/dev/null)
+  [ -n "$logs" ] && tar czf /tmp/logs.tgz $logs && rm -f $logs && mv /tmp/logs.tgz logs.tgz
+)
