@@ -8,10 +8,6 @@
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
-#   kernels: (with .whl-fi) GPU 0 the FlashInfer GPU tests, then bench_attention.py; GPU 1 bench_engine_gpu.py
-#           --layouts on the token-major and paged engines (FlashInfer prefill in both), then bench_load.py; GPU 2
-#           --layouts on the other engines (torch FA2 prefill, gathered paged prefill, layer-major); GPU 3
-#           bench_engine_gpu.py in full -- the four in parallel.
 set -uo pipefail
 stage=$1
 OUT=${OUT:-/tmp/out}
@@ -24,6 +20,30 @@ export VATTN_COMMIT=${VATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || 
 python3 -c "import ray.dashboard.optional_deps" 2>&1 | tail -1 | sed 's/^/metrics agent deps: /'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt"
 quiet() { grep -v -e ' INFO ' -e 'Loading' -e '^\s*$'; }
+gpu_suite() {  # GPU, log name, pytest arguments
+  local gpu=$1 name=$2
+  shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 250 \
+    --durations=5 "$@" > "$OUT/gpu_suite_$name.log" 2>&1
+  echo "rc=$?" >> "$OUT/gpu_suite_$name.log"
+}
+suite_shards() {
+  # The GPU stress suite split over the GPUs in parallel (~150 s on 4, ~200 s with FlashInfer compiling; ~250 s on
+  # one), balanced by the durations of a full run: the stress cases of tests/gpu spread out, the rest beside them.
+  if [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then
+    (gpu_suite 0 stress_a tests/gpu -k "tm-graphs-async-0.5GiB"; gpu_suite 0 kvcache tests/kvcache) &
+    (gpu_suite 1 stress_b tests/gpu -k "lm-eager-async or tm-graphs-async-2GiB"; gpu_suite 1 benchmarks tests/benchmarks) &
+    gpu_suite 2 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k" &
+    gpu_suite 3 engine tests/engine &
+  else
+    (gpu_suite 0 stress_ab tests/gpu -k "tm-graphs-async-0.5GiB or lm-eager-async or tm-graphs-async-2GiB"
+     gpu_suite 0 kvcache tests/kvcache) &
+    (gpu_suite 1 engine tests/engine; gpu_suite 1 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k"
+     gpu_suite 1 benchmarks tests/benchmarks) &
+  fi
+  wait
+  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
+}
 case $stage in
 suite)
   (
@@ -51,100 +71,15 @@ suite)
   tail -40 "$OUT/served.log"
   ;;
 shards)
-  # The GPU stress suite split over the four GPUs in parallel (~100 s; on one GPU it takes ~250 s), balanced by the
-  # durations of a full run: the stress cases of tests/gpu spread out, the other directories beside them.
-  gpu_suite() {  # GPU, log name, pytest arguments
-    local gpu=$1 name=$2
-    shift 2
-    CUDA_VISIBLE_DEVICES=$gpu timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
-      --durations=5 "$@" > "$OUT/gpu_suite_$name.log" 2>&1
-    echo "rc=$?" >> "$OUT/gpu_suite_$name.log"
-  }
-  (gpu_suite 0 stress_a tests/gpu -k "tm-graphs-async-0.5GiB"; gpu_suite 0 kvcache tests/kvcache) &
-  (gpu_suite 1 stress_b tests/gpu -k "lm-eager-async or tm-graphs-async-2GiB"; gpu_suite 1 benchmarks tests/benchmarks) &
-  gpu_suite 2 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k" &
-  gpu_suite 3 engine tests/engine &
-  wait
-  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
-  ;;
-kernels2)
-  # The kernels stage on two GPUs: GPU 0 the FlashInfer GPU tests, bench_attention.py, bench_load.py; GPU 1 the
-  # token-major and paged engines, then the torch-FA2 and gathered-prefill ones (no layer-major, no full run).
-  python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)"
-  (
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 180 \
-      tests/engine/test_attention.py tests/benchmarks/test_paged_kv.py > "$OUT/gpu_tests_kernels.log" 2>&1
-    echo "rc=$?" >> "$OUT/gpu_tests_kernels.log"
-    CUDA_VISIBLE_DEVICES=0 timeout 330 python3 benchmarks/bench_attention.py --budget-s 120 \
-      > "$OUT/attention_h100.log" 2>&1
-    cp benchmarks/results/attention_h100.json benchmarks/results/attention_*.png "$OUT/" 2>/dev/null
-  ) &
-  CUDA_VISIBLE_DEVICES=1 timeout 330 python3 benchmarks/bench_engine_gpu.py --layouts \
-    --engines token_major,paged --name engine_layouts_h100 > "$OUT/engine_layouts_h100.log" 2>&1
-  cp benchmarks/results/engine_layouts_h100.json "$OUT/" 2>/dev/null
-  CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_engine_gpu.py --layouts \
-    --engines token_major_fa2,paged_gather --name engine_layouts_more_h100 > "$OUT/engine_layouts_more_h100.log" 2>&1
-  cp benchmarks/results/engine_layouts_more_h100.json "$OUT/" 2>/dev/null
-  wait
-  tail -4 "$OUT/gpu_tests_kernels.log"; tail -32 "$OUT/attention_h100.log"; tail -5 "$OUT/engine_layouts_h100.log"
-  tail -6 "$OUT/engine_layouts_more_h100.log"
-  ;;
-kernels)
-  python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)"
-  (
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 180 \
-      tests/engine/test_attention.py tests/benchmarks/test_paged_kv.py > "$OUT/gpu_tests_kernels.log" 2>&1
-    echo "rc=$?" >> "$OUT/gpu_tests_kernels.log"
-    CUDA_VISIBLE_DEVICES=0 timeout 400 python3 benchmarks/bench_attention.py --budget-s 200 \
-      > "$OUT/attention_h100.log" 2>&1
-    cp benchmarks/results/attention_h100.json benchmarks/results/attention_*.png "$OUT/" 2>/dev/null
-  ) &
-  (
-    CUDA_VISIBLE_DEVICES=1 timeout 330 python3 benchmarks/bench_engine_gpu.py --layouts \
-      --engines token_major,paged --name engine_layouts_h100 > "$OUT/engine_layouts_h100.log" 2>&1
-    cp benchmarks/results/engine_layouts_h100.json "$OUT/" 2>/dev/null
-    CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/bench_load.py --dir /tmp/vattn_bench_load \
-      > "$OUT/load_h100.log" 2>&1
-    cp benchmarks/results/load_h100.json "$OUT/" 2>/dev/null
-  ) &
-  (
-    CUDA_VISIBLE_DEVICES=2 timeout 540 python3 benchmarks/bench_engine_gpu.py --layouts \
-      --engines token_major_fa2,paged_gather,layer_major --name engine_layouts_more_h100 \
-      > "$OUT/engine_layouts_more_h100.log" 2>&1
-    cp benchmarks/results/engine_layouts_more_h100.json "$OUT/" 2>/dev/null
-  ) &
-  CUDA_VISIBLE_DEVICES=3 timeout 540 python3 benchmarks/bench_engine_gpu.py > "$OUT/engine_h100.log" 2>&1
-  cp benchmarks/results/engine_h100.json "$OUT/" 2>/dev/null
-  wait
-  tail -4 "$OUT/gpu_tests_kernels.log"; tail -32 "$OUT/attention_h100.log"; tail -5 "$OUT/engine_layouts_h100.log"
-  tail -6 "$OUT/engine_layouts_more_h100.log"; tail -6 "$OUT/load_h100.log"; tail -15 "$OUT/engine_h100.log"
+  suite_shards
   ;;
 final)
   # The GPU suite and the kernel and engine figures on one commit (a GPU figure counts only beside a passing suite):
-  # on 4 GPUs the shards stage, then GPU 0 bench_attention.py, GPU 1 --layouts token_major,paged, GPU 2 --layouts
-  # token_major_fa2,paged_gather, GPU 3 bench_load.py; on 2 GPUs the suite split in two, then the first two jobs.
+  # the shards stage, then GPU 0 bench_attention.py, GPU 1 --layouts token_major,paged and, on 4 GPUs, GPU 2
+  # --layouts token_major_fa2,paged_gather, GPU 3 bench_load.py.
   python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
   ngpu=$(nvidia-smi -L | wc -l)
-  gpu_suite() {  # GPU, log name, pytest arguments
-    local gpu=$1 name=$2
-    shift 2
-    CUDA_VISIBLE_DEVICES=$gpu timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 250 \
-      --durations=5 "$@" > "$OUT/gpu_suite_$name.log" 2>&1
-    echo "rc=$?" >> "$OUT/gpu_suite_$name.log"
-  }
-  if [ "$ngpu" -ge 4 ]; then
-    (gpu_suite 0 stress_a tests/gpu -k "tm-graphs-async-0.5GiB"; gpu_suite 0 kvcache tests/kvcache) &
-    (gpu_suite 1 stress_b tests/gpu -k "lm-eager-async or tm-graphs-async-2GiB"; gpu_suite 1 benchmarks tests/benchmarks) &
-    gpu_suite 2 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k" &
-    gpu_suite 3 engine tests/engine &
-  else
-    (gpu_suite 0 stress_ab tests/gpu -k "tm-graphs-async-0.5GiB or lm-eager-async or tm-graphs-async-2GiB"
-     gpu_suite 0 kvcache tests/kvcache) &
-    (gpu_suite 1 engine tests/engine; gpu_suite 1 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k"
-     gpu_suite 1 benchmarks tests/benchmarks) &
-  fi
-  wait
-  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
+  suite_shards
   left=$((${DEADLINE_S:-530} - SECONDS)); [ "$left" -lt 30 ] && left=30
   (
     CUDA_VISIBLE_DEVICES=0 timeout $left python3 benchmarks/bench_attention.py --budget-s 30 \

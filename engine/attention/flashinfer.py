@@ -17,6 +17,7 @@ buffers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from engine.attention.triton_flash import TritonFlashBackend
 if TYPE_CHECKING:
     from engine.batch import ForwardBatch
     from kvcache import KVCache
+
+logger = logging.getLogger(__name__)
 
 FLOAT_WORKSPACE_BYTES = 128 << 20  # FlashInfer's recommended size (split-KV partial outputs)
 HEAD_DIMS = (64, 128, 256)  # what FlashInfer's prefill kernels are built for
@@ -141,9 +144,10 @@ class FlashInferBackend(TritonFlashBackend):
 
         # FlashInfer's planner, made at the first prefill (None while there is none, or FlashInfer has no kernel)
         self.prefill_planner: PagedPrefill | None = None
+        self._unavailable = False  # its kernel failed to build: prefill stays on FA2 varlen
 
     def _planner(self, kv_cache: KVCache) -> PagedPrefill | None:
-        if self.prefill_planner is None:
+        if self.prefill_planner is None and not self._unavailable:
             self.prefill_planner = PagedPrefill.for_cache(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
             )
@@ -182,7 +186,11 @@ class FlashInferBackend(TritonFlashBackend):
         if planner is None:
             return
         slot = kv_cache.reserved_slot
-        plan = planner.plan([0, 1], [0, 1], [slot], [1], kv_cache.k[0].shape[1])
-        q = torch.zeros(1, self.num_heads, self.head_dim, dtype=planner.dtype, device=kv_cache.k[0].device)
-        plan.run(q, (kv_cache.k[0], kv_cache.v[0]))
-        torch.cuda.synchronize(q.device)
+        try:
+            plan = planner.plan([0, 1], [0, 1], [slot], [1], kv_cache.k[0].shape[1])
+            q = torch.zeros(1, self.num_heads, self.head_dim, dtype=planner.dtype, device=kv_cache.k[0].device)
+            plan.run(q, (kv_cache.k[0], kv_cache.v[0]))
+            torch.cuda.synchronize(q.device)
+        except Exception as exc:  # e.g. no nvcc on the machine: the engine still serves, on FA2
+            logger.warning("FlashInfer's prefill kernel is unavailable (%s); prefill runs on torch's FA2 varlen", exc)
+            self.prefill_planner, self._unavailable = None, True
