@@ -331,10 +331,17 @@ class VirtualKVCache:
 
     def _allocation_budget(self, slot: int, pages_per_buffer: int, blocks: Sequence[_Block]) -> tuple[int, int]:
         """``(pages to map, pages that free pages and reclamation can give)`` for ``slot`` to get ``blocks`` as
-        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it."""
+        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it.
+
+        The second figure is exact when it falls short of the first; otherwise it may stop at a count that already
+        covers it (free pages alone, usually): summing every slot's reclaimable pages is a pass over all slots,
+        which an admission burst would pay per request."""
         needed, given_back = self._pages_to_allocate(slot, pages_per_buffer, blocks)
         reused = sum(1 for b in blocks if b.refs == 0) * self._block_pages * self.num_buffers
-        return needed, self._pool.num_free_pages + given_back + self._reclaimable(exclude=slot) - reused
+        available = self._pool.num_free_pages + given_back - reused
+        if needed <= available:
+            return needed, available
+        return needed, available + self._reclaimable(exclude=slot)
 
     @property
     def max_request_tokens(self) -> int:
@@ -694,9 +701,10 @@ class VirtualKVCache:
         if missing <= 0:
             return
         needed = missing * self.num_buffers
-        available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
-        if needed > available:
-            raise PoolExhaustedError(needed, available)
+        if needed > self._pool.num_free_pages:  # else nothing to reclaim, and no pass over the slots to count it
+            available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
+            if needed > available:
+                raise PoolExhaustedError(needed, available)
         self._reclaim(needed, exclude=slot, wait=True)
         self._map_tail(slot, missing)
 
