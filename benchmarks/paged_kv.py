@@ -37,6 +37,7 @@ Page accounting. ``KVCacheStats`` counts a "page" as one 16-token block of one l
 from __future__ import annotations
 
 import heapq
+import importlib.util
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -438,16 +439,17 @@ class PagedAttentionBackend(AttentionBackend):
             raise ValueError(f"prefill_kernel must be None, 'flashinfer' or 'gather', got {self.prefill_kernel!r}")
         self.decode_kernel = decode_kernel
         self.prefill_planner = None  # FlashInfer's PagedPrefill, made at the first prefill that uses it
+        self._planner_decided = False
 
     def _planner(self, kv_cache: PagedKVCache):
-        """FlashInfer's planner where prefill rows go through it, else None (see ``prefill_kernel``)."""
-        if self.prefill_kernel == "gather" or self.prefill_planner is not None:
+        """FlashInfer's planner where prefill rows go through it, else None (see ``prefill_kernel``); decided at the
+        first prefill."""
+        if self.prefill_kernel == "gather" or self._planner_decided:
             return self.prefill_planner
-        try:
+        self._planner_decided = True
+        if importlib.util.find_spec("flashinfer") is not None:
             from engine.attention.flashinfer import PagedPrefill
-        except ImportError:
-            PagedPrefill = None
-        else:
+
             self.prefill_planner = PagedPrefill.for_cache(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
             )

@@ -124,10 +124,11 @@ class ModelConfig:
 
 
 def _importable(module: str) -> bool:
-    """Whether ``import module`` succeeds (an installed but broken package counts as absent)."""
+    """Whether ``import module`` succeeds (an installed but broken package counts as absent, whatever it raises:
+    a CUDA library mismatch surfaces as an ``OSError`` or a ``RuntimeError``)."""
     try:
         importlib.import_module(module)
-    except ImportError:
+    except Exception:  # noqa: BLE001 - any failure to import means the backend cannot be used
         return False
     return True
 

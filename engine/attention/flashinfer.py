@@ -73,18 +73,23 @@ class PagedPrefill:
         self._wrappers = [
             flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=self.kernel) for _ in range(2)
         ]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]  # one never recorded is complete
         self._turn = 0
 
     @classmethod
     def for_cache(
         cls, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, k: torch.Tensor
     ) -> PagedPrefill | None:
-        """A planner for K/V like ``k`` (one layer's cache tensor), or None where FlashInfer has no prefill kernel
-        for it: not CUDA, not 16-bit, or a head dim other than 64/128/256."""
+        """A planner for K/V like ``k`` (one layer's cache tensor, ``[pages, page_size, H_kv, D]``), or None where
+        FlashInfer has no prefill kernel for it: not CUDA, not 16-bit, a head dim other than 64/128/256, or (FA2, off
+        Hopper) strides past 32 bits, which its paged layout stores as 32-bit integers (a token-major slot of
+        Llama-3-8B passes that at 65,536 tokens; FA3 takes 64-bit strides)."""
         if not k.is_cuda or k.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HEAD_DIMS:
             return None
-        return cls(num_heads, num_kv_heads, head_dim, scale, k.dtype, k.device)
+        kernel = flashinfer_prefill_kernel(k.device)
+        if kernel == "fa2" and max(k.stride()) >= 2**32:
+            return None
+        return cls(num_heads, num_kv_heads, head_dim, scale, k.dtype, k.device, kernel)
 
     def plan(
         self,
@@ -99,9 +104,7 @@ class PagedPrefill:
         ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``, the last holding ``last_page_len[i]`` tokens. Host values in;
         returns the wrapper to ``run``."""
         self._turn ^= 1
-        copied = self._copied[self._turn]
-        if copied is not None:
-            copied.synchronize()  # this wrapper's pinned buffer is free again
+        self._copied[self._turn].synchronize()  # this wrapper's pinned buffer is free again
         wrapper = self._wrappers[self._turn]
         num_heads, num_kv_heads, head_dim = self.shape
         wrapper.plan(
@@ -119,9 +122,7 @@ class PagedPrefill:
             kv_data_type=self.dtype,
             non_blocking=True,
         )
-        event = torch.cuda.Event()
-        event.record()
-        self._copied[self._turn] = event
+        self._copied[self._turn].record()
         return wrapper
 
 
@@ -182,11 +183,11 @@ class FlashInferBackend(TritonFlashBackend):
         """Builds (or loads from FlashInfer's cache) the prefill kernel now, not in the first request's step, by
         planning and running a one-token prompt over the cache's reserved slot (its first row is always mapped;
         attention writes nothing)."""
-        planner = self._planner(kv_cache)
-        if planner is None:
-            return
-        slot = kv_cache.reserved_slot
         try:
+            planner = self._planner(kv_cache)  # its workspaces are allocated here, after the KV pool took its share
+            if planner is None:
+                return
+            slot = kv_cache.reserved_slot
             plan = planner.plan([0, 1], [0, 1], [slot], [1], kv_cache.k[0].shape[1])
             q = torch.zeros(1, self.num_heads, self.head_dim, dtype=planner.dtype, device=kv_cache.k[0].device)
             plan.run(q, (kv_cache.k[0], kv_cache.v[0]))
