@@ -19,7 +19,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.core_protocol import (
     ADD,
@@ -90,7 +90,7 @@ class EngineCore:
                     logger.exception("engine step failed; the engine is dead")
                     self._outbox.dead(f"engine step failed: {exc!r}")
                     return self._shutdown()
-                self._outbox.step(outputs, engine.stats())
+                self._outbox.step(outputs, self._stats())
         except BaseException as exc:  # a bug in the loop itself: don't leave consumers hanging
             logger.exception("engine loop crashed")
             self._outbox.dead(f"engine loop crashed: {exc!r}")
@@ -131,16 +131,24 @@ class EngineCore:
                     RequestOutput.aborted_unstarted(command[1], len(waiting.prompt_token_ids), waiting.arrival_time, i)
                     for i in range(waiting.params.n)
                 ]
-                self._outbox.step(aborted, self.engine.stats())
+                self._outbox.step(aborted, self._stats())
             else:
                 self.engine.abort(command[1])
         return True
+
+    def _stats(self) -> EngineStats:
+        """The engine's stats, with the requests whose grammars compile counted as waiting (each of its ``n``
+        sequences): the router must see them as this replica's load."""
+        stats = self.engine.stats()
+        compiling = sum(c.params.n for c in self._compiling.values())
+        return replace(stats, num_waiting=stats.num_waiting + compiling) if compiling else stats
 
     def _compile(self, request_id: str, prompt_token_ids: list[int], params) -> None:
         if self._compiler_thread is None:
             self._compiler_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
         future = self._compiler_thread.submit(self.engine.compile_grammars, params)
         self._compiling[request_id] = _Compiling(prompt_token_ids, params, future, time.time())
+        self._outbox.step([], self._stats())  # its load is seen now, not at the next step
 
     def _admit_compiled(self) -> None:
         """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile is

@@ -88,7 +88,8 @@ class EngineStats:
             layer-major layout, every layer's K and V in the token-major one); page_size_bytes: its size.
         pages_per_token_block: pages a request maps per ``tokens_per_page`` tokens: the cache's number of
             buffers (``2 * num_layers`` layer-major, 1 token-major).
-        num_running / num_waiting: requests holding a slot / queued (new or preempted).
+        num_running / num_waiting: requests holding a slot / queued (new or preempted; from the engine core, also
+            those whose grammars still compile).
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.
         num_free_slots / max_batch_size: cache batch slots free / in all.

@@ -224,7 +224,13 @@ def test_a_schema_compiles_while_the_other_requests_run(engine):
         finished.clear()
         constrained = asyncio.create_task(send("constrained", SamplingParams(max_tokens=1, json_schema=slow)))
         await asyncio.sleep(0.05)  # the schema's request reaches the core first
+        for _ in range(100):  # while it compiles, the core's stats count it as waiting (the router's load)
+            if engine.stats().num_waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        waiting_while_compiling = engine.stats().num_waiting
         plain = await send("plain", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        waiting_after_plain = engine.stats().num_waiting  # its last step's stats, the schema still compiling
         with pytest.raises(PromptTooLongError):  # refused before its (invalid) schema is looked at
             await send("too long", SamplingParams(max_tokens=4, json_schema={"type": "objekt"}), prompt=[5] * 600)
         assert (await constrained)[-1].finished
@@ -237,10 +243,11 @@ def test_a_schema_compiles_while_the_other_requests_run(engine):
         await engine.abort("ab2")
         aborted = await aborted
         again = await send("again", SamplingParams(max_tokens=2, temperature=0), "ab2")
-        return finished, plain, info.value, aborted, again
+        return finished, plain, info.value, aborted, again, (waiting_while_compiling, waiting_after_plain)
 
-    finished, plain, invalid, aborted, again = run(main())
+    finished, plain, invalid, aborted, again, waiting = run(main())
     assert finished == ["plain", "constrained", "aborted", "again"]
+    assert waiting == (1, 1)
     assert plain[-1].num_output_tokens == 4
     assert invalid.param == "json_schema"
     assert aborted[-1].finished and aborted[-1].finish_reason == "abort" and aborted[-1].num_output_tokens == 0
