@@ -1,11 +1,14 @@
 """Attention over the vAttention cache (non-paged kernels) against paged baselines, on one GPU.
 
-    python benchmarks/bench_attention.py                 # full grid, about 4-5 minutes on an H100
+    python benchmarks/bench_attention.py                 # full grid (B 1-512 x L 512-128K: 34 points within the
+                                                         # K+V limit; the earlier 18-point grid took ~2 minutes)
+    python benchmarks/bench_attention.py --gqa 8         # 64 query heads over 8 KV heads (Llama-3-70B's ratio)
     python benchmarks/bench_attention.py --quick         # three decode points and one prefill point
     python benchmarks/bench_attention.py --plot-only benchmarks/results/attention_h100.json   # PNGs, no GPU
 
-Decode, Llama-3-8B shapes (32 q heads, 8 KV heads, d=128, bf16), one layer of a real ``VirtualKVCache`` on CUDA
-virtual memory, sequence ``i`` in the ``i``-th slot allocated (``slot * slot_stride_tokens ...`` rows of ``k_flat[0]``):
+Decode, Llama-3-8B shapes (32 q heads, 8 KV heads, d=128, bf16; ``--gqa 8``: 64 q heads), one layer of a real
+``VirtualKVCache`` on CUDA virtual memory whose slots are mapped point by point, for that point's batch and context
+only; sequence ``i`` in the ``i``-th slot (``slot * slot_stride_tokens ...`` rows of ``k_flat[0]``):
 
     non-paged  fa2_varlen    torch's FlashAttention-2 varlen: cu_seqlens_k = slot starts, seqused_k = lengths
                triton_split  engine/attention/triton_decode.py: split-KV, one program per (seq, KV head, split)
@@ -58,11 +61,12 @@ GROUP = NUM_HEADS // NUM_KV_HEADS
 DTYPE = torch.bfloat16
 SCALE = HEAD_DIM**-0.5
 PAGE_SIZE = 16
-KV_LIMIT_BYTES = 40e9  # decode points whose K+V (one layer) exceed this are skipped
+KV_LIMIT_BYTES = 32e9  # decode points whose K+V (one layer) exceed this are skipped (the paged copy doubles it)
+FLEX_COPY_LIMIT_BYTES = 8e9  # FlexAttention's own copy of the pages is made only for batches this small
 DEVICE = "cuda"  # "cpu" only under --dry-run-cpu
 
-DECODE_BATCHES = [1, 8, 32, 64, 128, 256]
-DECODE_CONTEXTS = [1024, 4096, 16384]
+DECODE_BATCHES = [1, 8, 32, 64, 128, 256, 512]
+DECODE_CONTEXTS = [512, 1024, 4096, 16384, 65536, 131072]
 QUICK_DECODE = [(8, 4096), (64, 4096), (1, 16384)]
 PREFILL_POINTS = [(1, 2048, 2048), (1, 8192, 8192), (1, 16384, 0), (4, 4096, 4096)]  # (requests, chunk, prior)
 QUICK_PREFILL = [(1, 4096, 4096)]
@@ -376,6 +380,23 @@ class Runner:
         except Exception:  # noqa: BLE001 - only raises limits; the defaults still work for small grids
             pass
 
+    def fill(self, count: int, num_tokens: int) -> list[int]:
+        """Slots for the next point: the previous point's freed and unmapped, ``count`` slots mapped for
+        ``num_tokens`` tokens each (whole pages), K and V random (seeded by the shape). Returns them, ascending."""
+        cache = self.cache
+        for slot in getattr(self, "slots", []):
+            cache.free(slot)
+        sync()  # nothing queued touches the freed slots any more: reclaim unmaps them now
+        cache.reclaim()
+        self.slots = sorted(cache.allocate(num_tokens) for _ in range(count))
+        gen = torch.Generator(device=DEVICE).manual_seed(count * 1000003 + num_tokens)
+        rows = cache.capacity_tokens(self.slots[0])  # mapped rows of each slot: writing them touches no unmapped page
+        for slot in self.slots:
+            for part in (cache.k[0], cache.v[0]):
+                part[slot, :rows].normal_(generator=gen)
+        sync()
+        return self.slots
+
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.t0
 
@@ -585,13 +606,20 @@ def run_decode(runner: Runner, args) -> dict:
         if b * n * token_bytes_kv > KV_LIMIT_BYTES
     ]
     points = [(b, n) for b, n in points if b * n * token_bytes_kv <= KV_LIMIT_BYTES]
-    max_context = max(n for _, n in points)
     batches = sorted({b for b, _ in points} | {CHECK_BATCH}, key=lambda b: (b != CHECK_BATCH, b))
     results = []
     for batch_size in batches:
-        flex_ok = runner.flex_allowed("decode") is None and "flex_paged" not in runner.disabled
+        longest = max(
+            [n for b, n in points if b == batch_size] + ([max(CHECK_LENS)] if batch_size == CHECK_BATCH else [])
+        )
+        pool_bytes = batch_size * longest * token_bytes_kv
+        flex_ok = (
+            runner.flex_allowed("decode") is None
+            and "flex_paged" not in runner.disabled
+            and pool_bytes <= FLEX_COPY_LIMIT_BYTES
+        )
         try:
-            paged = PagedCopy(batch_size * max_context // PAGE_SIZE, with_flex=flex_ok)
+            paged = PagedCopy(-(-batch_size * longest // PAGE_SIZE) + batch_size, with_flex=flex_ok)
         except torch.OutOfMemoryError as exc:
             for b, n in points:
                 if b == batch_size:
@@ -604,7 +632,7 @@ def run_decode(runner: Runner, args) -> dict:
             if b != batch_size:
                 continue
             label = f"decode B={b} L={n}"
-            batch = DecodeBatch(cache, runner.slots[:b], [n] * b, seed=b * 100003 + n)
+            batch = DecodeBatch(cache, runner.fill(b, n), [n] * b, seed=b * 100003 + n)
             table = paged.fill(cache, batch.slots, batch.lens, seed=n)
             kernels = runner.decode_point(batch, paged, table, sorted({0, b - 1}), label)
             point = {"batch": b, "context": n, "tokens": b * n, "bytes_moved": batch.bytes_moved, "kernels": kernels}
@@ -621,8 +649,8 @@ def decode_checks(runner: Runner, paged: PagedCopy) -> dict:
     """Every decode kernel on varied lengths in non-monotonic slot order (slots 7..0), the engine's kv_start_rows
     convention (slot starts then 0) for FA2. Kernels failing here are disabled for the run."""
     cache = runner.cache
-    slots = runner.slots[:CHECK_BATCH][::-1]
     lens = [min(n, cache.config.max_seq_len) for n in CHECK_LENS]
+    slots = runner.fill(CHECK_BATCH, max(lens))[::-1]
     batch = DecodeBatch(cache, slots, lens, seed=7, engine_style_cu_k=True)
     table = paged.fill(cache, slots, lens, seed=7)
     kernels = runner.decode_point(batch, paged, table, list(range(CHECK_BATCH)), "decode check (varied lengths)")
@@ -691,7 +719,7 @@ def summarise_decode_point(point: dict, copy_gb_s: float) -> dict:
 
 def print_decode_header(copy_gb_s: float) -> None:
     print(
-        f"\nDecode, Llama-3-8B shapes, {str(DTYPE).removeprefix('torch.')}. Cells: GB/s (% of copy bandwidth {copy_gb_s:.0f} GB/s). Targets: "
+        f"\nDecode, {NUM_HEADS} q heads / {NUM_KV_HEADS} KV heads x {HEAD_DIM}, {str(DTYPE).removeprefix('torch.')}. Cells: GB/s (% of copy bandwidth {copy_gb_s:.0f} GB/s). Targets: "
         f">= {BW_TARGET:.0%} of copy where B*L >= {BW_TARGET_MIN_TOKENS // 1024}K; best non-paged >= "
         f"{DECODE_SPEEDUP_TARGET}x best paged"
     )
@@ -763,7 +791,7 @@ def run_prefill(runner: Runner, args) -> dict:
             continue
         gen = torch.Generator(device=DEVICE).manual_seed(requests * 7 + chunk)
         q = torch.randn(requests * chunk, NUM_HEADS, HEAD_DIM, generator=gen, device=DEVICE).to(DTYPE)
-        slots = runner.slots[:requests]
+        slots = runner.fill(requests, total)
         starts = [s * cache.slot_stride_tokens for s in slots]
         cu_q = torch.arange(requests + 1, dtype=torch.int32, device=DEVICE) * chunk
         cu_k = torch.tensor(starts + [starts[-1] + total], dtype=torch.int32, device=DEVICE)
@@ -956,7 +984,9 @@ def plot(payload: dict, out_dir: Path) -> list[Path]:
         ax.set_ylabel("achieved GB/s (K/V + q + out bytes / kernel time)")
         gpu = payload.get("machine", {}).get("gpu", "GPU")
         dtype = payload.get("settings", {}).get("dtype", "torch.bfloat16").removeprefix("torch.")
-        ax.set_title(f"Decode attention, Llama-3-8B shapes, {dtype} - {gpu}")
+        heads = payload.get("settings", {})
+        shape = f"{heads.get('num_heads', NUM_HEADS)} q / {heads.get('num_kv_heads', NUM_KV_HEADS)} KV heads"
+        ax.set_title(f"Decode attention, {shape}, {dtype} - {gpu}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         path = out_dir / "attention_decode_bandwidth.png"
@@ -1065,11 +1095,11 @@ def autotune_choices() -> dict:
     return out
 
 
-def make_cache(max_batch: int, max_context: int):
+def make_cache(max_batch: int, max_context: int, pool_bytes: int):
+    """One layer of a real ``VirtualKVCache`` with ``max_batch`` slots of ``max_context`` tokens (virtual) and a page
+    pool of ``pool_bytes``; each point maps what it runs on (``Runner.fill``)."""
     from kvcache import KVCacheConfig, VirtualKVCache
 
-    token_bytes = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
-    pool = 2 * max_batch * max_context * token_bytes + (64 << 20)
     config = KVCacheConfig(
         num_layers=1,
         num_kv_heads=NUM_KV_HEADS,
@@ -1078,20 +1108,13 @@ def make_cache(max_batch: int, max_context: int):
         max_seq_len=max_context,
         dtype=DTYPE,
         device=DEVICE,
-        kv_cache_memory_bytes=pool,
+        kv_cache_memory_bytes=pool_bytes,
     )
-    cache = VirtualKVCache(config)
-    slots = [cache.allocate(max_context) for _ in range(max_batch)]  # not the cache's reserved slot
-    torch.manual_seed(0)
-    for slot in slots:  # slot by slot: only mapped rows are touched
-        cache.k[0][slot].normal_()
-        cache.v[0][slot].normal_()
-    sync()
-    return cache, slots
+    return VirtualKVCache(config)
 
 
 def main() -> int:
-    global DEVICE, DTYPE, QUICK_DECODE, QUICK_PREFILL, CHECK_LENS
+    global DEVICE, DTYPE, QUICK_DECODE, QUICK_PREFILL, CHECK_LENS, NUM_HEADS, GROUP
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few points (smoke run)")
     parser.add_argument("--plot-only", type=Path, metavar="RESULT_JSON", help="write the PNGs from a result file")
@@ -1101,7 +1124,13 @@ def main() -> int:
         default=250.0,
         help="seconds after which the slow-to-compile Flex baselines are skipped",
     )
-    parser.add_argument("--name", default=None, help="result name (default attention_<gpu>[_quick])")
+    parser.add_argument("--name", default=None, help="result name (default attention_<gpu>[_gqa8][_quick])")
+    parser.add_argument(
+        "--gqa",
+        type=int,
+        default=GROUP,
+        help=f"query heads per KV head ({NUM_KV_HEADS} KV heads; {GROUP}: Llama-3-8B, 8: Llama-3-70B's ratio)",
+    )
     parser.add_argument(
         "--dry-run-cpu",
         type=Path,
@@ -1111,6 +1140,7 @@ def main() -> int:
         "writes the JSON and PNGs to OUT_DIR, not to results/",
     )
     args = parser.parse_args()
+    GROUP, NUM_HEADS = args.gqa, args.gqa * NUM_KV_HEADS
 
     if args.plot_only:
         payload = json.loads(args.plot_only.read_text())
@@ -1135,23 +1165,29 @@ def main() -> int:
     gpu = info.get("gpu", "cpu")
     name = args.name or "attention_" + next(
         (tag for tag in ("h100", "h200", "a100", "b200", "cpu") if tag in gpu.lower()), "gpu"
-    ) + ("_quick" if args.quick else "")
+    ) + (f"_gqa{GROUP}" if GROUP != 4 else "") + ("_quick" if args.quick else "")
     copy_gb_s = measure_copy_bandwidth(DEVICE, size_bytes=1 << 30 if DEVICE == "cuda" else 64 << 20)
     print(f"{gpu}: device copy bandwidth {copy_gb_s:.0f} GB/s (read+write)", flush=True)
 
     decode_points = QUICK_DECODE if args.quick else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
     prefill_points = QUICK_PREFILL if args.quick else PREFILL_POINTS
-    max_batch = max([b for b, _ in decode_points] + [CHECK_BATCH] + [r for r, _, _ in prefill_points])
-    max_context = max([n for _, n in decode_points] + [max(CHECK_LENS)] + [c + p for _, c, p in prefill_points])
-    cache, slots = make_cache(max_batch, max_context)
+    token_bytes_kv = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2
+    fits = [(b, n) for b, n in decode_points if b * n * token_bytes_kv <= KV_LIMIT_BYTES]
+    max_batch = max([b for b, _ in fits] + [CHECK_BATCH] + [r for r, _, _ in prefill_points])
+    max_context = max([n for _, n in fits] + [max(CHECK_LENS)] + [c + p for _, c, p in prefill_points])
+    largest = max(
+        [b * n for b, n in fits] + [CHECK_BATCH * max(CHECK_LENS)] + [r * (c + p) for r, c, p in prefill_points]
+    )
+    page_tokens = (2 << 20) // (token_bytes_kv // 2)  # tokens of a 2 MiB page of K (or V): whole pages per slot
+    pool_bytes = (largest * token_bytes_kv // 2 + max_batch * page_tokens * token_bytes_kv // 2) * 2 + (64 << 20)
+    cache = make_cache(max_batch, max_context, pool_bytes if DEVICE == "cuda" else 256 << 20)
     print(
-        f"cache: {max_batch} slots x {max_context} tokens, slot stride {cache.slot_stride_tokens} rows, "
-        f"{cache.stats().mapped_bytes / 2**30:.1f} GiB mapped ({time.perf_counter() - start:.1f} s)",
+        f"cache: {max_batch} slots x {max_context} tokens (virtual), slot stride {cache.slot_stride_tokens} rows, "
+        f"a pool of {pool_bytes / 2**30:.1f} GiB mapped point by point ({time.perf_counter() - start:.1f} s)",
         flush=True,
     )
 
     runner = Runner(args, cache)
-    runner.slots = slots  # the batch's sequence i lives in slots[i]
     runner.t0 = start
     runner.copy_gb_s = copy_gb_s
     gemm_n = 8192 if DEVICE == "cuda" else 256
