@@ -366,6 +366,7 @@ class Runner:
         self.failures: list[dict] = []
         self.flex = None
         self.checks: dict = {}
+        self.slots: list[int] = []  # the current point's slots (Runner.fill)
         try:
             import torch._dynamo.config as dynamo_config
 
@@ -384,7 +385,7 @@ class Runner:
         """Slots for the next point: the previous point's freed and unmapped, ``count`` slots mapped for
         ``num_tokens`` tokens each (whole pages), K and V random (seeded by the shape). Returns them, ascending."""
         cache = self.cache
-        for slot in getattr(self, "slots", []):
+        for slot in self.slots:
             cache.free(slot)
         sync()  # nothing queued touches the freed slots any more: reclaim unmaps them now
         cache.reclaim()

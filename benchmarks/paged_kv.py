@@ -37,7 +37,6 @@ Page accounting. ``KVCacheStats`` counts a "page" as one 16-token block of one l
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -48,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.backend import AttentionBackend, store_kv
+from engine.attention.flashinfer import PagedPrefill
 from engine.batch import ForwardBatch, to_device
 from engine.config import EngineConfig
 from engine.executor import LocalExecutor
@@ -447,12 +447,9 @@ class PagedAttentionBackend(AttentionBackend):
         if self.prefill_kernel == "gather" or self._planner_decided:
             return self.prefill_planner
         self._planner_decided = True
-        if importlib.util.find_spec("flashinfer") is not None:
-            from engine.attention.flashinfer import PagedPrefill
-
-            self.prefill_planner = PagedPrefill.for_cache(
-                self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
-            )
+        self.prefill_planner = PagedPrefill.for_cache(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
+        )
         if self.prefill_planner is None and self.prefill_kernel == "flashinfer":
             raise ValueError("prefill_kernel 'flashinfer' needs FlashInfer and a 16-bit CUDA cache")
         return self.prefill_planner
@@ -556,11 +553,9 @@ class PagedAttentionBackend(AttentionBackend):
         if decode is not None:
             out.index_copy_(0, decode.q_index, self._decode(q.index_select(0, decode.q_index), k_rows, v_rows, decode))
         if isinstance(prefill, _PlannedPrefill):
-            out.index_copy_(
-                0,
-                prefill.q_index,
-                prefill.plan.run(q.index_select(0, prefill.q_index), (kv_cache.k[layer], kv_cache.v[layer])),
-            )
+            rows = q.index_select(0, prefill.q_index)
+            attended = prefill.plan.run(rows, (kv_cache.k[layer], kv_cache.v[layer]), out=torch.empty_like(rows))
+            out.index_copy_(0, prefill.q_index, attended)
         elif prefill is not None:
             out.index_copy_(
                 0, prefill.q_index, self._prefill(q.index_select(0, prefill.q_index), k_rows, v_rows, prefill)

@@ -17,6 +17,7 @@ buffers.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -81,10 +82,12 @@ class PagedPrefill:
         cls, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, k: torch.Tensor
     ) -> PagedPrefill | None:
         """A planner for K/V like ``k`` (one layer's cache tensor, ``[pages, page_size, H_kv, D]``), or None where
-        FlashInfer has no prefill kernel for it: not CUDA, not 16-bit, a head dim other than 64/128/256, or (FA2, off
-        Hopper) strides past 32 bits, which its paged layout stores as 32-bit integers (a token-major slot of
-        Llama-3-8B passes that at 65,536 tokens; FA3 takes 64-bit strides)."""
+        FlashInfer has no prefill kernel for it: not installed, not CUDA, not 16-bit, a head dim other than
+        64/128/256, or (FA2, off Hopper) strides past 32 bits, which its paged layout stores as 32-bit integers (a
+        token-major slot of Llama-3-8B passes that at 65,536 tokens; FA3 takes 64-bit strides)."""
         if not k.is_cuda or k.dtype not in (torch.float16, torch.bfloat16) or head_dim not in HEAD_DIMS:
+            return None
+        if importlib.util.find_spec("flashinfer") is None:
             return None
         kernel = flashinfer_prefill_kernel(k.device)
         if kernel == "fa2" and max(k.stride()) >= 2**32:
@@ -143,12 +146,14 @@ class FlashInferBackend(TritonFlashBackend):
         super().__init__(*args, **kwargs)
         import flashinfer  # noqa: F401  (ImportError names the missing package)
 
-        # FlashInfer's planner, made at the first prefill (None while there is none, or FlashInfer has no kernel)
+        # FlashInfer's planner, decided once (at start, or at the first prefill): None where FlashInfer has no kernel
+        # for the cache or its kernel failed to build, and prefill stays on FA2 varlen.
         self.prefill_planner: PagedPrefill | None = None
-        self._unavailable = False  # its kernel failed to build: prefill stays on FA2 varlen
+        self._planner_decided = False
 
     def _planner(self, kv_cache: KVCache) -> PagedPrefill | None:
-        if self.prefill_planner is None and not self._unavailable:
+        if not self._planner_decided:
+            self._planner_decided = True
             self.prefill_planner = PagedPrefill.for_cache(
                 self.num_heads, self.num_kv_heads, self.head_dim, self.scale, kv_cache.k[0]
             )
@@ -194,4 +199,4 @@ class FlashInferBackend(TritonFlashBackend):
             torch.cuda.synchronize(q.device)
         except Exception as exc:  # e.g. no nvcc on the machine: the engine still serves, on FA2
             logger.warning("FlashInfer's prefill kernel is unavailable (%s); prefill runs on torch's FA2 varlen", exc)
-            self.prefill_planner, self._unavailable = None, True
+            self.prefill_planner = None
