@@ -194,6 +194,11 @@ class VirtualKVCache:
         self._active = [False] * num_slots
         self._fence: list[Fence | None] = [None] * num_slots  # the last launched step that touched the slot
         self._heads: list[list[_Block]] = [[] for _ in range(num_slots)]  # registered blocks at each slot's start
+        # Each slot's reclaimable pages per buffer (``_own_excess``, kept by ``_update_excess`` whenever its mapped
+        # length, tokens, head or state change) and their sum: counting what reclamation can give is O(1), not a
+        # pass over every slot in each growth under memory pressure.
+        self._own_excess = [0] * num_slots
+        self._excess_total = 0
         self._blocks: dict[int, _Block] = {}  # the prefix registry, by chained hash
         # Registered blocks no active slot holds, least recently released first (a slot's deeper blocks before
         # its shallower ones): eviction takes the first, in O(1).
@@ -205,6 +210,7 @@ class VirtualKVCache:
         self._map_tail(RESERVED_SLOT, self._reserved_pages)
         self._active[RESERVED_SLOT] = True
         self._num_tokens[RESERVED_SLOT] = self._reserved_pages * page // token_bytes
+        self._update_excess(RESERVED_SLOT)
         self.reserved_tokens = self._num_tokens[RESERVED_SLOT]
 
         raw = memory.as_tensor(self._base, virtual_bytes).view(config.dtype)
@@ -252,19 +258,27 @@ class VirtualKVCache:
         """Pages per buffer at the start of ``slot`` that belong to registered blocks."""
         return len(self._heads[slot]) * self._block_pages
 
-    def _excess(self, slot: int) -> int:
+    def _count_excess(self, slot: int) -> int:
         """Pages per buffer a slot holds of its own beyond what its tokens need: every page past its head for a
         free slot. (Its head's pages are the registry's: they go back only by eviction.)"""
         if not self._active[slot]:
             return self._mapped[slot] - self._head_pages(slot)
         return max(0, self._mapped[slot] - max(self._pages_per_buffer(self._num_tokens[slot]), self._head_pages(slot)))
 
+    def _update_excess(self, slot: int) -> None:
+        excess = self._count_excess(slot)
+        self._excess_total += excess - self._own_excess[slot]
+        self._own_excess[slot] = excess
+
+    def _excess(self, slot: int) -> int:
+        return self._own_excess[slot]
+
     def _evictable_pages(self) -> int:
         return len(self._evictable) * self._block_pages * self.num_buffers
 
     def _reclaimable(self, exclude: int | None = None) -> int:
-        own = sum(self._excess(s) for s in range(len(self._mapped)) if s != exclude) * self.num_buffers
-        return own + self._evictable_pages()
+        own = self._excess_total - (self._own_excess[exclude] if exclude is not None else 0)
+        return own * self.num_buffers + self._evictable_pages()
 
     def _is_idle(self, slot: int) -> bool:
         """No launched step that touched ``slot`` may still be running."""
@@ -508,6 +522,8 @@ class VirtualKVCache:
             self._ref(block, +1)
             head.append(block)
             registered.append(key)
+        if registered:
+            self._update_excess(slot)
         if registered and self._journal is not None:
             self._log("register", slot, keys=tuple(b.key for b in head))
         return len(head)
@@ -525,6 +541,7 @@ class VirtualKVCache:
                 self._map_tail(slot, self._block_pages, [p for buf in block.pages for p in buf])
                 self._heads[slot].append(block)
                 block.slots.add(slot)
+                self._update_excess(slot)
         finally:
             self._quiet -= 1
         self._log("head", slot, keys=tuple(b.key for b in blocks))
@@ -548,6 +565,7 @@ class VirtualKVCache:
                 block.slots.discard(slot)
             del self._heads[slot][keep_blocks:]
             self._mapped[slot] = keep
+            self._update_excess(slot)
 
     def _evict_one(self) -> bool:
         """Drops the least recently released block that no active slot holds: unmapped from the free slots that
@@ -592,6 +610,7 @@ class VirtualKVCache:
             self._ref(block, -1)
         self._active[slot] = False
         self._num_tokens[slot] = 0
+        self._update_excess(slot)
         self._log("free", slot)
 
     def record_use(self, slots: Iterable[int]) -> Fence:
@@ -725,7 +744,8 @@ class VirtualKVCache:
             group = 1 if self._active[s] else (0 if self._is_idle(s) else 2)
             return group, -self._excess(s)
 
-        candidates = sorted((s for s in range(len(self._active)) if s != exclude and self._excess(s) > 0), key=order)
+        excess = self._own_excess
+        candidates = sorted((s for s in range(len(excess)) if excess[s] > 0 and s != exclude), key=order)
         for slot in candidates:
             if deficit <= 0:
                 break
@@ -766,6 +786,7 @@ class VirtualKVCache:
         for buffer in range(self.num_buffers):
             self._pages[slot][buffer].extend(page_ids[buffer * count : (buffer + 1) * count])
         self._mapped[slot] = start + count
+        self._update_excess(slot)
         self._log("map", slot, count)
 
     def _unmap_tail(self, slot: int, count: int) -> None:
@@ -785,6 +806,7 @@ class VirtualKVCache:
             self._pool.give_back(pages[start:])
             del pages[start:]
         self._mapped[slot] = start
+        self._update_excess(slot)
         self._log("unmap", slot, count)
 
     def _set_active(self, slot: int, num_tokens: int) -> None:
@@ -792,10 +814,12 @@ class VirtualKVCache:
             self._ref(block, +1)
         self._active[slot] = True
         self._num_tokens[slot] = num_tokens
+        self._update_excess(slot)
         self._log("activate", slot, num_tokens)
 
     def _set_tokens(self, slot: int, num_tokens: int) -> None:
         self._num_tokens[slot] = num_tokens
+        self._update_excess(slot)
         self._log("tokens", slot, num_tokens)
 
     # ---- tensor parallelism: rank 0 records, the other ranks replay ------------------------------------------

@@ -200,6 +200,10 @@ class CacheMachine(RuleBasedStateMachine):
         assert all((b.refs > 0) == (id(b) in held) for b in self.cache._blocks.values())
         assert set(self.cache._evictable) == {key for key, b in self.cache._blocks.items() if not b.refs}
         assert stats.num_active_slots == len(self.live)
+        # The reclaimable count kept step by step equals a recount over every slot (both ranks).
+        for cache in (self.cache, self.replica):
+            recount = [cache._count_excess(s) for s in range(5)]
+            assert cache._own_excess == recount and cache._excess_total == sum(recount)
         for slot, (written, _) in self.live.items():
             assert self.cache.capacity_tokens(slot) >= written
             # Each buffer of a slot maps the same number of pages, at the start of the slot's range.
