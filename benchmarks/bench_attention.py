@@ -34,7 +34,9 @@ flex_paged; fi_slots >= 1.0x fi_fa3_paged (the best kernel of the day, unmodifie
 Trust: every kernel is first run on a batch of varied lengths in non-monotonic slot order and compared with fp32
 SDPA on gathered K/V; at every timed point its output for the first and last sequences is compared again. A kernel
 that errors (compile failure, OOM) or disagrees is recorded as failed with the error, and the run goes on. Times are
-medians of CUDA-event timings after warm-up, with L2 flushed before each call. The optional, slow-to-compile Flex
+medians of CUDA-event timings after warm-up, with L2 flushed before each call; decode kernels are replayed from a
+CUDA graph as the engine's decode steps are (a kernel that cannot be captured is timed eagerly: ``timed_in``), and
+each one's host launch time is reported beside (``host_launch_us``: what an eager call costs the step loop). The optional, slow-to-compile Flex
 variants are skipped once the time budget (--budget-s) is spent, so the whole run stays under 6 minutes.
 """
 
@@ -108,13 +110,39 @@ REL_TOL, ABS_TOL = 2e-2, 5e-4  # bf16 output vs fp32 reference: |err| <= REL_TOL
 class Timer:
     """Median kernel time by CUDA events, one pair per call, 256 MiB written between calls to flush L2 (50 MiB on
     an H100) so that small problems are not served from cache. The flush also keeps the GPU busy while Python
-    launches the next call, so launch overhead is not counted."""
+    launches the next call, for calls whose launch takes less than the flush (~90 us on an H100).
+
+    ``graph=True`` times ``fn`` replayed from a CUDA graph, as the engine runs decode: a kernel's host launch cost
+    (Triton's argument binding, a wrapper's Python) is then not in its time even where it exceeds the flush. A
+    callable that cannot be captured is timed eagerly; ``last_mode`` says which was used."""
 
     def __init__(self, warmup_ms: float = 20.0, rep_ms: float = 60.0):
         self.flush = torch.empty(256 << 20 if DEVICE == "cuda" else 1, dtype=torch.int8, device=DEVICE)
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.last_mode = "eager"
+        self.last_capture_error: str | None = None
 
-    def __call__(self, fn) -> float:
+    def _captured(self, fn):
+        """``fn`` as a CUDA graph's replay, or None (with ``last_capture_error``) where capture fails."""
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()  # warm-up on the capture stream (lazy allocations, workspaces)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            graph.replay()
+            torch.cuda.synchronize()
+            return graph.replay
+        except Exception as exc:  # noqa: BLE001 - timed eagerly instead; the reason is reported
+            self.last_capture_error = short_error(exc)
+            torch.cuda.synchronize()
+            return None
+
+    def __call__(self, fn, graph: bool = False) -> float:
+        self.last_mode, self.last_capture_error = "eager", None
         if DEVICE != "cuda":  # --dry-run-cpu: wall clock, few runs; exercises the code, not the hardware
             fn()
             t = time.perf_counter()
@@ -123,6 +151,10 @@ class Timer:
             return (time.perf_counter() - t) / 2 * 1e3
         fn()
         torch.cuda.synchronize()
+        if graph:
+            replay = self._captured(fn)
+            if replay is not None:
+                fn, self.last_mode = replay, "graph"
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(3):
@@ -142,6 +174,18 @@ class Timer:
             ends[i].record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+    @staticmethod
+    def host_us(fn, calls: int = 50) -> float:
+        """Host time of one eager call (the launch path alone; the device work is queued, not awaited)."""
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - t
+        sync()
+        return elapsed / calls * 1e6
 
 
 def measure_gemm_tflops(timer: Timer, n: int) -> float:
@@ -415,8 +459,11 @@ class Runner:
             self.flex = torch.compile(flex_attention, dynamic=False)
         return self.flex
 
-    def measure(self, name: str, point: str, build, check, disabled_key: str | None = None) -> dict:
-        """Builds ``name``'s callable, checks its output with ``check(out) -> (ok, detail)``, then times it."""
+    def measure(
+        self, name: str, point: str, build, check, disabled_key: str | None = None, graph: bool = False
+    ) -> dict:
+        """Builds ``name``'s callable, checks its output with ``check(out) -> (ok, detail)``, then times it
+        (``graph``: replayed from a CUDA graph where it can be captured, see ``Timer``)."""
         disabled_key = disabled_key or name
         if disabled_key in self.disabled:
             return {"status": "skipped", "error": self.disabled[disabled_key]}
@@ -432,8 +479,15 @@ class Runner:
                 self.failures.append({"kernel": name, "point": point, **result})
                 return result
             del out
-            ms = self.timer(fn)
-            return {"status": "ok", "time_us": ms * 1e3, "first_call_s": round(first_call_s, 2), "check": detail}
+            ms = self.timer(fn, graph=graph)
+            result = {"status": "ok", "time_us": ms * 1e3, "first_call_s": round(first_call_s, 2), "check": detail}
+            if graph:
+                result["timed_in"] = self.timer.last_mode
+                if self.timer.last_capture_error:
+                    result["capture_error"] = self.timer.last_capture_error
+                if DEVICE == "cuda":
+                    result["host_launch_us"] = round(Timer.host_us(fn), 1)
+            return result
         except _Skip as skip:
             return {"status": "skipped", "error": str(skip)}
         except Exception as exc:  # noqa: BLE001 - one kernel's failure must not end the run
@@ -582,7 +636,7 @@ class Runner:
         builders = self.decode_builders(batch, paged, table, flex_state)
         kernels = {}
         for name in DECODE_KERNELS:
-            result = self.measure(name, label, builders[name], check)
+            result = self.measure(name, label, builders[name], check, graph=True)
             if result.get("status") == "ok":
                 result["gb_s"] = batch.bytes_moved / (result["time_us"] * 1e-6) / 1e9
             kernels[name] = result
@@ -595,7 +649,7 @@ class _Skip(Exception):
 
 def run_decode(runner: Runner, args) -> dict:
     cache = runner.cache
-    points = QUICK_DECODE if args.quick else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
+    points = args.decode_grid
     token_bytes_kv = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2
     skipped = [
         {
@@ -766,7 +820,7 @@ def causal_flops(chunk: int, prior: int) -> int:
 
 def run_prefill(runner: Runner, args) -> dict:
     cache = runner.cache
-    points = QUICK_PREFILL if args.quick else PREFILL_POINTS
+    points = args.prefill_grid
     print(
         f"\nPrefill, causal chunk after cached context. Cells: TFLOP/s (% of bf16 GEMM {runner.gemm_tflops:.0f} "
         f"TFLOP/s). Target: fa2_varlen >= {PREFILL_SPEEDUP_TARGET}x flex_paged"
@@ -1096,6 +1150,17 @@ def autotune_choices() -> dict:
     return out
 
 
+def parse_points(text: str) -> list[tuple[int, int]]:
+    """``"1x1024,8x4096"`` -> ``[(1, 1024), (8, 4096)]`` (batch x context)."""
+    try:
+        points = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        points = []
+    if not points or any(len(p) != 2 or min(p) < 1 for p in points):
+        raise argparse.ArgumentTypeError(f"expected BxL,... with positive integers, got {text!r}")
+    return points
+
+
 def make_cache(max_batch: int, max_context: int, pool_bytes: int):
     """One layer of a real ``VirtualKVCache`` with ``max_batch`` slots of ``max_context`` tokens (virtual) and a page
     pool of ``pool_bytes``; each point maps what it runs on (``Runner.fill``)."""
@@ -1124,6 +1189,13 @@ def main() -> int:
         type=float,
         default=250.0,
         help="seconds after which the slow-to-compile Flex baselines are skipped",
+    )
+    parser.add_argument(
+        "--decode-points",
+        type=parse_points,
+        default=None,
+        metavar="BxL,...",
+        help="these decode points only (e.g. 1x1024,8x4096), no prefill",
     )
     parser.add_argument("--name", default=None, help="result name (default attention_<gpu>[_gqa8][_quick])")
     parser.add_argument(
@@ -1172,6 +1244,9 @@ def main() -> int:
 
     decode_points = QUICK_DECODE if args.quick else [(b, n) for b in DECODE_BATCHES for n in DECODE_CONTEXTS]
     prefill_points = QUICK_PREFILL if args.quick else PREFILL_POINTS
+    if args.decode_points:
+        decode_points, prefill_points = args.decode_points, []
+    args.decode_grid, args.prefill_grid = decode_points, prefill_points
     token_bytes_kv = NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize * 2
     fits = [(b, n) for b, n in decode_points if b * n * token_bytes_kv <= KV_LIMIT_BYTES]
     max_batch = max([b for b, _ in fits] + [CHECK_BATCH] + [r for r, _, _ in prefill_points])

@@ -7,6 +7,7 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
+#   diag:   (with .whl-fi) decode kernels at a few points, graph-timed; the step loop under cProfile.
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
 set -uo pipefail
 stage=$1
@@ -106,6 +107,20 @@ final)
   fi
   wait
   tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -6 "$OUT/load_h100.log" 2>/dev/null
+  ;;
+diag)
+  # Where time goes, on 2 GPUs (with .whl-fi): GPU 0 bench_attention.py at POINTS (decode only, graph-timed, host
+  # launch time beside), GPU 1 profile_step_loop.py on the decode-heavy workload (token_major, then paged).
+  (
+    CUDA_VISIBLE_DEVICES=0 timeout ${DIAG_TIMEOUT:-420} python3 benchmarks/bench_attention.py \
+      --decode-points "${POINTS:-1x1024,1x16384,8x1024,8x4096,32x1024,64x1024,256x4096}" \
+      --name attention_diag_h100 > "$OUT/attention_diag_h100.log" 2>&1
+    cp benchmarks/results/attention_diag_h100.json "$OUT/" 2>/dev/null
+  ) &
+  CUDA_VISIBLE_DEVICES=1 timeout ${DIAG_TIMEOUT:-420} python3 benchmarks/profile_step_loop.py --requests 512 \
+    --input-len 256 --output-len 1024 --top 45 > "$OUT/profile_step_loop_h100.log" 2>&1
+  wait
+  tail -20 "$OUT/attention_diag_h100.log"; grep -A45 '^== ' "$OUT/profile_step_loop_h100.log" | cut -c1-150
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.

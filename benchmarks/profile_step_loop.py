@@ -38,6 +38,11 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=1024)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--callers",
+        default="cache.py:.*\\((_map_tail|_unmap_tail)\\)",
+        help="regex of functions whose callers are listed (pstats print_callers); '' for none",
+    )
     parser.add_argument("--engine-kwargs", default="{}", help="JSON merged into the engine config")
     args = parser.parse_args()
 
@@ -86,6 +91,10 @@ def main() -> None:
         stats = pstats.Stats(profile, stream=out).strip_dirs().sort_stats("tottime")
         stats.print_stats(args.top)
         print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
+        if args.callers:
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).strip_dirs().sort_stats("tottime").print_callers(args.callers)
+            print("\n".join(line for line in out.getvalue().splitlines() if line.strip() and "Ordered by" not in line))
         engine.shutdown()
         del engine, recorder
         gc.collect()
