@@ -67,7 +67,8 @@ class CacheOp:
 
     ``kind``: ``"map"`` / ``"unmap"`` (``count`` pages per buffer at the end of ``slot``), ``"activate"`` (the slot
     is given to a request holding ``count`` tokens), ``"tokens"`` (the slot's request holds ``count`` tokens),
-    ``"free"`` (``count`` unused), ``"head"`` (the slot's head becomes the registered blocks ``keys``),
+    ``"free"`` (``count`` unused), ``"head"`` (the slot's head becomes the registered blocks ``keys``; ``count``
+    1: the blocks it drops are evicted in place, their pages becoming the slot's own),
     ``"register"`` (the slot's next blocks after its head are registered as ``keys``), ``"evict"`` (the registered
     block ``keys[0]`` is dropped).
     """
@@ -294,10 +295,18 @@ class VirtualKVCache:
             common += 1
         return common
 
-    def _choose_slot(self, pages_per_buffer: int, blocks: Sequence[_Block] = ()) -> int | None:
+    def _adopting(self, pages_per_buffer: int, blocks: Sequence[_Block]) -> bool:
+        """Whether a new request of ``pages_per_buffer`` with the head ``blocks`` takes over the pages of the cached
+        blocks its slot drops (``_set_head``'s ``adopt``): where free pages cannot hold what it will grow to, cached
+        blocks are about to be evicted anyway, and the slot's own then go first, in place (no unmapping, no
+        mapping of fresh pages)."""
+        return self._pool.num_free_pages < (pages_per_buffer - len(blocks) * self._block_pages) * self.num_buffers
+
+    def _choose_slot(self, pages_per_buffer: int, blocks: Sequence[_Block] = (), adopt: bool = False) -> int | None:
         """Among free, idle slots: the one whose head already maps most of ``blocks`` (no remapping), then one with
-        no other registered blocks to drop, then best fit: the smallest mapped length that fits, else the largest.
-        A slot that a running step still touches is never handed to another request."""
+        no other registered blocks to drop (unless they are to be adopted: see ``_adopting``), then best fit: the
+        smallest mapped length that fits, else the largest. A slot that a running step still touches is never
+        handed to another request."""
         best, best_key = None, None
         for slot, active in enumerate(self._active):
             if active or not self._is_idle(slot):
@@ -305,7 +314,7 @@ class VirtualKVCache:
             common = self._common_head(slot, blocks)
             mapped = self._mapped[slot]
             fit = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
-            key = (-common, len(self._heads[slot]) > common, fit)
+            key = (-common, not adopt and len(self._heads[slot]) > common, fit)
             if best_key is None or key < best_key:
                 best, best_key = slot, key
         return best
@@ -337,7 +346,7 @@ class VirtualKVCache:
             return False
         blocks = self._lookup(prefix)
         fit = self._pages_per_buffer(num_tokens)
-        slot = self._choose_slot(fit, blocks)
+        slot = self._choose_slot(fit, blocks, self._adopting(fit, blocks))
         if slot is None:
             return False
         needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
@@ -438,7 +447,8 @@ class VirtualKVCache:
         if blocks and num_tokens <= len(blocks) * self.block_tokens:
             raise KVCacheError(f"{num_tokens} tokens do not go past the {len(blocks) * self.block_tokens} cached")
         fit = self._pages_per_buffer(min(max(num_tokens, final_tokens or 0), self.config.max_seq_len))
-        slot = self._choose_slot(fit, blocks)
+        adopt = self._adopting(fit, blocks)
+        slot = self._choose_slot(fit, blocks, adopt)
         if slot is None:
             raise NoFreeSlotError(f"all {self.config.max_batch_size} slots are in use or still in flight")
         needed, available = self._allocation_budget(slot, self._pages_per_buffer(num_tokens), blocks)
@@ -447,7 +457,7 @@ class VirtualKVCache:
         for block in blocks:  # not evicted to make room for the request itself
             self._ref(block, +1)
         try:
-            self._set_head(slot, blocks)
+            self._set_head(slot, blocks, adopt)
             self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
         finally:
             for block in reversed(blocks):
@@ -528,23 +538,45 @@ class VirtualKVCache:
             self._log("register", slot, keys=tuple(b.key for b in head))
         return len(head)
 
-    def _set_head(self, slot: int, blocks: Sequence[_Block]) -> None:
+    def _set_head(self, slot: int, blocks: Sequence[_Block], adopt: bool = False) -> None:
         """Makes ``blocks`` the head of the free, idle ``slot``: where its head parts from them, the slot is cut
-        (its other registered blocks and its own pages after the cut unmapped), then the missing blocks mapped."""
+        (its other registered blocks and its own pages after the cut unmapped), then the missing blocks mapped.
+
+        ``adopt`` (nothing to map after the cut): the head's other blocks, if no request holds them and no other slot
+        maps them, are evicted in place instead: their pages stay mapped as the slot's own, with its own pages
+        after them. This is vAttention's reuse of a freed slot's pages, kept under prefix caching."""
         common = self._common_head(slot, blocks)
         if len(self._heads[slot]) == common and len(blocks) == common:
             return
-        self._quiet += 1
-        try:
-            self._cut(slot, common)
-            for block in blocks[common:]:
-                self._map_tail(slot, self._block_pages, [p for buf in block.pages for p in buf])
-                self._heads[slot].append(block)
-                block.slots.add(slot)
-                self._update_excess(slot)
-        finally:
-            self._quiet -= 1
-        self._log("head", slot, keys=tuple(b.key for b in blocks))
+        adopt = adopt and len(blocks) == common and self._adopt(slot, common)
+        if not adopt:
+            self._quiet += 1
+            try:
+                self._cut(slot, common)
+                for block in blocks[common:]:
+                    self._map_tail(slot, self._block_pages, [p for buf in block.pages for p in buf])
+                    self._heads[slot].append(block)
+                    block.slots.add(slot)
+                    self._update_excess(slot)
+            finally:
+                self._quiet -= 1
+        self._log("head", slot, int(adopt), keys=tuple(b.key for b in blocks))
+
+    def _adopt(self, slot: int, keep_blocks: int) -> bool:
+        """Evicts the blocks of ``slot``'s head after its first ``keep_blocks`` in place, if each is the slot's
+        alone and held by no request: the registry forgets them, their pages stay mapped as the slot's own. Returns
+        whether it did (else nothing changed)."""
+        dropped = self._heads[slot][keep_blocks:]
+        if not dropped or any(b.refs or b.slots != {slot} for b in dropped):
+            return False
+        for block in dropped:
+            del self._blocks[block.key]
+            del self._evictable[block.key]
+            block.slots.clear()
+        self.num_evicted_blocks += len(dropped)
+        del self._heads[slot][keep_blocks:]
+        self._update_excess(slot)
+        return True
 
     def _cut(self, slot: int, keep_blocks: int) -> None:
         """Unmaps everything of ``slot`` after its first ``keep_blocks`` head blocks (the slot must be free and idle
@@ -567,12 +599,16 @@ class VirtualKVCache:
             self._mapped[slot] = keep
             self._update_excess(slot)
 
-    def _evict_one(self) -> bool:
+    def _evict_one(self, wait: bool = True) -> bool:
         """Drops the least recently released block that no active slot holds: unmapped from the free slots that
-        map it, once their steps are done, and its pages freed."""
+        map it, once their steps are done, and its pages freed. Without ``wait``, only if none of those slots is
+        still touched by a running step (else nothing is dropped: False)."""
         if not self._evictable:
             return False
-        self._evict(next(iter(self._evictable.values())))
+        block = next(iter(self._evictable.values()))
+        if not wait and not all(self._is_idle(slot) for slot in block.slots):
+            return False
+        self._evict(block)
         return True
 
     def _evict(self, block: _Block) -> None:
@@ -597,7 +633,8 @@ class VirtualKVCache:
         """
         self._check_slot(slot)
         self._check_length(num_tokens)
-        self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
+        if num_tokens * self.token_bytes > self._mapped[slot] * self.page_size_bytes:  # else mapped already
+            self._ensure_mapped(slot, self._pages_per_buffer(num_tokens))
         if num_tokens > self._num_tokens[slot]:
             self._set_tokens(slot, num_tokens)
 
@@ -629,15 +666,17 @@ class VirtualKVCache:
         """Maps ahead what the next iteration needs: ``{slot: tokens it will hold}``, then prefetches.
 
         Called once per iteration after the device work of the current one is launched, so that the driver
-        calls overlap it. Best effort: never raises for capacity, and leaves whatever it could not map to
-        :meth:`grow`. The next iteration's need may take free pages and pages of free slots; prefetching (up to
-        ``prefetch_tokens`` beyond the need, slots nearest to their next page first, at most
-        ``prefetch_pages_per_step`` pages) takes free pages only. Returns the pages mapped.
+        calls overlap it. Best effort: never raises for capacity, never waits for the device, and leaves whatever
+        it could not map to :meth:`grow`. The next iteration's need may take free pages, pages of idle free slots
+        and cached blocks no request holds (least recently used first, as :meth:`grow` would evict them a moment
+        later on the step's critical path); prefetching (up to ``prefetch_tokens`` beyond the need, slots nearest
+        to their next page first, at most ``prefetch_pages_per_step`` pages) takes free pages only. Returns the
+        pages mapped.
         """
         if self._closed:
             return 0
         mapped = 0
-        budget = None  # pages per buffer that free pages and free slots' pages can still give; counted once
+        budget = None  # pages per buffer that free pages, free slots' pages and evictions may give; counted once
         token_bytes, page, active, mapped_pages = self.token_bytes, self.page_size_bytes, self._active, self._mapped
         for slot, num_tokens in next_tokens.items():
             # Called every step for every running slot: the common case (already mapped) in plain arithmetic.
@@ -647,13 +686,16 @@ class VirtualKVCache:
             if missing <= 0:
                 continue
             if budget is None:  # free slots still in flight are left alone: map_ahead never waits for the device
-                budget = self._pool.num_free_pages // self.num_buffers + sum(
+                budget = (self._pool.num_free_pages + self._evictable_pages()) // self.num_buffers + sum(
                     self._excess(s) for s, active in enumerate(self._active) if not active and self._is_idle(s)
                 )
             count = min(missing, budget)
             if count <= 0:
                 break
             self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True, wait=False)
+            count = min(count, self._pool.num_free_pages // self.num_buffers)  # an eviction may have had to wait
+            if count <= 0:
+                break
             self._map_tail(slot, count)
             budget -= count
             mapped += count * self.num_buffers
@@ -731,12 +773,12 @@ class VirtualKVCache:
         """Unmaps pages until ``pages`` are free: idle free slots' own pages first (largest first), then active
         slots' pages beyond their tokens (no launched step touches those), then free slots still in flight, after
         waiting for their fences (``wait``; else they are skipped), then cached blocks no request holds, least
-        recently used first (``wait`` only)."""
+        recently used first (without ``wait``, while the next one's free slots are idle)."""
         deficit = pages - self._pool.num_free_pages
         if deficit <= 0:
             return
         self._reclaim_own(deficit, exclude, free_slots_only, wait)
-        while wait and pages > self._pool.num_free_pages and self._evict_one():
+        while pages > self._pool.num_free_pages and self._evict_one(wait):
             pass
 
     def _reclaim_own(self, deficit: int, exclude: int, free_slots_only: bool, wait: bool) -> None:
@@ -888,7 +930,7 @@ class VirtualKVCache:
                 if active or len(blocks) != len(op.keys):
                     raise CacheDesyncError(f"{op}: the slot is active or a block is not cached here")
                 self._fence[slot] = None
-                self._set_head(slot, blocks)
+                self._set_head(slot, blocks, bool(op.count))
             elif op.kind == "register":
                 if not active or self.register(slot, list(op.keys)) != len(op.keys):
                     raise CacheDesyncError(f"{op}: the blocks cannot be registered here")

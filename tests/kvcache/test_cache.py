@@ -237,6 +237,61 @@ def test_prefetch_tops_a_slot_up_to_the_window_once_half_of_it_is_used(make_cach
     assert_accounting(cache)
 
 
+def test_map_ahead_evicts_cached_blocks_but_never_waits_for_a_step(make_cache, device):
+    """With no free page left, the next step's need comes from cached blocks no request holds, least recently
+    released first (grow would evict them a moment later, on the step's critical path); never from a block that a
+    step still in flight may read, for map_ahead does not wait for the device."""
+    cache = make_cache(max_batch_size=2, pool_pages=2 * 2 * 3)  # 3 pages in each of the 4 buffers
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(2 * tpp)
+    assert cache.register(a, [11, 12]) == 2  # two cached blocks of one page per buffer
+    if device == "cuda":
+        torch.cuda._sleep(2_000_000_000)  # a long kernel queued before the fence: the step is still running
+    fence = cache.record_use([a])
+    cache.free(a)
+    b = cache.allocate(tpp)
+    assert b != a and cache.stats().free_pages == 0
+    assert cache.map_ahead({b: tpp + 1}) == 0 and cache.num_evicted_blocks == 0
+    assert not fence.is_complete()
+    fence.wait()
+    assert cache.map_ahead({b: tpp + 1}) == 2 * 2 and cache.num_evicted_blocks == 1
+    assert cache.match_prefix([11, 12]) == 1  # the deeper block went first
+    free = cache.stats().free_pages
+    cache.grow(b, tpp + 1)
+    assert cache.stats().free_pages == free  # the step finds its page mapped
+    assert_accounting(cache)
+
+
+def test_a_full_pool_hands_a_freed_slots_cached_pages_to_the_next_request_in_place(make_cache):
+    """vAttention's reuse of a freed slot's pages, kept under prefix caching: where free pages cannot hold what a
+    new request will grow to (cached blocks are about to be evicted anyway), the slot's own cached blocks are
+    evicted in place and their pages become the new request's, with no page unmapped or mapped. With room in the
+    pool, the blocks stay cached and the request maps fresh pages elsewhere."""
+    cache = make_cache(max_batch_size=2, pool_pages=2 * 2 * 3)  # 3 pages per buffer: one full slot
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(3 * tpp)
+    assert cache.register(a, [1, 2, 3]) == 3
+    pages = cache.slot_page_ids(a)
+    cache.record_use([a]).wait()
+    cache.free(a)
+    b = cache.allocate(tpp, final_tokens=3 * tpp)
+    assert b == a and cache.slot_page_ids(b) == pages  # the same pages, nothing remapped
+    assert cache.num_cached_blocks == 0 and cache.num_evicted_blocks == 3
+    assert cache.stats().free_pages == 0 and cache.stats().reclaimable_pages == 2 * 2 * 2  # its 2 pages to come
+    fill(cache, b, 0, 3 * tpp, 7.0)
+    check(cache, b, 3 * tpp, 7.0)
+    assert_accounting(cache)
+
+    roomy = make_cache(max_batch_size=2, pool_pages=2 * 2 * 6)
+    a = roomy.allocate(3 * tpp)
+    assert roomy.register(a, [1, 2, 3]) == 3
+    roomy.record_use([a]).wait()
+    roomy.free(a)
+    b = roomy.allocate(tpp, final_tokens=3 * tpp)
+    assert b != a and roomy.match_prefix([1, 2, 3]) == 3 and roomy.num_evicted_blocks == 0
+    assert_accounting(roomy)
+
+
 def test_token_major_layout_puts_every_layer_of_a_token_in_one_page(make_cache):
     """One buffer for the whole cache: a page holds 2 * L * H * D elements per token, the per-layer views are strided
     windows of it that never overlap, and a request maps pages for its tokens only (at most one page beyond)."""

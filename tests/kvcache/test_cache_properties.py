@@ -133,7 +133,7 @@ class CacheMachine(RuleBasedStateMachine):
         del self.live[slot]
 
     @precondition(lambda self: self.live)
-    @rule(step=st.integers(1, 64))
+    @rule(step=st.one_of(st.integers(1, 64), st.integers(1, 3 * 1024)))  # within a page, or across pages
     def map_ahead(self, step):
         self.cache.map_ahead({slot: min(n + step, self.cache.config.max_seq_len) for slot, (n, _) in self.live.items()})
 
