@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(
         "--callers",
-        default="cache.py:.*\\((_map_tail|_unmap_tail)\\)",
+        default=r"cache.py:.*\((_map_tail|_unmap_tail)\)|_get_device_attr|synchronize",
         help="regex of functions whose callers are listed (pstats print_callers); '' for none",
     )
     parser.add_argument("--engine-kwargs", default="{}", help="JSON merged into the engine config")
@@ -90,6 +90,11 @@ def main() -> None:
         out = io.StringIO()
         stats = pstats.Stats(profile, stream=out).strip_dirs().sort_stats("tottime")
         stats.print_stats(args.top)
+        print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
+        out = io.StringIO()
+        cumulative = pstats.Stats(profile, stream=out).strip_dirs().sort_stats("cumulative")
+        cumulative.print_stats(r"(scheduler|llm_engine|cache|model_runner|cuda_graph_runner|flashinfer)\.py", 30)
+        print("-- cumulative, engine and cache functions:")
         print("\n".join(line for line in out.getvalue().splitlines()[6:] if line.strip()))
         if args.callers:
             out = io.StringIO()
