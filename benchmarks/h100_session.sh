@@ -8,6 +8,7 @@
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
 #   validate: (with .whl-fi) the GPU suite, then the engine figures of a host-path change, on 4 GPUs.
+#   validate2: the same within one call on 2 GPUs (stress cases and tests/kvcache, then the layouts).
 #   diag:   (with .whl-fi) decode kernels at a few points, graph-timed; the step loop under cProfile.
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
 set -uo pipefail
@@ -134,6 +135,22 @@ validate)
   ) &
   wait
   tail -3 "$OUT"/engine_layouts*_h100.log; tail -25 "$OUT/prefix_h100.log"; grep '^== ' "$OUT/profile_step_loop_h100.log"
+  ;;
+validate2)
+  # validate on 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
+  # --layouts token_major,paged (tests/engine and tests/benchmarks are left to the shards stage).
+  (gpu_suite 0 stress_ab tests/gpu -k "tm-graphs-async-0.5GiB or lm-eager-async or tm-graphs-async-2GiB"
+   gpu_suite 0 kvcache tests/kvcache) &
+  (
+    gpu_suite 1 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k"
+    left=$((${DEADLINE_S:-470} - SECONDS)); [ "$left" -lt 30 ] && left=30
+    CUDA_VISIBLE_DEVICES=1 timeout $left python3 benchmarks/bench_engine_gpu.py --layouts \
+      --engines token_major,paged --name engine_layouts_h100 > "$OUT/engine_layouts_h100.log" 2>&1
+    cp benchmarks/results/engine_layouts_h100.json "$OUT/" 2>/dev/null
+  ) &
+  wait
+  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
+  tail -3 "$OUT/engine_layouts_h100.log"
   ;;
 diag)
   # Where time goes, on 2 GPUs (with .whl-fi): GPU 0 bench_attention.py at POINTS (decode only, graph-timed, host
