@@ -70,7 +70,9 @@ def _issue_14_rows(attention: dict, tm: dict, pg: dict) -> list[dict]:
     params = _params()
     # The GEMM rate measured in the engines' own run where it was (the ceiling and the figure from one machine).
     gemm, gemm_source = (
-        (tm["gemm_tflops"], tm["source"]) if tm.get("gemm_tflops") else (attention["gemm_tflops"], "attention_h100.json")
+        (tm["gemm_tflops"], tm["source"])
+        if tm.get("gemm_tflops")
+        else (attention["gemm_tflops"], "attention_h100.json")
     )
     ceiling = gemm * 1e12 / (2 * params)
     t = tm["throughput_1024_128"]
