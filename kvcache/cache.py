@@ -68,7 +68,7 @@ class CacheOp:
     ``kind``: ``"map"`` / ``"unmap"`` (``count`` pages per buffer at the end of ``slot``), ``"activate"`` (the slot
     is given to a request holding ``count`` tokens), ``"tokens"`` (the slot's request holds ``count`` tokens),
     ``"free"`` (``count`` unused), ``"head"`` (the slot's head becomes the registered blocks ``keys``; ``count``
-    1: the blocks it drops are evicted in place, their pages becoming the slot's own),
+    1: its other blocks are evicted in place, their pages becoming the slot's own),
     ``"register"`` (the slot's next blocks after its head are registered as ``keys``), ``"evict"`` (the registered
     block ``keys[0]`` is dropped).
     """
@@ -295,18 +295,44 @@ class VirtualKVCache:
             common += 1
         return common
 
+    def _eviction_due(self, pages: int, exclude: int | None = None) -> bool:
+        """Whether ``pages`` more pages can only come from evicting cached blocks: free pages and every slot's own
+        reclaimable pages (what reclamation takes before any eviction) fall short."""
+        own = self._excess_total - (self._own_excess[exclude] if exclude is not None else 0)
+        return self._pool.num_free_pages + own * self.num_buffers < pages
+
     def _adopting(self, pages_per_buffer: int, blocks: Sequence[_Block]) -> bool:
         """Whether a new request of ``pages_per_buffer`` with the head ``blocks`` takes over the pages of the cached
-        blocks its slot drops (``_set_head``'s ``adopt``): where free pages cannot hold what it will grow to, cached
-        blocks are about to be evicted anyway, and the slot's own then go first, in place (no unmapping, no
-        mapping of fresh pages)."""
-        return self._pool.num_free_pages < (pages_per_buffer - len(blocks) * self._block_pages) * self.num_buffers
+        blocks its slot drops (``_set_head``'s ``adopt``): where what it will grow to can only come from
+        evictions, the slot's own cached blocks go first, in place (no unmapping, no mapping of fresh pages)."""
+        return self._eviction_due((pages_per_buffer - len(blocks) * self._block_pages) * self.num_buffers)
+
+    def _adoptable(self, slot: int, first: int, end: int) -> bool:
+        """Whether head blocks ``[first, end)`` of ``slot`` are its alone and held by no request."""
+        head = self._heads[slot]
+        return end > first and all(not b.refs and b.slots == {slot} for b in head[first:end])
+
+    def _least_recently_used_slot(self, scan: int = 64) -> int | None:
+        """The free, idle slot whose cached blocks were released longest ago and are its alone (among the ``scan``
+        least recently used blocks), for a request that adopts them: as least-recently-used eviction would take
+        them next (a slot's blocks are released together, deepest first)."""
+        for _, block in zip(range(scan), self._evictable.values()):
+            if len(block.slots) != 1:
+                continue
+            (slot,) = block.slots
+            if not self._active[slot] and self._is_idle(slot) and self._adoptable(slot, 0, len(self._heads[slot])):
+                return slot
+        return None
 
     def _choose_slot(self, pages_per_buffer: int, blocks: Sequence[_Block] = (), adopt: bool = False) -> int | None:
         """Among free, idle slots: the one whose head already maps most of ``blocks`` (no remapping), then one with
-        no other registered blocks to drop (unless they are to be adopted: see ``_adopting``), then best fit: the
-        smallest mapped length that fits, else the largest. A slot that a running step still touches is never
-        handed to another request."""
+        no other registered blocks to drop, then best fit: the smallest mapped length that fits, else the largest.
+        ``adopt`` (``_adopting``) and no ``blocks``: first the slot ``_least_recently_used_slot`` names. A slot that
+        a running step still touches is never handed to another request."""
+        if adopt and not blocks:
+            slot = self._least_recently_used_slot()
+            if slot is not None:
+                return slot
         best, best_key = None, None
         for slot, active in enumerate(self._active):
             if active or not self._is_idle(slot):
@@ -314,7 +340,7 @@ class VirtualKVCache:
             common = self._common_head(slot, blocks)
             mapped = self._mapped[slot]
             fit = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
-            key = (-common, not adopt and len(self._heads[slot]) > common, fit)
+            key = (-common, len(self._heads[slot]) > common, fit)
             if best_key is None or key < best_key:
                 best, best_key = slot, key
         return best
@@ -538,18 +564,21 @@ class VirtualKVCache:
             self._log("register", slot, keys=tuple(b.key for b in head))
         return len(head)
 
-    def _set_head(self, slot: int, blocks: Sequence[_Block], adopt: bool = False) -> None:
+    def _set_head(self, slot: int, blocks: Sequence[_Block], adopt: bool = False) -> bool:
         """Makes ``blocks`` the head of the free, idle ``slot``: where its head parts from them, the slot is cut
         (its other registered blocks and its own pages after the cut unmapped), then the missing blocks mapped.
 
-        ``adopt`` (nothing to map after the cut): the head's other blocks, if no request holds them and no other slot
-        maps them, are evicted in place instead: their pages stay mapped as the slot's own, with its own pages
-        after them. This is vAttention's reuse of a freed slot's pages, kept under prefix caching."""
+        ``adopt`` (``blocks`` all in the head already): the head's other blocks, if no request holds them and no
+        other slot maps them, are evicted in place instead: their pages stay mapped as the slot's own (deeper blocks
+        without the shallower ones could never be matched again: the keys are chained). This is vAttention's reuse
+        of a freed slot's pages, kept under prefix caching. Returns whether it adopted."""
         common = self._common_head(slot, blocks)
         if len(self._heads[slot]) == common and len(blocks) == common:
-            return
-        adopt = adopt and len(blocks) == common and self._adopt(slot, common)
-        if not adopt:
+            return False
+        adopt = adopt and len(blocks) == common and self._adoptable(slot, common, len(self._heads[slot]))
+        if adopt:
+            self._adopt(slot, common)
+        else:
             self._quiet += 1
             try:
                 self._cut(slot, common)
@@ -561,14 +590,12 @@ class VirtualKVCache:
             finally:
                 self._quiet -= 1
         self._log("head", slot, int(adopt), keys=tuple(b.key for b in blocks))
+        return adopt
 
-    def _adopt(self, slot: int, keep_blocks: int) -> bool:
-        """Evicts the blocks of ``slot``'s head after its first ``keep_blocks`` in place, if each is the slot's
-        alone and held by no request: the registry forgets them, their pages stay mapped as the slot's own. Returns
-        whether it did (else nothing changed)."""
+    def _adopt(self, slot: int, keep_blocks: int) -> None:
+        """Evicts the blocks of ``slot``'s head after its first ``keep_blocks`` in place (``_adoptable``): the
+        registry forgets them, their pages stay mapped as the slot's own."""
         dropped = self._heads[slot][keep_blocks:]
-        if not dropped or any(b.refs or b.slots != {slot} for b in dropped):
-            return False
         for block in dropped:
             del self._blocks[block.key]
             del self._evictable[block.key]
@@ -576,7 +603,6 @@ class VirtualKVCache:
         self.num_evicted_blocks += len(dropped)
         del self._heads[slot][keep_blocks:]
         self._update_excess(slot)
-        return True
 
     def _cut(self, slot: int, keep_blocks: int) -> None:
         """Unmaps everything of ``slot`` after its first ``keep_blocks`` head blocks (the slot must be free and idle
@@ -692,8 +718,11 @@ class VirtualKVCache:
             count = min(missing, budget)
             if count <= 0:
                 break
-            self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True, wait=False)
-            count = min(count, self._pool.num_free_pages // self.num_buffers)  # an eviction may have had to wait
+            # Cached blocks only where nothing else could give the pages (grow would take in-flight free slots' and
+            # active slots' spare pages first, waiting for the former).
+            evict = self._eviction_due(count * self.num_buffers, exclude=slot)
+            self._reclaim(count * self.num_buffers, exclude=slot, free_slots_only=True, wait=False, evict=evict)
+            count = min(count, self._pool.num_free_pages // self.num_buffers)  # what it could reclaim without waiting
             if count <= 0:
                 break
             self._map_tail(slot, count)
@@ -769,16 +798,18 @@ class VirtualKVCache:
         self._reclaim(needed, exclude=slot, wait=True)
         self._map_tail(slot, missing)
 
-    def _reclaim(self, pages: int, exclude: int, free_slots_only: bool = False, wait: bool = True) -> None:
+    def _reclaim(
+        self, pages: int, exclude: int, free_slots_only: bool = False, wait: bool = True, evict: bool = True
+    ) -> None:
         """Unmaps pages until ``pages`` are free: idle free slots' own pages first (largest first), then active
         slots' pages beyond their tokens (no launched step touches those), then free slots still in flight, after
         waiting for their fences (``wait``; else they are skipped), then cached blocks no request holds, least
-        recently used first (without ``wait``, while the next one's free slots are idle)."""
+        recently used first (``evict``; without ``wait``, while the next one's free slots are idle)."""
         deficit = pages - self._pool.num_free_pages
         if deficit <= 0:
             return
         self._reclaim_own(deficit, exclude, free_slots_only, wait)
-        while pages > self._pool.num_free_pages and self._evict_one(wait):
+        while evict and pages > self._pool.num_free_pages and self._evict_one(wait):
             pass
 
     def _reclaim_own(self, deficit: int, exclude: int, free_slots_only: bool, wait: bool) -> None:
@@ -930,7 +961,8 @@ class VirtualKVCache:
                 if active or len(blocks) != len(op.keys):
                     raise CacheDesyncError(f"{op}: the slot is active or a block is not cached here")
                 self._fence[slot] = None
-                self._set_head(slot, blocks, bool(op.count))
+                if self._set_head(slot, blocks, bool(op.count)) != bool(op.count):
+                    raise CacheDesyncError(f"{op}: the blocks to adopt are not the slot's alone here")
             elif op.kind == "register":
                 if not active or self.register(slot, list(op.keys)) != len(op.keys):
                     raise CacheDesyncError(f"{op}: the blocks cannot be registered here")

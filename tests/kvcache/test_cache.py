@@ -292,6 +292,37 @@ def test_a_full_pool_hands_a_freed_slots_cached_pages_to_the_next_request_in_pla
     assert_accounting(roomy)
 
 
+def test_cached_blocks_are_evicted_only_when_spare_pages_fall_short(make_cache, device):
+    """Reclaim order: slots' own spare pages before any cached block, whether a request is admitted (a free slot's
+    plain pages are taken rather than another's cached blocks adopted) or map_ahead maps ahead (it leaves to grow
+    the pages of a free slot still in flight, rather than evicting)."""
+    cache = make_cache(max_batch_size=3, pages_per_slot=5, pool_pages=2 * 2 * 5)
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(2 * tpp)
+    assert cache.register(a, [11, 12]) == 2
+    b = cache.allocate(3 * tpp)  # plain pages
+    cache.record_use([a, b]).wait()
+    cache.free(b)
+    cache.free(a)
+    assert cache.allocate(2 * tpp) == b and cache.match_prefix([11, 12]) == 2 and cache.num_evicted_blocks == 0
+
+    cache = make_cache(max_batch_size=3, pool_pages=2 * 2 * 4)
+    c = cache.allocate(tpp)
+    assert cache.register(c, [7]) == 1
+    cache.record_use([c]).wait()
+    cache.free(c)
+    d, x = cache.allocate(tpp), cache.allocate(2 * tpp)  # the pool is full
+    if device == "cuda":
+        torch.cuda._sleep(2_000_000_000)
+    fence = cache.record_use([d, x])
+    cache.free(x)  # its step still runs
+    assert cache.map_ahead({d: tpp + 1}) == 0 and cache.match_prefix([7]) == 1
+    fence.wait()
+    cache.grow(d, tpp + 1)  # takes a page of x
+    assert cache.match_prefix([7]) == 1 and cache.num_evicted_blocks == 0
+    assert_accounting(cache)
+
+
 def test_token_major_layout_puts_every_layer_of_a_token_in_one_page(make_cache):
     """One buffer for the whole cache: a page holds 2 * L * H * D elements per token, the per-layer views are strided
     windows of it that never overlap, and a request maps pages for its tokens only (at most one page beyond)."""
