@@ -13,13 +13,14 @@
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
 set -uo pipefail
 stage=$1
+# The device's copy of .git can lag the working tree it runs: the results name the commit passed here.
+export VATTN_COMMIT=${VATTN_COMMIT:?pass VATTN_COMMIT=<the commit of the tree sent>}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 wheels=$(ls .whl/*.whl .whl-fi/*.whl 2>/dev/null)
 [ -n "$wheels" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site $wheels
 export PYTHONPATH=/tmp/site:$(pwd):${PYTHONPATH:-} RAY_AUTH_MODE=disabled MAX_JOBS=${MAX_JOBS:-16}
-export VATTN_COMMIT=${VATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 python3 -c "import ray.dashboard.optional_deps" 2>&1 | tail -1 | sed 's/^/metrics agent deps: /'
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpus.txt"
 quiet() { grep -v -e ' INFO ' -e 'Loading' -e '^\s*$'; }
