@@ -582,10 +582,15 @@ class VirtualKVCache:
             self._quiet += 1
             try:
                 self._cut(slot, common)
-                for block in blocks[common:]:
-                    self._map_tail(slot, self._block_pages, [p for buf in block.pages for p in buf])
-                    self._heads[slot].append(block)
-                    block.slots.add(slot)
+                missing = blocks[common:]
+                if missing:
+                    # One mapping of every missing block, buffer by buffer: a chain's pages are often consecutive
+                    # ids (a slot's growth takes them in order), and a run of them is one access-setting call.
+                    pages = [p for buffer in range(self.num_buffers) for block in missing for p in block.pages[buffer]]
+                    self._map_tail(slot, len(missing) * self._block_pages, pages)
+                    for block in missing:
+                        self._heads[slot].append(block)
+                        block.slots.add(slot)
                     self._update_excess(slot)
             finally:
                 self._quiet -= 1

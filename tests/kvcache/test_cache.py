@@ -262,6 +262,26 @@ def test_map_ahead_evicts_cached_blocks_but_never_waits_for_a_step(make_cache, d
     assert_accounting(cache)
 
 
+def test_a_cached_prefix_is_mapped_in_one_call_per_buffer(make_cache):
+    """A prefix of several blocks is mapped into the new slot in one call per buffer (its pages, consecutive where
+    the first slot grew through them, are then one run: one access-setting driver call on CUDA), and reads back."""
+    cache = make_cache(max_batch_size=2, pages_per_slot=4)
+    tpp = int(cache.tokens_per_page)
+    a = cache.allocate(3 * tpp)
+    fill(cache, a, 0, 3 * tpp, 5.0)
+    assert cache.register(a, [1, 2, 3]) == 3
+    calls = []
+    memory_map = cache._memory.map
+    cache._memory.map = lambda address, page_ids: (calls.append(list(page_ids)), memory_map(address, page_ids))
+    b = cache.allocate(3 * tpp + 1, prefix=[1, 2, 3])
+    assert len(calls) == 2 * cache.num_buffers  # the three blocks, then the request's own page
+    assert cache.slot_page_ids(b) == [
+        buf + [own[0]] for buf, own in zip(cache.slot_page_ids(a), calls[-cache.num_buffers :])
+    ]
+    check(cache, b, 3 * tpp, 5.0)
+    assert cache.stats().mapped_pages == 4 * cache.num_buffers  # the shared pages count once
+
+
 def test_a_full_pool_hands_a_freed_slots_cached_pages_to_the_next_request_in_place(make_cache):
     """vAttention's reuse of a freed slot's pages, kept under prefix caching: where free pages cannot hold what a
     new request will grow to (cached blocks are about to be evicted anyway), the slot's own cached blocks are
