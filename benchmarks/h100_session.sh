@@ -7,8 +7,8 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
-#   validate: (with .whl-fi) the GPU suite, then the engine figures of a host-path change, on 4 GPUs.
-#   validate2: the same within one call on 2 GPUs (stress cases and tests/kvcache, then the layouts).
+#   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
+#           tests/kvcache, then the layouts.
 #   diag:   (with .whl-fi) decode kernels at a few points, graph-timed; the step loop under cProfile.
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
 set -uo pipefail
@@ -111,34 +111,8 @@ final)
   wait
   tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -6 "$OUT/load_h100.log" 2>/dev/null
   ;;
-validate)
-  # A change of the engine's host path, on one commit (with .whl-fi; on 4 GPUs): the shards stage, then GPU 0
-  # profile_step_loop.py (decode-heavy, token_major), GPU 1 --layouts token_major,paged, GPU 2 --layouts
-  # token_major_fa2,paged_gather, GPU 3 bench_prefix.py (engine mode: caching on vs off).
-  suite_shards
-  left=$((${DEADLINE_S:-530} - SECONDS)); [ "$left" -lt 30 ] && left=30
-  (
-    CUDA_VISIBLE_DEVICES=0 timeout $left python3 benchmarks/profile_step_loop.py --engines token_major \
-      --requests 512 --input-len 256 --output-len 1024 --top 40 > "$OUT/profile_step_loop_h100.log" 2>&1
-  ) &
-  for pair in "1 token_major,paged engine_layouts_h100" "2 token_major_fa2,paged_gather engine_layouts_more_h100"; do
-    set -- $pair
-    (
-      CUDA_VISIBLE_DEVICES=$1 timeout $left python3 benchmarks/bench_engine_gpu.py --layouts --engines $2 \
-        --name $3 > "$OUT/$3.log" 2>&1
-      cp benchmarks/results/$3.json "$OUT/" 2>/dev/null
-    ) &
-  done
-  (
-    CUDA_VISIBLE_DEVICES=3 timeout $left python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-      --model dummy:llama-3-8b --name prefix_h100 > "$OUT/prefix_h100.log" 2>&1
-    cp benchmarks/results/prefix_h100.json "$OUT/" 2>/dev/null
-  ) &
-  wait
-  tail -3 "$OUT"/engine_layouts*_h100.log; tail -25 "$OUT/prefix_h100.log"; grep '^== ' "$OUT/profile_step_loop_h100.log"
-  ;;
 validate2)
-  # validate on 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
+  # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
   # --layouts token_major,paged (tests/engine and tests/benchmarks are left to the shards stage).
   (gpu_suite 0 stress_ab tests/gpu -k "tm-graphs-async-0.5GiB or lm-eager-async or tm-graphs-async-2GiB"
    gpu_suite 0 kvcache tests/kvcache) &

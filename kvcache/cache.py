@@ -277,9 +277,13 @@ class VirtualKVCache:
     def _evictable_pages(self) -> int:
         return len(self._evictable) * self._block_pages * self.num_buffers
 
-    def _reclaimable(self, exclude: int | None = None) -> int:
+    def _spare_pages(self, exclude: int | None = None) -> int:
+        """Every slot's own reclaimable pages (but ``exclude``'s): what reclamation takes before any eviction."""
         own = self._excess_total - (self._own_excess[exclude] if exclude is not None else 0)
-        return own * self.num_buffers + self._evictable_pages()
+        return own * self.num_buffers
+
+    def _reclaimable(self, exclude: int | None = None) -> int:
+        return self._spare_pages(exclude) + self._evictable_pages()
 
     def _is_idle(self, slot: int) -> bool:
         """No launched step that touched ``slot`` may still be running."""
@@ -296,10 +300,8 @@ class VirtualKVCache:
         return common
 
     def _eviction_due(self, pages: int, exclude: int | None = None) -> bool:
-        """Whether ``pages`` more pages can only come from evicting cached blocks: free pages and every slot's own
-        reclaimable pages (what reclamation takes before any eviction) fall short."""
-        own = self._excess_total - (self._own_excess[exclude] if exclude is not None else 0)
-        return self._pool.num_free_pages + own * self.num_buffers < pages
+        """Whether ``pages`` more pages can only come from evicting cached blocks: free and spare pages fall short."""
+        return self._pool.num_free_pages + self._spare_pages(exclude) < pages
 
     def _adopting(self, pages_per_buffer: int, blocks: Sequence[_Block]) -> bool:
         """Whether a new request of ``pages_per_buffer`` with the head ``blocks`` takes over the pages of the cached
@@ -380,17 +382,10 @@ class VirtualKVCache:
 
     def _allocation_budget(self, slot: int, pages_per_buffer: int, blocks: Sequence[_Block]) -> tuple[int, int]:
         """``(pages to map, pages that free pages and reclamation can give)`` for ``slot`` to get ``blocks`` as
-        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it.
-
-        The second figure is exact when it falls short of the first; otherwise it may stop at a count that already
-        covers it (free pages alone, usually): summing every slot's reclaimable pages is a pass over all slots,
-        which an admission burst would pay per request."""
+        its head and ``pages_per_buffer`` mapped. The blocks about to be reused are not evictable for it."""
         needed, given_back = self._pages_to_allocate(slot, pages_per_buffer, blocks)
         reused = sum(1 for b in blocks if b.refs == 0) * self._block_pages * self.num_buffers
-        available = self._pool.num_free_pages + given_back - reused
-        if needed <= available:
-            return needed, available
-        return needed, available + self._reclaimable(exclude=slot)
+        return needed, self._pool.num_free_pages + given_back + self._reclaimable(exclude=slot) - reused
 
     @property
     def max_request_tokens(self) -> int:
@@ -796,10 +791,9 @@ class VirtualKVCache:
         if missing <= 0:
             return
         needed = missing * self.num_buffers
-        if needed > self._pool.num_free_pages:  # else nothing to reclaim, and no pass over the slots to count it
-            available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
-            if needed > available:
-                raise PoolExhaustedError(needed, available)
+        available = self._pool.num_free_pages + self._reclaimable(exclude=slot)
+        if needed > available:
+            raise PoolExhaustedError(needed, available)
         self._reclaim(needed, exclude=slot, wait=True)
         self._map_tail(slot, missing)
 
