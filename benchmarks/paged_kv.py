@@ -183,6 +183,7 @@ class PagedKVCache:
     # No prefix caching in the baseline: nothing is ever cached, nothing registered.
     block_tokens = BLOCK_SIZE_TOKENS
     num_cached_blocks = 0
+    num_cached_pages_mapped = 0
 
     def match_prefix(self, keys: Sequence[int]) -> int:
         return 0

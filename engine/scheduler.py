@@ -136,7 +136,9 @@ class Scheduler:
         when a slot is free and the cache can hold their whole prompt plus one decode token, so that
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
       * with prefix caching, a waiting request whose next uncached block a running prefill is computing waits for
-        it (the head of the queue, so those behind it too): a burst of prompts sharing a prefix computes it once.
+        it (the head of the queue, so those behind it too): a burst of prompts sharing a prefix computes it once;
+      * a step's admissions map at most as many cached pages as its token budget fills (beyond the first
+        admission's): a burst of prefix hits is spread over steps rather than mapped before one launch.
 
     Slots go back to the cache as soon as their request finishes or is preempted; the cache itself keeps a slot's
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
@@ -222,8 +224,21 @@ class Scheduler:
             budget -= num_tokens
 
         # Admitting while preempting would thrash: the pages just freed belong to the preempted.
+        # Mapping is host work the step waits for (tens of microseconds a page on a GPU), and a prefix hit maps its
+        # cached pages without spending the token budget: admissions stop once they have mapped as many cached pages
+        # as the token budget fills, so a burst of hits is admitted over several steps, each launching after its
+        # share rather than all after the whole burst's.
         in_progress = self._blocks_in_progress()
-        while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        cached_pages_budget = self.kv_cache.num_cached_pages_mapped + self.kv_cache.pages_for_tokens(
+            self.max_num_batched_tokens
+        )
+        while (
+            not out.preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and self.kv_cache.num_cached_pages_mapped < cached_pages_budget
+        ):
             request = self.waiting[0]
             final_tokens = min(request.num_tokens + 1, self.max_seq_len)
             prefix = self._cached_prefix(request)

@@ -205,6 +205,9 @@ class VirtualKVCache:
         # its shallower ones): eviction takes the first, in O(1).
         self._evictable: OrderedDict[int, _Block] = OrderedDict()
         self.num_evicted_blocks = 0
+        # Pages of cached blocks mapped into requests' slots since the cache was built: mapping work that costs the
+        # step host time but no tokens, which the scheduler bounds per step.
+        self.num_cached_pages_mapped = 0
         self._journal: list[CacheOp] | None = None
         self._quiet = 0  # > 0 while a composite change logs itself as one operation
         self._closed = False
@@ -583,6 +586,7 @@ class VirtualKVCache:
                     # ids (a slot's growth takes them in order), and a run of them is one access-setting call.
                     pages = [p for buffer in range(self.num_buffers) for block in missing for p in block.pages[buffer]]
                     self._map_tail(slot, len(missing) * self._block_pages, pages)
+                    self.num_cached_pages_mapped += len(pages)
                     for block in missing:
                         self._heads[slot].append(block)
                         block.slots.add(slot)

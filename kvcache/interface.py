@@ -31,6 +31,8 @@ class KVCache(Protocol):
         max_request_tokens: the most tokens one request can hold (its slot's length, or the whole pool).
         block_tokens: tokens per block of the prefix cache (the unit a prompt's KV is shared in).
         num_cached_blocks: blocks registered in the prefix cache now.
+        num_cached_pages_mapped: pages of cached blocks mapped into requests' slots since the cache was built (0
+            for a cache that never maps): host work no token budget counts, which the scheduler bounds per step.
     """
 
     config: KVCacheConfig
@@ -40,6 +42,7 @@ class KVCache(Protocol):
     v_flat: list[torch.Tensor]
     reserved_slot: int
     block_tokens: int
+    num_cached_pages_mapped: int
 
     @property
     def max_request_tokens(self) -> int: ...

@@ -18,7 +18,7 @@ NUM_BUFFERS = 4  # 2 layers, K and V
 def make_scheduler():
     caches = []
 
-    def make(page_rows=8, max_batch_size=4, max_num_seqs=None, max_num_batched_tokens=1024):
+    def make(page_rows=8, max_batch_size=4, max_num_seqs=None, max_num_batched_tokens=1024, prefix_seed=None):
         cache = VirtualKVCache(
             KVCacheConfig(
                 num_layers=2,
@@ -32,7 +32,7 @@ def make_scheduler():
             )
         )
         caches.append(cache)
-        return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), cache)
+        return Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens), cache, prefix_seed=prefix_seed)
 
     yield make
     for cache in caches:
@@ -196,3 +196,33 @@ def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again(make_sch
     request.num_computed_tokens = 11
     request.output_token_ids.append(5)  # the first landed; the second is in flight: max_tokens reached
     assert scheduler.schedule().is_empty
+
+
+def test_a_burst_of_prefix_hits_is_admitted_over_steps_by_the_cached_pages_it_maps(make_scheduler):
+    # Blocks of 256 tokens, one page in each of the 4 buffers: the token budget of 1024 fills 16 pages, and a hit on
+    # a 2-block prefix maps 8 cached pages. Each hit computes 8 tokens only: the token budget would admit all four.
+    scheduler = make_scheduler(page_rows=16, max_batch_size=8, max_num_batched_tokens=1024, prefix_seed=1)
+    block = scheduler.block_tokens
+    assert block == 256 and scheduler.kv_cache.pages_for_tokens(1024) == 16
+
+    def prompt(request_id: str, tail: int) -> Request:
+        request = make_request(request_id, 2 * block + 8)
+        request.prompt_token_ids[-8:] = [tail] * 8
+        return request
+
+    first, *hits = [prompt(str(i), i) for i in range(5)]
+    for request in [first, *hits]:
+        scheduler.add(request)
+    admitted = []
+    for _ in range(4):
+        plan = scheduler.schedule()
+        admitted.append([s.request for s in plan.scheduled if s.start_pos == s.request.num_cached_tokens])
+        scheduler.on_launched(plan, [], None)
+        for item in plan.scheduled:
+            if item.completes_prompt:
+                item.request.output_token_ids.append(7)
+        scheduler.kv_cache.wait_idle()
+    # The prefix is computed once, then two hits a step: each step maps 16 cached pages, not all 32 before one launch.
+    assert admitted[:3] == [[first], hits[:2], hits[2:]]
+    assert all(r.num_cached_tokens == 2 * block for r in hits)
+    assert scheduler.kv_cache.num_cached_pages_mapped == 4 * 8

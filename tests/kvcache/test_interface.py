@@ -30,6 +30,7 @@ def test_protocol_declares_what_the_engine_calls():
         "register",
         "head_tokens",
         "cached_keys",
+        "num_cached_pages_mapped",
     }
 
 
