@@ -80,7 +80,7 @@ shards)
 final)
   # The GPU suite and the kernel and engine figures on one commit (a GPU figure counts only beside a passing suite):
   # the shards stage, then GPU 0 bench_attention.py, GPU 1 --layouts token_major,paged and, on 4 GPUs, GPU 2
-  # --layouts token_major_fa2,paged_gather, GPU 3 bench_load.py.
+  # --layouts token_major_fa2,paged_gather, GPU 3 bench_prefix.py (engine mode).
   python3 -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
   ngpu=$(nvidia-smi -L | wc -l)
   suite_shards
@@ -103,13 +103,13 @@ final)
       cp benchmarks/results/engine_layouts_more_h100.json "$OUT/" 2>/dev/null
     ) &
     (
-      CUDA_VISIBLE_DEVICES=3 timeout $left python3 benchmarks/bench_load.py --dir /tmp/vattn_bench_load \
-        > "$OUT/load_h100.log" 2>&1
-      cp benchmarks/results/load_h100.json "$OUT/" 2>/dev/null
+      CUDA_VISIBLE_DEVICES=3 timeout $left python3 benchmarks/bench_prefix.py --mode engine --device cuda \
+        --model dummy:llama-3-8b --name prefix_h100 > "$OUT/prefix_h100.log" 2>&1
+      cp benchmarks/results/prefix_h100.json "$OUT/" 2>/dev/null
     ) &
   fi
   wait
-  tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -6 "$OUT/load_h100.log" 2>/dev/null
+  tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -25 "$OUT/prefix_h100.log" 2>/dev/null
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
