@@ -41,6 +41,7 @@ import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain, repeat
 from typing import Any
 
 import torch
@@ -481,7 +482,8 @@ class PagedAttentionBackend(AttentionBackend):
 
         slot_ids, query_lens = batch.slot_ids_cpu, batch.query_lens_cpu
         seq_lens, cu = batch.seq_lens_cpu, batch.cu_seqlens_q_cpu
-        token_slots = torch.repeat_interleave(torch.tensor(slot_ids), torch.tensor(query_lens))
+        # Host lists, not torch's CPU repeat_interleave (see ForwardBatch.build): the same host work as the product.
+        token_slots = torch.tensor(list(chain.from_iterable(map(repeat, slot_ids, query_lens))), dtype=torch.int64)
         write_rows = _pool_rows(table, to_device(token_slots, torch.int64, device), batch.positions)
 
         # A one-token query (a decode, or a one-token chunk) sees its whole sequence: the decode kernel fits it.
@@ -510,14 +512,13 @@ class PagedAttentionBackend(AttentionBackend):
             plan = planner.plan(cu_q, kv_indptr, blocks, last_lens, BLOCK_SIZE_TOKENS)
             prefill = _PlannedPrefill(to_device(q_index, torch.int64, device), plan)
         elif pre:
-            pre_lens = torch.tensor([seq_lens[i] for i in pre])
             cu_q, cu_k = [0], [0]
             for i in pre:
                 cu_q.append(cu_q[-1] + query_lens[i])
                 cu_k.append(cu_k[-1] + seq_lens[i])
             q_index = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in pre])
-            key_slots = torch.repeat_interleave(torch.tensor([slot_ids[i] for i in pre]), pre_lens)
-            key_pos = torch.arange(cu_k[-1]) - torch.repeat_interleave(torch.tensor(cu_k[:-1]), pre_lens)
+            key_slots = torch.tensor(list(chain.from_iterable(repeat(slot_ids[i], seq_lens[i]) for i in pre)))
+            key_pos = torch.tensor(list(chain.from_iterable(range(seq_lens[i]) for i in pre)))
             key_rows = _pool_rows(
                 table, to_device(key_slots, torch.int64, device), to_device(key_pos, torch.int64, device)
             )

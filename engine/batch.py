@@ -123,12 +123,15 @@ class ForwardBatch:
         cu_seqlens_q = [0]
         for q in query_lens:
             cu_seqlens_q.append(cu_seqlens_q[-1] + q)
-        # Positions: arange per sequence, built with one repeat_interleave instead of a Python loop.
+        # Positions: a range per sequence, extended in C. (torch's CPU repeat_interleave forks its thread pool for
+        # any size; on a many-core GPU host that cost milliseconds a step.)
+        positions_list: list[int] = []
+        for c, q in zip(context_lens, query_lens):
+            positions_list.extend(range(c, c + q))
         q_lens_t = torch.tensor(query_lens, dtype=torch.int64)
         ctx_t = torch.tensor(context_lens, dtype=torch.int64)
         cu_t = torch.tensor(cu_seqlens_q, dtype=torch.int64)
-        num_tokens = cu_seqlens_q[-1]
-        positions = torch.arange(num_tokens, dtype=torch.int64) + torch.repeat_interleave(ctx_t - cu_t[:-1], q_lens_t)
+        positions = torch.tensor(positions_list, dtype=torch.int64)
 
         return cls(
             input_ids=to_device(input_ids, torch.int64, device),

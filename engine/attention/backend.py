@@ -51,10 +51,13 @@ def slot_rows(batch: ForwardBatch, slot_stride_tokens: int) -> SlotRows:
         return SlotRows(starts + batch.positions, torch.cat([starts, zero]).to(torch.int32))
     if batch.positions_cpu is None:
         raise ValueError("a batch of multi-token chunks needs its host positions (positions_cpu)")
-    starts = torch.tensor(batch.slot_ids_cpu, dtype=torch.int64) * slot_stride_tokens
-    q_lens = torch.tensor(batch.query_lens_cpu, dtype=torch.int64)
-    mapping = torch.repeat_interleave(starts, q_lens) + batch.positions_cpu
-    kv_start_rows = torch.cat([starts, torch.zeros(1, dtype=torch.int64)])
+    # A range of rows per sequence, extended in C (not torch's CPU repeat_interleave: see ForwardBatch.build).
+    rows: list[int] = []
+    for slot, context, q_len in zip(batch.slot_ids_cpu, batch.context_lens_cpu, batch.query_lens_cpu):
+        first = slot * slot_stride_tokens + context
+        rows.extend(range(first, first + q_len))
+    mapping = torch.tensor(rows, dtype=torch.int64)
+    kv_start_rows = torch.tensor([s * slot_stride_tokens for s in batch.slot_ids_cpu] + [0], dtype=torch.int64)
     return SlotRows(to_device(mapping, torch.int64, batch.device), to_device(kv_start_rows, torch.int32, batch.device))
 
 
