@@ -11,6 +11,7 @@
 #           tests/kvcache, then the layouts.
 #   diag:   (with .whl-fi) decode kernels at a few points, graph-timed; the step loop under cProfile.
 #   final:  (with .whl-fi) the GPU suite, then the kernel and engine figures, on 4 or 2 GPUs (see below).
+#   prefix: (with .whl-fi) the GPU suite, then bench_prefix alone.
 set -uo pipefail
 stage=$1
 # The device's copy of .git can lag the working tree it runs: the results name the commit passed here.
@@ -110,6 +111,20 @@ final)
   fi
   wait
   tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -25 "$OUT/prefix_h100.log" 2>/dev/null
+  ;;
+prefix)
+  # (with .whl-fi, 4 GPUs) The GPU suite, then bench_prefix (engine mode) alone on GPU 0, so its timings share the
+  # host with nothing else; the file is named after the card (prefix_h100 or prefix_gpu). EXTRA: a command run on
+  # GPU 3 once the suite's engine shard there is done, beside the other shards (a diagnosis).
+  if [ -n "${EXTRA:-}" ]; then
+    (sleep "${EXTRA_AFTER_S:-200}"; CUDA_VISIBLE_DEVICES=3 timeout 200 bash -c "$EXTRA" > "$OUT/extra.log" 2>&1) &
+  fi
+  suite_shards
+  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_prefix.py --mode engine --device cuda \
+    --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
+  cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
+  wait
+  grep -v INFO "$OUT/prefix.log" | tail -8; grep -A1 '^\[' "$OUT/extra.log" 2>/dev/null | cut -c1-200
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then

@@ -31,6 +31,12 @@ from kvcache import Fence, KVCache, NoFreeSlotError, PoolExhaustedError
 
 logger = logging.getLogger(__name__)
 
+# Cached pages a step's admissions may map, in token budgets' worth of pages (see ``Scheduler.schedule``). Mapping
+# them costs the host ~40 us a page on the H100; a step that admits prefix hits runs eagerly (its prefill rows are no
+# graph), ~40 ms of launches. A burst of 196 hits on a 2K-token prompt with one budget (512 pages) took 49 such steps:
+# TTFT p50 1.4-2.0 s; unbounded, every hit waited for all the mapping: 1.3 s (benchmarks/results/prefix_h100.json).
+CACHED_PAGES_PER_STEP = 4
+
 
 class SequenceChunk(NamedTuple):
     """What the executor runs for one sequence: ``token_ids`` at positions ``start_pos ..`` of cache slot ``slot``
@@ -137,8 +143,8 @@ class Scheduler:
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
       * with prefix caching, a waiting request whose next uncached block a running prefill is computing waits for
         it (the head of the queue, so those behind it too): a burst of prompts sharing a prefix computes it once;
-      * a step's admissions map at most as many cached pages as its token budget fills (beyond the first
-        admission's): a burst of prefix hits is spread over steps rather than mapped before one launch.
+      * a step's admissions map at most ``CACHED_PAGES_PER_STEP`` token budgets' worth of cached pages (beyond the
+        first admission's): a burst of prefix hits is spread over a few steps rather than mapped before one launch.
 
     Slots go back to the cache as soon as their request finishes or is preempted; the cache itself keeps a slot's
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.
@@ -225,12 +231,12 @@ class Scheduler:
 
         # Admitting while preempting would thrash: the pages just freed belong to the preempted.
         # Mapping is host work the step waits for (tens of microseconds a page on a GPU), and a prefix hit maps its
-        # cached pages without spending the token budget: admissions stop once they have mapped as many cached pages
-        # as the token budget fills, so a burst of hits is admitted over several steps, each launching after its
-        # share rather than all after the whole burst's.
+        # cached pages without spending the token budget: admissions stop once they have mapped CACHED_PAGES_PER_STEP
+        # token budgets' worth of cached pages, so a burst of hits is admitted over a few steps, each launching after
+        # its share rather than all after the whole burst's.
         in_progress = self._blocks_in_progress()
-        cached_pages_budget = self.kv_cache.num_cached_pages_mapped + self.kv_cache.pages_for_tokens(
-            self.max_num_batched_tokens
+        cached_pages_budget = self.kv_cache.num_cached_pages_mapped + CACHED_PAGES_PER_STEP * (
+            self.kv_cache.pages_for_tokens(self.max_num_batched_tokens)
         )
         while (
             not out.preempted

@@ -6,6 +6,7 @@ import torch
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
+import engine.scheduler as scheduler_module
 from engine.scheduler import Scheduler
 from kvcache import KVCacheConfig, VirtualKVCache
 
@@ -198,12 +199,14 @@ def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again(make_sch
     assert scheduler.schedule().is_empty
 
 
-def test_a_burst_of_prefix_hits_is_admitted_over_steps_by_the_cached_pages_it_maps(make_scheduler):
-    # Blocks of 256 tokens, one page in each of the 4 buffers: the token budget of 1024 fills 16 pages, and a hit on
-    # a 2-block prefix maps 8 cached pages. Each hit computes 8 tokens only: the token budget would admit all four.
-    scheduler = make_scheduler(page_rows=16, max_batch_size=8, max_num_batched_tokens=1024, prefix_seed=1)
+def test_a_burst_of_prefix_hits_is_admitted_over_steps_by_the_cached_pages_it_maps(make_scheduler, monkeypatch):
+    # Blocks of 256 tokens, one page in each of the 4 buffers: the token budget of 256 fills 4 pages, four budgets
+    # 16, and a hit on a 2-block prefix maps 8 cached pages. Each hit computes 8 tokens only: the token budget (what
+    # the first request's last chunk leaves of it) would admit all four at once.
+    monkeypatch.setattr(scheduler_module, "CACHED_PAGES_PER_STEP", 4)
+    scheduler = make_scheduler(page_rows=16, max_batch_size=8, max_num_batched_tokens=256, prefix_seed=1)
     block = scheduler.block_tokens
-    assert block == 256 and scheduler.kv_cache.pages_for_tokens(1024) == 16
+    assert block == 256 and scheduler.kv_cache.pages_for_tokens(256) == 4
 
     def prompt(request_id: str, tail: int) -> Request:
         request = make_request(request_id, 2 * block + 8)
@@ -214,15 +217,15 @@ def test_a_burst_of_prefix_hits_is_admitted_over_steps_by_the_cached_pages_it_ma
     for request in [first, *hits]:
         scheduler.add(request)
     admitted = []
-    for _ in range(4):
+    for _ in range(6):
         plan = scheduler.schedule()
-        admitted.append([s.request for s in plan.scheduled if s.start_pos == s.request.num_cached_tokens])
+        admitted.append([s.request for s in plan.scheduled if s.request in hits and s.start_pos == 2 * block])
         scheduler.on_launched(plan, [], None)
         for item in plan.scheduled:
             if item.completes_prompt:
                 item.request.output_token_ids.append(7)
         scheduler.kv_cache.wait_idle()
-    # The prefix is computed once, then two hits a step: each step maps 16 cached pages, not all 32 before one launch.
-    assert admitted[:3] == [[first], hits[:2], hits[2:]]
+    # The prefix is computed once (in two chunks), then two hits a step: 8 cached pages each, 16 a step.
+    assert [a for a in admitted if a] == [hits[:2], hits[2:]]
     assert all(r.num_cached_tokens == 2 * block for r in hits)
     assert scheduler.kv_cache.num_cached_pages_mapped == 4 * 8
