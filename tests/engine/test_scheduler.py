@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+import engine.scheduler as scheduler_module
 from engine.config import SchedulerConfig
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
-import engine.scheduler as scheduler_module
 from engine.scheduler import Scheduler
 from kvcache import KVCacheConfig, VirtualKVCache
 
