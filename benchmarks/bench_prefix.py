@@ -26,7 +26,7 @@ Serving mode: a local Ray cluster, the app over HTTP with ``--num-replicas`` rep
 and page-aware, page-aware only, Serve's power of two), and once with one replica. Hit rate from the replicas'
 counters, TTFT from streamed completions; the multi-replica hit rate over the single replica's (target >= 0.8).
 
-Writes ``results/prefix_<cpu|h100|gpu>.json`` (``--name``), with the machine, commit and settings.
+Writes ``results/prefix_<cpu|h100|h200|gpu>.json`` (``--name``), with the machine, commit and settings.
 """
 
 from __future__ import annotations
@@ -443,7 +443,7 @@ def run_serving_mode(args: argparse.Namespace, workloads: dict[str, list[Convers
 # ---- main ---------------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["engine", "serving", "both"], default="both")
     p.add_argument("--model", default="smollm2")
@@ -466,11 +466,22 @@ def main() -> None:
     p.add_argument("--http-port", type=int, default=8012)
     p.add_argument("--metrics-port", type=int, default=8092)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default=None, help="results/<name>.json; default prefix_<cpu|h100|gpu>")
-    args = p.parse_args()
+    p.add_argument("--name", default=None, help="results/<name>.json; default prefix_<cpu|h100|h200|gpu>")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the device's defaults filled in."""
+    args = build_parser().parse_args(argv)
     on_gpu = torch.device(args.device).type == "cuda"
     args.max_batch_size = args.max_batch_size or (256 if on_gpu else 8)
     args.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_gpu else 512)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    on_gpu = torch.device(args.device).type == "cuda"
     record = {
         "benchmark": "bench_prefix",
         "machine": machine_info(args.device),
@@ -482,7 +493,9 @@ def main() -> None:
         record["engine"] = run_engine_mode(args, workloads)
     if args.mode in ("serving", "both"):
         record["serving"] = run_serving_mode(args, workloads)
-    name = args.name or ("prefix_" + ("cpu" if not on_gpu else "h100" if "H100" in record["machine"]["gpu"] else "gpu"))
+    gpu = record["machine"].get("gpu") or ""
+    card = next((c for c in ("H100", "H200") if c in gpu), "gpu") if on_gpu else "cpu"
+    name = args.name or f"prefix_{card.lower()}"
     print(f"wrote {write_result(name, record)}")
 
 

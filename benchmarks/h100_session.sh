@@ -68,7 +68,7 @@ suite)
   ) &
   CUDA_VISIBLE_DEVICES=0,1 timeout 560 python3 benchmarks/bench_served_vs_offline.py --device cuda \
     --model dummy:llama-3-8b --num-replicas 1,2 \
-    --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192}' \
+    --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192, "max_seq_len": 8192}' \
     --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150 \
     --out "$OUT/served_vs_offline_h100.json" 2>&1 | quiet > "$OUT/served.log"
   wait
@@ -115,7 +115,8 @@ final)
 prefix)
   # (with .whl-fi, 4 GPUs) The GPU suite, then bench_prefix (engine mode) alone on GPU 0, so its timings share the
   # host with nothing else; the file is named after the card (prefix_h100 or prefix_gpu). EXTRA: a command run on
-  # GPU 3 once the suite's engine shard there is done, beside the other shards (a diagnosis).
+  # GPU 3 once the suite's engine shard there is done, beside the other shards (a diagnosis, e.g.
+  # "python3 benchmarks/sweep_prefix_admission.py").
   if [ -n "${EXTRA:-}" ]; then
     (sleep "${EXTRA_AFTER_S:-200}"; CUDA_VISIBLE_DEVICES=3 timeout 200 bash -c "$EXTRA" > "$OUT/extra.log" 2>&1) &
   fi
