@@ -143,8 +143,9 @@ class Scheduler:
         admitting one does not immediately preempt another. A preempted request rejoins at the head.
       * with prefix caching, a waiting request whose next uncached block a running prefill is computing waits for
         it (the head of the queue, so those behind it too): a burst of prompts sharing a prefix computes it once;
-      * a step's admissions map at most ``CACHED_PAGES_PER_STEP`` token budgets' worth of cached pages (beyond the
-        first admission's): a burst of prefix hits is spread over a few steps rather than mapped before one launch.
+      * a step admits no more once its admissions have mapped ``CACHED_PAGES_PER_STEP`` token budgets' worth of
+        cached pages (the admission that crosses the bound still goes ahead): a burst of prefix hits is spread over
+        a few steps rather than mapped before one launch. (Unmapping a reused slot's old pages is not counted.)
 
     Slots go back to the cache as soon as their request finishes or is preempted; the cache itself keeps a slot's
     rows mapped, and the slot from other requests, until the fence of the last step that touched it completes.

@@ -399,10 +399,10 @@ def test_paged_kernels_match_vattention_kernels_in_bf16_with_graphs(model, paged
         # bf16 through 2 layers (tiny-llama) or 30 (smollm2): the kernels round differently, more so the deeper.
         tol = 2e-2 if model == "tiny-llama" else 5e-2
         torch.testing.assert_close(logits[0], logits[1], atol=tol, rtol=2e-2)
-        # The same next token wherever the reference's top two logits are further apart than both kernels' rounding
-        # (dummy weights leave near ties, which either may break: 86% agreement on an H200 for smollm2).
+        # The same next token wherever the reference's top two logits are further apart than assert_close lets either
+        # move (dummy weights leave near ties, which either may break: 86% agreement on an H200 for smollm2).
         top2 = logits[1].topk(2, dim=-1).values
-        clear = top2[:, 0] - top2[:, 1] > 2 * tol
+        clear = top2[:, 0] - top2[:, 1] > 2 * (tol + 2e-2 * top2[:, 0].abs())
         assert torch.equal(logits[0].argmax(-1)[clear], logits[1].argmax(-1)[clear])
     finally:
         for ex in executors:
