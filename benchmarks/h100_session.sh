@@ -3,7 +3,8 @@
 # ../shared/tools/gpu-ray-wheels.sh and benchmarks/gpu_wheels.sh; .whl-fi/: FlashInfer, see
 # ../shared/tools/gpu-flashinfer-wheels.sh; the two do not fit one call), then runs a stage, logs under $OUT.
 #   suite:  GPU 2 the GPU stress suite (then the prefix benchmark, engine mode); GPU 3 bench_load.py;
-#           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2) -- the four in parallel.
+#           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2; INGRESS_REPLICAS, 4 as serve_config.gpu.yaml)
+#           -- the four in parallel.
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
@@ -67,7 +68,7 @@ suite)
     cp benchmarks/results/load_h100.json "$OUT/" 2>/dev/null
   ) &
   CUDA_VISIBLE_DEVICES=0,1 timeout 560 python3 benchmarks/bench_served_vs_offline.py --device cuda \
-    --model dummy:llama-3-8b --num-replicas 1,2 \
+    --model dummy:llama-3-8b --num-replicas 1,2 --ingress-replicas ${INGRESS_REPLICAS:-4} \
     --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192, "max_seq_len": 8192}' \
     --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150 \
     --out "$OUT/served_vs_offline_h100.json" 2>&1 | quiet > "$OUT/served.log"
