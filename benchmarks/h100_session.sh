@@ -58,8 +58,8 @@ suite)
     echo "suite rc=$?" >> "$OUT/gpu_suite.log"
     if [ -f benchmarks/bench_prefix.py ]; then
       CUDA_VISIBLE_DEVICES=2 timeout 230 python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-        --model dummy:llama-3-8b --name prefix_h100 > "$OUT/prefix_h100.log" 2>&1
-      cp benchmarks/results/prefix_h100.json "$OUT/" 2>/dev/null
+        --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
+      cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
     fi
   ) &
   (
@@ -73,7 +73,7 @@ suite)
     --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150 \
     --out "$OUT/served_vs_offline_h100.json" 2>&1 | quiet > "$OUT/served.log"
   wait
-  tail -5 "$OUT/gpu_suite.log"; tail -25 "$OUT/prefix_h100.log" 2>/dev/null; tail -12 "$OUT/load_h100.log"
+  tail -5 "$OUT/gpu_suite.log"; grep -v INFO "$OUT/prefix.log" 2>/dev/null | tail -8; tail -12 "$OUT/load_h100.log"
   tail -40 "$OUT/served.log"
   ;;
 shards)
@@ -106,16 +106,16 @@ final)
     ) &
     (
       CUDA_VISIBLE_DEVICES=3 timeout $left python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-        --model dummy:llama-3-8b --name prefix_h100 > "$OUT/prefix_h100.log" 2>&1
-      cp benchmarks/results/prefix_h100.json "$OUT/" 2>/dev/null
+        --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
+      cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
     ) &
   fi
   wait
-  tail -40 "$OUT/attention_h100.log"; tail -4 "$OUT"/engine_layouts*_h100.log; tail -25 "$OUT/prefix_h100.log" 2>/dev/null
+  tail -40 "$OUT/attention_h100.log"; tail -n 4 "$OUT"/engine_layouts*_h100.log; grep -v INFO "$OUT/prefix.log" 2>/dev/null | tail -8
   ;;
 prefix)
   # (with .whl-fi, 4 GPUs) The GPU suite, then bench_prefix (engine mode) alone on GPU 0, so its timings share the
-  # host with nothing else; the file is named after the card (prefix_h100 or prefix_gpu). EXTRA: a command run on
+  # host with nothing else; the file is named after the card (prefix_h100, prefix_h200). EXTRA: a command run on
   # GPU 3 once the suite's engine shard there is done, beside the other shards (a diagnosis, e.g.
   # "python3 benchmarks/sweep_prefix_admission.py").
   if [ -n "${EXTRA:-}" ]; then
@@ -126,7 +126,7 @@ prefix)
     --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
   cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
   wait
-  grep -v INFO "$OUT/prefix.log" | tail -8; grep -A1 '^\[' "$OUT/extra.log" 2>/dev/null | cut -c1-200
+  grep -v INFO "$OUT/prefix.log" | tail -8; grep -A1 "^x" "$OUT/extra.log" 2>/dev/null | cut -c1-200
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
