@@ -338,15 +338,19 @@ class VirtualKVCache:
             slot = self._least_recently_used_slot()
             if slot is not None:
                 return slot
+        # One pass over the slots on every admission: the cheap tests first, and the fence (a device query) only
+        # for a slot that would win.
         best, best_key = None, None
+        first = blocks[0] if blocks else None
+        heads, mapped_pages = self._heads, self._mapped
         for slot, active in enumerate(self._active):
-            if active or not self._is_idle(slot):
+            if active:
                 continue
-            common = self._common_head(slot, blocks)
-            mapped = self._mapped[slot]
-            fit = (0, mapped) if mapped >= pages_per_buffer else (1, -mapped)
-            key = (-common, len(self._heads[slot]) > common, fit)
-            if best_key is None or key < best_key:
+            head = heads[slot]
+            common = self._common_head(slot, blocks) if head and head[0] is first else 0
+            mapped = mapped_pages[slot]
+            key = (-common, len(head) > common, (0, mapped) if mapped >= pages_per_buffer else (1, -mapped))
+            if (best_key is None or key < best_key) and self._is_idle(slot):
                 best, best_key = slot, key
         return best
 
