@@ -55,7 +55,7 @@ APP_NAME = f"served{os.getpid()}"
 CPU_ENGINE_KWARGS = {
     "max_batch_size": 16,
     "max_seq_len": 1024,
-    "kv_cache_bytes": 256 << 20,
+    "kv_cache_memory_bytes": 256 << 20,
     "max_num_batched_tokens": 512,
 }
 
