@@ -167,11 +167,6 @@ class PagedKVCache:
         """Pages (blocks of every layer's K and V) that hold ``num_tokens`` tokens of one request."""
         return _cdiv(num_tokens, BLOCK_SIZE_TOKENS) * self.num_buffers
 
-    def pages_needed(self, num_tokens: int, slot: int | None = None) -> int:
-        """Pages to add so that ``slot`` (or a new request) holds ``num_tokens``."""
-        have = len(self._blocks[slot]) if slot is not None else 0
-        return max(0, _cdiv(num_tokens, BLOCK_SIZE_TOKENS) - have) * self.num_buffers
-
     def record_use(self, slots) -> Fence:
         """A fence after the work launched so far. Freed blocks go back to the queue at once: they are only ever
         rewritten by later, stream-ordered kernels (nothing is unmapped)."""

@@ -366,15 +366,6 @@ class VirtualKVCache:
         mapped = max(mapped, len(blocks) * self._block_pages)
         return max(0, pages_per_buffer - mapped) * self.num_buffers, max(0, given_back)
 
-    def pages_needed(self, num_tokens: int, slot: int | None = None) -> int:
-        """Physical pages that must be mapped to hold ``num_tokens`` in ``slot`` (or in a new request's slot)."""
-        per_buffer = self._pages_per_buffer(num_tokens)
-        if slot is None:
-            slot = self._choose_slot(per_buffer)
-            if slot is None:
-                return per_buffer * self.num_buffers
-        return max(0, per_buffer - self._mapped[slot]) * self.num_buffers
-
     def can_allocate(self, num_tokens: int, prefix: Sequence[int] = ()) -> bool:
         """Whether :meth:`allocate` of ``num_tokens`` with ``prefix`` would succeed now."""
         if num_tokens > self.config.max_seq_len:
