@@ -33,6 +33,11 @@ gpu_suite() {  # GPU, log name, pytest arguments
     --durations=5 "$@" > "$OUT/gpu_suite_$name.log" 2>&1
   echo "rc=$?" >> "$OUT/gpu_suite_$name.log"
 }
+prefix_bench() {  # GPU, timeout: bench_prefix (engine mode), its file (named after the card) copied to $OUT
+  CUDA_VISIBLE_DEVICES=$1 timeout "$2" python3 benchmarks/bench_prefix.py --mode engine --device cuda \
+    --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
+  cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
+}
 suite_shards() {
   # The GPU stress suite split over the GPUs in parallel (~150 s on 4, ~200 s with FlashInfer compiling; ~250 s on
   # one), balanced by the durations of a full run: the stress cases of tests/gpu spread out, the rest beside them.
@@ -56,11 +61,7 @@ suite)
     CUDA_VISIBLE_DEVICES=2 timeout 330 python3 -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
       tests/gpu tests/engine tests/kvcache tests/benchmarks > "$OUT/gpu_suite.log" 2>&1
     echo "suite rc=$?" >> "$OUT/gpu_suite.log"
-    if [ -f benchmarks/bench_prefix.py ]; then
-      CUDA_VISIBLE_DEVICES=2 timeout 230 python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-        --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
-      cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
-    fi
+    prefix_bench 2 230
   ) &
   (
     CUDA_VISIBLE_DEVICES=3 timeout 560 python3 benchmarks/bench_load.py --dir /tmp/vattn_bench_load \
@@ -104,11 +105,7 @@ final)
         > "$OUT/engine_layouts_more_h100.log" 2>&1
       cp benchmarks/results/engine_layouts_more_h100.json "$OUT/" 2>/dev/null
     ) &
-    (
-      CUDA_VISIBLE_DEVICES=3 timeout $left python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-        --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
-      cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
-    ) &
+    prefix_bench 3 "$left" &
   fi
   wait
   tail -40 "$OUT/attention_h100.log"; tail -n 4 "$OUT"/engine_layouts*_h100.log; grep -v INFO "$OUT/prefix.log" 2>/dev/null | tail -8
@@ -122,9 +119,7 @@ prefix)
     (sleep "${EXTRA_AFTER_S:-200}"; CUDA_VISIBLE_DEVICES=3 timeout 200 bash -c "$EXTRA" > "$OUT/extra.log" 2>&1) &
   fi
   suite_shards
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_prefix.py --mode engine --device cuda \
-    --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
-  cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
+  prefix_bench 0 200
   wait
   grep -v INFO "$OUT/prefix.log" | tail -8; grep -A1 "^x" "$OUT/extra.log" 2>/dev/null | cut -c1-200
   ;;

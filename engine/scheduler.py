@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 # Cached pages a step's admissions may map, in token budgets' worth of pages (see ``Scheduler.schedule``). Mapping
 # them costs the host ~40 us a page on the H100; a step that admits prefix hits runs eagerly (its prefill rows are no
 # graph), ~40 ms of launches. A burst of 196 hits on a 2K-token prompt with one budget (512 pages) took 49 such steps:
-# TTFT p50 1.4-2.0 s; unbounded, every hit waited for all the mapping: 1.3 s (benchmarks/results/prefix_h100.json).
+# TTFT p50 1.4-2.0 s; unbounded, every hit waited for all the mapping: 1.3 s
+# (benchmarks/results/prefix_admission_h100_a7d4526.log; with four, prefix_h200.json).
 CACHED_PAGES_PER_STEP = 4
 
 
