@@ -153,29 +153,36 @@ def app_args(args: argparse.Namespace, num_replicas: int, engine_process: str = 
 
 
 def serving_processes(app_name: str) -> dict[str, list[int]]:
-    """PIDs of the app's processes by role: ingress, engine replica actors, their children (engine cores), proxy.
-    Found by the titles Ray gives its actor processes (``ray::ServeReplica:<app>:<deployment>``)."""
+    """PIDs of the app's processes by role: ingress, engine replica actors, their children (engine cores), proxy
+    (Serve's proxy actor and, with ``RAY_SERVE_ENABLE_HA_PROXY=1``, the HAProxy it runs). Found by the titles Ray
+    gives its actor processes (``ray::ServeReplica:<app>:<deployment>``)."""
     import psutil
 
+    from deployments.app import ENGINE_DEPLOYMENT_NAME, INGRESS_DEPLOYMENT_NAME
+
     roles: dict[str, list[int]] = collections.defaultdict(list)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
         title = " ".join(proc.info["cmdline"] or ())
-        if title.startswith(f"ray::ServeReplica:{app_name}:OpenAIIngress"):
+        if title.startswith(f"ray::ServeReplica:{app_name}:{INGRESS_DEPLOYMENT_NAME}"):
             roles["ingress"].append(proc.pid)
-        elif title.startswith(f"ray::ServeReplica:{app_name}:LLMEngine"):
+        elif title.startswith(f"ray::ServeReplica:{app_name}:{ENGINE_DEPLOYMENT_NAME}"):
             roles["replica"].append(proc.pid)
             roles["engine_core"] += [c.pid for c in proc.children(recursive=True)]
-        elif title.startswith("ray::ProxyActor") and _in_this_cluster(proc):
+        elif (title.startswith("ray::ProxyActor") or proc.info["name"] == "haproxy") and _in_this_cluster(proc):
             roles["proxy"].append(proc.pid)
     return dict(roles)
 
 
 def _in_this_cluster(proc) -> bool:
     """Whether ``proc`` descends from this driver's raylet (other clusters may run on the machine)."""
+    import psutil
     import ray
 
     raylet_pid = ray._private.worker.global_worker.node.all_processes["raylet"][0].process.pid
-    return any(parent.pid == raylet_pid for parent in proc.parents())
+    try:
+        return any(parent.pid == raylet_pid for parent in proc.parents())
+    except psutil.Error:
+        return False
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -347,6 +354,8 @@ def main() -> None:
             "temperature": 0,
         },
         "machine": _machine(args.device),
+        # Serve's mode switches (e.g. RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED), read at Ray's start
+        "serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
         "offline": offline,
         "served": {},
     }

@@ -5,6 +5,8 @@
 #   suite:  GPU 2 the GPU stress suite (then the prefix benchmark, engine mode); GPU 3 bench_load.py;
 #           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2; INGRESS_REPLICAS, 4 as serve_config.gpu.yaml)
 #           -- the four in parallel.
+#   served: (with .whl) the served path against the offline engine, Serve's default proxy on GPUs 0-1 beside its
+#           HAProxy ingress and throughput-optimized mode on GPUs 2-3, in parallel.
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
@@ -38,6 +40,15 @@ prefix_bench() {  # GPU, timeout: bench_prefix (engine mode), its file (named af
     --model dummy:llama-3-8b > "$OUT/prefix.log" 2>&1
   cp "$(grep -o 'wrote .*\.json' "$OUT/prefix.log" | cut -d' ' -f2)" "$OUT/" 2>/dev/null
 }
+served_bench() {  # GPUs, name, HTTP port, env assignments: bench_served_vs_offline.py, 1 then 2 replicas
+  local gpus=$1 name=$2 port=$3
+  shift 3
+  env "$@" CUDA_VISIBLE_DEVICES=$gpus timeout ${SERVED_TIMEOUT:-560} python3 benchmarks/bench_served_vs_offline.py \
+    --device cuda --model dummy:llama-3-8b --num-replicas 1,2 --ingress-replicas ${INGRESS_REPLICAS:-4} \
+    --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192, "max_seq_len": 8192}' \
+    --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150 \
+    --http-port "$port" --out "$OUT/served_vs_offline_$name.json" 2>&1 | quiet > "$OUT/served_$name.log"
+}
 suite_shards() {
   # The GPU stress suite split over the GPUs in parallel (~150 s on 4, ~200 s with FlashInfer compiling; ~250 s on
   # one), balanced by the durations of a full run: the stress cases of tests/gpu spread out, the rest beside them.
@@ -68,14 +79,19 @@ suite)
       > "$OUT/load_h100.log" 2>&1
     cp benchmarks/results/load_h100.json "$OUT/" 2>/dev/null
   ) &
-  CUDA_VISIBLE_DEVICES=0,1 timeout 560 python3 benchmarks/bench_served_vs_offline.py --device cuda \
-    --model dummy:llama-3-8b --num-replicas 1,2 --ingress-replicas ${INGRESS_REPLICAS:-4} \
-    --engine-kwargs '{"max_batch_size": 256, "kv_cache_memory_fraction": 0.85, "max_num_batched_tokens": 8192, "max_seq_len": 8192}' \
-    --num-prompts 300 --long-input-len 4000 --long-output-len 600 --short-input-len 300 --short-output-len 150 \
-    --out "$OUT/served_vs_offline_h100.json" 2>&1 | quiet > "$OUT/served.log"
+  served_bench 0,1 h100 8012
   wait
   tail -5 "$OUT/gpu_suite.log"; grep -v INFO "$OUT/prefix.log" 2>/dev/null | tail -8; tail -12 "$OUT/load_h100.log"
-  tail -40 "$OUT/served.log"
+  tail -40 "$OUT/served_h100.log"
+  ;;
+served)
+  # (with .whl) bench_served_vs_offline.py twice at once on the same requests: GPUs 0-1 through Serve's default
+  # proxy, GPUs 2-3 with Serve's HAProxy ingress and throughput-optimized mode (direct ingress to the replicas, gRPC
+  # between them); 1 engine replica, then 2, each.
+  served_bench 0,1 h100 8012 &
+  served_bench 2,3 h100_haproxy 8013 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 &
+  wait
+  for f in "$OUT"/served_h100*.log; do echo "== $f"; grep -A3 -e '^served/offline' -e '^=* offline' "$f"; done
   ;;
 shards)
   suite_shards
