@@ -7,6 +7,7 @@
 #           -- the four in parallel.
 #   served: (with .whl) the served path against the offline engine, Serve's default proxy on GPUs 0-1 beside its
 #           HAProxy ingress and throughput-optimized mode on GPUs 2-3, in parallel.
+#   single: (with .whl-fi, 1 GPU) bench_prefix alone, then the stress cases and tests/kvcache.
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
@@ -138,6 +139,16 @@ prefix)
   prefix_bench 0 200
   wait
   grep -v INFO "$OUT/prefix.log" | tail -8; grep -A1 "^x" "$OUT/extra.log" 2>/dev/null | cut -c1-200
+  ;;
+single)
+  # (with .whl-fi, 1 GPU) bench_prefix alone on the host, then the stress cases and tests/kvcache in the time left
+  # (DEADLINE_S): the prefix figures and a suite pass where only one card (an H100) comes.
+  prefix_bench 0 240
+  left=$((${DEADLINE_S:-520} - SECONDS))
+  [ "$left" -gt 60 ] && CUDA_VISIBLE_DEVICES=0 timeout $left python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+    --timeout 250 tests/kvcache tests/gpu > "$OUT/gpu_suite_single.log" 2>&1
+  echo "rc=$?" >> "$OUT/gpu_suite_single.log"
+  grep -v INFO "$OUT/prefix.log" | tail -8; tail -3 "$OUT/gpu_suite_single.log"
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then
