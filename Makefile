@@ -43,11 +43,14 @@ clean:
 # /health answers 200 (2 CPU engine replicas with the embedded model). Prometheus metrics of every replica:
 # http://localhost:8000/metrics (or Ray's export on :$(METRICS_PORT)). Stop with `make serve-stop`.
 # Token auth is off for this local cluster (RAY_AUTH_MODE=disabled), consistently for ray and serve.
+# Serve runs on its HAProxy ingress and throughput-optimized mode (deployments/serve_mode.py): its switches go in the
+# environment of `ray start`; a cluster already running keeps the mode it was started with.
 METRICS_PORT ?= 8080
 SERVE_CONFIG ?= serve_config.yaml
+SERVE_ENV ?= RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 serve: install
 	RAY_AUTH_MODE=disabled $(VENV)/bin/ray status >/dev/null 2>&1 || \
-		RAY_AUTH_MODE=disabled $(VENV)/bin/ray start --head --metrics-export-port=$(METRICS_PORT) --disable-usage-stats
+		RAY_AUTH_MODE=disabled $(SERVE_ENV) $(VENV)/bin/ray start --head --metrics-export-port=$(METRICS_PORT) --disable-usage-stats
 	RAY_AUTH_MODE=disabled PYTHONPATH=$(CURDIR) $(VENV)/bin/serve deploy $(SERVE_CONFIG)
 	@for i in $$(seq 300); do curl -sf http://localhost:8000/health >/dev/null && break; sleep 2; done; \
 		curl -sf http://localhost:8000/health >/dev/null || (echo "not healthy: see serve status"; exit 1)

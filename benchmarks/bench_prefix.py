@@ -337,11 +337,10 @@ def serving_app_args(args: argparse.Namespace, num_replicas: int, router: dict) 
 
 def replica_counters(num_replicas: int) -> dict[str, dict]:
     """Every engine replica's stats (handle calls land on random replicas: poll until all are seen)."""
-    from ray import serve
-
     from deployments.app import ENGINE_DEPLOYMENT_NAME
+    from deployments.serve_mode import sync_handle
 
-    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name="bench")
+    handle = sync_handle(ENGINE_DEPLOYMENT_NAME, "bench")
     seen: dict[str, dict] = {}
     for _ in range(200):
         stats = handle.engine_stats.remote().result(timeout_s=60)

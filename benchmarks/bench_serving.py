@@ -37,6 +37,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout without `p
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import current_commit  # noqa: E402
+from deployments.serve_mode import use_serve_env  # noqa: E402
 
 
 @dataclass
@@ -423,8 +424,10 @@ def _worker_pythonpath() -> str:
 
 def start_local_ray(metrics_port: int | None, num_cpus: int = 2) -> None:
     """A fresh local Ray cluster (``num_cpus``, token auth off) whose workers import this checkout; its metrics
-    exported on ``metrics_port`` (None: not exported)."""
+    exported on ``metrics_port`` (None: not exported). Serve runs on the app's data path
+    (``deployments.serve_mode``) unless the environment sets its switches."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_serve_env()
     import ray
 
     metrics = {} if metrics_port is None else {"_metrics_export_port": metrics_port}

@@ -40,6 +40,7 @@ from ray.util.placement_group import placement_group, remove_placement_group  # 
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
 from benchmarks.common import machine_info, write_result  # noqa: E402
+from deployments.serve_mode import sync_handle, use_serve_env  # noqa: E402
 
 
 @ray.remote
@@ -258,9 +259,7 @@ def part_serve(args, result: dict) -> None:
         "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None,
         "body": r.text[:500],
     }
-    stats = (
-        serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name="tp").engine_stats.remote().result(timeout_s=30)
-    )
+    stats = sync_handle(ENGINE_DEPLOYMENT_NAME, "tp").engine_stats.remote().result(timeout_s=30)
     result["serve"]["engine_stats"] = {
         k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page") if k in stats
     }
@@ -337,6 +336,7 @@ def main() -> int:
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     }
+    use_serve_env()
     ray.init(
         num_gpus=num_gpus,
         num_cpus=max(os.cpu_count() or 1, 2 * args.tensor_parallel_size + 2),

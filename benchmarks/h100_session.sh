@@ -5,8 +5,8 @@
 #   suite:  GPU 2 the GPU stress suite (then the prefix benchmark, engine mode); GPU 3 bench_load.py;
 #           GPUs 0-1 bench_served_vs_offline.py (1 replica, then 2; INGRESS_REPLICAS, 4 as serve_config.gpu.yaml)
 #           -- the four in parallel.
-#   served: (with .whl) the served path against the offline engine, Serve's default proxy on GPUs 0-1 beside its
-#           HAProxy ingress and throughput-optimized mode on GPUs 2-3, in parallel.
+#   served: (with .whl) the served path against the offline engine, on the app's Serve data path (HAProxy ingress,
+#           throughput-optimized mode) on GPUs 0-1 beside Serve's default proxy on GPUs 2-3, in parallel.
 #   single: (with .whl-fi, 1 GPU) bench_prefix alone, then the stress cases and tests/kvcache.
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
@@ -86,11 +86,11 @@ suite)
   tail -40 "$OUT/served_h100.log"
   ;;
 served)
-  # (with .whl) bench_served_vs_offline.py twice at once on the same requests: GPUs 0-1 through Serve's default
-  # proxy, GPUs 2-3 with Serve's HAProxy ingress and throughput-optimized mode (direct ingress to the replicas, gRPC
-  # between them); 1 engine replica, then 2, each.
+  # (with .whl) bench_served_vs_offline.py twice at once on the same requests: GPUs 0-1 on the app's data path
+  # (deployments/serve_mode.py: Serve's HAProxy ingress and throughput-optimized mode), GPUs 2-3 through Serve's
+  # default Python proxy; 1 engine replica, then 2, each.
   served_bench 0,1 h100 8012 &
-  served_bench 2,3 h100_haproxy 8013 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 &
+  served_bench 2,3 h100_serve_proxy 8013 RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0 &
   wait
   for f in "$OUT"/served_h100*.log; do echo "== $f"; grep -A3 -e '^served/offline' -e '^=* offline' "$f"; done
   ;;

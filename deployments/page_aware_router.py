@@ -321,9 +321,9 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
 
     @staticmethod
     def _power_of_two(candidate_replicas: list[RunningReplica]) -> list[RunningReplica]:
-        if len(candidate_replicas) <= 2:
-            return list(candidate_replicas)
-        return random.sample(candidate_replicas, 2)
+        # In random order even when there are only two: Serve takes the first of a rank's shortest queues, so a fixed
+        # order sends every tie to the same replica.
+        return random.sample(candidate_replicas, min(2, len(candidate_replicas)))
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request_id = pending_request.metadata.internal_request_id

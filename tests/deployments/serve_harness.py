@@ -23,6 +23,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from deployments.app import ENGINE_DEPLOYMENT_NAME, build_app  # noqa: E402
+from deployments.serve_mode import sync_handle  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "llm"
@@ -42,7 +43,7 @@ class ServedApp:
     headers: dict[str, str]
 
     def engine_handle(self):
-        return serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name=APP_NAME)
+        return sync_handle(ENGINE_DEPLOYMENT_NAME, APP_NAME)
 
     def engine_stats_by_replica(self, timeout_s: float = 30.0) -> dict[str, dict]:
         """Stats of every engine replica (handle calls land on random replicas: poll until all seen)."""

@@ -14,10 +14,10 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import pytest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-from ray import serve  # noqa: E402
 
 from deployments.app import ENGINE_DEPLOYMENT_NAME  # noqa: E402
 from deployments.ingress import REPLICA_HEADER  # noqa: E402
+from deployments.serve_mode import sync_handle  # noqa: E402
 from tests.deployments.serve_harness import APP_NAME, MODEL, served_app  # noqa: E402
 
 # 64 KiB host pages, SmolLM2 float32: 85.3 tokens per page, 60 pages (30 layers x K,V) per block of
@@ -58,7 +58,7 @@ def _chat_body(content: str, max_tokens: int = 8, **extra) -> dict:
 
 def _engine_stats_by_replica() -> dict[str, dict]:
     """Stats of every engine replica (calls go through the router's random fallback; poll until both)."""
-    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT_NAME, app_name=APP_NAME)
+    handle = sync_handle(ENGINE_DEPLOYMENT_NAME, APP_NAME)
     seen: dict[str, dict] = {}
     for _ in range(40):
         stats = handle.engine_stats.remote().result(timeout_s=30)

@@ -14,6 +14,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import AppConfigError, build_app, parse_app_config
+from deployments.serve_mode import SERVE_ENV
 from engine.weights.resolve import _CONFIGS_DIR, DUMMY_TOKENIZER_DIR
 from tests.engine.tiny_checkpoints import lay_out_hub_cache, save_tiny_checkpoint
 
@@ -53,6 +54,19 @@ def test_cluster_yaml_passes_ray_validation():
     assert "GPU" not in types[config["head_node_type"]]["resources"]
     assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
     assert any("make install" in cmd for cmd in config["setup_commands"])
+
+
+def test_every_ray_start_puts_serve_on_the_apps_data_path():
+    """cluster.yaml's and the Makefile's `ray start` carry deployments.serve_mode.SERVE_ENV, which Serve reads from
+    that environment."""
+    config = _load("cluster.yaml")
+    switches = [f"{name}={value}" for name, value in SERVE_ENV.items()]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [cmd for cmd in config[key] if "ray start" in cmd]
+        assert starts and all(s in cmd for cmd in starts for s in switches), key
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "$(SERVE_ENV) $(VENV)/bin/ray start" in makefile
+    assert all(s in makefile.split("SERVE_ENV ?=")[1].splitlines()[0] for s in switches)
 
 
 def test_cluster_yaml_validation_catches_a_typo():

@@ -169,6 +169,18 @@ def test_unhealthy_replica_gets_nothing_while_others_exist():
     assert choose(router, [dead], request("r2", 100)) == [["dead"]]
 
 
+# ---- no report, no hint ----------------------------------------------------------------------------
+
+
+def test_without_reports_two_replicas_come_in_either_order():
+    """With no fresh report (or a call without a hint) the router falls back to power of two, and Serve takes the
+    first of a rank's shortest queues: two replicas in a fixed order would give every tie to the first."""
+    a, b = FakeReplica("a"), FakeReplica("b")  # never reported
+    router = make_router([a, b])
+    firsts = {choose(router, [a, b], request(f"r{i}", 100))[0][0] for i in range(40)}
+    assert firsts == {"a", "b"}
+
+
 # ---- retries ---------------------------------------------------------------------------------------
 
 
