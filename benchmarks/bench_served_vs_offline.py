@@ -154,7 +154,7 @@ def app_args(args: argparse.Namespace, num_replicas: int, engine_process: str = 
 
 def serving_processes(app_name: str) -> dict[str, list[int]]:
     """PIDs of the app's processes by role: ingress, engine replica actors, their children (engine cores), proxy
-    (Serve's proxy actor and, with ``RAY_SERVE_ENABLE_HA_PROXY=1``, the HAProxy it runs). Found by the titles Ray
+    (Serve's proxy actor) and, with ``RAY_SERVE_ENABLE_HA_PROXY=1``, the HAProxy it runs. Found by the titles Ray
     gives its actor processes (``ray::ServeReplica:<app>:<deployment>``)."""
     import psutil
 
@@ -168,8 +168,10 @@ def serving_processes(app_name: str) -> dict[str, list[int]]:
         elif title.startswith(f"ray::ServeReplica:{app_name}:{ENGINE_DEPLOYMENT_NAME}"):
             roles["replica"].append(proc.pid)
             roles["engine_core"] += [c.pid for c in proc.children(recursive=True)]
-        elif (title.startswith("ray::ProxyActor") or proc.info["name"] == "haproxy") and _in_this_cluster(proc):
+        elif title.startswith("ray::ProxyActor") and _in_this_cluster(proc):
             roles["proxy"].append(proc.pid)
+        elif proc.info["name"] == "haproxy" and _in_this_cluster(proc):
+            roles["haproxy"].append(proc.pid)
     return dict(roles)
 
 
@@ -203,6 +205,8 @@ def start_profilers(roles: dict[str, list[int]], profile_dir: Path) -> list[subp
     procs = []
     profile_dir.mkdir(parents=True, exist_ok=True)
     for role, pids in roles.items():
+        if role == "haproxy":  # not a Python process
+            continue
         for i, pid in enumerate(pids):
             out = profile_dir / f"{role}{i}.txt"
             cmd = [str(py_spy), "record", "--pid", str(pid), "--format", "raw", "--threads", "--rate", "50"]

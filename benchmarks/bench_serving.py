@@ -427,7 +427,7 @@ def start_local_ray(metrics_port: int | None, num_cpus: int = 2) -> None:
     exported on ``metrics_port`` (None: not exported). Serve runs on the app's data path
     (``deployments.serve_mode``) unless the environment sets its switches."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    use_serve_env()
+    use_serve_env(own_cluster=True)
     import ray
 
     metrics = {} if metrics_port is None else {"_metrics_export_port": metrics_port}

@@ -336,7 +336,7 @@ def main() -> int:
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     }
-    use_serve_env()
+    use_serve_env(own_cluster=True)
     ray.init(
         num_gpus=num_gpus,
         num_cpus=max(os.cpu_count() or 1, 2 * args.tensor_parallel_size + 2),

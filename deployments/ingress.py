@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import ray
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -290,8 +291,11 @@ class OpenAIIngress:
                     f"engine failure: {exc.cause!r}", status_code=500, error_type="internal_error"
                 ) from exc
             overload = str(exc.cause)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            unavailable = self._overload_error(f"engine replica unavailable: {type(exc).__name__}")
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, grpc.aio.AioRpcError) as exc:
+            # Over gRPC (Serve's throughput-optimized mode) only UNAVAILABLE arrives as ActorUnavailableError; a
+            # stream reset (INTERNAL) or any other status arrives raw.
+            what = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            unavailable = self._overload_error(f"engine replica unavailable: {what}")
             raise ReplicaUnavailableError(
                 unavailable.message,
                 status_code=unavailable.status_code,

@@ -14,15 +14,45 @@ process that starts its own cluster with ``ray.init`` (the tests, the benchmarks
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
+import tempfile
 
 SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def use_serve_env() -> None:
-    """Put ``SERVE_ENV`` in this process's environment where it is unset, before ``ray.serve`` is imported."""
+def use_serve_env(own_cluster: bool = False) -> None:
+    """Put ``SERVE_ENV`` in this process's environment where it is unset, before ``ray.serve`` is imported.
+
+    ``own_cluster``: this process starts a local cluster of its own (the tests, a benchmark), which may run beside
+    another one on the machine (``make serve``, a second run). HAProxy's files and ports are the same for every
+    cluster of a machine unless set, and a second HAProxy would take over the first one's admin socket: they go under
+    a directory of this process's and on free ports instead."""
     for name, value in SERVE_ENV.items():
         os.environ.setdefault(name, value)
+    if not own_cluster:
+        return
+    base = tempfile.mkdtemp(prefix="vattn-haproxy-")
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    private = {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{base}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{base}/admin.sock",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+    for name, value in private.items():
+        os.environ.setdefault(name, value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def sync_handle(deployment_name: str, app_name: str):
@@ -30,7 +60,12 @@ def sync_handle(deployment_name: str, app_name: str):
     in an event loop of its own, which the throughput-optimized mode leaves to the caller's loop by default."""
     from ray import serve
 
-    handle = serve.get_deployment_handle(deployment_name, app_name=app_name)
-    if not handle.is_initialized:  # Serve hands out one handle per deployment and process
+    handle = serve.get_deployment_handle(deployment_name, app_name=app_name)  # one per deployment and process
+    if not handle.is_initialized:
         handle._init(_run_router_in_separate_loop=True)
+    elif not handle.init_options._run_router_in_separate_loop:
+        raise RuntimeError(
+            f"the handle to {deployment_name} was first used inside an event loop, whose router it keeps: "
+            "call it from that loop"
+        )
     return handle

@@ -361,10 +361,21 @@ def test_more_work_than_the_page_pool_holds_is_preempted_and_completes(app):
     before = next(iter(app.engine_stats_by_replica().values()))["num_preemptions"]
     prompt = "Tell me a long story about a dragon and a knight who"
 
+    async def post(ac: httpx.AsyncClient, body: dict) -> httpx.Response:
+        # 503s retried after their Retry-After, as the OpenAI client does: 6 calls fit the ingress's queue, but one
+        # full run on Serve's throughput-optimized path saw two of them answered 503 (the queue counted as full right
+        # after the previous test's requests); this test is about the page pool, the queue has its own below.
+        for _ in range(3):
+            r = await ac.post(COMPLETIONS, json=body)
+            if r.status_code != 503:
+                break
+            await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+        return r
+
     async def run():
         async with httpx.AsyncClient(base_url=app.base_url, headers=AUTH, timeout=120) as ac:
             body = completion(prompt, 100, ignore_eos=True, temperature=0)
-            return await asyncio.gather(*(ac.post(COMPLETIONS, json=body) for _ in range(6)))
+            return await asyncio.gather(*(post(ac, body) for _ in range(6)))
 
     responses = asyncio.run(run())
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
