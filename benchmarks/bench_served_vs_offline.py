@@ -8,9 +8,10 @@
 
 Printed next to each other: output tok/s per replica against the offline engine's (served/offline), p50/p99 TPOT
 against the offline TPOT and the offline decode step, and the CPU seconds per output token of the ingress, the
-engine replicas (their Serve actors and, with ``engine_process``, their engine core processes) and Serve's HTTP
-proxy, read from ``/proc`` through psutil for the actors' PIDs (Ray's state API). ``--profile-dir`` also records a
-py-spy profile of each of those processes during the served run (collapsed stacks, read by ``--summarize``).
+engine replicas (their Serve actors and, with ``engine_process``, their engine core processes), Serve's proxy actor
+and the HAProxy it runs, read from ``/proc`` through psutil. ``--profile-dir`` also records a py-spy profile of each
+of those Python processes during the served run (collapsed stacks, read by ``--summarize``). Serve runs on the app's
+data path (``deployments.serve_mode``) unless ``RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0``.
 
     python benchmarks/bench_served_vs_offline.py --out benchmarks/results/served_vs_offline_cpu.json   # 2-core CPU
     python benchmarks/bench_served_vs_offline.py --device cuda --model dummy:llama-3-8b --num-replicas 1,2 \\

@@ -17,8 +17,9 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import socket
 import tempfile
+
+from deployments.tp_workers import free_port
 
 SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
@@ -42,17 +43,11 @@ def use_serve_env(own_cluster: bool = False) -> None:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": f"{base}/metrics.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{base}/server-state",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port("")),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port("")),
     }
     for name, value in private.items():
         os.environ.setdefault(name, value)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def sync_handle(deployment_name: str, app_name: str):

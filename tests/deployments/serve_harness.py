@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,16 +23,11 @@ from ray import serve  # noqa: E402
 
 from deployments.app import ENGINE_DEPLOYMENT_NAME, build_app  # noqa: E402
 from deployments.serve_mode import sync_handle  # noqa: E402
+from deployments.tp_workers import free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "llm"
 MODEL = "smollm2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -73,8 +67,8 @@ def served_app(
     app_args: dict[str, Any], *, headers: dict[str, str] | None = None, env_vars: dict[str, str] | None = None
 ) -> Iterator[ServedApp]:
     """Start a fresh local cluster with the app of ``app_args``; ``headers`` go with the health probe."""
-    metrics_port = free_port()
-    http_port = free_port()
+    metrics_port = free_port("127.0.0.1")
+    http_port = free_port("127.0.0.1")
     ray.init(
         address="local",  # a fresh cluster even if `make serve` runs one
         num_cpus=2,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.tp_workers import make_executor_factory  # noqa: E402
+from deployments.tp_workers import free_port, make_executor_factory  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
 from engine.errors import EngineDeadError  # noqa: E402
 from engine.executor import WorkerDeadError  # noqa: E402
@@ -46,12 +45,6 @@ TINY_LLAMA = dict(
 )
 # 20 pages of 64 KiB = 5 per layer's K and V: at TP=2 two requests past 64 tokens don't fit together.
 CACHE = dict(max_batch_size=4, max_seq_len=256, kv_cache_memory_bytes=20 << 16, max_num_batched_tokens=128)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +186,7 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
 def test_serve_app_with_tp2_answers_chat(ray_cluster, checkpoint):
     from deployments.app import build_app
 
-    http_port = _free_port()
+    http_port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
     args = {
         "model": str(checkpoint),
