@@ -269,6 +269,7 @@ def compare_layouts(
             entry["attention_backend"] = backend.name
             stats = engine.stats()
             entry["kv_pool_bytes"] = stats.num_total_pages * stats.page_size_bytes
+            entry["max_batch_size"] = stats.max_batch_size
             model = engine.runner.model
             params = sum(p.numel() for p in model.parameters())
             weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -342,6 +343,13 @@ def main() -> None:
         "token_major_fa2, paged, paged_gather)",
     )
     parser.add_argument("--name", default="engine_layouts_h100", help="with --layouts: the result's name")
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=256,
+        help="request slots (256: every decode batch served by a CUDA graph); 0 = the engine's default, sized "
+        "from the KV pool (1024 on an H100)",
+    )
     args = parser.parse_args()
     scale = 8 if args.quick else 1
     torch.manual_seed(0)
@@ -354,7 +362,7 @@ def main() -> None:
             "model": MODEL,
             "device": "cuda",
             "dtype": "bfloat16",
-            "max_batch_size": 256,  # request slots, all served by CUDA graphs (cuda_graph_max_batch_size 256)
+            "max_batch_size": args.max_batch_size or None,
             "max_seq_len": 2048,
             "max_num_batched_tokens": 8192,
             "kv_cache_memory_fraction": 0.85,

@@ -11,6 +11,7 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
+#   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
 #           tests/kvcache, then the layouts.
 #   diag:   (with .whl-fi) decode kernels at a few points, graph-timed; the step loop under cProfile.
@@ -149,6 +150,25 @@ single)
     --timeout 250 tests/kvcache tests/gpu > "$OUT/gpu_suite_single.log" 2>&1
   echo "rc=$?" >> "$OUT/gpu_suite_single.log"
   grep -v INFO "$OUT/prefix.log" | tail -8; tail -3 "$OUT/gpu_suite_single.log"
+  ;;
+slots)
+  # (with .whl-fi, 1 GPU) batch slots sized from the pool: the new GPU tests, the stress cases and tests/kvcache
+  # (within SUITE_S), then the decode-heavy and default workloads on ENGINES with slots sized from the pool (1024)
+  # and at 256, one after the other in this call.
+  if [ "${SUITE_S:-400}" -gt 0 ]; then
+    CUDA_VISIBLE_DEVICES=0 timeout ${SUITE_S:-400} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+      --timeout 250 --durations=8 tests/kvcache tests/gpu tests/engine/test_llm_engine.py \
+      tests/benchmarks/test_paged_kv.py > "$OUT/gpu_suite_slots.log" 2>&1
+    echo "rc=$?" >> "$OUT/gpu_suite_slots.log"
+    tail -4 "$OUT/gpu_suite_slots.log"
+  fi
+  for slots in ${SLOTS:-0 256}; do
+    left=$((${DEADLINE_S:-560} - SECONDS)); [ "$left" -lt 30 ] && break
+    CUDA_VISIBLE_DEVICES=0 timeout $left python3 benchmarks/bench_engine_gpu.py --layouts --max-batch-size $slots \
+      --engines ${ENGINES:-token_major,paged} --name engine_slots_${slots} > "$OUT/engine_slots_$slots.log" 2>&1
+    cp benchmarks/results/engine_slots_$slots.json "$OUT/" 2>/dev/null
+    grep -E "^(token_major|paged)" "$OUT/engine_slots_$slots.log" | cut -c1-260
+  done
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then

@@ -40,7 +40,7 @@ import heapq
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, repeat
 from typing import Any
 
@@ -61,7 +61,7 @@ from kvcache import (
     PoolExhaustedError,
     VirtualKVCache,
 )
-from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, batch_slots_for_pool
 from kvcache.fence import CudaFence, Fence, HostTimeline
 
 BLOCK_SIZE_TOKENS = 16  # vLLM's default block size on CUDA
@@ -96,6 +96,7 @@ class PagedKVCache:
         self.tokens_per_page = float(BLOCK_SIZE_TOKENS)
         self.max_blocks_per_seq = _cdiv(config.max_seq_len, BLOCK_SIZE_TOKENS)
         self.num_blocks = self._pool_blocks(config)
+        config = self.config  # max_batch_size resolved
 
         rows = (self.num_blocks + 1) * BLOCK_SIZE_TOKENS  # one more block for the reserved slot
         heads, dim = config.num_kv_heads, config.head_dim
@@ -139,8 +140,8 @@ class PagedKVCache:
         self._dirty = (0, 1)
 
     def _pool_blocks(self, config: KVCacheConfig) -> int:
+        """Blocks in the pool; sizes ``max_batch_size`` from them when it is None, as the vAttention cache does."""
         block_bytes = self.page_size_bytes * self.num_buffers
-        full = config.max_batch_size * self.max_blocks_per_seq
         if config.kv_cache_memory_bytes is not None:
             budget = config.kv_cache_memory_bytes
         else:
@@ -150,9 +151,9 @@ class PagedKVCache:
             else:
                 free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             budget = int(free * fraction)
-            if config.kv_cache_memory_fraction is None:
-                budget = min(budget, full * block_bytes)
-        blocks = min(budget // block_bytes, full)
+        if config.max_batch_size is None:
+            config = self.config = replace(config, max_batch_size=batch_slots_for_pool(budget // block_bytes, 1))
+        blocks = min(budget // block_bytes, config.max_batch_size * self.max_blocks_per_seq)
         if blocks < 1:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds no block of {block_bytes} bytes "

@@ -16,6 +16,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 DEFAULT_MAX_SEQ_LEN = 4096
 DEFAULT_CPU_KV_CACHE_MEMORY_BYTES = 256 << 20
+DEFAULT_CPU_MAX_BATCH_SIZE = 16
 # On the GPU each page costs ~27 us of driver calls (H100, benchmarks/results/kvcache_h100.json): requests decoding
 # in lockstep would all map their next page at the same step, stalling it. Mapping it over the 128 steps before,
 # at most 128 pages (~3.5 ms) a step, keeps it behind the forwards.
@@ -138,7 +139,9 @@ class CacheConfig:
     """Sizing of the vAttention KV cache.
 
     Attributes:
-        max_batch_size: number of batch slots (concurrent sequences holding KV), >= 1.
+        max_batch_size: number of batch slots (concurrent sequences holding KV), >= 1; ``None`` = on GPU, sized
+            from the page pool (as many requests as it holds at one page per buffer, at most 1024, vLLM's ceiling
+            on an H100: a slot costs virtual addresses only), on CPU 16.
         max_seq_len: tokens per slot (prompt + output); ``None`` = the model's max position
             embeddings capped at ``DEFAULT_MAX_SEQ_LEN`` (4096) and at its sliding window.
         page_size_bytes: physical page size; ``None`` = backend default (64 KiB host, 2 MiB CUDA).
@@ -160,7 +163,7 @@ class CacheConfig:
             physical pages mapped into the new request's slot; see ``kvcache.cache``), in either layout.
     """
 
-    max_batch_size: int = 16
+    max_batch_size: int | None = None
     max_seq_len: int | None = None
     page_size_bytes: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -173,8 +176,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if not _is_int(self.max_batch_size) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+        if self.max_batch_size is not None and (not _is_int(self.max_batch_size) or self.max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be None or an int >= 1, got {self.max_batch_size!r}")
         if self.max_seq_len is not None and (not _is_int(self.max_seq_len) or self.max_seq_len < 1):
             raise ValueError(f"max_seq_len must be None or an int >= 1, got {self.max_seq_len!r}")
         if self.page_size_bytes is not None and (not _is_int(self.page_size_bytes) or self.page_size_bytes < 4096):
@@ -198,6 +201,13 @@ class CacheConfig:
             raise ValueError(
                 f"prefetch_pages_per_step must be None or an int >= 1, got {self.prefetch_pages_per_step!r}"
             )
+
+    def resolved_max_batch_size(self, on_gpu: bool) -> int | None:
+        """``max_batch_size`` with ``None`` resolved on CPU (16); on GPU ``None`` stays, for the cache to size from
+        its pool (``kvcache.config.batch_slots_for_pool``)."""
+        if self.max_batch_size is not None or on_gpu:
+            return self.max_batch_size
+        return DEFAULT_CPU_MAX_BATCH_SIZE
 
     def resolved_kv_cache_layout(self, on_gpu: bool) -> str:
         """``kv_cache_layout`` with ``None`` resolved: token-major on GPU, layer-major on CPU."""

@@ -148,7 +148,7 @@ class ModelRunner:
                 num_layers=self.hf_config.num_hidden_layers,
                 num_kv_heads=self.model.num_kv_heads_local,
                 head_dim=self.model.head_dim,
-                max_batch_size=cache_config.max_batch_size,
+                max_batch_size=cache_config.resolved_max_batch_size(on_gpu),
                 max_seq_len=self.max_model_len,
                 dtype=self.dtype,
                 device=str(self.device),
@@ -173,7 +173,7 @@ class ModelRunner:
             self.graph_runner = CudaGraphRunner(
                 self.model,
                 self.kv_cache,
-                min(model_config.cuda_graph_max_batch_size, cache_config.max_batch_size),
+                min(model_config.cuda_graph_max_batch_size, self.kv_cache.config.max_batch_size),
                 self.max_model_len,
             )
             logger.info(

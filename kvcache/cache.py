@@ -31,11 +31,11 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, KVCacheConfig
+from kvcache.config import DEFAULT_KV_CACHE_MEMORY_FRACTION, KVCacheConfig, batch_slots_for_pool
 from kvcache.errors import KVCacheError, NoFreeSlotError, PoolExhaustedError, SequenceTooLongError
 from kvcache.fence import Fence
 from kvcache.page_pool import PagePool
@@ -179,12 +179,16 @@ class VirtualKVCache:
         self.block_tokens = step  # the unit of prefix sharing: whole pages of whole tokens
         self._block_pages = step * token_bytes // page  # per buffer
         self.num_buffers = config.num_buffers
+        budget_pages = self._pool_budget_pages(config, page)
+        if config.max_batch_size is None:
+            config = self.config = replace(config, max_batch_size=batch_slots_for_pool(budget_pages, self.num_buffers))
         num_slots = config.max_batch_size + 1  # the reserved slot first
         self._buffer_bytes = num_slots * self._slot_bytes
         virtual_bytes = self.num_buffers * self._buffer_bytes
 
         self._reserved_pages = self._pages_per_buffer(1)  # per buffer: a token's row, at least one page
-        pool_pages = self._pool_pages(config, page) + self._reserved_pages * self.num_buffers
+        full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
+        pool_pages = min(budget_pages, full) + self._reserved_pages * self.num_buffers
         self._base = memory.reserve(virtual_bytes)
         self._pool = PagePool(memory, pool_pages, page)
 
@@ -232,16 +236,14 @@ class VirtualKVCache:
         self.k, self.v = dense[:layers], dense[layers:]
         self.k_flat, self.v_flat = flat[:layers], flat[layers:]
 
-    def _pool_pages(self, config: KVCacheConfig, page: int) -> int:
-        full = config.max_batch_size * self.max_pages_per_slot * self.num_buffers
+    def _pool_budget_pages(self, config: KVCacheConfig, page: int) -> int:
+        """Pages the memory budget allows, before the cap at what the slots can hold."""
         if config.kv_cache_memory_bytes is not None:
             budget = config.kv_cache_memory_bytes
         else:
-            fraction = config.kv_cache_memory_fraction
-            budget = int(self._memory.free_memory_bytes() * (fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION))
-            if fraction is None:
-                budget = min(budget, full * page)
-        pages = min(budget // page, full)
+            fraction = config.kv_cache_memory_fraction or DEFAULT_KV_CACHE_MEMORY_FRACTION
+            budget = int(self._memory.free_memory_bytes() * fraction)
+        pages = budget // page
         if pages < self.num_buffers:
             raise ValueError(
                 f"the KV pool of {budget} bytes holds {pages} pages of {page} bytes; one request needs at least "

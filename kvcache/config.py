@@ -10,6 +10,15 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 LAYOUTS = ("layer_major", "token_major")
 # Share of the memory free at start-up that the page pool takes when no size is given.
 DEFAULT_KV_CACHE_MEMORY_FRACTION = 0.9
+# Most batch slots a cache sizes itself to when none are given: vLLM's ceiling on sequences per step on an H100.
+MAX_AUTO_BATCH_SLOTS = 1024
+
+
+def batch_slots_for_pool(pool_pages: int, pages_per_request: int) -> int:
+    """Batch slots for a pool of ``pool_pages`` when none are given: one for each request the pool can hold at its
+    smallest (``pages_per_request``: a page in each buffer), at most ``MAX_AUTO_BATCH_SLOTS``. A slot costs only
+    virtual address space until a request maps pages into it, so the pool, not the slot count, limits the batch."""
+    return max(1, min(MAX_AUTO_BATCH_SLOTS, pool_pages // pages_per_request))
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -32,7 +41,8 @@ class KVCacheConfig:
         num_layers: decoder layers; each has one K and one V virtual tensor.
         num_kv_heads: KV heads held by this rank (``total_kv_heads / tp`` under tensor parallelism).
         head_dim: elements per head.
-        max_batch_size: batch slots, i.e. requests that can hold KV at once.
+        max_batch_size: batch slots, i.e. requests that can hold KV at once; ``None`` = sized from the page pool
+            (``batch_slots_for_pool``: as many requests as it holds at a page per buffer, at most 1024).
         max_seq_len: tokens one slot can hold.
         dtype: element type of K and V.
         device: "cpu" (host mmap backend) or "cuda[:N]" (CUDA driver virtual memory).
@@ -60,7 +70,7 @@ class KVCacheConfig:
     num_layers: int
     num_kv_heads: int
     head_dim: int
-    max_batch_size: int
+    max_batch_size: int | None
     max_seq_len: int
     dtype: torch.dtype | str = torch.float32
     device: str = "cpu"
@@ -74,6 +84,8 @@ class KVCacheConfig:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
+            if value is None and name == "max_batch_size":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.dtype = parse_dtype(self.dtype)

@@ -77,6 +77,16 @@ def test_paged_cache_implements_the_kv_cache_protocol():
         cache.close()
 
 
+def test_batch_slots_are_sized_from_the_blocks_when_not_given():
+    """As the vAttention cache: a slot per block the pool holds, at most 1024, and the table has a row for each."""
+    cache = PagedKVCache(small_config(max_batch_size=None, kv_cache_memory_bytes=6 * block_bytes(small_config())))
+    try:
+        assert cache.config.max_batch_size == 6 and cache.block_table.shape[0] == 6 + 1
+        assert sorted(cache.allocate(1) for _ in range(6)) == [1, 2, 3, 4, 5, 6]
+    finally:
+        cache.close()
+
+
 def test_blocks_pages_and_table_stay_consistent():
     config = small_config(kv_cache_memory_bytes=10 * block_bytes(small_config()) + 123)
     cache = PagedKVCache(config)

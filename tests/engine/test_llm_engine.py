@@ -470,3 +470,50 @@ def test_token_major_layout_gives_the_same_tokens_under_preemption(engine):
         assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
     finally:
         small.shutdown()
+
+
+@pytest.mark.gpu
+def test_gpu_batch_slots_default_to_the_pool_and_serve_more_than_the_graphs_cover():
+    """No ``max_batch_size`` on the GPU: the cache takes 1024 slots (its pool holds more requests at a page each), 700
+    requests run in one batch (beyond the 256 rows decode graphs cover, so those steps run eagerly), and every token
+    is the model's greedy choice."""
+    eng = LLMEngine(
+        EngineConfig.from_dict(
+            {
+                "model": "dummy:tiny-llama",
+                "device": "cuda",
+                "dtype": "bfloat16",
+                "max_seq_len": 512,
+                "max_num_batched_tokens": 8192,
+                "kv_cache_memory_bytes": 1100 * (2 << 20),
+            }
+        )
+    )
+    try:
+        assert eng.kv_cache.config.max_batch_size == 1024 and eng.stats().max_batch_size == 1024
+        gen = torch.Generator().manual_seed(3)
+        ps = [
+            torch.randint(10, 1000, (int(n),), generator=gen).tolist()
+            for n in torch.randint(5, 40, (700,), generator=gen)
+        ]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=int(n), ignore_eos=True)
+            for n in torch.randint(16, 30, (700,), generator=gen)
+        ]
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(str(i), p, sp)
+        outs, most_running = {}, 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    outs[int(o.request_id)] = o.token_ids
+            most_running = max(most_running, eng.stats().num_running)
+        assert most_running == 700
+        assert [len(outs[i]) for i in range(700)] == [sp.max_tokens for sp in params]
+        shortfalls = [greedy_shortfall(eng, ps[i], outs[i]) for i in range(0, 700, 35)]
+        assert max(shortfalls) <= 0.03, [round(x, 4) for x in shortfalls]
+        stats = eng.stats()
+        assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == 1024
+        assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
+    finally:
+        eng.shutdown()

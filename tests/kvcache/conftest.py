@@ -40,7 +40,8 @@ def make_cache(device):
         )
         granularity = 64 << 10 if device == "cpu" else 2 << 20
         tokens_per_page = granularity // probe.buffer_token_bytes
-        pool_pages = pool_pages if pool_pages is not None else max_batch_size * pages_per_slot * probe.num_buffers
+        if pool_pages is None:
+            pool_pages = max_batch_size * pages_per_slot * probe.num_buffers
         config = KVCacheConfig(
             num_layers=num_layers,
             num_kv_heads=2,

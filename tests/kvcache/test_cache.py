@@ -15,6 +15,7 @@ from kvcache import (
     SequenceTooLongError,
     VirtualKVCache,
 )
+from kvcache.config import MAX_AUTO_BATCH_SLOTS
 
 
 def fill(cache, slot, start, end, value):
@@ -408,6 +409,29 @@ def test_bad_config_names_the_field(field, value):
         KVCacheConfig(**kwargs)
 
 
+@pytest.mark.parametrize("layout", ["layer_major", "token_major"])
+def test_batch_slots_are_sized_from_the_pool_when_not_given(make_cache, layout):
+    """Without ``max_batch_size`` the cache gives itself a slot for every request its pool holds at a page per
+    buffer, at most 1024; every one of those slots can take a request, and the pool holds exactly its budget."""
+    buffers = 2 * 2 if layout == "layer_major" else 1
+    cache = make_cache(max_batch_size=None, pool_pages=5 * buffers, layout=layout)
+    assert cache.config.max_batch_size == 5
+    stats = cache.stats()
+    assert stats.total_pages == 5 * buffers and stats.num_free_slots == 5
+    slots = [cache.allocate(1) for _ in range(5)]
+    assert sorted(slots) == [1, 2, 3, 4, 5]
+    with pytest.raises(NoFreeSlotError):
+        cache.allocate(1)
+    for slot in slots:
+        cache.free(slot)
+    many = make_cache(max_batch_size=None, pool_pages=1100 * buffers, layout=layout)
+    assert many.config.max_batch_size == MAX_AUTO_BATCH_SLOTS == 1024
+    slot = many.allocate(1)
+    fill(many, slot, 0, 1, 3.0)
+    check(many, slot, 1, 3.0)
+    assert many.k[0].shape[0] == 1024 + 1  # the reserved slot first
+
+
 def test_pool_too_small_for_one_request_is_a_config_error(device):
     with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
         VirtualKVCache(
@@ -560,3 +584,39 @@ def test_close_waits_for_the_last_step(make_cache):
     fence = cache.record_use([cache.allocate(1)])
     cache.close()
     assert fence.is_complete()
+
+
+@pytest.mark.gpu
+def test_llama3_8b_shape_reserves_1024_slots_of_8k_tokens_on_cuda():
+    """The default on an H100-class GPU: 1024 slots of Llama-3-8B's 8K context (1 TiB of virtual addresses,
+    token-major), every slot usable at once, the last slot's rows as readable as the first's."""
+    cache = VirtualKVCache(
+        KVCacheConfig(
+            num_layers=32,
+            num_kv_heads=8,
+            head_dim=128,
+            max_batch_size=None,
+            max_seq_len=8192,
+            dtype=torch.bfloat16,
+            device="cuda",
+            kv_cache_memory_bytes=1100 * (2 << 20),
+            kv_cache_layout="token_major",
+        )
+    )
+    try:
+        assert cache.config.max_batch_size == MAX_AUTO_BATCH_SLOTS
+        slots = [cache.allocate(1) for _ in range(MAX_AUTO_BATCH_SLOTS)]
+        assert sorted(slots) == list(range(1, MAX_AUTO_BATCH_SLOTS + 1))
+        for layer in (0, 31):
+            for slot in (1, 512, MAX_AUTO_BATCH_SLOTS):
+                cache.k[layer][slot, 0] = float(slot % 97 + layer)
+                cache.v[layer][slot, 0] = -float(slot % 89 + layer)
+        torch.cuda.synchronize()
+        for layer in (0, 31):
+            for slot in (1, 512, MAX_AUTO_BATCH_SLOTS):
+                assert torch.all(cache.k[layer][slot, 0] == float(slot % 97 + layer))
+                assert torch.all(cache.v[layer][slot, 0] == -float(slot % 89 + layer))
+        for slot in slots:
+            cache.free(slot)
+    finally:
+        cache.close()
