@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 
-from deployments.tp_workers import free_port
+from engine.distributed import free_port
 
 SERVE_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 

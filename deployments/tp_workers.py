@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
-from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS
+from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS, free_port
 from engine.executor import Executor, ExecutorFactory, LocalExecutor, WorkerDeadError
 from engine.tp_executor import TPExecutor, WorkerGroup
 from kvcache import CacheOp
@@ -78,13 +77,6 @@ class TPWorkerActor:
 def _exit_soon() -> None:
     time.sleep(_EXIT_AFTER_FAILURE_S)
     os._exit(1)
-
-
-def free_port(host: str) -> int:
-    """A TCP port free now on ``host`` (this node) for the group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class RayWorkerGroup(WorkerGroup):

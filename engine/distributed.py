@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -86,3 +87,11 @@ def abort_tp_group() -> None:
         abort()
     except Exception:  # noqa: BLE001 - gloo raises on the dead peer's closed socket anyway
         logger.warning("aborting the tensor-parallel group failed", exc_info=True)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free now on ``host`` (this node): a process group's rendezvous, a server's port. Another process
+    may take it before it is bound again; callers that start servers on it retry or own the machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -23,7 +23,7 @@ from ray import serve  # noqa: E402
 
 from deployments.app import ENGINE_DEPLOYMENT_NAME, build_app  # noqa: E402
 from deployments.serve_mode import sync_handle  # noqa: E402
-from deployments.tp_workers import free_port  # noqa: E402
+from engine.distributed import free_port  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_NAME = "llm"

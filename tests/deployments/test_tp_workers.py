@@ -18,8 +18,9 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from deployments.tp_workers import free_port, make_executor_factory  # noqa: E402
+from deployments.tp_workers import make_executor_factory  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
+from engine.distributed import free_port  # noqa: E402
 from engine.errors import EngineDeadError  # noqa: E402
 from engine.executor import WorkerDeadError  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
