@@ -347,8 +347,8 @@ def main() -> None:
         "--max-batch-size",
         type=int,
         default=256,
-        help="request slots (256: every decode batch served by a CUDA graph); 0 = the engine's default, sized "
-        "from the KV pool (1024 on an H100)",
+        help="request slots (256: the setting of the figures so far); 0 = the engine's default, sized from the KV "
+        "pool (1024 on an H100; decode batches above 512 run without CUDA graphs)",
     )
     args = parser.parse_args()
     scale = 8 if args.quick else 1

@@ -59,7 +59,8 @@ class ModelConfig:
         tensor_parallel_size: number of tensor-parallel ranks.
         enforce_eager: never use CUDA graphs (decode steps are otherwise replayed from graphs
             captured at fixed batch-size buckets on GPU).
-        cuda_graph_max_batch_size: largest decode batch served from a graph; larger ones run eagerly.
+        cuda_graph_max_batch_size: largest decode batch served from a graph (vLLM's capture ceiling, 512); larger
+            ones run eagerly.
     """
 
     model: str = "smollm2"
@@ -69,7 +70,7 @@ class ModelConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
-    cuda_graph_max_batch_size: int = 256
+    cuda_graph_max_batch_size: int = 512
 
     def __post_init__(self) -> None:
         if not isinstance(self.enforce_eager, bool):

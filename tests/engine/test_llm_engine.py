@@ -475,7 +475,7 @@ def test_token_major_layout_gives_the_same_tokens_under_preemption(engine):
 @pytest.mark.gpu
 def test_gpu_batch_slots_default_to_the_pool_and_serve_more_than_the_graphs_cover():
     """No ``max_batch_size`` on the GPU: the cache takes 1024 slots (its pool holds more requests at a page each), 700
-    requests run in one batch (beyond the 256 rows decode graphs cover, so those steps run eagerly), and every token
+    requests run in one batch (beyond the 512 rows decode graphs cover, so those steps run eagerly), and every token
     is the model's greedy choice."""
     eng = LLMEngine(
         EngineConfig.from_dict(
