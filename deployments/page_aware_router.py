@@ -8,7 +8,9 @@ Prediction: a replica's free pages after the request are its reported free pages
 accepted requests will still claim (``num_reserved_pages``), minus the pages of requests this router
 sent there that the report does not list among the replica's accepted requests (routed after the
 report was taken, or not yet started there), minus the pages of requests being routed right now (a
-burst is ranked before any of it is routed), minus the request's own pages. A request routed again
+burst is ranked before any of it is routed), minus the request's own pages. With prefix affinity, a request's pages
+on a replica are those its prompt's cached prefix there does not cover (the prefix's pages are mapped, not taken
+from the pool), for the request ranked and for those counted as routed there. A request routed again
 (Serve retries while every rank is full; the ingress retries after a dead replica) is first taken out
 of that accounting, so it never counts against itself. A report is fresh for ``stats_max_age_s`` after
 the router saw its ``report_seq`` change, by the router's own clock: the replica's clock is never
@@ -208,12 +210,13 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         unseen = [r for request_id, r in routed.items() if request_id not in accepted]
         completed = self._completed.get(replica.replica_id, {})
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
+        cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
         predicted = (
             report.num_free_pages
             - report.num_reserved_pages
             - sum(r.num_pages for r in unseen)
             + sum(r.num_pages for r in gone)
-            - self._pages_of(hint, report)
+            - self._pages_of(hint, report, cached)
         )
         if predicted < 0:
             tier = Tier.SHORT
@@ -226,7 +229,6 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             queue_len = cached_queue_len + placing
         else:
             queue_len = report.num_running + report.num_waiting + len(unseen)
-        cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached)
 
     def _cached_tokens(self, replica_id: ReplicaID, hint: RoutingHint, routed: list[_RoutedRequest]) -> int:
@@ -234,7 +236,9 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         requests routed there and not finished)."""
         if not self._prefix_affinity or not hint.prefix_probe:
             return 0
-        seen = self._reports[replica_id]  # its fresh report, noted by _fresh_report
+        seen = self._reports.get(replica_id)  # its fresh report, noted by _fresh_report
+        if seen is None:
+            return 0
         if seen.prefix_keys is None:
             seen.prefix_keys = frozenset(seen.report.prefix_keys)
         cached = 0
@@ -299,15 +303,15 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(now_s, self._pages_of(hint, report), _probe_keys(hint)),
+                _RoutedRequest(now_s, self._pages_of(hint, report, score.cached_tokens), _probe_keys(hint)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
     @staticmethod
-    def _pages_of(hint: RoutingHint | None, report: RoutingReport | None) -> int:
+    def _pages_of(hint: RoutingHint | None, report: RoutingReport | None, cached_tokens: int = 0) -> int:
         if hint is None or report is None:
             return 0
-        return hint.pages(report.tokens_per_page, report.pages_per_token_block)
+        return hint.pages(report.tokens_per_page, report.pages_per_token_block, cached_tokens)
 
     def _forget_request(self, request_id: str) -> None:
         self._tentative.pop(request_id, None)
@@ -331,10 +335,12 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         replica = self._replicas.get(replica_id)
         hint = find_routing_hint(pending_request)
         seen = self._note_report(replica, self._get_curr_time_s()) if replica is not None else None
-        pages = self._pages_of(hint, seen.report if seen is not None else None)
-        self._routed.setdefault(replica_id, {})[request_id] = _RoutedRequest(
-            self._get_curr_time_s(), pages, _probe_keys(hint)
-        )
+        routed = self._routed.setdefault(replica_id, {})
+        # Its pages there: what the prefix it finds there (reported, or of requests sent there before it) leaves.
+        placed = [*routed.values(), *(t for target, t in self._tentative.values() if target == replica_id)]
+        cached = self._cached_tokens(replica_id, hint, placed) if hint is not None else 0
+        pages = self._pages_of(hint, seen.report if seen is not None else None, cached)
+        routed[request_id] = _RoutedRequest(self._get_curr_time_s(), pages, _probe_keys(hint))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)

@@ -40,9 +40,15 @@ class RoutingHint:
         """Largest KV footprint of one of the request's sequences in tokens (prompt + every output token)."""
         return self.num_prompt_tokens + self.max_tokens
 
-    def pages(self, tokens_per_page: float, pages_per_token_block: int) -> int:
-        """Largest KV footprint of the whole request in physical pages: every sequence at its longest."""
-        return self.num_sequences * pages_for_tokens(self.num_tokens, tokens_per_page, pages_per_token_block)
+    def pages(self, tokens_per_page: float, pages_per_token_block: int, cached_tokens: int = 0) -> int:
+        """Largest KV footprint of the whole request in physical pages, every sequence at its longest, less the
+        pages of the first ``cached_tokens`` prompt tokens (whole blocks a replica already holds: each sequence
+        maps those pages instead of new ones)."""
+        cached = min(cached_tokens, self.num_prompt_tokens)
+        per_sequence = pages_for_tokens(self.num_tokens, tokens_per_page, pages_per_token_block) - pages_for_tokens(
+            cached, tokens_per_page, pages_per_token_block
+        )
+        return self.num_sequences * per_sequence
 
 
 def pages_for_tokens(num_tokens: int, tokens_per_page: float, pages_per_token_block: int) -> int:

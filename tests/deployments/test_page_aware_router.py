@@ -411,6 +411,46 @@ def test_a_prompt_routed_but_not_reported_yet_counts_as_cached_where_it_went():
     assert cached_tokens(router, [replica], SYSTEM + [3] * 40) == {where: 0}  # finished, and still unreported
 
 
+def test_a_replica_holding_the_prefix_needs_only_the_pages_it_does_not_cover():
+    """Among tight replicas pages decide: the one holding the prompt's first 16 blocks needs 2 new pages for it, not
+    18, so it ranks first though it reported fewer free pages."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(190)
+    b.report(180, prefix_keys=holding(SYSTEM + [1] * 50))
+    router = make_router([a, b])
+    question = SYSTEM + [5] * 30  # 1630 + 100 tokens: 18 pages, 16 of them cached on "b"
+    hint = RoutingHint(len(question), 100, prefix_probe=prefix_probe(question, BLOCK_TOKENS, SEED))
+    now_s = router._get_curr_time_s()
+    predicted = {r.replica_id.unique_id: router.score_replica(r, hint, now_s) for r in (a, b)}
+    assert {k: (s.tier, s.predicted_free_pages) for k, s in predicted.items()} == {
+        "a": (Tier.TIGHT, 190 - 18),
+        "b": (Tier.TIGHT, 180 - 2),
+    }
+    assert choose(router, [a, b], prompt_request("r1", question)) == [["b"], ["a"]]
+
+
+def test_questions_sent_after_their_system_prompt_count_only_their_own_pages():
+    """A burst of questions on one system prompt, ranked before any report lists them: the first is counted with its
+    18 pages, each later one, routed or still being routed, with the 2 its prompt's cached prefix does not cover, so
+    the replica that computes the system prompt stays the better place for the rest of the burst."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(215)
+    b.report(240)
+    router = make_router([a, b])
+    questions = [prompt_request(f"r{i}", SYSTEM + [i] * 30) for i in range(4)]
+    assert choose(router, [a, b], questions[0])[0] == ["b"]
+    router.on_request_routed(questions[0], b.replica_id, None)
+    for question in questions[1:3]:
+        assert choose(router, [a, b], question)[0] == ["b"]  # still being routed: tentative
+    router.on_request_routed(questions[1], b.replica_id, None)
+    hint = questions[3].args[0]
+    now_s = router._get_curr_time_s()
+    # The system prompt once (16 pages), then 2 pages for each question: r0, r1 (routed), r2 (tentative), r3.
+    assert router.score_replica(b, hint, now_s).predicted_free_pages == 240 - 16 - 4 * 2
+    assert router.score_replica(a, hint, now_s).predicted_free_pages == 215 - 18
+    assert choose(router, [a, b], questions[3])[0] == ["b"]
+
+
 def test_a_short_common_prefix_does_not_pull_requests_together():
     a, b = FakeReplica("a"), FakeReplica("b")
     template = SYSTEM[: 2 * BLOCK_TOKENS]  # the first tokens of every chat: cached wherever a chat ran
