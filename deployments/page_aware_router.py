@@ -8,9 +8,11 @@ Prediction: a replica's free pages after the request are its reported free pages
 accepted requests will still claim (``num_reserved_pages``), minus the pages of requests this router
 sent there that the report does not list among the replica's accepted requests (routed after the
 report was taken, or not yet started there), minus the pages of requests being routed right now (a
-burst is ranked before any of it is routed), minus the request's own pages. With prefix affinity, a request's pages
-on a replica are those its prompt's cached prefix there does not cover (the prefix's pages are mapped, not taken
-from the pool), for the request ranked and for those counted as routed there. A request routed again
+burst is ranked before any of it is routed), minus the request's own pages. With prefix affinity, a request counts
+only the pages that the prompts of requests this router sent to the replica before it, and has not seen finish, do
+not already cover (its prefix's pages are mapped from theirs, not taken from the pool; a burst on one system prompt
+counts it once). A prefix the replica's report lists earns no such credit: its pages may sit among the reclaimable
+pages the report counts as free, and mapping them takes them from there. A request routed again
 (Serve retries while every rank is full; the ingress retries after a dead replica) is first taken out
 of that accounting, so it never counts against itself. A report is fresh for ``stats_max_age_s`` after
 the router saw its ``report_seq`` change, by the router's own clock: the replica's clock is never
@@ -97,6 +99,7 @@ class ReplicaScore:
     predicted_free_pages: float
     queue_len: int
     cached_tokens: int = 0  # prompt tokens the replica holds or will hold (to within the probe's spacing)
+    credit_tokens: int = 0  # of those, the ones requests this router sent there will have computed: not new pages
 
 
 def find_routing_hint(pending_request: PendingRequest | None) -> RoutingHint | None:
@@ -211,12 +214,13 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         completed = self._completed.get(replica.replica_id, {})
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
         cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
+        credit = self._cached_tokens(replica.replica_id, hint, list(routed.values()), from_report=False)
         predicted = (
             report.num_free_pages
             - report.num_reserved_pages
             - sum(r.num_pages for r in unseen)
             + sum(r.num_pages for r in gone)
-            - self._pages_of(hint, report, cached)
+            - self._pages_of(hint, report, credit)
         )
         if predicted < 0:
             tier = Tier.SHORT
@@ -229,21 +233,25 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             queue_len = cached_queue_len + placing
         else:
             queue_len = report.num_running + report.num_waiting + len(unseen)
-        return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached)
+        return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached, credit)
 
-    def _cached_tokens(self, replica_id: ReplicaID, hint: RoutingHint, routed: list[_RoutedRequest]) -> int:
-        """Prompt tokens of ``hint``'s request held by the replica (its report), or soon to be (the prompts of
-        requests routed there and not finished)."""
+    def _cached_tokens(
+        self, replica_id: ReplicaID, hint: RoutingHint, routed: list[_RoutedRequest], from_report: bool = True
+    ) -> int:
+        """Prompt tokens of ``hint``'s request held by the replica (its report; not with ``from_report=False``), or
+        soon to be (the prompts of ``routed``: requests sent there and not finished)."""
         if not self._prefix_affinity or not hint.prefix_probe:
             return 0
-        seen = self._reports.get(replica_id)  # its fresh report, noted by _fresh_report
-        if seen is None:
-            return 0
-        if seen.prefix_keys is None:
-            seen.prefix_keys = frozenset(seen.report.prefix_keys)
+        reported: frozenset[int] = frozenset()
+        if from_report:
+            seen = self._reports.get(replica_id)  # its fresh report, noted by _fresh_report
+            if seen is not None:
+                if seen.prefix_keys is None:
+                    seen.prefix_keys = frozenset(seen.report.prefix_keys)
+                reported = seen.prefix_keys
         cached = 0
         for num_tokens, key in hint.prefix_probe:
-            if key in seen.prefix_keys or any(key in r.prefix_keys for r in routed):
+            if key in reported or any(key in r.prefix_keys for r in routed):
                 cached = max(cached, num_tokens)
         return cached if cached >= self._prefix_min_cached_tokens else 0
 
@@ -303,7 +311,7 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(now_s, self._pages_of(hint, report, score.cached_tokens), _probe_keys(hint)),
+                _RoutedRequest(now_s, self._pages_of(hint, report, score.credit_tokens), _probe_keys(hint)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
@@ -336,10 +344,10 @@ class PageAwareRequestRouter(FIFOMixin, RequestRouter):
         hint = find_routing_hint(pending_request)
         seen = self._note_report(replica, self._get_curr_time_s()) if replica is not None else None
         routed = self._routed.setdefault(replica_id, {})
-        # Its pages there: what the prefix it finds there (reported, or of requests sent there before it) leaves.
-        placed = [*routed.values(), *(t for target, t in self._tentative.values() if target == replica_id)]
-        cached = self._cached_tokens(replica_id, hint, placed) if hint is not None else 0
-        pages = self._pages_of(hint, seen.report if seen is not None else None, cached)
+        # Its pages there: what the prompts of the requests routed there before it leave (not those still being
+        # routed: in a burst they were ranked after it and counted on its prompt).
+        credit = self._cached_tokens(replica_id, hint, list(routed.values()), from_report=False) if hint else 0
+        pages = self._pages_of(hint, seen.report if seen is not None else None, credit)
         routed[request_id] = _RoutedRequest(self._get_curr_time_s(), pages, _probe_keys(hint))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

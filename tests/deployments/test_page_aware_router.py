@@ -411,22 +411,23 @@ def test_a_prompt_routed_but_not_reported_yet_counts_as_cached_where_it_went():
     assert cached_tokens(router, [replica], SYSTEM + [3] * 40) == {where: 0}  # finished, and still unreported
 
 
-def test_a_replica_holding_the_prefix_needs_only_the_pages_it_does_not_cover():
-    """Among tight replicas pages decide: the one holding the prompt's first 16 blocks needs 2 new pages for it, not
-    18, so it ranks first though it reported fewer free pages."""
+def test_a_prefix_only_reported_earns_no_pages():
+    """A replica's report lists the prompt's first 16 blocks, but they may be idle cached blocks the report already
+    counts as free (reclaimable): mapping them takes them from there, so the request is counted whole (18 pages), and
+    among tight replicas the one with more pages still comes first."""
     a, b = FakeReplica("a"), FakeReplica("b")
     a.report(190)
     b.report(180, prefix_keys=holding(SYSTEM + [1] * 50))
     router = make_router([a, b])
-    question = SYSTEM + [5] * 30  # 1630 + 100 tokens: 18 pages, 16 of them cached on "b"
+    question = SYSTEM + [5] * 30  # 1630 + 100 tokens: 18 pages
     hint = RoutingHint(len(question), 100, prefix_probe=prefix_probe(question, BLOCK_TOKENS, SEED))
     now_s = router._get_curr_time_s()
-    predicted = {r.replica_id.unique_id: router.score_replica(r, hint, now_s) for r in (a, b)}
-    assert {k: (s.tier, s.predicted_free_pages) for k, s in predicted.items()} == {
-        "a": (Tier.TIGHT, 190 - 18),
-        "b": (Tier.TIGHT, 180 - 2),
+    scored = {r.replica_id.unique_id: router.score_replica(r, hint, now_s) for r in (a, b)}
+    assert {k: (s.tier, s.predicted_free_pages, s.cached_tokens) for k, s in scored.items()} == {
+        "a": (Tier.TIGHT, 190 - 18, 0),
+        "b": (Tier.TIGHT, 180 - 18, 16 * BLOCK_TOKENS),
     }
-    assert choose(router, [a, b], prompt_request("r1", question)) == [["b"], ["a"]]
+    assert choose(router, [a, b], prompt_request("r1", question)) == [["a"], ["b"]]
 
 
 def test_questions_sent_after_their_system_prompt_count_only_their_own_pages():
@@ -449,6 +450,23 @@ def test_questions_sent_after_their_system_prompt_count_only_their_own_pages():
     assert router.score_replica(b, hint, now_s).predicted_free_pages == 240 - 16 - 4 * 2
     assert router.score_replica(a, hint, now_s).predicted_free_pages == 215 - 18
     assert choose(router, [a, b], questions[3])[0] == ["b"]
+
+
+def test_a_burst_ranked_before_any_of_it_is_routed_counts_its_prompt_once():
+    """Four questions on one system prompt all ranked, then routed in order: the first carries the prompt's pages
+    (18), each later one its own 2, at every moment (none takes credit from a request ranked after it)."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(215)
+    b.report(240)
+    router = make_router([a, b])
+    questions = [prompt_request(f"r{i}", SYSTEM + [i] * 30) for i in range(4)]
+    assert [choose(router, [a, b], q)[0] for q in questions] == [["b"]] * 4
+    probe = prompt_request("r9", SYSTEM + [9] * 30).args[0]
+    for routed in range(5):
+        now_s = router._get_curr_time_s()
+        assert router.score_replica(b, probe, now_s).predicted_free_pages == 240 - 18 - 4 * 2, routed
+        if routed < 4:
+            router.on_request_routed(questions[routed], b.replica_id, None)
 
 
 def test_a_short_common_prefix_does_not_pull_requests_together():
