@@ -51,7 +51,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from deployments.routing_hint import RoutingHint
 from deployments.routing_report import RoutingReport
@@ -116,9 +116,13 @@ def _probe_keys(hint: RoutingHint | None) -> frozenset[int]:
     return frozenset(key for _, key in hint.prefix_probe) if hint is not None else frozenset()
 
 
-class PageAwareRequestRouter(FIFOMixin, RequestRouter):
+class PageAwareRequestRouter(RequestRouter):
     """Ranks replicas by predicted free physical KV pages after the pending request, and, among those with room
     to spare, by the prompt tokens they hold cached and by queue length.
+
+    Without Serve's ``FIFOMixin``: a replica chosen for a request goes to that request (Serve's default matching by
+    request id), not to the oldest one waiting. Ranked for one prompt's size and prefix and handed to another's, a
+    burst's requests landed apart from their prefixes (as Ray Serve LLM's prefix router, which has no FIFO either).
 
     ``request_router_kwargs``:
         stats_max_age_s: a report not renewed for this long is ignored (the replica is treated as unknown).
