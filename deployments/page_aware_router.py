@@ -65,8 +65,9 @@ TENTATIVE_TTL_S = 10.0
 @dataclass
 class _RoutedRequest:
     routed_at_s: float
-    num_pages: int
+    num_pages: int  # what it takes from the pool where it was sent: less the prefix of requests sent there before it
     prefix_keys: frozenset[int] = frozenset()  # its prompt's probe keys: cached where it runs, once it has run
+    full_pages: int = 0  # what a report counts for it while it runs (held + reserved): its whole prompt and output
 
 
 @dataclass
@@ -219,12 +220,18 @@ class PageAwareRequestRouter(RequestRouter):
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
         cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
         credit = self._cached_tokens(replica.replica_id, hint, list(routed.values()), from_report=False)
+        own = self._pages_of(hint, report, credit)
+        # A finished request gives back what the report counted for it: the whole of its prompt, the part it shared
+        # included (cached blocks no request holds count as free). Never more than the pool, though.
         predicted = (
-            report.num_free_pages
-            - report.num_reserved_pages
-            - sum(r.num_pages for r in unseen)
-            + sum(r.num_pages for r in gone)
-            - self._pages_of(hint, report, credit)
+            min(
+                report.num_free_pages
+                - report.num_reserved_pages
+                - sum(r.num_pages for r in unseen)
+                + sum(r.full_pages for r in gone),
+                report.num_total_pages,
+            )
+            - own
         )
         if predicted < 0:
             tier = Tier.SHORT
@@ -315,7 +322,12 @@ class PageAwareRequestRouter(RequestRouter):
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(now_s, self._pages_of(hint, report, score.credit_tokens), _probe_keys(hint)),
+                _RoutedRequest(
+                    now_s,
+                    self._pages_of(hint, report, score.credit_tokens),
+                    _probe_keys(hint),
+                    self._pages_of(hint, report),
+                ),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
@@ -351,8 +363,13 @@ class PageAwareRequestRouter(RequestRouter):
         # Its pages there: what the prompts of the requests routed there before it leave (not those still being
         # routed: in a burst they were ranked after it and counted on its prompt).
         credit = self._cached_tokens(replica_id, hint, list(routed.values()), from_report=False) if hint else 0
-        pages = self._pages_of(hint, seen.report if seen is not None else None, credit)
-        routed[request_id] = _RoutedRequest(self._get_curr_time_s(), pages, _probe_keys(hint))
+        report = seen.report if seen is not None else None
+        routed[request_id] = _RoutedRequest(
+            self._get_curr_time_s(),
+            self._pages_of(hint, report, credit),
+            _probe_keys(hint),
+            self._pages_of(hint, report),
+        )
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)

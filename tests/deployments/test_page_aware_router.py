@@ -469,6 +469,30 @@ def test_a_burst_ranked_before_any_of_it_is_routed_counts_its_prompt_once():
             router.on_request_routed(questions[routed], b.replica_id, None)
 
 
+def test_a_burst_sharing_a_prompt_gives_back_all_it_was_counted_for_once_finished():
+    """A report taken while three questions on one system prompt were prefilling counts the pages they hold (the
+    prompt once, 2 each) and each one's whole footprint reserved until its first token (18). Once the router has
+    seen them finish, that report must not keep the replica short: each gives back the 18 the report reserved for
+    it, not the 2 pages it was charged (what they held comes back with the next report)."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(300)
+    b.report(300)
+    router = make_router([a, b])
+    questions = [prompt_request(f"r{i}", SYSTEM + [i] * 30) for i in range(3)]
+    for question in questions:
+        choose(router, [a, b], question)
+        router.on_request_routed(question, a.replica_id, None)
+    accepted = tuple(q.metadata.internal_request_id for q in questions)
+    a.report(300 - 16 - 3 * 2, reserved_pages=3 * 18, accepted=accepted)  # none has its first token yet
+    probe = prompt_request("r9", [7] * 1700).args[0]  # another prompt: 18 pages anywhere
+    now_s = router._get_curr_time_s()
+    assert router.score_replica(a, probe, now_s).predicted_free_pages == 300 - 16 - 6 - 54 - 18
+    for question in questions:
+        router.on_request_completed(a.replica_id, question.metadata.internal_request_id)
+    assert router.score_replica(a, probe, now_s).predicted_free_pages == 300 - 16 - 6 - 18
+    assert choose(router, [a, b], prompt_request("r10", [8] * 1700))[0] in (["a"], ["b"])
+
+
 def test_a_short_common_prefix_does_not_pull_requests_together():
     a, b = FakeReplica("a"), FakeReplica("b")
     template = SYSTEM[: 2 * BLOCK_TOKENS]  # the first tokens of every chat: cached wherever a chat ran
