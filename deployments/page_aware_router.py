@@ -67,7 +67,7 @@ class _RoutedRequest:
     routed_at_s: float
     num_pages: int  # what it takes from the pool where it was sent: less the prefix of requests sent there before it
     prefix_keys: frozenset[int] = frozenset()  # its prompt's probe keys: cached where it runs, once it has run
-    full_pages: int = 0  # what a report counts for it while it runs (held + reserved): its whole prompt and output
+    full_pages: int = 0  # its whole footprint (prompt and output): what a report counts for it before its first token
 
 
 @dataclass
@@ -220,19 +220,14 @@ class PageAwareRequestRouter(RequestRouter):
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
         cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
         credit = self._cached_tokens(replica.replica_id, hint, list(routed.values()), from_report=False)
-        own = self._pages_of(hint, report, credit)
-        # A finished request gives back what the report counted for it: the whole of its prompt, the part it shared
-        # included (cached blocks no request holds count as free). Never more than the pool, though.
-        predicted = (
-            min(
-                report.num_free_pages
-                - report.num_reserved_pages
-                - sum(r.num_pages for r in unseen)
-                + sum(r.full_pages for r in gone),
-                report.num_total_pages,
-            )
-            - own
+        # A finished request gives back its whole footprint (its prompt's shared part included: cached blocks no
+        # request holds count as free), which is what a report taken before its first token counted for it; one
+        # taken later counted a shared prefix once for all its requests, so the sum is capped at the pool before
+        # what is still to come is taken off.
+        free_now = min(
+            report.num_free_pages - report.num_reserved_pages + sum(r.full_pages for r in gone), report.num_total_pages
         )
+        predicted = free_now - sum(r.num_pages for r in unseen) - self._pages_of(hint, report, credit)
         if predicted < 0:
             tier = Tier.SHORT
         elif predicted >= self._roomy_free_page_fraction * report.num_total_pages:

@@ -490,7 +490,28 @@ def test_a_burst_sharing_a_prompt_gives_back_all_it_was_counted_for_once_finishe
     for question in questions:
         router.on_request_completed(a.replica_id, question.metadata.internal_request_id)
     assert router.score_replica(a, probe, now_s).predicted_free_pages == 300 - 16 - 6 - 18
-    assert choose(router, [a, b], prompt_request("r10", [8] * 1700))[0] in (["a"], ["b"])
+
+
+def test_what_finished_requests_give_back_never_exceeds_the_pool_nor_hides_new_ones():
+    """A report taken after three questions on one system prompt started counts the prompt once (16 pages) and each
+    question's 2; once they finish, each gives back its whole 18, 54 in all: more than they held. The pool caps that,
+    and requests routed since (not in the report) still count against what is left."""
+    a = FakeReplica("a")
+    a.report(1000)
+    router = make_router([a])
+    questions = [prompt_request(f"r{i}", SYSTEM + [i] * 30) for i in range(3)]
+    for question in questions:
+        choose(router, [a], question)
+        router.on_request_routed(question, a.replica_id, None)
+    a.report(1000 - 16 - 3 * 2, reserved_pages=3, accepted=tuple(q.metadata.internal_request_id for q in questions))
+    for question in questions:
+        router.on_request_completed(a.replica_id, question.metadata.internal_request_id)
+    for i in range(2):  # routed before the next report: 18 pages each
+        new = prompt_request(f"n{i}", [20 + i] * 1700)
+        choose(router, [a], new)
+        router.on_request_routed(new, a.replica_id, None)
+    probe = prompt_request("r9", [7] * 1700).args[0]
+    assert router.score_replica(a, probe, router._get_curr_time_s()).predicted_free_pages == 1000 - 2 * 18 - 18
 
 
 def test_a_short_common_prefix_does_not_pull_requests_together():
