@@ -48,6 +48,7 @@ import enum
 import logging
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,9 @@ class _RoutedRequest:
     routed_at_s: float
     num_pages: int  # what it takes from the pool where it was sent: less the prefix of requests sent there before it
     prefix_keys: frozenset[int] = frozenset()  # its prompt's probe keys: cached where it runs, once it has run
-    full_pages: int = 0  # its whole footprint (prompt and output): what a report counts for it before its first token
+    # Its whole footprint (prompt and output): what a report counts for it before its first token. Kept for requests
+    # routed (what a finished one gives back), not for those being routed.
+    full_pages: int = 0
 
 
 @dataclass
@@ -218,8 +221,7 @@ class PageAwareRequestRouter(RequestRouter):
         unseen = [r for request_id, r in routed.items() if request_id not in accepted]
         completed = self._completed.get(replica.replica_id, {})
         gone = [r for request_id, (_, r) in completed.items() if request_id in accepted]
-        cached = self._cached_tokens(replica.replica_id, hint, list(routed.values()))
-        credit = self._cached_tokens(replica.replica_id, hint, list(routed.values()), from_report=False)
+        cached, credit = self._prefix_tokens(replica.replica_id, hint, routed.values())
         # A finished request gives back its whole footprint (its prompt's shared part included: cached blocks no
         # request holds count as free), which is what a report taken before its first token counted for it; one
         # taken later counted a shared prefix once for all its requests, so the sum is capped at the pool before
@@ -241,25 +243,29 @@ class PageAwareRequestRouter(RequestRouter):
             queue_len = report.num_running + report.num_waiting + len(unseen)
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached, credit)
 
-    def _cached_tokens(
-        self, replica_id: ReplicaID, hint: RoutingHint, routed: list[_RoutedRequest], from_report: bool = True
-    ) -> int:
-        """Prompt tokens of ``hint``'s request held by the replica (its report; not with ``from_report=False``), or
-        soon to be (the prompts of ``routed``: requests sent there and not finished)."""
-        if not self._prefix_affinity or not hint.prefix_probe:
-            return 0
+    def _prefix_tokens(
+        self, replica_id: ReplicaID, hint: RoutingHint | None, routed: Iterable[_RoutedRequest]
+    ) -> tuple[int, int]:
+        """``(cached, credit)``: prompt tokens of ``hint``'s request the replica holds (its report) or soon will (the
+        prompts of ``routed``: requests sent there and not finished), and of those the ones ``routed`` alone covers,
+        which the request will not take new pages for. Each 0 under ``prefix_min_cached_tokens``."""
+        if hint is None or not self._prefix_affinity or not hint.prefix_probe:
+            return 0, 0
+        seen = self._reports.get(replica_id)  # its fresh report, noted by _fresh_report
         reported: frozenset[int] = frozenset()
-        if from_report:
-            seen = self._reports.get(replica_id)  # its fresh report, noted by _fresh_report
-            if seen is not None:
-                if seen.prefix_keys is None:
-                    seen.prefix_keys = frozenset(seen.report.prefix_keys)
-                reported = seen.prefix_keys
-        cached = 0
+        if seen is not None:
+            if seen.prefix_keys is None:
+                seen.prefix_keys = frozenset(seen.report.prefix_keys)
+            reported = seen.prefix_keys
+        in_flight = frozenset().union(*(r.prefix_keys for r in routed))
+        cached = credit = 0
         for num_tokens, key in hint.prefix_probe:
-            if key in reported or any(key in r.prefix_keys for r in routed):
+            if key in in_flight:
+                credit = max(credit, num_tokens)
+            if key in in_flight or key in reported:
                 cached = max(cached, num_tokens)
-        return cached if cached >= self._prefix_min_cached_tokens else 0
+        least = self._prefix_min_cached_tokens
+        return (cached if cached >= least else 0), (credit if credit >= least else 0)
 
     def rank_replicas(
         self, candidate_replicas: list[RunningReplica], hint: RoutingHint, now_s: float
@@ -317,12 +323,7 @@ class PageAwareRequestRouter(RequestRouter):
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (
                 likely.replica_id,
-                _RoutedRequest(
-                    now_s,
-                    self._pages_of(hint, report, score.credit_tokens),
-                    _probe_keys(hint),
-                    self._pages_of(hint, report),
-                ),
+                _RoutedRequest(now_s, self._pages_of(hint, report, score.credit_tokens), _probe_keys(hint)),
             )
         return [[replica for _, replica in rank] for rank in ranks]
 
@@ -357,7 +358,7 @@ class PageAwareRequestRouter(RequestRouter):
         routed = self._routed.setdefault(replica_id, {})
         # Its pages there: what the prompts of the requests routed there before it leave (not those still being
         # routed: in a burst they were ranked after it and counted on its prompt).
-        credit = self._cached_tokens(replica_id, hint, list(routed.values()), from_report=False) if hint else 0
+        _, credit = self._prefix_tokens(replica_id, hint, routed.values())
         report = seen.report if seen is not None else None
         routed[request_id] = _RoutedRequest(
             self._get_curr_time_s(),
