@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
 import socket
 
 import torch
@@ -89,9 +90,40 @@ def abort_tp_group() -> None:
         logger.warning("aborting the tensor-parallel group failed", exc_info=True)
 
 
-def free_port(host: str) -> int:
-    """A TCP port free now on ``host`` (this node): a process group's rendezvous, a server's port. Another process
-    may take it before it is bound again; callers that start servers on it retry or own the machine."""
+# Ports the kernel hands to outgoing connections (Linux's default; read from /proc where there is one). A port picked
+# there can be taken as the source port of any connection (Ray opens many) before the server binds it.
+_EPHEMERAL_DEFAULT = (32768, 60999)
+# Below Ray's worker ports (10002-19999 by default) and above the well-known ones.
+_SERVER_PORTS_FROM = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections, inclusive."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(v) for v in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return _EPHEMERAL_DEFAULT
+
+
+def free_port(host: str, rng: random.Random | None = None) -> int:
+    """A TCP port free now on ``host`` (this node), for a process group's rendezvous or a server: taken at random
+    between 20000 and the start of the kernel's ephemeral range, where no outgoing connection takes it in the
+    meantime (the kernel's own pick, port 0, comes from that range). Another server may still take it before it is
+    bound again; callers that start servers on it retry or own the machine. Falls back to the kernel's pick when
+    that range is too small or full."""
+    rng = rng or random.Random()
+    low = _SERVER_PORTS_FROM
+    high = ephemeral_port_range()[0] - 1
+    for _ in range(64 if high - low >= 1000 else 0):
+        port = rng.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
