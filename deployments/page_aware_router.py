@@ -23,8 +23,9 @@ shortest queue. Pages should decide only where they are scarce (ranking one repl
 whatever the queues, gave 2-3x the median TTFT of power-of-two choices at saturation), so:
   1. roomy replicas: the request fits and leaves at least ``roomy_free_page_fraction`` of the pool
      free. Queue length decides among them, one per rank, shortest first: Serve's queue length plus
-     the requests this router is placing there right now (Serve's own cache does not see a burst that
-     is routed concurrently, which would all go to the same "shortest" queue);
+     the requests this router is placing there right now and Serve has not sent yet (Serve's own cache
+     does not see a burst that is routed concurrently, which would all go to the same "shortest" queue;
+     from the moment Serve sends one, its cache counts it, so this router stops counting it);
   2. tight fits, one per rank, most predicted free pages first;
   3. replicas without fresh stats (e.g. just started), one rank;
   4. replicas where it does not fit, one per rank, least short first.
@@ -177,6 +178,9 @@ class PageAwareRequestRouter(RequestRouter):
         self._tentative: dict[str, tuple[ReplicaID, _RoutedRequest]] = {}
         # replica -> the last report seen and when, by this router's clock.
         self._reports: dict[ReplicaID, _ReportSeen] = {}
+        # replica -> requests Serve sent there whose answer (accepted or rejected) has not come back: Serve's queue
+        # length cache counts them from the send, while their entries in _tentative stay until on_request_routed.
+        self._sent_unanswered: dict[ReplicaID, int] = {}
 
     # ---- scoring ----------------------------------------------------------------------------------
 
@@ -238,7 +242,7 @@ class PageAwareRequestRouter(RequestRouter):
             tier = Tier.TIGHT
         if cached_queue_len is not None:
             placing = sum(1 for request_id in routed if request_id in self._tentative)
-            queue_len = cached_queue_len + placing
+            queue_len = cached_queue_len + max(0, placing - self._sent_unanswered.get(replica.replica_id, 0))
         else:
             queue_len = report.num_running + report.num_waiting + len(unseen)
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached, credit)
@@ -367,6 +371,16 @@ class PageAwareRequestRouter(RequestRouter):
             self._pages_of(hint, report),
         )
 
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self._sent_unanswered[replica_id] = self._sent_unanswered.get(replica_id, 0) + 1
+
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        # Also the answer to a probe, which no send preceded: the count stays >= 0.
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        if self._sent_unanswered.get(replica_id, 0) > 0:
+            self._sent_unanswered[replica_id] -= 1
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)
         routed = self._routed.get(replica_id)
@@ -386,6 +400,6 @@ class PageAwareRequestRouter(RequestRouter):
         for replica in replicas:
             self._note_report(replica, now_s)
         live = {r.replica_id for r in replicas}
-        for table in (self._routed, self._completed, self._reports):
+        for table in (self._routed, self._completed, self._reports, self._sent_unanswered):
             for replica_id in [k for k in table if k not in live]:
                 del table[replica_id]

@@ -309,6 +309,34 @@ def test_a_burst_routed_at_once_spreads_over_roomy_replicas():
     assert firsts[0] == "b" and sorted(firsts) == ["a", "a", "b", "b"], firsts
 
 
+def queue_lens(router: PageAwareRequestRouter, replicas: list[FakeReplica]) -> dict[str, int]:
+    now_s = router._get_curr_time_s()
+    return {r.replica_id.unique_id: router.score_replica(r, RoutingHint(1_000, 0), now_s).queue_len for r in replicas}
+
+
+def test_a_request_sent_counts_once_in_its_queue_until_its_answer_comes_back():
+    """From Serve's send of a request its queue-length cache counts it (on_send_request); the router's count of
+    requests being placed must stop counting it then, not only once the replica's answer arrives."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900)
+    router = make_router([a, b])
+    set_queues(router, {a: 2, b: 3})
+    first = request("r0", 1_000)
+    assert choose(router, [a, b], first)[0] == ["a"]
+    assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}  # ranked, not sent: the router counts it
+    router.on_send_request(a.replica_id)  # sent: Serve's cache counts it (a at 3)
+    assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}  # once, not twice
+    router.on_new_queue_len_info(a.replica_id, 3)  # the replica accepted it
+    router.on_request_routed(first, a.replica_id, None)
+    assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}
+    # A probe's answer (no send before it) does not make the router forget a request it is placing.
+    choose(router, [a, b], request("r1", 1_000))
+    router.on_new_queue_len_info(b.replica_id, 3)
+    router.on_new_queue_len_info(a.replica_id, 3)
+    assert sum(queue_lens(router, [a, b]).values()) == 3 + 3 + 1
+
+
 # ---- prefix affinity ----------------------------------------------------------------------------------------
 
 BLOCK_TOKENS = 100
