@@ -113,7 +113,10 @@ def make_workload(
 # ---- client ---------------------------------------------------------------------------------------
 
 
-async def send_one(client: httpx.AsyncClient, base_url: str, model: str, spec: RequestSpec) -> RequestResult:
+async def send_one(
+    client: httpx.AsyncClient, base_url: str, model: str, spec: RequestSpec, on_headers=None
+) -> RequestResult:
+    """One streaming completion; ``on_headers(replica)`` is called once the response's headers name its replica."""
     body = {
         "model": model,
         "prompt": spec.prompt_token_ids,
@@ -130,6 +133,8 @@ async def send_one(client: httpx.AsyncClient, base_url: str, model: str, spec: R
         async with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
             result.status = resp.status_code
             result.replica = resp.headers.get("x-vattn-replica", "")
+            if on_headers is not None:
+                on_headers(result.replica)
             if resp.status_code != 200:
                 result.error = (await resp.aread()).decode()[:200]
                 return result

@@ -82,6 +82,7 @@ class EngineRank0:
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         self.engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
         steps_before = self.engine.num_steps
+        spent = self._time_step_parts()
         start = time.perf_counter()
         outs = self.engine.generate(prompts, params)  # ends with a sampled token on the host: synchronized
         elapsed = time.perf_counter() - start
@@ -94,7 +95,36 @@ class EngineRank0:
             "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
             "steps": self.engine.num_steps - steps_before,
             "num_preemptions": self.engine.scheduler.num_preemptions,
+            # Host time inside each part of the step loop (seconds over the run): where a TP step's time goes.
+            "host_s": {k: round(v, 3) for k, v in spent.items()},
         }
+
+    def _time_step_parts(self) -> dict[str, float]:
+        """Wraps the step loop's parts on this engine to add their host time to the returned dict: the whole
+        step, the executor's run; under TP, rank 0's wait for the workers' replies of the previous step, the
+        submission to the workers and rank 0's own forward (its launches; the all-reduces wait on the GPU)."""
+        spent: dict[str, float] = {}
+
+        def timed(owner, name: str, key: str) -> None:
+            inner = getattr(owner, name)
+
+            def wrapper(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return inner(*a, **k)
+                finally:
+                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+
+            setattr(owner, name, wrapper)
+
+        executor = self.engine.executor
+        timed(self.engine, "step", "step")
+        timed(executor, "run", "executor_run")
+        if hasattr(executor, "workers"):
+            timed(executor, "_collect", "wait_workers_previous_step")
+            timed(executor.workers, "submit_step", "submit_to_workers")
+            timed(executor.runner, "run", "rank0_forward_launch")
+        return spent
 
     def copy_bandwidth_gbs(self) -> float:
         from benchmarks.common import measure_copy_bandwidth

@@ -11,6 +11,7 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
+#   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
 #           tests/kvcache, then the layouts.
@@ -169,6 +170,27 @@ slots)
     cp benchmarks/results/engine_slots_$slots.json "$OUT/" 2>/dev/null
     grep -E "^(token_major|paged)" "$OUT/engine_slots_$slots.log" | cut -c1-260
   done
+  ;;
+scaleout2)
+  # (with .whl, 2 GPUs) what 2 GPUs allow of the scale-out issue: the stress cases and tests/kvcache split over both
+  # cards, then bench_tp.py (TP=2 vs TP=1, with the host time of each part of the step), then bench_resilience.py
+  # (autoscaling 1 -> 2 replicas, a replica killed, a TP worker killed, all under load over HTTP), within DEADLINE_S.
+  (gpu_suite 0 stress_ab tests/gpu -k "tm-graphs-async-0.5GiB or lm-eager-async or tm-graphs-async-2GiB"
+   gpu_suite 0 kvcache tests/kvcache) &
+  gpu_suite 1 stress_c tests/gpu -k "tm-eager-sync or lm-graphs-sync or 100k" &
+  wait
+  for f in "$OUT"/gpu_suite_*.log; do echo "$(basename "$f"): $(grep -E ' (passed|failed)' "$f" | tail -1)"; done
+  timeout ${TP_S:-200} python3 benchmarks/bench_tp.py --skip-correctness --skip-serve --name tp_h200x2 \
+    > "$OUT/tp.log" 2>&1
+  cp benchmarks/results/tp_h200x2.json "$OUT/" 2>/dev/null
+  grep -v INFO "$OUT/tp.log" | tail -8
+  left=$((${DEADLINE_S:-560} - SECONDS)); [ "$left" -lt 60 ] && left=60
+  timeout $left python3 benchmarks/bench_resilience.py --device cuda --model dummy:llama-3-8b \
+    --scenarios ${SCENARIOS:-kill_tp_worker,kill_replica,autoscale} --num-cpus 16 \
+    --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
+    --input-len 512 --output-len 256 --concurrency 48 --target-ongoing-requests 16 --max-ongoing-requests 64 \
+    --out "$OUT/resilience_h200x2.json" > "$OUT/resilience.log" 2>&1
+  grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
   ;;
 validate2)
   # On 2 GPUs within one call: GPU 0 the stress cases a and b and tests/kvcache, GPU 1 stress case c then

@@ -119,3 +119,17 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     engine = serve.deployment(EngineDeployment, **engine_options)
     ingress = serve.deployment(OpenAIIngress, **ingress_options)
     return ingress.bind(engine.bind(config.engine_config_dict(), config.model_id), config.model_dump())
+
+
+def replica_actor_names() -> dict[str, str]:
+    """``{replica tag: actor name}`` of the engine deployment's live replica actors (Ray namespace "serve"), in every
+    application of the cluster: what an operator kills or inspects; the tag is what responses name in
+    ``x-vattn-replica``."""
+    import ray
+
+    names = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"] if isinstance(actor, dict) else actor
+        if name.startswith("SERVE_REPLICA::") and f"#{ENGINE_DEPLOYMENT_NAME}#" in name:
+            names[name.rsplit("#", 1)[-1]] = name
+    return names

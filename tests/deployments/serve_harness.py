@@ -98,13 +98,3 @@ def served_app(
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-
-
-def replica_actor_names() -> dict[str, str]:
-    """``{replica_id: actor name}`` of the engine deployment's live replica actors (namespace "serve")."""
-    names = {}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        name = actor["name"] if isinstance(actor, dict) else actor
-        if name.startswith("SERVE_REPLICA::") and f"#{ENGINE_DEPLOYMENT_NAME}#" in name:
-            names[name.rsplit("#", 1)[-1]] = name
-    return names

@@ -25,9 +25,9 @@ import pytest
 import ray
 from ray import serve
 
-from deployments.app import ENGINE_DEPLOYMENT_NAME
+from deployments.app import ENGINE_DEPLOYMENT_NAME, replica_actor_names
 from deployments.ingress import REPLICA_HEADER
-from tests.deployments.serve_harness import APP_NAME, MODEL, replica_actor_names, served_app
+from tests.deployments.serve_harness import APP_NAME, MODEL, served_app
 
 SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 SOAK_CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "12"))
