@@ -314,6 +314,25 @@ def scrape_replicas(
     return replicas
 
 
+def scrape_router_rankings(base_url: str) -> dict[str, float] | None:
+    """The page-aware router's rankings so far by the tier that decided them, summed over ingress replicas (from
+    the ingress's ``/metrics``); {} when it has ranked nothing (another router), None when it cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = httpx.get(f"{base_url}/metrics", timeout=30)
+        resp.raise_for_status()
+        families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
+    except (httpx.HTTPError, ValueError):
+        return None
+    tiers: dict[str, float] = {}
+    fam = families.get("ray_vattn_router_rankings")
+    for sample in fam.samples if fam is not None else ():
+        if sample.name.endswith("_total"):
+            tiers[sample.labels.get("tier", "")] = tiers.get(sample.labels.get("tier", ""), 0.0) + sample.value
+    return tiers
+
+
 def preemptions_between(before: dict | None, after: dict | None, replicas: set[str]) -> dict[str, int] | None:
     """Preemptions of each of ``replicas`` counted between two ``scrape_replicas`` reads; None if either could not
     be read or lacks one of them."""
@@ -500,11 +519,18 @@ def compare_routers(args: argparse.Namespace) -> None:
         time.sleep(2.0)
         for rate, specs in zip(rates, specs_by_rate):
             before = scrape_replicas(base, num_replicas, stale)
+            rankings_before = scrape_router_rankings(base)
             with FreePageSampler(base, num_replicas, exclude=stale) as sampler:
                 results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
             time.sleep(3.0)  # counters reach the metrics export once per second
             summary = summarize(results, duration)
             after = scrape_replicas(base, num_replicas, stale)
+            rankings_after = scrape_router_rankings(base)
+            summary["router_rankings_by_tier"] = (
+                None
+                if rankings_before is None or rankings_after is None
+                else {t: int(v - rankings_before.get(t, 0)) for t, v in sorted(rankings_after.items())}
+            )
             # This deployment's replicas, those that served nothing included (Ray still exports a deleted one's).
             served = set(after or {}) or set(summary["requests_by_replica_and_kind"])
             by_replica = preemptions_between(before, after, served)

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.util.metrics import Counter
 
 from deployments.routing_hint import RoutingHint
 from deployments.routing_report import RoutingReport
@@ -181,6 +182,16 @@ class PageAwareRequestRouter(RequestRouter):
         # replica -> requests Serve sent there whose answer (accepted or rejected) has not come back: Serve's queue
         # length cache counts them from the send, while their entries in _tentative stay until on_request_routed.
         self._sent_unanswered: dict[ReplicaID, int] = {}
+        # Exported like the engines' metrics (the ingress's /metrics): which tier decided, e.g. how often no replica
+        # had room (short) at saturation. A request ranked again (Serve backs off while every replica is full)
+        # counts again.
+        self._rankings = Counter(
+            "vattn_router_rankings",
+            description="Rankings made by the page-aware router, by the tier of the replica ranked first: roomy, "
+            "tight, unknown (no fresh report), short (the request fits nowhere now), unhealthy, or no_stats (power "
+            "of two choices: no routing hint or no report at all)",
+            tag_keys=("tier",),
+        )
 
     # ---- scoring ----------------------------------------------------------------------------------
 
@@ -319,10 +330,13 @@ class PageAwareRequestRouter(RequestRouter):
             self._forget_request(pending_request.metadata.internal_request_id)
         hint = find_routing_hint(pending_request)
         if hint is None or all(self._fresh_report(r, now_s) is None for r in candidate_replicas):
+            if pending_request is not None:
+                self._rankings.inc(tags={"tier": "no_stats"})
             return [self._power_of_two(candidate_replicas)]
         ranks = self.rank_replicas(candidate_replicas, hint, now_s)
         if pending_request is not None:
             score, likely = ranks[0][0]
+            self._rankings.inc(tags={"tier": score.tier.name.lower()})
             report = self._last_report(likely.replica_id) if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
             self._prune_tentative(now_s)
             self._tentative[pending_request.metadata.internal_request_id] = (

@@ -17,6 +17,7 @@ from benchmarks.bench_serving import (
     preemptions_between,
     print_summary,
     scrape_replicas,
+    scrape_router_rankings,
     summarize,
 )
 
@@ -133,3 +134,21 @@ def test_a_deleted_deployments_replicas_are_left_out_and_do_not_count_as_read(mo
     assert scrape_replicas("http://ingress", num_replicas=2) is not None
     assert scrape_replicas("http://ingress", num_replicas=2, exclude=frozenset({"old"})) is None  # r1 unread
     assert set(scrape_replicas("http://ingress", num_replicas=1, exclude=frozenset({"old"}))) == {"r0"}
+
+
+def test_router_rankings_sum_over_ingress_replicas_and_are_missing_when_unread(monkeypatch):
+    counter = CounterMetricFamily("ray_vattn_router_rankings", "rankings", labels=["tier", "WorkerId"])
+    counter.add_metric(["roomy", "w1"], 5.0)
+    counter.add_metric(["roomy", "w2"], 2.0)
+    counter.add_metric(["short", "w2"], 1.0)
+
+    class Collector:
+        def collect(self):
+            return iter([counter])
+
+    _serve_metrics(monkeypatch, 200, generate_latest(Collector()).decode())
+    assert scrape_router_rankings("http://ingress") == {"roomy": 7.0, "short": 1.0}
+    _serve_metrics(monkeypatch, 200, NO_PREEMPTION_YET)
+    assert scrape_router_rankings("http://ingress") == {}  # power of two: the router ranked nothing
+    _serve_metrics(monkeypatch, 503)
+    assert scrape_router_rankings("http://ingress") is None

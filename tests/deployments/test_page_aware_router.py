@@ -337,6 +337,33 @@ def test_a_request_sent_counts_once_in_its_queue_until_its_answer_comes_back():
     assert sum(queue_lens(router, [a, b]).values()) == 3 + 3 + 1
 
 
+class Tally:
+    """Stands in for the router's Prometheus counter: what it was incremented with."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        tier = (tags or {})["tier"]
+        self.counts[tier] = self.counts.get(tier, 0) + int(value)
+
+
+def test_each_ranking_counts_the_tier_that_decided_it():
+    roomy, tight = FakeReplica("roomy"), FakeReplica("tight")
+    roomy.report(900)
+    tight.report(150)
+    router = make_router([roomy, tight])
+    router._rankings = tally = Tally()
+    choose(router, [roomy, tight], request("r0", 1_000))  # 10 pages: roomy fits with room to spare
+    choose(router, [tight], request("r1", 1_000))  # 140 of 1,000 left: a tight fit
+    choose(router, [tight], request("r2", 100_000))  # 1,000 pages: fits nowhere now
+    new = FakeReplica("new")
+    fresh = make_router([new])  # no report yet: power of two choices
+    fresh._rankings = tally
+    choose(fresh, [new], request("r3", 1_000))
+    assert tally.counts == {"roomy": 1, "tight": 1, "short": 1, "no_stats": 1}
+
+
 # ---- prefix affinity ----------------------------------------------------------------------------------------
 
 BLOCK_TOKENS = 100
