@@ -90,6 +90,8 @@ def test_serve_configs_are_valid(name, offline_hub):
         assert parsed.device == "cpu"
     elif name == "serve_config.gpu.yaml":
         assert parsed.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+        # One GPU per replica, batch slots sized from the pool (docs/serving.md#routing: more per GPU than TP=2).
+        assert parsed.tensor_parallel_size == 1 and "max_batch_size" not in parsed.engine_kwargs
     else:
         assert parsed.engine.num_replicas == 4 and parsed.engine.router == "page_aware"
     build_app(app["args"])  # builds the deployment graph (no cluster needed)
