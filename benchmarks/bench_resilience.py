@@ -57,10 +57,10 @@ class Sent:
         r = self.result
         if r.ok:
             return "ok"
+        if r.in_band_error:
+            return "in_band_error"
         if r.status in (503, 429):
             return "rejected"
-        if r.status == 200 and r.error:
-            return "in_band_error"
         return "other"
 
 
@@ -122,10 +122,15 @@ def engine_replicas() -> tuple[str, int]:
 
 
 async def wait_replicas(
-    want: int, timeout_s: float, timeline: list, clock, replaced: tuple[str, set[str]] | None = None
+    want: int,
+    timeout_s: float,
+    timeline: list,
+    clock,
+    replaced: tuple[str, set[str]] | None = None,
+    at_least: bool = False,
 ) -> float | None:
-    """Poll Serve until ``want`` engine replicas run and the deployment is healthy; the time it happened (by
-    ``clock``), or None at the timeout. With ``replaced`` (a replica and the replicas there were before it was
+    """Poll Serve until ``want`` (``at_least``: or more) engine replicas run and the deployment is healthy; the time
+    it happened (by ``clock``), or None at the timeout. With ``replaced`` (a replica and the replicas there were before it was
     killed): also until it is gone and a new replica is among them (Serve's status counts a dead replica as running
     until its health check fails). Each change goes into ``timeline``."""
     from deployments.app import replica_actor_names
@@ -133,7 +138,7 @@ async def wait_replicas(
     deadline = time.perf_counter() + timeout_s
     while time.perf_counter() < deadline:
         status, running = await asyncio.to_thread(engine_replicas)
-        done = running == want and status == "HEALTHY"
+        done = (running >= want if at_least else running == want) and status == "HEALTHY"
         state = [running, status]
         if replaced is not None:
             victim, before = replaced
@@ -207,8 +212,8 @@ async def scenario_autoscale(args: argparse.Namespace, base_url: str) -> dict:
     loop = ClosedLoop(base_url, args.served_model_name, args, t0)
     timeline: list = []
     runner = asyncio.create_task(loop.run())
-    second_running_s = await wait_replicas(2, args.scale_timeout_s, timeline, loop.now)
-    max_running_s = await wait_replicas(args.max_replicas, args.scale_timeout_s, timeline, loop.now)
+    second_running_s = await wait_replicas(2, args.scale_timeout_s, timeline, loop.now, at_least=True)
+    max_running_s = await wait_replicas(args.max_replicas, args.scale_timeout_s, timeline, loop.now, at_least=True)
     await asyncio.sleep(args.hold_s)
     drop_s = loop.now()
     loop.active = 1
@@ -218,7 +223,7 @@ async def scenario_autoscale(args: argparse.Namespace, base_url: str) -> dict:
     await runner
     up = [s for s in loop.records if s.sent_s < drop_s]
     down = [s for s in loop.records if s.sent_s >= drop_s]
-    served = sorted((s for s in loop.records if s.result.ttft_s is not None), key=lambda s: s.sent_s)
+    served = sorted((s for s in up if s.result.ttft_s is not None), key=lambda s: s.sent_s)
     first = served[0].result.replica if served else None
     # When a replica other than the one serving from the start sent its first token.
     second_first_token_s = min((s.sent_s + s.result.ttft_s for s in served if s.result.replica != first), default=None)
@@ -254,12 +259,14 @@ async def _kill_under_load(args: argparse.Namespace, base_url: str, kill, num_re
     from deployments.app import replica_actor_names
 
     before = set(await asyncio.to_thread(replica_actor_names))
+    kill_s = loop.now()  # before the kill: a stream that fails while it happens counts as failed by it
     killed_what = await asyncio.to_thread(kill, victim)
-    kill_s = loop.now()
     # Recovered once a replica that was not there before the kill streams a first token: Serve's own status counts
     # the dead replica as running until its health check fails, and names the replacement while it still starts.
-    recovered_s = await first_token_from_a_new_replica(loop, before, args.recover_timeout_s)
-    serve_s = await wait_replicas(num_replicas, args.recover_timeout_s, timeline, loop.now, replaced=(victim, before))
+    recovered_s, serve_s = await asyncio.gather(
+        first_token_from_a_new_replica(loop, before, args.recover_timeout_s),
+        wait_replicas(num_replicas, args.recover_timeout_s, timeline, loop.now, replaced=(victim, before)),
+    )
     await asyncio.sleep(args.after_s)
     loop.stop()
     await runner
@@ -352,8 +359,11 @@ def run_scenario(args: argparse.Namespace, scenario: str) -> dict:
         base_url = deploy(app_args, free_port("127.0.0.1"), name=APP_NAME)
         deploy_s = time.perf_counter() - started
         wanted = args.num_replicas_tp if scenario == "kill_tp_worker" else args.num_replicas
-        if scenario != "autoscale":
-            asyncio.run(wait_replicas(wanted, args.recover_timeout_s, [], time.perf_counter))
+        if (
+            scenario != "autoscale"
+            and asyncio.run(wait_replicas(wanted, args.recover_timeout_s, [], time.perf_counter)) is None
+        ):
+            raise RuntimeError(f"{wanted} engine replicas did not come up within {args.recover_timeout_s} s")
         result = asyncio.run(SCENARIOS[scenario](args, base_url))
         return {"app_args": app_args, "deploy_s": round(deploy_s, 1), **result}
     finally:
@@ -373,7 +383,8 @@ def verdicts(scenario: str, r: dict) -> dict[str, bool]:
     others = set(r["others_in_flight"]["outcomes"]) <= {"ok"}
     after_ok = set(r["sent_after_kill"]["outcomes"]) <= ({"ok", "rejected"} if scenario == "kill_tp_worker" else {"ok"})
     return {
-        "the victim's streams ended in-band": set(r["on_victim_in_flight"]["outcomes"]) <= {"in_band_error", "ok"},
+        "the victim's streams ended in-band": r["on_victim_in_flight"]["requests"] > 0
+        and set(r["on_victim_in_flight"]["outcomes"]) <= {"in_band_error", "ok"},
         "no other replica's stream failed": others,
         "requests after the kill answered" + (" or refused" if scenario == "kill_tp_worker" else ""): after_ok,
         "a new replica took the victim's place": r["recovered_s"] is not None,

@@ -59,6 +59,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     replica: str = ""
     error: str = ""
+    in_band_error: bool = False  # the stream (status 200) was ended by an error event, not by a transport failure
 
 
 # ---- workloads ------------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ async def send_one(
                 payload = json.loads(line[6:])
                 if "error" in payload:
                     result.error = payload["error"]["message"]
+                    result.in_band_error = True
                     return result
                 now = time.perf_counter()
                 if payload.get("choices") and payload["choices"][0].get("text"):
@@ -156,7 +158,7 @@ async def send_one(
                     result.num_output_tokens = payload["usage"]["completion_tokens"]
         result.e2e_s = time.perf_counter() - start
         result.ok = result.num_output_tokens > 0
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, ValueError, KeyError) as exc:  # transport failures; a malformed event
         result.error = repr(exc)
     return result
 
@@ -526,11 +528,13 @@ def compare_routers(args: argparse.Namespace) -> None:
             summary = summarize(results, duration)
             after = scrape_replicas(base, num_replicas, stale)
             rankings_after = scrape_router_rankings(base)
-            summary["router_rankings_by_tier"] = (
+            rankings = (
                 None
                 if rankings_before is None or rankings_after is None
                 else {t: int(v - rankings_before.get(t, 0)) for t, v in sorted(rankings_after.items())}
             )
+            # A node whose metrics could not be read this time makes a count go back: not a figure.
+            summary["router_rankings_by_tier"] = None if rankings and min(rankings.values()) < 0 else rankings
             # This deployment's replicas, those that served nothing included (Ray still exports a deleted one's).
             served = set(after or {}) or set(summary["requests_by_replica_and_kind"])
             by_replica = preemptions_between(before, after, served)

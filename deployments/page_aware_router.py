@@ -25,7 +25,8 @@ whatever the queues, gave 2-3x the median TTFT of power-of-two choices at satura
      free. Queue length decides among them, one per rank, shortest first: Serve's queue length plus
      the requests this router is placing there right now and Serve has not sent yet (Serve's own cache
      does not see a burst that is routed concurrently, which would all go to the same "shortest" queue;
-     from the moment Serve sends one, its cache counts it, so this router stops counting it);
+     once Serve hands a request its replica it sends it and its cache counts it, so this router stops
+     counting it, and moves its pages to the replica Serve chose if that is not the one ranked first);
   2. tight fits, one per rank, most predicted free pages first;
   3. replicas without fresh stats (e.g. just started), one rank;
   4. replicas where it does not fit, one per rank, least short first.
@@ -45,7 +46,9 @@ break ties).
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import logging
 import math
 import random
@@ -73,6 +76,15 @@ class _RoutedRequest:
     # Its whole footprint (prompt and output): what a report counts for it before its first token. Kept for requests
     # routed (what a finished one gives back), not for those being routed.
     full_pages: int = 0
+
+
+@dataclass
+class _Placing:
+    """A request this router ranked and Serve has not reported routed yet."""
+
+    replica_id: ReplicaID  # ranked first; once Serve chose, the one it chose
+    request: _RoutedRequest
+    sent: bool = False  # Serve chose its replica (and sends it at once): Serve's queue-length cache counts it
 
 
 @dataclass
@@ -176,12 +188,9 @@ class PageAwareRequestRouter(RequestRouter):
         # internal_request_id -> (replica ranked first, pages): requests being routed right now. Serve
         # routes concurrent requests concurrently, so a burst is ranked before any of it is routed;
         # counting these keeps the burst from piling onto one replica.
-        self._tentative: dict[str, tuple[ReplicaID, _RoutedRequest]] = {}
+        self._tentative: dict[str, _Placing] = {}
         # replica -> the last report seen and when, by this router's clock.
         self._reports: dict[ReplicaID, _ReportSeen] = {}
-        # replica -> requests Serve sent there whose answer (accepted or rejected) has not come back: Serve's queue
-        # length cache counts them from the send, while their entries in _tentative stay until on_request_routed.
-        self._sent_unanswered: dict[ReplicaID, int] = {}
         # Exported like the engines' metrics (the ingress's /metrics): which tier decided, e.g. how often no replica
         # had room (short) at saturation. A request ranked again (Serve backs off while every replica is full)
         # counts again.
@@ -222,9 +231,11 @@ class PageAwareRequestRouter(RequestRouter):
     def score_replica(self, replica: RunningReplica, hint: RoutingHint, now_s: float) -> ReplicaScore:
         """Predicted free pages on ``replica`` if ``hint``'s request were sent there now, and its tier."""
         routed = dict(self._routed.get(replica.replica_id, {}))
-        for request_id, (replica_id, tentative) in self._tentative.items():
-            if replica_id == replica.replica_id and now_s - tentative.routed_at_s < TENTATIVE_TTL_S:
-                routed[request_id] = tentative
+        placing = 0  # requests being placed here that Serve has not sent yet
+        for request_id, p in self._tentative.items():
+            if p.replica_id == replica.replica_id and now_s - p.request.routed_at_s < TENTATIVE_TTL_S:
+                routed[request_id] = p.request
+                placing += not p.sent
         report = self._fresh_report(replica, now_s)
         cached_queue_len = self._replica_queue_len_cache.get(replica.replica_id)
         if report is None or not report.healthy:
@@ -252,8 +263,7 @@ class PageAwareRequestRouter(RequestRouter):
         else:
             tier = Tier.TIGHT
         if cached_queue_len is not None:
-            placing = sum(1 for request_id in routed if request_id in self._tentative)
-            queue_len = cached_queue_len + max(0, placing - self._sent_unanswered.get(replica.replica_id, 0))
+            queue_len = cached_queue_len + placing
         else:
             queue_len = report.num_running + report.num_waiting + len(unseen)
         return ReplicaScore(replica.replica_id, tier, float(predicted), queue_len, cached, credit)
@@ -339,10 +349,13 @@ class PageAwareRequestRouter(RequestRouter):
             self._rankings.inc(tags={"tier": score.tier.name.lower()})
             report = self._last_report(likely.replica_id) if score.tier not in (Tier.UNKNOWN, Tier.UNHEALTHY) else None
             self._prune_tentative(now_s)
-            self._tentative[pending_request.metadata.internal_request_id] = (
+            request_id = pending_request.metadata.internal_request_id
+            self._tentative[request_id] = _Placing(
                 likely.replica_id,
                 _RoutedRequest(now_s, self._pages_of(hint, report, score.credit_tokens), _probe_keys(hint)),
             )
+            # Serve hands the request its replica through this future and sends it in the same turn of the loop.
+            pending_request.future.add_done_callback(functools.partial(self._on_replica_chosen, request_id))
         return [[replica for _, replica in rank] for rank in ranks]
 
     @staticmethod
@@ -356,9 +369,19 @@ class PageAwareRequestRouter(RequestRouter):
         for table in (*self._routed.values(), *self._completed.values()):
             table.pop(request_id, None)
 
+    def _on_replica_chosen(self, request_id: str, future: asyncio.Future) -> None:
+        placing = self._tentative.get(request_id)
+        if placing is None:
+            return
+        if future.cancelled() or future.exception() is not None:
+            del self._tentative[request_id]
+            return
+        placing.replica_id = future.result().replica_id
+        placing.sent = True
+
     def _prune_tentative(self, now_s: float) -> None:
-        # Requests cancelled while being routed never reach on_request_routed/completed.
-        for request_id in [k for k, (_, t) in self._tentative.items() if now_s - t.routed_at_s >= TENTATIVE_TTL_S]:
+        # Requests cancelled while being routed, or after they were sent, never reach on_request_routed/completed.
+        for request_id in [k for k, p in self._tentative.items() if now_s - p.request.routed_at_s >= TENTATIVE_TTL_S]:
             del self._tentative[request_id]
 
     @staticmethod
@@ -385,16 +408,6 @@ class PageAwareRequestRouter(RequestRouter):
             self._pages_of(hint, report),
         )
 
-    def on_send_request(self, replica_id: ReplicaID) -> None:
-        super().on_send_request(replica_id)
-        self._sent_unanswered[replica_id] = self._sent_unanswered.get(replica_id, 0) + 1
-
-    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
-        # Also the answer to a probe, which no send preceded: the count stays >= 0.
-        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
-        if self._sent_unanswered.get(replica_id, 0) > 0:
-            self._sent_unanswered[replica_id] -= 1
-
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._tentative.pop(internal_request_id, None)
         routed = self._routed.get(replica_id)
@@ -414,6 +427,6 @@ class PageAwareRequestRouter(RequestRouter):
         for replica in replicas:
             self._note_report(replica, now_s)
         live = {r.replica_id for r in replicas}
-        for table in (self._routed, self._completed, self._reports, self._sent_unanswered):
+        for table in (self._routed, self._completed, self._reports):
             for replica_id in [k for k in table if k not in live]:
                 del table[replica_id]

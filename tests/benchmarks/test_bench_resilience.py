@@ -5,14 +5,16 @@ from benchmarks.bench_resilience import Sent, outcomes, verdicts
 from benchmarks.bench_serving import RequestResult
 
 
-def sent(status: int, ok: bool, error: str = "", replica: str = "a") -> Sent:
-    return Sent(0.0, 1.0, RequestResult("closed_loop", ok, status, 8, replica=replica, error=error))
+def sent(status: int, ok: bool, error: str = "", replica: str = "a", in_band: bool = False) -> Sent:
+    result = RequestResult("closed_loop", ok, status, 8, replica=replica, error=error, in_band_error=in_band)
+    return Sent(0.0, 1.0, result)
 
 
 def test_each_way_a_request_can_end_is_told_apart():
     assert sent(200, True).outcome == "ok"
     assert sent(503, False, "overloaded").outcome == "rejected"
-    assert sent(200, False, "engine replica unavailable").outcome == "in_band_error"
+    assert sent(200, False, "engine replica unavailable", in_band=True).outcome == "in_band_error"
+    assert sent(200, False, "RemoteProtocolError: peer closed connection").outcome == "other"  # dropped mid-stream
     assert sent(0, False, "ReadTimeout").outcome == "other"
     assert sent(500, False, "boom").outcome == "other"
     summary = outcomes([sent(200, True), sent(200, True, replica="b"), sent(0, False, "ReadTimeout", replica="")])
@@ -24,7 +26,7 @@ def test_each_way_a_request_can_end_is_told_apart():
 def test_a_kill_passes_only_when_nothing_but_the_victims_streams_failed():
     def run(victim: dict, others: dict, after: dict, recovered_s) -> dict:
         return {
-            "on_victim_in_flight": {"outcomes": victim},
+            "on_victim_in_flight": {"outcomes": victim, "requests": sum(victim.values())},
             "others_in_flight": {"outcomes": others},
             "sent_after_kill": {"outcomes": after},
             "recovered_s": recovered_s,
@@ -35,6 +37,7 @@ def test_a_kill_passes_only_when_nothing_but_the_victims_streams_failed():
     assert not all(verdicts("kill_replica", run({"other": 1}, {"ok": 2}, {"ok": 9}, 12.0)).values())
     assert not all(verdicts("kill_replica", run({"in_band_error": 3}, {"ok": 2}, {"rejected": 1}, 12.0)).values())
     assert not all(verdicts("kill_replica", run({"in_band_error": 3}, {"ok": 2}, {"ok": 9}, None)).values())
+    assert not all(verdicts("kill_replica", run({}, {"ok": 2}, {"ok": 9}, 12.0)).values())  # nothing was on it
     # A lone tensor-parallel replica: refusals while it is replaced are the right answer.
     assert all(verdicts("kill_tp_worker", run({"in_band_error": 3}, {}, {"ok": 4, "rejected": 30}, 40.0)).values())
 

@@ -314,6 +314,14 @@ def queue_lens(router: PageAwareRequestRouter, replicas: list[FakeReplica]) -> d
     return {r.replica_id.unique_id: router.score_replica(r, RoutingHint(1_000, 0), now_s).queue_len for r in replicas}
 
 
+def serve_sends(router: PageAwareRequestRouter, pending: PendingRequest, replica: FakeReplica) -> None:
+    """What Serve does once a replica is chosen: hands it to the request through its future, sends it and counts it
+    in its queue-length cache."""
+    pending.future.set_result(replica)
+    router.on_send_request(replica.replica_id)
+    LOOP.run_until_complete(asyncio.sleep(0))  # the future's callbacks run
+
+
 def test_a_request_sent_counts_once_in_its_queue_until_its_answer_comes_back():
     """From Serve's send of a request its queue-length cache counts it (on_send_request); the router's count of
     requests being placed must stop counting it then, not only once the replica's answer arrives."""
@@ -325,16 +333,40 @@ def test_a_request_sent_counts_once_in_its_queue_until_its_answer_comes_back():
     first = request("r0", 1_000)
     assert choose(router, [a, b], first)[0] == ["a"]
     assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}  # ranked, not sent: the router counts it
-    router.on_send_request(a.replica_id)  # sent: Serve's cache counts it (a at 3)
+    serve_sends(router, first, a)  # Serve's cache: a at 3
     assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}  # once, not twice
     router.on_new_queue_len_info(a.replica_id, 3)  # the replica accepted it
     router.on_request_routed(first, a.replica_id, None)
     assert queue_lens(router, [a, b]) == {"a": 3, "b": 3}
-    # A probe's answer (no send before it) does not make the router forget a request it is placing.
-    choose(router, [a, b], request("r1", 1_000))
-    router.on_new_queue_len_info(b.replica_id, 3)
-    router.on_new_queue_len_info(a.replica_id, 3)
-    assert sum(queue_lens(router, [a, b]).values()) == 3 + 3 + 1
+
+
+def test_a_request_sent_elsewhere_than_ranked_first_counts_where_it_went():
+    """Serve may send a request to another replica than the one ranked first (the first was full, or a grouped rank):
+    its pages and its place in the queue follow it there."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(900)
+    b.report(900)
+    router = make_router([a, b])
+    set_queues(router, {a: 0, b: 0})
+    pending = request("r0", 10_000)  # 100 pages
+    first = choose(router, [a, b], pending)[0][0]
+    other = b if first == "a" else a
+    serve_sends(router, pending, other)
+    free = scores(router, [a, b], 100)
+    assert free[other.replica_id.unique_id][1] == 900 - 100 - 1 and free[first][1] == 900 - 1
+    assert queue_lens(router, [a, b]) == {first: 0, other.replica_id.unique_id: 1}
+
+
+def test_a_request_cancelled_before_it_was_sent_counts_nowhere():
+    a = FakeReplica("a")
+    a.report(900)
+    router = make_router([a])
+    set_queues(router, {a: 0})
+    pending = request("r0", 10_000)
+    choose(router, [a], pending)
+    pending.future.cancel()
+    LOOP.run_until_complete(asyncio.sleep(0))
+    assert queue_lens(router, [a]) == {"a": 0} and scores(router, [a], 100)["a"][1] == 900 - 1
 
 
 class Tally:

@@ -3,10 +3,13 @@
 import random
 import socket
 
+import pytest
+
 import engine.distributed as distributed
 from engine.distributed import ephemeral_port_range, free_port
 
 
+@pytest.mark.skipif(ephemeral_port_range()[0] < 21000, reason="no room below this host's ephemeral range")
 def test_free_port_is_bindable_and_outside_the_ephemeral_range():
     low, _ = ephemeral_port_range()
     rng = random.Random(0)
