@@ -39,6 +39,9 @@ class _InflightRequest:
     # Per sequence (OpenAI's n): None until its first token; then its prompt's and outputs' pages are mapped and
     # counted as used. One tuple, replaced whole, so that a reader in another thread never sees a half update.
     num_output_tokens: tuple[int | None, ...] = (None,)
+    # The routing hint's keys of a few of the prompt's blocks: a later request whose prompt shares them maps those
+    # blocks from this one's (see RoutingHint.prefix_probe).
+    prefix_probe: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -120,6 +123,7 @@ class EngineDeployment:
             routing_hint.num_prompt_tokens,
             routing_hint.max_tokens,
             num_output_tokens=(None,) * num_sequences,
+            prefix_probe=routing_hint.prefix_probe,
         )
         with self._inflight_lock:
             self._inflight[request_id] = inflight
@@ -215,7 +219,7 @@ class EngineDeployment:
             num_total_pages=int(stats["num_total_pages"]),
             tokens_per_page=tokens_per_page,
             pages_per_token_block=self._pages_per_token_block,
-            num_reserved_pages=sum(self._pages_still_claimed(req, tokens_per_page) for req in inflight),
+            num_reserved_pages=self._reserved_pages(inflight, tokens_per_page),
             num_running=int(stats["num_running"]),
             num_waiting=int(stats["num_waiting"]),
             num_free_slots=int(stats.get("num_free_slots", 0)) if healthy else 0,
@@ -247,12 +251,29 @@ class EngineDeployment:
         now, not at the next request), or None."""
         return self._engine.failure()
 
-    def _pages_still_claimed(self, req: _InflightRequest, tokens_per_page: float) -> int:
+    def _reserved_pages(self, inflight: list[_InflightRequest], tokens_per_page: float) -> int:
+        """Pages the accepted requests (in arrival order) will still take from the pool. A prompt's blocks that an
+        earlier one of them shares count once: the later request maps them from the earlier one's (whose first
+        token may not have come yet), as the router counts a burst on one system prompt."""
+        covering: set[int] = set()
+        reserved = 0
+        for req in inflight:
+            covered = max((n for n, key in req.prefix_probe if key in covering), default=0)
+            reserved += self._pages_still_claimed(req, tokens_per_page, covered)
+            covering.update(key for _, key in req.prefix_probe)
+        return reserved
+
+    def _pages_still_claimed(self, req: _InflightRequest, tokens_per_page: float, covered_tokens: int = 0) -> int:
+        """What ``req`` will still take: each sequence not started its whole footprint less the first
+        ``covered_tokens`` prompt tokens (blocks another request maps first), each started one what it lacks."""
         final = pages_for_tokens(req.num_prompt_tokens + req.max_tokens, tokens_per_page, self._pages_per_token_block)
+        shared = pages_for_tokens(
+            min(covered_tokens, req.num_prompt_tokens), tokens_per_page, self._pages_per_token_block
+        )
         claimed = 0
         for num_output_tokens in req.num_output_tokens:  # each sequence's
             if num_output_tokens is None:
-                claimed += final
+                claimed += final - shared
                 continue
             held = pages_for_tokens(
                 req.num_prompt_tokens + num_output_tokens, tokens_per_page, self._pages_per_token_block

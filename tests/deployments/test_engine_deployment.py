@@ -96,6 +96,22 @@ def test_n_choices_stream_with_their_index_and_reserve_pages_each(deployment):
     assert deployment._pages_still_claimed(waiting, tokens_per_page=512.0) == 2 * 4
 
 
+def test_requests_sharing_a_prompt_prefix_reserve_its_pages_once(deployment):
+    """A burst of chats on one system prompt: the first one not started yet reserves the prompt's pages, the others
+    only what their own tokens add (they map the shared blocks from it); an unrelated prompt reserves all of its."""
+    report = deployment.record_routing_stats()
+    per_page, block = report["tokens_per_page"], report["pages_per_token_block"]
+    prompt = int(4 * per_page)
+    shared = ((int(per_page), 11), (int(2 * per_page), 12))  # the system prompt's first two blocks
+    first = _InflightRequest("a", prompt, 10, prefix_probe=shared)
+    second = _InflightRequest("b", prompt, 10, prefix_probe=shared + ((int(3 * per_page), 13),))
+    other = _InflightRequest("c", prompt, 10, prefix_probe=((int(per_page), 21),))
+    full = engine_deployment.pages_for_tokens(prompt + 10, per_page, block)
+    two_blocks = engine_deployment.pages_for_tokens(int(2 * per_page), per_page, block)
+    assert deployment._reserved_pages([first, second, other], per_page) == 3 * full - two_blocks
+    assert deployment._reserved_pages([other, first], per_page) == 2 * full  # nothing shared
+
+
 def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     assert deployment.record_routing_stats()["num_free_pages"] == 16
     core = deployment._engine._core
