@@ -278,6 +278,18 @@ def test_tight_replicas_rank_by_pages_whatever_their_queues():
     assert choose(router, [a, b], request("r1", 10_000)) == [["a"], ["b"]]  # 150 and 100 left: < 20%
 
 
+def test_where_the_request_fits_nowhere_the_shortest_queue_wins_not_the_pages():
+    """At saturation every replica is short (its queue's reserved growth exceeds its pool): the request waits for
+    pages wherever it goes, so queues decide, as with Serve's default router."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    a.report(300, reserved_pages=250)
+    b.report(100, reserved_pages=90)
+    router = make_router([a, b])
+    set_queues(router, {a: 9, b: 3})
+    assert {r: s[0] for r, s in scores(router, [a, b], 10_000).items()} == {"a": Tier.SHORT, "b": Tier.SHORT}
+    assert choose(router, [a, b], request("r0", 10_000)) == [["b", "a"]]  # one rank, the shorter queue first
+
+
 def test_a_request_of_n_sequences_needs_the_pages_of_n():
     a, b = FakeReplica("a"), FakeReplica("b")
     a.report(350)
