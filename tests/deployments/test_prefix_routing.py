@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
@@ -16,14 +17,16 @@ from deployments.ingress import REPLICA_HEADER  # noqa: E402
 from tests.deployments.serve_harness import MODEL, served_app  # noqa: E402
 
 # Token-major pages: 64 tokens of every layer's K and V in 45 pages of 64 KiB, the block of prefix caching.
-# 128 MiB = 2048 pages = 45 blocks per replica: the ~900-token system prompt (15 blocks) and a few questions fit.
+# 192 MiB = 3072 pages = 68 blocks per replica: a ~900-token system prompt (15 blocks) and the four chats of a burst
+# on it (each reserving its question and 4 output tokens) leave a fifth of the pool free, so the replica computing
+# the prompt stays "roomy" for all four (at 128 MiB the fourth made it a tight fit, and it went elsewhere).
 APP_ARGS = {
     "model": MODEL,
     "device": "cpu",
     "engine_kwargs": {
         "max_batch_size": 4,
         "max_seq_len": 2048,
-        "kv_cache_memory_bytes": 128 << 20,
+        "kv_cache_memory_bytes": 192 << 20,
         "max_num_batched_tokens": 512,
         "kv_cache_layout": "token_major",
     },
@@ -43,10 +46,10 @@ def app():
         yield served
 
 
-def _chat(app, question: str) -> str:
+def _chat(app, question: str, system: str = SYSTEM) -> str:
     body = {
         "model": MODEL,
-        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
         "max_tokens": 4,
         "temperature": 0,
     }
@@ -71,3 +74,19 @@ def test_chats_sharing_a_system_prompt_go_where_it_is_cached(app):
     queries = after[holder]["prefix_cache_queries"] - before[holder]["prefix_cache_queries"]
     assert hits >= len(QUESTIONS) * 13 * 64 and hits / queries > 0.9, (hits, queries)
     assert after[other]["prefix_cache_queries"] == before[other]["prefix_cache_queries"]
+
+
+def test_a_burst_on_two_system_prompts_keeps_each_prompt_on_one_replica(app):
+    """Four chats on each of two new system prompts, all sent at once (the replicas take 4 each): each prompt's chats
+    go to one replica, so each replica computes one system prompt. Three bursts, each on prompts not seen before,
+    each while the last one's report may still count the previous burst."""
+    museum = SYSTEM.replace("library", "museum").replace("books", "paintings")
+    for burst in range(3):
+        systems = {"library": f"Session {burst}. " + SYSTEM, "museum": f"Session {burst}. " + museum}
+        chats = [(label, system, f"Question {i}?") for i in range(4) for label, system in systems.items()]
+        app.wait_engines_idle()
+        with ThreadPoolExecutor(len(chats)) as pool:
+            replicas = list(pool.map(lambda chat: _chat(app, chat[2], system=chat[1]), chats))
+        by_prompt = {label: {r for (lab, _, _), r in zip(chats, replicas) if lab == label} for label in systems}
+        assert all(len(held) == 1 for held in by_prompt.values()), (burst, by_prompt)
+        assert by_prompt["library"] != by_prompt["museum"], (burst, by_prompt)
