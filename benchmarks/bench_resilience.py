@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
+import os
 import random
 import sys
 import time
@@ -36,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_serving import RequestResult, RequestSpec, deploy, send_one, start_local_ray  # noqa: E402
-from benchmarks.common import current_commit  # noqa: E402
+from benchmarks.common import current_commit, machine_info  # noqa: E402
 from engine.distributed import free_port  # noqa: E402
 
 APP_NAME = "resilience"
@@ -423,10 +423,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.num_cpus is None:
-        import os
-
         args.num_cpus = os.cpu_count() or 2
-    record: dict = {"commit": current_commit(), "machine": _machine(args.device), "settings": vars(args), "runs": {}}
+    record: dict = {
+        "commit": current_commit(),
+        "machine": machine_info(args.device),
+        "settings": vars(args),
+        "runs": {},
+    }
     for scenario in args.scenarios.split(","):
         try:
             run = run_scenario(args, scenario)
@@ -442,15 +445,6 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1, default=str) + "\n")
         print(f"wrote {args.out}")
-
-
-def _machine(device: str) -> dict:
-    info = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
-    if device == "cuda":
-        import torch
-
-        info.update(gpu=torch.cuda.get_device_name(0), num_gpus=torch.cuda.device_count())
-    return info
 
 
 if __name__ == "__main__":

@@ -289,13 +289,26 @@ def scrape_replicas(
     replicas (the ingress could not scrape a node's metrics port). A replica's counter is exported only
     once it has counted something, so the replicas are recognised by a gauge each of them always sets.
     """
+    return replicas_in(metric_families(base_url), num_replicas, exclude)
+
+
+def metric_families(base_url: str) -> dict | None:
+    """The ingress's ``/metrics`` parsed, by family name; None when it cannot be read."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         resp = httpx.get(f"{base_url}/metrics", timeout=30)
         resp.raise_for_status()
-        families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
+        return {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
     except (httpx.HTTPError, ValueError):
+        return None
+
+
+def replicas_in(
+    families: dict | None, num_replicas: int, exclude: frozenset[str] = frozenset()
+) -> dict[str, dict[str, float]] | None:
+    """``scrape_replicas`` of already read ``metric_families``."""
+    if families is None:
         return None
     pool = families.get("ray_vattn_num_total_pages")
     live = {sample.labels.get("replica") for sample in pool.samples} - exclude if pool is not None else set()
@@ -316,16 +329,10 @@ def scrape_replicas(
     return replicas
 
 
-def scrape_router_rankings(base_url: str) -> dict[str, float] | None:
+def router_rankings(families: dict | None) -> dict[str, float] | None:
     """The page-aware router's rankings so far by the tier that decided them, summed over ingress replicas (from
-    the ingress's ``/metrics``); {} when it has ranked nothing (another router), None when it cannot be read."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = httpx.get(f"{base_url}/metrics", timeout=30)
-        resp.raise_for_status()
-        families = {fam.name: fam for fam in text_string_to_metric_families(resp.text)}
-    except (httpx.HTTPError, ValueError):
+    ``metric_families``); {} when it has ranked nothing (another router), None when it could not be read."""
+    if families is None:
         return None
     tiers: dict[str, float] = {}
     fam = families.get("ray_vattn_router_rankings")
@@ -520,14 +527,14 @@ def compare_routers(args: argparse.Namespace) -> None:
         asyncio.run(run_load(base, model, warmup[: 2 * num_replicas], float("inf"), args.seed, None))
         time.sleep(2.0)
         for rate, specs in zip(rates, specs_by_rate):
-            before = scrape_replicas(base, num_replicas, stale)
-            rankings_before = scrape_router_rankings(base)
+            families = metric_families(base)
+            before, rankings_before = replicas_in(families, num_replicas, stale), router_rankings(families)
             with FreePageSampler(base, num_replicas, exclude=stale) as sampler:
                 results, duration = asyncio.run(run_load(base, model, specs, rate, args.seed, None))
             time.sleep(3.0)  # counters reach the metrics export once per second
             summary = summarize(results, duration)
-            after = scrape_replicas(base, num_replicas, stale)
-            rankings_after = scrape_router_rankings(base)
+            families = metric_families(base)
+            after, rankings_after = replicas_in(families, num_replicas, stale), router_rankings(families)
             rankings = (
                 None
                 if rankings_before is None or rankings_after is None

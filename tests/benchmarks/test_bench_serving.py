@@ -14,10 +14,11 @@ from benchmarks import bench_serving
 from benchmarks.bench_serving import (
     FreePageSampler,
     RequestResult,
+    metric_families,
     preemptions_between,
     print_summary,
+    router_rankings,
     scrape_replicas,
-    scrape_router_rankings,
     summarize,
 )
 
@@ -147,8 +148,8 @@ def test_router_rankings_sum_over_ingress_replicas_and_are_missing_when_unread(m
             return iter([counter])
 
     _serve_metrics(monkeypatch, 200, generate_latest(Collector()).decode())
-    assert scrape_router_rankings("http://ingress") == {"roomy": 7.0, "short": 1.0}
+    assert router_rankings(metric_families("http://ingress")) == {"roomy": 7.0, "short": 1.0}
     _serve_metrics(monkeypatch, 200, NO_PREEMPTION_YET)
-    assert scrape_router_rankings("http://ingress") == {}  # power of two: the router ranked nothing
+    assert router_rankings(metric_families("http://ingress")) == {}  # power of two: the router ranked nothing
     _serve_metrics(monkeypatch, 503)
-    assert scrape_router_rankings("http://ingress") is None
+    assert router_rankings(metric_families("http://ingress")) is None
