@@ -1,21 +1,23 @@
-"""Tensor parallelism on 2 GPUs: TP=2 against TP=1 on the same seeded weights, in the same run.
+"""Tensor parallelism: TP=2 (or each of ``--tp-sizes``) against TP=1 on the same seeded weights, in the same run.
 
-    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py                       # 2x H100, dummy:llama-3-8b bf16
+    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py                       # 2 GPUs, dummy:llama-3-8b bf16
+    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py --tp-sizes 2,4        # 4 GPUs
+    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py --tp-sizes 4 --model dummy:codellama-34b --skip-correctness
     python benchmarks/bench_tp.py --num-prompts 8 --input-len 64 --output-len 16 --skip-serve   # quick look
 
 Parts (each in its own try/except; a failure is recorded in the result and the next part still runs):
   1. correctness: greedy tokens of ``--check-prompts`` prompts (``--check-tokens`` new tokens) at TP=1 and
-     TP=2; dummy weights are generated at TP=1 shapes from ``--seed`` and then sharded, so both runs hold the
+     each TP size; dummy weights are generated at TP=1 shapes from ``--seed`` and then sharded, so both runs hold the
      same model. Reported: exact matches and the common prefix per prompt (bf16 reductions run in another
      order at TP=2, so a near-tie may flip late; ``--check-dtype float32`` makes the comparison exact).
   2. throughput: ``--num-prompts`` requests of ``--input-len`` random tokens, ``--output-len`` greedy tokens
-     each (ignore_eos), all at once, at TP=1 and at TP=2: output tokens/s, total tokens/s, speedup, and the
-     decode floor (weights bytes per rank / measured copy bandwidth).
-  3. serve: a Serve app with ``tensor_parallel_size: 2`` (a STRICT_PACK placement group of two GPU bundles,
-     serve_config.gpu.yaml-like args) answers an HTTP chat request.
+     each (ignore_eos), all at once, at TP=1 and at each TP size: output tokens/s, total tokens/s, speedup, the
+     decode floor (weights bytes per rank / measured copy bandwidth) and the host time of the step's parts.
+  3. serve: a Serve app with ``tensor_parallel_size`` the largest TP size (a STRICT_PACK placement group of one
+     GPU bundle per rank, serve_config.gpu.yaml-like args) answers an HTTP chat request.
 
-Every engine runs inside a Ray actor holding one GPU (rank 0); TP=2's rank 1 is a ``TPWorkerActor`` in the
-same placement group, exactly as in a Serve replica. Writes ``results/tp_h100x2.json`` and prints a table.
+Every engine runs inside a Ray actor holding one GPU (rank 0); ranks 1.. are ``TPWorkerActor`` s in the same
+placement group, exactly as in a Serve replica. Writes ``results/<--name>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ class EngineRank0:
 
     def _time_step_parts(self) -> dict[str, float]:
         """Wraps the step loop's parts on this engine to add their host time to the returned dict: the whole
-        step, the executor's run; under TP, rank 0's wait for the workers' replies of the previous step, the
-        submission to the workers and rank 0's own forward (its launches; the all-reduces wait on the GPU)."""
+        step, the executor's run; under TP, the push of the step to the workers and rank 0's own forward (its
+        launches; the all-reduces wait on the GPU)."""
         spent: dict[str, float] = {}
 
         def timed(owner, name: str, key: str) -> None:
@@ -121,8 +123,7 @@ class EngineRank0:
         timed(self.engine, "step", "step")
         timed(executor, "run", "executor_run")
         if hasattr(executor, "workers"):
-            timed(executor, "_collect", "wait_workers_previous_step")
-            timed(executor.workers, "submit_step", "submit_to_workers")
+            timed(executor, "_send", "send_to_workers")
             timed(executor.runner, "run", "rank0_forward_launch")
         return spent
 
@@ -191,7 +192,7 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
 def part_correctness(args, result: dict) -> None:
     prompts = random_prompts(args.check_prompts, 32, 32000, args.seed + 1)
     tokens = {}
-    for tp in (1, args.tensor_parallel_size):
+    for tp in (1, *args.tp_sizes):
         part = run_engine_part(
             args,
             tp,
@@ -202,28 +203,27 @@ def part_correctness(args, result: dict) -> None:
         )
         tokens[tp] = part["tokens"]
         result[f"tp{tp}_info_check"] = part["info"]
-    prefixes = []
-    for a, b in zip(tokens[1], tokens[args.tensor_parallel_size]):
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        prefixes.append(n)
-    result["correctness"] = {
-        "dtype": args.check_dtype,
-        "prompts": len(prompts),
-        "new_tokens": args.check_tokens,
-        "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[args.tensor_parallel_size])),
-        "common_prefix_tokens": prefixes,
-        "match": tokens[1] == tokens[args.tensor_parallel_size],
-        "tp1_first_tokens": [t[:8] for t in tokens[1]],
-        f"tp{args.tensor_parallel_size}_first_tokens": [t[:8] for t in tokens[args.tensor_parallel_size]],
-    }
+    result["correctness"] = {"dtype": args.check_dtype, "prompts": len(prompts), "new_tokens": args.check_tokens}
+    for tp in args.tp_sizes:
+        prefixes = []
+        for a, b in zip(tokens[1], tokens[tp]):
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            prefixes.append(n)
+        result["correctness"][f"tp{tp}"] = {
+            "exact_matches": sum(a == b for a, b in zip(tokens[1], tokens[tp])),
+            "common_prefix_tokens": prefixes,
+            "match": tokens[1] == tokens[tp],
+            "first_tokens": [t[:8] for t in tokens[tp]],
+        }
+    result["correctness"]["tp1_first_tokens"] = [t[:8] for t in tokens[1]]
 
 
 def part_throughput(args, result: dict) -> None:
     prompts = random_prompts(args.num_prompts, args.input_len, 32000, args.seed)
     max_seq_len = args.input_len + args.output_len + 16
-    for tp in (1, args.tensor_parallel_size):
+    for tp in (1, *args.tp_sizes):
 
         def work(actor):
             out = {"throughput": ray.get(actor.throughput.remote(prompts, args.output_len), timeout=args.timeout_s)}
@@ -235,8 +235,9 @@ def part_throughput(args, result: dict) -> None:
         part["decode_floor_ms_per_step"] = round(floor_ms, 2)  # weights read once per step; copy GB/s counts r+w
         result[f"tp{tp}"] = part
     t1 = result["tp1"]["throughput"]["output_tok_s"]
-    t2 = result[f"tp{args.tensor_parallel_size}"]["throughput"]["output_tok_s"]
-    result["speedup_output_tok_s"] = round(t2 / t1, 2)
+    result["speedup_output_tok_s"] = {
+        f"tp{tp}": round(result[f"tp{tp}"]["throughput"]["output_tok_s"] / t1, 2) for tp in args.tp_sizes
+    }
 
 
 def part_serve(args, result: dict) -> None:
@@ -249,10 +250,10 @@ def part_serve(args, result: dict) -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app_args = {
         "model": args.model,
-        "served_model_name": "llama-3-8b-tp2",
+        "served_model_name": "tp-model",
         "dtype": args.dtype,
         "device": args.device,
-        "tensor_parallel_size": args.tensor_parallel_size,
+        "tensor_parallel_size": max(args.tp_sizes),
         "engine_kwargs": {
             "max_batch_size": 16,
             "max_seq_len": 2048,
@@ -277,13 +278,14 @@ def part_serve(args, result: dict) -> None:
         time.sleep(2)
     ready_s = time.perf_counter() - start
     body = {
-        "model": "llama-3-8b-tp2",
+        "model": "tp-model",
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 16,
         "temperature": 0,
     }
     r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
     result["serve"] = {
+        "tensor_parallel_size": max(args.tp_sizes),
         "ready_s": round(ready_s, 1),
         "status_code": r.status_code,
         "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None,
@@ -297,34 +299,40 @@ def part_serve(args, result: dict) -> None:
     serve.shutdown()
 
 
-def print_table(result: dict, tp: int) -> None:
+def print_table(result: dict, tp_sizes: list[int]) -> None:
     print()
     corr = result.get("correctness")
-    if corr:
-        print(
-            f"correctness ({corr['dtype']}, {corr['prompts']} prompts x {corr['new_tokens']} tokens): "
-            f"TP={tp} == TP=1: {corr['match']} ({corr['exact_matches']} exact; common prefixes "
-            f"{corr['common_prefix_tokens']})"
-        )
-    if "tp1" in result and f"tp{tp}" in result:
+    for tp in tp_sizes if corr else ():
+        if f"tp{tp}" in corr:
+            c = corr[f"tp{tp}"]
+            print(
+                f"correctness ({corr['dtype']}, {corr['prompts']} prompts x {corr['new_tokens']} tokens): "
+                f"TP={tp} == TP=1: {c['match']} ({c['exact_matches']} exact; common prefixes "
+                f"{c['common_prefix_tokens']})"
+            )
+    keys = [k for k in ("tp1", *(f"tp{tp}" for tp in tp_sizes)) if k in result]
+    if keys:
         print(
             f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
-            f"{'floor ms/step':>15}{'weights/rank GB':>17}"
+            f"{'floor ms/step':>15}{'weights/rank GB':>17}{'speedup':>9}"
         )
-        for key in ("tp1", f"tp{tp}"):
+        for key in keys:
             part = result[key]
             t = part["throughput"]
+            speedup = result.get("speedup_output_tok_s", {}).get(key, 1.0 if key == "tp1" else "")
             print(
                 f"{key.upper():8}{t['output_tok_s']:>14}{t['total_tok_s']:>14}{t['elapsed_s']:>11}{t['steps']:>7}"
                 f"{t['num_preemptions']:>9}{part['decode_floor_ms_per_step']:>15}"
-                f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}"
+                f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}{speedup:>9}"
             )
-        print(f"speedup TP={tp} / TP=1 (output tok/s): {result['speedup_output_tok_s']}x")
+            host = t.get("host_s")
+            if host:
+                print(f"{'':8}host s: " + ", ".join(f"{k} {v}" for k, v in host.items()))
     if "serve" in result:
         s = result["serve"]
         print(
-            f"serve (TP={tp} replica): HTTP {s['status_code']}, {s['completion_tokens']} tokens, "
-            f"ready in {s['ready_s']} s"
+            f"serve (TP={s['tensor_parallel_size']} replica): HTTP {s['status_code']}, {s['completion_tokens']} "
+            f"tokens, ready in {s['ready_s']} s"
         )
     for name, error in result.get("errors", {}).items():
         print(f"FAILED {name}: {error.splitlines()[-1] if error else ''}")
@@ -333,7 +341,12 @@ def print_table(result: dict, tp: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dummy:llama-3-8b")
-    parser.add_argument("--tensor-parallel-size", type=int, default=2)
+    parser.add_argument(
+        "--tp-sizes",
+        type=lambda text: sorted({int(t) for t in text.split(",")}),
+        default=[2],
+        help="comma-separated TP sizes, each compared with TP=1",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=512)
@@ -357,8 +370,8 @@ def main() -> int:
     import torch
 
     num_gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    if args.device == "cuda" and num_gpus < args.tensor_parallel_size:
-        print(f"needs {args.tensor_parallel_size} GPUs, found {num_gpus}")
+    if args.device == "cuda" and num_gpus < max(args.tp_sizes):
+        print(f"needs {max(args.tp_sizes)} GPUs, found {num_gpus}")
         return 2
     env_vars = {
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p),
@@ -369,7 +382,7 @@ def main() -> int:
     use_serve_env(own_cluster=True)
     ray.init(
         num_gpus=num_gpus,
-        num_cpus=max(os.cpu_count() or 1, 2 * args.tensor_parallel_size + 2),
+        num_cpus=max(os.cpu_count() or 1, 2 * max(args.tp_sizes) + 2),
         include_dashboard=False,
         runtime_env={"env_vars": env_vars},
         logging_level="WARNING",
@@ -391,7 +404,7 @@ def main() -> int:
         result.setdefault("part_seconds", {})[name] = round(time.perf_counter() - start, 1)
         write_result(args.name, result)  # keep what we have if a later part hangs
     path = write_result(args.name, result)
-    print_table(result, args.tensor_parallel_size)
+    print_table(result, args.tp_sizes)
     print(f"wrote {path}")
     ray.shutdown()
     return 1 if result["errors"] else 0

@@ -11,6 +11,7 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
+#   tp4:    (with .whl, 4 GPUs) the stress suite, the TP GPU test, then bench_tp.py at TP=1, 2, 4.
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
@@ -225,6 +226,19 @@ diag)
     --input-len 256 --output-len 1024 --top 45 > "$OUT/profile_step_loop_h100.log" 2>&1
   wait
   tail -20 "$OUT/attention_diag_h100.log"; grep -A45 '^== ' "$OUT/profile_step_loop_h100.log" | cut -c1-150
+  ;;
+tp4)
+  # (with .whl, 4 GPUs) the GPU stress suite over the 4 cards, the tensor-parallel GPU test (2 cards), then
+  # bench_tp.py: TP=1, 2 and 4 (TP_SIZES) of dummy:llama-3-8b, greedy tokens in float32 and 64 x 512/128 throughput
+  # with the host time of the step's parts (TP_ARGS adds or skips parts), within DEADLINE_S.
+  suite_shards
+  gpu_suite 0,1 tp tests/deployments/test_tp_workers.py
+  echo "gpu_suite_tp.log: $(grep -E ' (passed|failed|skipped)' "$OUT/gpu_suite_tp.log" | tail -1)"
+  left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
+  timeout $left python3 benchmarks/bench_tp.py --tp-sizes ${TP_SIZES:-2,4} --check-dtype float32 \
+    ${TP_ARGS:---skip-serve} --name ${TP_NAME:-tp_h200x4} > "$OUT/tp.log" 2>&1
+  cp benchmarks/results/${TP_NAME:-tp_h200x4}.json "$OUT/" 2>/dev/null
+  grep -v -e INFO -e Warning "$OUT/tp.log" | tail -14
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.

@@ -3,7 +3,8 @@
 A replica with ``tensor_parallel_size = tp`` runs in a placement group of ``tp`` bundles (STRICT_PACK: one
 node). The replica actor itself is rank 0 and holds bundle 0; rank ``r`` is a :class:`TPWorkerActor` pinned
 to bundle ``r``. The ranks meet at a ``tcp://`` rendezvous on rank 0's node (a free port picked there) and
-form a NCCL (GPU) or gloo (CPU) group. The actors are owned by the replica: if the replica dies, so do they;
+form a NCCL (GPU) or gloo (CPU) group; then each worker's step loop follows rank 0's messages (``engine.tp_channel``),
+with no Ray call per step. The actors are owned by the replica: if the replica dies, so do they;
 if one of them dies, the replica's engine fails (``WorkerDeadError`` -> ``EngineDeadError``) and its health
 check raises, so Serve replaces the whole replica.
 """
@@ -18,13 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS, free_port
 from engine.executor import Executor, ExecutorFactory, LocalExecutor, WorkerDeadError
 from engine.tp_executor import TPExecutor, WorkerGroup
-from kvcache import CacheOp
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,44 +35,42 @@ logger = logging.getLogger("ray.serve")
 _EXIT_AFTER_FAILURE_S = 1.0
 
 
-@ray.remote(concurrency_groups={"monitor": 1})
+@ray.remote(concurrency_groups={"steps": 1})
 class TPWorkerActor:
-    """Hosts one ``engine.tp_worker.TPWorker``. Steps run one at a time in call order (default group);
-    ``wait_until_stopped`` runs in its own thread so that rank 0 learns of the actor's death at once."""
+    """Hosts one ``engine.tp_worker.TPWorker``. Its step loop runs in a thread of its own (``serve_steps``, fed by
+    rank 0 over ``engine.tp_channel``); the other methods serve set-up and tests."""
 
     def __init__(self, config: EngineConfig, rank: int, init_method: str, device: str | None, timeout_s: float) -> None:
         from engine.tp_worker import TPWorker
 
         for name, value in TP_ENV_VARS.items():
             os.environ.setdefault(name, value)
-        self._stopped = threading.Event()
         self._worker = TPWorker(config, rank, init_method, device=device, timeout_s=timeout_s)
 
     def ready(self) -> int:
         return self._worker.rank
 
-    def step(self, ops: list[CacheOp], seqs):
+    @ray.method(concurrency_group="steps")
+    def serve_steps(self, step_address: str, reply_address: str) -> None:
+        """Follows rank 0's steps; returns on a ``STOP``. On a failure the error is this call's result (rank 0's
+        notice of it), and the process exits soon after."""
+        from engine.tp_channel import StepReceiver
+
+        channel = StepReceiver(step_address, reply_address)
         try:
-            return self._worker.step(ops, seqs)
+            self._worker.serve(channel)
         except BaseException:
             logger.exception("tensor-parallel rank %d failed a step; exiting", self._worker.rank)
             threading.Thread(target=_exit_soon, daemon=True).start()
             raise
+        finally:
+            channel.close()
 
     def cache_state(self) -> dict:
         return self._worker.cache_state()
 
     def pid(self) -> int:
         return os.getpid()
-
-    @ray.method(concurrency_group="monitor")
-    def wait_until_stopped(self) -> None:
-        """Returns only when the worker is closed; its error is the death notice of the actor."""
-        self._stopped.wait()
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._worker.close()
 
 
 def _exit_soon() -> None:
@@ -140,9 +139,8 @@ class RayWorkerGroup(WorkerGroup):
                     config, rank, self.init_method, "cuda:0" if is_cuda else "cpu", timeout_s
                 )
             )
-        self._monitor_refs = [a.wait_until_stopped.remote() for a in self.actors]
-        self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
-        self._watcher.start()
+        self._loop_refs: list = []
+        self._failed = threading.Event()
 
     def wait_ready(self) -> None:
         try:
@@ -150,24 +148,20 @@ class RayWorkerGroup(WorkerGroup):
         except Exception as exc:
             raise WorkerDeadError(f"a tensor-parallel worker failed to start: {_describe(exc)}") from exc
 
-    def submit_step(self, ops: list[CacheOp], seqs) -> list:
-        return [a.step.remote(ops, seqs) for a in self.actors]
-
-    def collect_step(self, handle: list, timeout_s: float | None) -> list | None:
-        ready, not_ready = ray.wait(handle, num_returns=len(handle), timeout=timeout_s)
-        try:
-            if not_ready:
-                ray.get(ready)  # a failure among those that answered is reported now
-                return None
-            return ray.get(handle)
-        except Exception as exc:
-            raise WorkerDeadError(f"a tensor-parallel worker failed: {_describe(exc)}") from exc
-
     def call(self, method: str, *args) -> list:
         try:
             return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=self.ready_timeout_s)
         except Exception as exc:
             raise WorkerDeadError(f"a tensor-parallel worker failed {method}: {_describe(exc)}") from exc
+
+    def start(self, step_addresses: list[str], reply_address: str) -> None:
+        self._loop_refs = [a.serve_steps.remote(addr, reply_address) for a, addr in zip(self.actors, step_addresses)]
+        self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
+        self._watcher.start()
+
+    def failure(self, timeout_s: float) -> str | None:
+        self._failed.wait(timeout_s)
+        return str(self._dead_error) if self._dead_error is not None else None
 
     def check_health(self) -> None:
         if self._dead_error is not None:
@@ -184,23 +178,28 @@ class RayWorkerGroup(WorkerGroup):
                 pass
 
     def _watch(self) -> None:
-        """Blocks until some worker's ``wait_until_stopped`` returns: its error says it died."""
-        ready, _ = ray.wait(self._monitor_refs, num_returns=1)
+        """Blocks until some worker's step loop ends: its error says why (a failed step, or the actor's death)."""
+        ready, _ = ray.wait(self._loop_refs, num_returns=1)
         if self._closing:
             return
         try:
             ray.get(ready)
-            error = WorkerDeadError("a tensor-parallel worker stopped")
+            error = WorkerDeadError("a tensor-parallel worker left its step loop")
         except Exception as exc:  # noqa: BLE001 - the death notice
             error = WorkerDeadError(f"a tensor-parallel worker died: {_describe(exc)}")
         if self._closing:
             return
         logger.error("%s", error)
         self._dead_error = error
+        self._failed.set()
         self._on_death()
 
 
 def _describe(exc: BaseException) -> str:
+    """One line about ``exc``; a task's error is described by the exception it raised on the worker."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayTaskError) and isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
 

@@ -107,6 +107,11 @@ def ephemeral_port_range() -> tuple[int, int]:
         return _EPHEMERAL_DEFAULT
 
 
+def server_port_range() -> tuple[int, int]:
+    """``(low, high)``: where this project's servers take ports (see :func:`free_port`)."""
+    return _SERVER_PORTS_FROM, ephemeral_port_range()[0] - 1
+
+
 def free_port(host: str, rng: random.Random | None = None) -> int:
     """A TCP port free now on ``host`` (this node), for a process group's rendezvous or a server: taken at random
     between 20000 and the start of the kernel's ephemeral range, where no outgoing connection takes it in the
@@ -114,8 +119,7 @@ def free_port(host: str, rng: random.Random | None = None) -> int:
     bound again; callers that start servers on it retry or own the machine. Falls back to the kernel's pick when
     that range is too small or full."""
     rng = rng or random.Random()
-    low = _SERVER_PORTS_FROM
-    high = ephemeral_port_range()[0] - 1
+    low, high = server_port_range()
     for _ in range(64 if high - low >= 1000 else 0):
         port = rng.randint(low, high)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -1,10 +1,11 @@
 """TPExecutor: a tensor-parallel replica driven from rank 0 (this process), ranks 1.. in other processes.
 
-One step: take the cache changes (slots and mappings) the scheduler made on rank 0's cache since the last step, send
-``(ops, seqs)`` to every worker (non-blocking), run rank 0's own forward (the all-reduces inside the model
-synchronize the ranks), return rank 0's logits for sampling. The workers' replies (their cache stats after
-the replay) are collected at the start of the next step and checked against rank 0's at the same point:
-every rank has the same page accounting, verified each step.
+One step: take the cache changes (slots and mappings) the scheduler made on rank 0's cache since the last step, push
+``(ops, rank 0's page accounting, seqs)`` to every worker over the step channel (``engine.tp_channel``: one ZeroMQ
+message, no Ray call, no reply), then run rank 0's own forward; the all-reduces inside the model synchronize the ranks
+on the device. Each worker checks its accounting against rank 0's after the replay and fails loudly if they differ,
+so every rank holds the same pages. Input ids the previous step sampled on rank 0's device (asynchronous scheduling)
+reach the workers by a broadcast over the process group, ahead of the forward: the host waits for nothing.
 
 How the worker processes are started is not the engine's business: a ``WorkerGroup`` (Ray actors in
 ``deployments.tp_workers``) is passed in.
@@ -17,18 +18,18 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.distributed import abort_tp_group, destroy_tp_group, init_tp_group
 from engine.executor import Executor, WorkerDeadError
-from kvcache import CacheOp
+from engine.tp_channel import STATE, STEP, ChannelTimeoutError, StepSender, check_stats, checked_stats
+from kvcache import CacheDesyncError
 
 logger = logging.getLogger(__name__)
-
-# Fields that must agree between a worker's cache and rank 0's after the same operations.
-_CHECKED_STATS = ("total_pages", "free_pages", "mapped_pages", "reclaimable_pages", "num_active_slots")
 
 
 class WorkerGroup(ABC):
@@ -45,17 +46,19 @@ class WorkerGroup(ABC):
         """Block until every worker built its model and cache. Raises ``WorkerDeadError`` on failure."""
 
     @abstractmethod
-    def submit_step(self, ops: list[CacheOp], seqs) -> Any:
-        """Send one step to every worker without waiting; returns a handle for :meth:`collect_step`."""
-
-    @abstractmethod
-    def collect_step(self, handle: Any, timeout_s: float | None) -> list | None:
-        """The workers' ``TPWorker.step`` results in rank order; ``None`` if not all arrived within
-        ``timeout_s`` (``None`` = wait). Raises ``WorkerDeadError`` if a worker died or failed."""
-
-    @abstractmethod
     def call(self, method: str, *args) -> list:
-        """Call ``TPWorker.<method>(*args)`` on every worker and wait; results in rank order."""
+        """Call ``TPWorker.<method>(*args)`` on every worker and wait; results in rank order. Only before
+        :meth:`start`: then the step loops own the workers."""
+
+    @abstractmethod
+    def start(self, step_addresses: list[str], reply_address: str) -> None:
+        """Start each worker's step loop (``TPWorker.serve``) on the channel at ``step_addresses[rank - 1]`` and
+        ``reply_address``. A loop that ends other than by :meth:`close` (the worker failed or died) is the group's
+        death notice."""
+
+    @abstractmethod
+    def failure(self, timeout_s: float) -> str | None:
+        """What a worker failed with, waiting up to ``timeout_s`` for it to be reported; ``None`` if none was."""
 
     @abstractmethod
     def check_health(self) -> None:
@@ -101,10 +104,13 @@ class TPExecutor(Executor):
     Args:
         config: the engine config; ``config.model.tensor_parallel_size`` ranks.
         start_workers: starts the other ranks (see ``WorkerGroupFactory``).
-        step_timeout_s: how long to wait for the workers' replies of a step that rank 0 finished.
+        channel_timeout_s: how long a step may wait for a worker to take it (a full queue: the worker stalls), and
+            :meth:`rank_cache_states` for the workers' answers.
     """
 
-    def __init__(self, config: EngineConfig, start_workers: WorkerGroupFactory, step_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, config: EngineConfig, start_workers: WorkerGroupFactory, channel_timeout_s: float = 120.0
+    ) -> None:
         from engine.model_runner import ModelRunner
         from engine.weights import resolve_model
 
@@ -112,68 +118,60 @@ class TPExecutor(Executor):
         if self.tp_size < 2:
             raise ValueError(f"tensor_parallel_size must be >= 2 for a TPExecutor, got {self.tp_size}")
         check_tp_shapes(resolve_model(config.model.model).hf_config, self.tp_size)
-        self.step_timeout_s = step_timeout_s
         self._closed = False
-        self._pending: Any = None
-        self._pending_snapshot = None
         self._dead_error: WorkerDeadError | None = None
+        self._channel: StepSender | None = None
         device = torch.device(config.model.resolved_device())
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, device=str(device)))
         self._is_nccl = device.type == "cuda"
+        self.supports_device_inputs = True
         self.workers = start_workers(config, self._on_worker_death)
         try:
             init_tp_group(self.workers.init_method, 0, self.tp_size, device)
             self.runner = ModelRunner(config.model, config.cache, tp_rank=0)
             self.workers.wait_ready()
+            self.kv_cache = self.runner.kv_cache
+            # Rank 0's decisions depend on its own fences: the other ranks replay its changes, not its calls.
+            self.kv_cache.record_ops()
+            expected = checked_stats(self.kv_cache.stats())
+            for rank, state in enumerate(self.workers.call("cache_state"), start=1):
+                self._check_rank(rank, expected, state["stats"])
+            self._channel = StepSender(urlparse(self.workers.init_method).hostname, self.tp_size - 1, channel_timeout_s)
+            self.workers.start(self._channel.step_addresses, self._channel.reply_address)
         except BaseException:
             self.workers.close()
+            if self._channel is not None:
+                self._channel.close()
             destroy_tp_group()
             raise
-        self.kv_cache = self.runner.kv_cache
-        # Rank 0's decisions depend on its own fences: the other ranks replay its changes, not its calls.
-        self.kv_cache.record_ops()
-        self._worker_deltas = [0] * (self.tp_size - 1)  # worker free pages - rank 0's at the same point
-        self._check_stats(self.kv_cache.stats(), [s["stats"] for s in self.workers.call("cache_state")])
 
     # ---- Executor ------------------------------------------------------------------------------------------
 
     def run(self, seqs, prev_token_ids=None, prev_rows=None) -> torch.Tensor:
-        # The other ranks get their input ids from the host: no input may still be on rank 0's device.
-        if prev_rows is not None and any(r >= 0 for r in prev_rows):
-            raise ValueError("a tensor-parallel step needs every input id on the host (no asynchronous scheduling)")
         self.check_health()
-        self._collect(timeout_s=self.step_timeout_s)
-        ops = self.kv_cache.take_ops()
-        snapshot = self.runner.kv_cache.stats()  # what every worker's cache must look like after the replay
-        self._pending = self.workers.submit_step(ops, seqs)
-        self._pending_snapshot = snapshot
+        fill = prev_rows is not None and any(r >= 0 for r in prev_rows)
+        prev = (prev_rows, prev_token_ids.shape[0], prev_token_ids.dtype) if fill else None
+        self._send((STEP, self.kv_cache.take_ops(), checked_stats(self.kv_cache.stats()), seqs, prev))
         try:
+            if fill:
+                dist.broadcast(prev_token_ids, src=0)  # the workers' copy of the placeholders' ids
+                return self.runner.run(seqs, prev_token_ids, prev_rows)
             return self.runner.run(seqs)
         except Exception as exc:
             # A collective failed: a peer is gone or broke. Report the worker's own error if there is one.
-            cause = self._worker_failure()
+            cause = self.workers.failure(5.0)
             self._dead_error = WorkerDeadError(
                 f"tensor-parallel step failed on rank 0: {exc!r}" + (f"; {cause}" if cause else "")
             )
             raise self._dead_error from exc
 
     def cache_stats(self) -> list:
-        """Rank 0's live stats, then each worker's as they will be once it replays the pending operations
-        (its last reported free pages shifted by rank 0's change since): exact while ranks agree, which
-        every step checks."""
-        if self._pending is not None and self._dead_error is None:
-            try:
-                self._collect(timeout_s=0.0)
-            except WorkerDeadError:
-                pass  # reported by the next run() / check_health()
-        live = self.runner.kv_cache.stats()
-        per_rank = [live]
-        for delta in self._worker_deltas:
-            free = max(0, min(live.total_pages, live.free_pages + delta))
-            per_rank.append(dataclasses.replace(live, free_pages=free))
-        return per_rank
+        """Every rank's stats: rank 0's, which every other rank matches after replaying the same operations (each
+        step checks it; a rank that diverges fails the engine). The workers replay at their next step: until then
+        they hold at least as many free pages."""
+        return [self.runner.kv_cache.stats()] * self.tp_size
 
     def check_health(self) -> None:
         if self._dead_error is not None:
@@ -185,8 +183,9 @@ class TPExecutor(Executor):
             raise
 
     def rank_cache_states(self) -> list[dict]:
-        """Every rank's cache stats and active slots' page ids, rank 0 first (waits for the pending step)."""
-        self._collect(timeout_s=self.step_timeout_s)
+        """Every rank's cache stats and active slots' page ids, rank 0 first (the workers replay the operations
+        recorded since the last step first)."""
+        self.check_health()
         cache = self.runner.kv_cache
         rank0 = {
             "rank": 0,
@@ -196,12 +195,13 @@ class TPExecutor(Executor):
                 s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)
             },
         }
-        # Workers have not applied the operations recorded since the last step: ship them (no forward).
-        ops = self.kv_cache.take_ops()
-        if ops:
-            self._pending, self._pending_snapshot = self.workers.submit_step(ops, []), cache.stats()
-            self._collect(timeout_s=self.step_timeout_s)
-        return [rank0] + self.workers.call("cache_state")
+        self._send((STATE, cache.take_ops(), checked_stats(rank0["stats"])))
+        try:
+            states = self._channel.replies(self.tp_size - 1)
+        except ChannelTimeoutError as exc:
+            self._dead_error = WorkerDeadError(f"tensor-parallel workers did not answer: {exc}")
+            raise self._dead_error from None
+        return [rank0] + sorted(states, key=lambda state: state["rank"])
 
     def close(self) -> None:
         if self._closed:
@@ -215,58 +215,33 @@ class TPExecutor(Executor):
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.close()
+        if self._channel is not None:
+            self._channel.close()
         destroy_tp_group()
 
     # ---- internals ------------------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self._channel.send(message)
+        except ChannelTimeoutError as exc:
+            self._dead_error = WorkerDeadError(f"tensor-parallel workers stalled: {exc}")
+            raise self._dead_error from None
 
     def _on_worker_death(self) -> None:
         if self._closed:
             return
         if self._dead_error is None:
-            self._dead_error = WorkerDeadError("a tensor-parallel worker died")
+            workers = getattr(self, "workers", None)
+            cause = workers.failure(0.0) if workers is not None else None
+            self._dead_error = WorkerDeadError(cause or "a tensor-parallel worker died")
         if self._is_nccl:
             # Rank 0 may be blocked in an NCCL all-reduce waiting for the dead rank: make it raise now.
             abort_tp_group()
 
-    def _collect(self, timeout_s: float | None) -> None:
-        """Take the workers' replies of the pending step (if any) and check their cache accounting."""
-        if self._pending is None:
-            return
+    def _check_rank(self, rank: int, expected: tuple[int, ...], stats) -> None:
         try:
-            results = self.workers.collect_step(self._pending, timeout_s)
-        except WorkerDeadError as exc:
-            self._dead_error = exc
-            raise
-        if results is None:
-            if timeout_s:
-                self._dead_error = WorkerDeadError(f"tensor-parallel workers did not answer within {timeout_s} s")
-                raise self._dead_error
-            return
-        snapshot, self._pending, self._pending_snapshot = self._pending_snapshot, None, None
-        self._check_stats(snapshot, results)
-        self._worker_deltas = [s.free_pages - snapshot.free_pages for s in results]
-
-    def _check_stats(self, rank0, workers: list) -> None:
-        for rank, stats in enumerate(workers, start=1):
-            diff = {
-                f: (getattr(rank0, f), getattr(stats, f))
-                for f in _CHECKED_STATS
-                if getattr(rank0, f) != getattr(stats, f)
-            }
-            if diff:
-                self._dead_error = WorkerDeadError(
-                    f"rank {rank}'s KV cache diverged from rank 0's (field: (rank 0, rank {rank})): {diff}"
-                )
-                raise self._dead_error
-
-    def _worker_failure(self) -> str | None:
-        """The workers' error for the pending step, if they failed (waits a little for it)."""
-        if self._pending is None:
-            return None
-        try:
-            self.workers.collect_step(self._pending, 5.0)
-        except WorkerDeadError as exc:
-            return str(exc)
-        except Exception as exc:  # noqa: BLE001 - diagnosis only
-            return repr(exc)
-        return None
+            check_stats(rank, expected, stats)
+        except CacheDesyncError as exc:
+            self._dead_error = WorkerDeadError(str(exc))
+            raise self._dead_error from None

@@ -1,8 +1,10 @@
 """TPWorker: one tensor-parallel rank > 0 of a replica, in its own process (plain Python; the Ray actor that
 hosts it lives in ``deployments.tp_workers``).
 
-Each step it replays rank 0's cache operations (so its slots and pages follow the scheduler's decisions),
-then runs the same forward as rank 0; the collectives inside the model keep the ranks in lockstep.
+It follows rank 0's step messages (``engine.tp_channel``): each replays rank 0's cache operations (so its slots and
+pages follow the scheduler's decisions), checks its page accounting against rank 0's, then runs the same forward as
+rank 0; the collectives inside the model keep the ranks in step on the device. The host never waits for the device:
+the cache waits for a slot's last forward (its fence) before a replayed operation unmaps the slot's pages.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import dataclasses
 import logging
 
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, destroy_tp_group, init_tp_group
-from kvcache import CacheOp, KVCacheStats
+from engine.tp_channel import STATE, STEP, STOP, StepReceiver, check_stats
+from kvcache import CacheOp
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +57,40 @@ class TPWorker:
             raise
         self.num_steps = 0
 
-    def step(self, ops: list[CacheOp], seqs) -> KVCacheStats:
-        """Replay ``ops`` on this rank's cache, then run the forward of ``seqs`` (may be empty: ops only).
-        Returns this rank's cache stats after the replay (what rank 0's were when it shipped the step).
+    def serve(self, channel: StepReceiver) -> None:
+        """Follow rank 0's messages until a ``STOP``.
 
         Raises:
             CacheDesyncError: this rank's cache diverged from rank 0's.
         """
+        while True:
+            message = channel.recv()
+            if message[0] == STOP:
+                return
+            self._replay(message[1], message[2])
+            if message[0] == STATE:
+                channel.reply(self.cache_state())
+            elif message[0] == STEP:
+                if message[3]:
+                    self._forward(message[3], message[4])
+            else:
+                raise ValueError(f"unknown step message {message[0]!r}")
+
+    def _replay(self, ops: list[CacheOp], expected: tuple[int, ...]) -> None:
         self.runner.kv_cache.replay(ops)
-        stats = self.runner.kv_cache.stats()
-        if seqs:
-            self.runner.run(seqs)
-            if self.runner.device.type == "cuda":
-                # The next step's replay may unmap pages: the forward reading them must be done.
-                torch.cuda.current_stream(self.runner.device).synchronize()
-            self.num_steps += 1
-        return stats
+        check_stats(self.rank, expected, self.runner.kv_cache.stats())
+
+    def _forward(self, seqs, prev) -> None:
+        prev_token_ids = prev_rows = None
+        if prev is not None:
+            # The previous step's samples, broadcast by rank 0 just before its own forward.
+            prev_rows, num_ids, dtype = prev
+            prev_token_ids = torch.empty(num_ids, dtype=dtype, device=self.runner.device)
+            dist.broadcast(prev_token_ids, src=0)
+        self.runner.run(seqs, prev_token_ids, prev_rows)
+        # Until this forward is done, a replayed operation does not unmap its slots' pages.
+        self.runner.kv_cache.record_use(chunk[0] for chunk in seqs)
+        self.num_steps += 1
 
     def cache_state(self) -> dict:
         """This rank's cache stats and the page ids of every active slot (to compare ranks in tests)."""

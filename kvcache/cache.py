@@ -915,9 +915,9 @@ class VirtualKVCache:
         return ops
 
     def replay(self, ops: Iterable[CacheOp]) -> None:
-        """Applies another rank's recorded changes to this cache, in order. The device work of this rank that
-        touched the slots must be complete (a tensor-parallel worker synchronizes after each forward).
-        With the same history, the page free lists give every rank the same page ids.
+        """Applies another rank's recorded changes to this cache, in order. Pages of a free slot are unmapped only
+        once this rank's own last step over the slot is complete (the fences given by :meth:`record_use`), as on
+        the rank that recorded them. With the same history, the page free lists give every rank the same page ids.
 
         Raises:
             CacheDesyncError: an operation does not fit this cache's state.
@@ -942,7 +942,7 @@ class VirtualKVCache:
             elif op.kind == "unmap":
                 if op.count > self._mapped[slot]:
                     raise CacheDesyncError(f"{op}: only {self._mapped[slot]} pages mapped here")
-                self._fence[slot] = None
+                self._wait_if_busy(slot)
                 self._unmap_tail(slot, op.count)
             elif op.kind == "activate":
                 if active:
@@ -960,7 +960,7 @@ class VirtualKVCache:
                 blocks = self._lookup(op.keys)
                 if active or len(blocks) != len(op.keys):
                     raise CacheDesyncError(f"{op}: the slot is active or a block is not cached here")
-                self._fence[slot] = None
+                self._wait_if_busy(slot)
                 if self._set_head(slot, blocks, bool(op.count)) != bool(op.count):
                     raise CacheDesyncError(f"{op}: the blocks to adopt are not the slot's alone here")
             elif op.kind == "register":

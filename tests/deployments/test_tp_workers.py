@@ -70,6 +70,8 @@ def ray_cluster():
     ray.init(
         address="local",
         num_cpus=4,  # logical: the Serve TP replica's placement group takes 2 one-CPU bundles
+        # On a GPU machine Ray hands out the first GPU only: this process (rank 0 of the GPU test) takes the second.
+        num_gpus=1 if torch.cuda.device_count() >= 2 else 0,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
@@ -123,6 +125,7 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
     engine = LLMEngine(_config(checkpoint, 2), executor_factory=make_executor_factory())
     try:
         assert engine.executor.tp_size == 2
+        assert engine.async_scheduling  # the workers get the previous step's samples by a broadcast
         assert engine.kv_cache.config.num_kv_heads == 2  # each rank holds half the KV heads
         checked_with_active = []
 
@@ -137,6 +140,87 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
         _assert_ranks_agree(engine)
         per_rank = engine.executor.cache_stats()
         assert engine.stats().num_free_pages == min(s.free_pages for s in per_rank)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_tp2_on_two_gpus_keeps_the_ranks_in_step_under_preemption(ray_cluster, tmp_path):
+    """The GPU path of asynchronous tensor-parallel steps: NCCL, CUDA graphs, the previous step's samples broadcast
+    to the worker, and replayed unmaps that wait for the worker's own forwards, under a pool small enough to preempt;
+    no rank ever waits for its device on the host (a page unmapped under a running kernel would fault)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+    import json
+
+    from engine.tp_channel import checked_stats
+
+    config = dict(TINY_LLAMA, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=16)
+    config.update(num_key_value_heads=16, head_dim=64, max_position_embeddings=4096, model_type="llama")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    # float32, 8 KV heads x 64 per rank: 2 KiB a token in each of 8 buffers, 1024 tokens a 2 MiB page. 3 pages a
+    # buffer: three requests of ~1200 tokens do not fit together.
+    engine = LLMEngine(
+        EngineConfig.from_dict(
+            {
+                "model": f"dummy:{path}",
+                "device": "cuda:1",
+                "dtype": "float32",
+                "tensor_parallel_size": 2,
+                "max_batch_size": 8,
+                "max_seq_len": 2048,
+                "kv_cache_memory_bytes": 24 << 21,
+                "max_num_batched_tokens": 1024,
+            }
+        ),
+        executor_factory=make_executor_factory(),
+    )
+    try:
+        assert engine.async_scheduling
+        g = torch.Generator().manual_seed(5)
+        prompts = [torch.randint(3, 32000, (n,), generator=g).tolist() for n in (500, 620, 480, 700, 530, 560)]
+        agreed = []
+
+        def check(e: LLMEngine) -> None:
+            if e.num_steps % 50 == 0:
+                rank0, rank1 = e.executor.rank_cache_states()
+                assert checked_stats(rank0["stats"]) == checked_stats(rank1["stats"])
+                assert rank0["slot_page_ids"] == rank1["slot_page_ids"]
+                agreed.append(len(rank0["slot_page_ids"]))
+
+        got = _run_to_completion(engine, prompts, 700, on_step=check)
+        assert sorted(got) == [f"r{i}" for i in range(len(prompts))]
+        assert all(len(tokens) == 700 for tokens in got.values())
+        assert engine.scheduler.num_preemptions > 0, "the pool should be small enough to preempt"
+        assert any(agreed), "the ranks were never compared while slots were active"
+        engine.executor.check_health()
+    finally:
+        engine.shutdown()
+
+
+def test_a_rank_whose_cache_diverges_fails_the_engine_by_name(ray_cluster, checkpoint):
+    from engine.tp_channel import STEP, checked_stats
+
+    engine = LLMEngine(_config(checkpoint, 2), executor_factory=make_executor_factory())
+    try:
+        _run_to_completion(engine, _prompts()[:2], 4)
+        executor = engine.executor
+        wrong = list(checked_stats(engine.kv_cache.stats()))
+        wrong[1] += 1  # free_pages
+        executor._channel.send((STEP, [], tuple(wrong), [], None))  # what a rank that missed an operation sees
+        deadline = time.time() + 20
+        while True:
+            try:
+                executor.check_health()
+            except WorkerDeadError as exc:
+                assert "rank 1's KV cache diverged from rank 0's" in str(exc) and "free_pages" in str(exc)
+                break
+            assert time.time() < deadline, "the diverged rank was never reported"
+            time.sleep(0.1)
+        engine.add_request("after", [5, 6, 7], SamplingParams(max_tokens=2))
+        with pytest.raises(WorkerDeadError):
+            engine.step()
     finally:
         engine.shutdown()
 

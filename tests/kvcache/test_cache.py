@@ -620,3 +620,26 @@ def test_llama3_8b_shape_reserves_1024_slots_of_8k_tokens_on_cuda():
             cache.free(slot)
     finally:
         cache.close()
+
+
+def test_a_replayed_unmap_waits_for_this_ranks_own_step_over_the_slot(make_cache, device):
+    """A tensor-parallel worker never waits for its forwards: replaying rank 0's unmap of a freed slot waits for the
+    worker's own last step over that slot (its fence), as rank 0 waited for its own."""
+    rank0, rank1 = (make_cache(max_batch_size=2, pool_pages=2 * 2 * 3) for _ in range(2))
+    tpp = int(rank0.tokens_per_page)
+    rank0.record_ops()
+    a = rank0.allocate(2 * tpp)
+    c = rank0.allocate(tpp)
+    rank1.replay(rank0.take_ops())
+    rank0.record_use([a, c]).wait()  # rank 0's step over a and c is done
+    if device == "cuda":
+        torch.cuda._sleep(500_000_000)  # rank 1's is still running
+    fence = rank1.record_use([a, c])
+    rank0.free(a)
+    rank0.grow(c, 3 * tpp)  # the pool is empty: a's idle pages are taken back for c
+    ops = rank0.take_ops()
+    assert "unmap" in {op.kind for op in ops}, ops
+    assert not fence.is_complete()
+    rank1.replay(ops)
+    assert fence.is_complete()
+    assert rank1.stats() == rank0.stats()
