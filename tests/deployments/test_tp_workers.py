@@ -65,6 +65,11 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def _pythonpath() -> str:
+    """The project first, then what this process was given (packages installed beside the image's Python)."""
+    return os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray.init(
@@ -73,7 +78,7 @@ def ray_cluster():
         # On a GPU machine Ray hands out the first GPU only: this process (rank 0 of the GPU test) takes the second.
         num_gpus=1 if torch.cuda.device_count() >= 2 else 0,
         include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT), "RAY_AUTH_MODE": "disabled"}},
+        runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(), "RAY_AUTH_MODE": "disabled"}},
         logging_level="WARNING",
     )
     yield
