@@ -231,7 +231,7 @@ tp4)
   # (with .whl, 4 GPUs) the GPU stress suite over the 4 cards, the tensor-parallel GPU test (2 cards), then
   # bench_tp.py: TP=1, 2 and 4 (TP_SIZES) of dummy:llama-3-8b, greedy tokens in float32 and 64 x 512/128 throughput
   # with the host time of the step's parts (TP_ARGS adds or skips parts), within DEADLINE_S.
-  suite_shards
+  [ "${SUITE:-1}" = 1 ] && suite_shards
   gpu_suite 0,1 tp tests/deployments/test_tp_workers.py
   echo "gpu_suite_tp.log: $(grep -E ' (passed|failed|skipped)' "$OUT/gpu_suite_tp.log" | tail -1)"
   left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60

@@ -52,8 +52,8 @@ class TPWorkerActor:
 
     @ray.method(concurrency_group="steps")
     def serve_steps(self, step_address: str, reply_address: str) -> None:
-        """Follows rank 0's steps; returns on a ``STOP``. On a failure the error is this call's result (rank 0's
-        notice of it), and the process exits soon after."""
+        """Follows rank 0's steps; on a ``STOP`` releases the cache, leaves the group and returns. On a failure the
+        error is this call's result (rank 0's notice of it), and the process exits soon after."""
         from engine.tp_channel import StepReceiver
 
         channel = StepReceiver(step_address, reply_address)
@@ -65,6 +65,7 @@ class TPWorkerActor:
             raise
         finally:
             channel.close()
+        self._worker.close()
 
     def cache_state(self) -> dict:
         return self._worker.cache_state()
@@ -167,15 +168,22 @@ class RayWorkerGroup(WorkerGroup):
         if self._dead_error is not None:
             raise self._dead_error
 
-    def close(self) -> None:
-        if self._closing:
-            return
+    def close(self, wait_s: float = 0.0) -> bool:
         self._closing = True
+        stopped = False
+        if wait_s > 0 and self._loop_refs:
+            done, _ = ray.wait(self._loop_refs, num_returns=len(self._loop_refs), timeout=wait_s)
+            try:
+                ray.get(done)
+                stopped = len(done) == len(self._loop_refs)
+            except Exception as exc:  # noqa: BLE001 - a loop failed on the way out
+                logger.warning("a tensor-parallel worker failed while stopping: %s", _describe(exc))
         for actor in self.actors:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        return stopped
 
     def _watch(self) -> None:
         """Blocks until some worker's step loop ends: its error says why (a failed step, or the actor's death)."""

@@ -26,10 +26,13 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.distributed import abort_tp_group, destroy_tp_group, init_tp_group
 from engine.executor import Executor, WorkerDeadError
-from engine.tp_channel import STATE, STEP, ChannelTimeoutError, StepSender, check_stats, checked_stats
+from engine.tp_channel import STATE, STEP, STOP, ChannelTimeoutError, StepSender, check_stats, checked_stats
 from kvcache import CacheDesyncError
 
 logger = logging.getLogger(__name__)
+
+# How long a closing executor waits for the workers to finish the steps they were sent and leave the group.
+_STOP_WAIT_S = 60.0
 
 
 class WorkerGroup(ABC):
@@ -65,8 +68,10 @@ class WorkerGroup(ABC):
         """Raise ``WorkerDeadError`` if a worker is known to be dead (never blocks)."""
 
     @abstractmethod
-    def close(self) -> None:
-        """Stop every worker. Idempotent."""
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop every worker: give their step loops up to ``wait_s`` to end (after a ``STOP``: each worker waits for
+        its device and leaves the group), then end the processes. Returns whether every loop ended by itself.
+        Idempotent."""
 
 
 # (config, on_worker_death) -> started (not necessarily ready) workers. ``on_worker_death`` is called once,
@@ -169,8 +174,7 @@ class TPExecutor(Executor):
 
     def cache_stats(self) -> list:
         """Every rank's stats: rank 0's, which every other rank matches after replaying the same operations (each
-        step checks it; a rank that diverges fails the engine). The workers replay at their next step: until then
-        they hold at least as many free pages."""
+        step checks it; a rank that diverges fails the engine). The workers catch up at their next step."""
         return [self.runner.kv_cache.stats()] * self.tp_size
 
     def check_health(self) -> None:
@@ -207,8 +211,17 @@ class TPExecutor(Executor):
         if self._closed:
             return
         self._closed = True
-        self.workers.close()
-        if self._dead_error is not None and self._is_nccl:
+        wait_s = 0.0
+        if self._dead_error is None and self._channel is not None:
+            # The workers have every step rank 0 launched: each finishes them, waits for its device and leaves the
+            # group; then rank 0's own steps (their collectives) complete too.
+            try:
+                self._channel.send((STOP,))
+                wait_s = _STOP_WAIT_S
+            except ChannelTimeoutError:
+                logger.warning("a tensor-parallel worker took no STOP message")
+        stopped = self.workers.close(wait_s)
+        if not stopped and self._is_nccl:
             # A collective waiting for a dead peer never finishes: abort it before the cache waits for the device
             # (and destroying an NCCL group whose peer is gone may wait for it too).
             abort_tp_group()

@@ -63,6 +63,8 @@ class TPWorker:
         Raises:
             CacheDesyncError: this rank's cache diverged from rank 0's.
         """
+        if self.runner.device.type == "cuda":
+            torch.cuda.set_device(self.runner.device)  # this thread's current device
         while True:
             message = channel.recv()
             if message[0] == STOP:

@@ -947,6 +947,7 @@ class VirtualKVCache:
             elif op.kind == "activate":
                 if active:
                     raise CacheDesyncError(f"{op}: the slot is already active here")
+                self._wait_if_busy(slot)  # its pages beyond the new request's tokens may be unmapped next
                 self._set_active(slot, op.count)
             elif op.kind == "tokens":
                 if not active:
