@@ -174,14 +174,24 @@ def stop_engine(actor, pg) -> None:
 
 
 def run_engine_part(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, work) -> dict:
+    """``work(actor)``'s results with the engine's info and the wall time of each phase (start: processes, weights,
+    cache, CUDA graphs; work; stop: the engine's shutdown, the processes and GPUs released)."""
+    start = time.perf_counter()
     actor, pg = start_engine(args, tp, dtype, max_batch_size, max_seq_len)
+    phases = {}
     try:
         info = ray.get(actor.info.remote(), timeout=args.timeout_s)
-        result = {"info": info}
+        phases["start_s"] = round(time.perf_counter() - start, 1)
+        result = {"info": info, "phase_s": phases}
+        start = time.perf_counter()
         result.update(work(actor))
+        phases["work_s"] = round(time.perf_counter() - start, 1)
         return result
     finally:
+        start = time.perf_counter()
         stop_engine(actor, pg)
+        phases["stop_s"] = round(time.perf_counter() - start, 1)
+        print(f"TP={tp} engine phases (s): {phases}", flush=True)
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

@@ -208,29 +208,32 @@ class TPExecutor(Executor):
         return [rank0] + sorted(states, key=lambda state: state["rank"])
 
     def close(self) -> None:
+        """Healthy ranks leave together: a ``STOP`` after the last step, then every rank waits for its own device
+        (the steps' collectives complete, each rank having been sent them all), leaves the group and releases its
+        cache, rank 0 here at the same time as the workers in theirs; then the worker processes end. A dead or
+        stalled group is aborted first instead: a collective waiting for a dead peer never finishes."""
         if self._closed:
             return
         self._closed = True
-        wait_s = 0.0
+        healthy = False
         if self._dead_error is None and self._channel is not None:
-            # The workers have every step rank 0 launched: each finishes them, waits for its device and leaves the
-            # group; then rank 0's own steps (their collectives) complete too.
             try:
                 self._channel.send((STOP,))
-                wait_s = _STOP_WAIT_S
+                healthy = True
             except ChannelTimeoutError:
                 logger.warning("a tensor-parallel worker took no STOP message")
-        stopped = self.workers.close(wait_s)
-        if not stopped and self._is_nccl:
-            # A collective waiting for a dead peer never finishes: abort it before the cache waits for the device
-            # (and destroying an NCCL group whose peer is gone may wait for it too).
-            abort_tp_group()
+        if not healthy:
+            self.workers.close()
+            if self._is_nccl:
+                abort_tp_group()  # before the cache waits for the device (and before destroying the group)
         runner = getattr(self, "runner", None)
         if runner is not None:
             runner.close()
+        destroy_tp_group()
+        if healthy and not self.workers.close(wait_s=_STOP_WAIT_S):
+            logger.warning("a tensor-parallel worker did not stop within %.0f s; ended it", _STOP_WAIT_S)
         if self._channel is not None:
             self._channel.close()
-        destroy_tp_group()
 
     # ---- internals ------------------------------------------------------------------------------------------
 
