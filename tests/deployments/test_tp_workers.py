@@ -145,6 +145,9 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
         _assert_ranks_agree(engine)
         per_rank = engine.executor.cache_stats()
         assert engine.stats().num_free_pages == min(s.free_pages for s in per_rank)
+        engine.shutdown()
+        # A healthy engine's workers leave after a STOP (their devices idle, the group left together), not killed.
+        assert ray.get(engine.executor.workers._loop_refs, timeout=30) == [None]
     finally:
         engine.shutdown()
 
