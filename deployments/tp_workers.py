@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayTaskError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, TP_ENV_VARS, free_port
@@ -64,7 +64,10 @@ class TPWorkerActor:
             threading.Thread(target=_exit_soon, daemon=True).start()
             raise
         finally:
-            channel.close()
+            try:
+                channel.close()
+            except Exception:  # noqa: BLE001 - leaving the group below matters more
+                logger.exception("closing the step channel failed")
         self._worker.close()
 
     def cache_state(self) -> dict:
@@ -84,7 +87,7 @@ class RayWorkerGroup(WorkerGroup):
 
     Inside a placement group (a Serve replica with ``placement_group_bundles``) rank ``r`` takes bundle ``r``
     and exactly its resources; outside one (tests, offline benchmarks) each worker asks for one GPU on GPU
-    and nothing on CPU.
+    and nothing on CPU, on rank 0's node.
 
     Args:
         config: the engine config (rank 0's device already resolved).
@@ -129,7 +132,14 @@ class RayWorkerGroup(WorkerGroup):
                     ),
                 )
             else:
-                options.update(num_cpus=0, num_gpus=1 if is_cuda else 0)
+                options.update(
+                    num_cpus=0,
+                    num_gpus=1 if is_cuda else 0,
+                    # Rank 0's node, as a placement group's STRICT_PACK would: the step channel is on loopback.
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        ray.get_runtime_context().get_node_id(), soft=False
+                    ),
+                )
             if is_cuda:
                 # Ray gives each actor its own CUDA_VISIBLE_DEVICES: the worker's GPU is cuda:0 there.
                 options["runtime_env"] = {"env_vars": dict(TP_ENV_VARS)}
@@ -142,6 +152,7 @@ class RayWorkerGroup(WorkerGroup):
             )
         self._loop_refs: list = []
         self._failed = threading.Event()
+        self._stopping = False
 
     def wait_ready(self) -> None:
         try:
@@ -159,6 +170,9 @@ class RayWorkerGroup(WorkerGroup):
         self._loop_refs = [a.serve_steps.remote(addr, reply_address) for a, addr in zip(self.actors, step_addresses)]
         self._watcher = threading.Thread(target=self._watch, name="tp-worker-watch", daemon=True)
         self._watcher.start()
+
+    def expect_stop(self) -> None:
+        self._stopping = True
 
     def failure(self, timeout_s: float) -> str | None:
         self._failed.wait(timeout_s)
@@ -186,15 +200,23 @@ class RayWorkerGroup(WorkerGroup):
         return stopped
 
     def _watch(self) -> None:
-        """Blocks until some worker's step loop ends: its error says why (a failed step, or the actor's death)."""
-        ready, _ = ray.wait(self._loop_refs, num_returns=1)
-        if self._closing:
+        """Until every worker's step loop ended: a loop that raises (a failed step, or the actor's death), or that
+        returns unasked, is the group's death notice."""
+        pending = list(self._loop_refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            if self._closing:
+                return
+            try:
+                ray.get(ready)
+                if self._stopping:
+                    continue  # stopped as asked
+                error = WorkerDeadError("a tensor-parallel worker left its step loop")
+            except Exception as exc:  # noqa: BLE001 - the death notice
+                error = WorkerDeadError(f"a tensor-parallel worker died: {_describe(exc)}")
+            break
+        else:
             return
-        try:
-            ray.get(ready)
-            error = WorkerDeadError("a tensor-parallel worker left its step loop")
-        except Exception as exc:  # noqa: BLE001 - the death notice
-            error = WorkerDeadError(f"a tensor-parallel worker died: {_describe(exc)}")
         if self._closing:
             return
         logger.error("%s", error)

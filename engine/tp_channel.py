@@ -52,7 +52,7 @@ class StepSender:
     (``reply_address``), bound on ``host``.
 
     Args:
-        host: the address the workers reach rank 0's node at.
+        host: the address the workers reach rank 0 at (loopback: a replica's ranks share its node).
         num_workers: ranks ``1 .. num_workers``.
         timeout_s: how long :meth:`send` may wait for a worker to take a message (its queue is full or it is
             gone) and :meth:`replies` for their answers.
@@ -79,14 +79,17 @@ class StepSender:
         port = self._replies.bind_to_random_port(f"tcp://{host}", min_port=low, max_port=high)
         self.reply_address = f"tcp://{host}:{port}"
 
-    def send(self, message: tuple) -> None:
-        """Push ``message`` to every worker (returns once each queue took it)."""
+    def send(self, message: tuple, timeout_s: float | None = None) -> None:
+        """Push ``message`` to every worker (returns once each queue took it; each may wait ``timeout_s``, by
+        default the channel's)."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, push in enumerate(self._pushes, start=1):
+            if timeout_s is not None:
+                push.setsockopt(self._zmq.SNDTIMEO, int(timeout_s * 1000))
             try:
                 push.send(data, copy=False)
             except self._zmq.Again:
-                raise ChannelTimeoutError(f"rank {rank} took no message for {self.timeout_s} s") from None
+                raise ChannelTimeoutError(f"rank {rank} took no message for {timeout_s or self.timeout_s} s") from None
 
     def replies(self, count: int) -> list[Any]:
         """The next ``count`` replies, in arrival order."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -31,12 +31,16 @@ from kvcache import CacheDesyncError
 
 logger = logging.getLogger(__name__)
 
-# How long a closing executor waits for the workers to finish the steps they were sent and leave the group.
-_STOP_WAIT_S = 60.0
+# How long a closing executor waits for a worker to take its STOP, and for the workers to finish the steps they were
+# sent and leave the group (a healthy worker needs well under a second for either).
+_STOP_SEND_S = 5.0
+_STOP_WAIT_S = 20.0
+# The step channel's address: every rank runs on rank 0's node (see ``WorkerGroup``).
+_CHANNEL_HOST = "127.0.0.1"
 
 
 class WorkerGroup(ABC):
-    """Ranks ``1 .. tp_size - 1``, each an ``engine.tp_worker.TPWorker`` in its own process.
+    """Ranks ``1 .. tp_size - 1``, each an ``engine.tp_worker.TPWorker`` in its own process on rank 0's node.
 
     Attributes:
         init_method: ``tcp://host:port`` rendezvous on rank 0's node that the workers were started with.
@@ -58,6 +62,11 @@ class WorkerGroup(ABC):
         """Start each worker's step loop (``TPWorker.serve``) on the channel at ``step_addresses[rank - 1]`` and
         ``reply_address``. A loop that ends other than by :meth:`close` (the worker failed or died) is the group's
         death notice."""
+
+    @abstractmethod
+    def expect_stop(self) -> None:
+        """The step loops are about to be sent a ``STOP``: from now on a loop that returns is no failure (one that
+        raises still is)."""
 
     @abstractmethod
     def failure(self, timeout_s: float) -> str | None:
@@ -124,6 +133,8 @@ class TPExecutor(Executor):
             raise ValueError(f"tensor_parallel_size must be >= 2 for a TPExecutor, got {self.tp_size}")
         check_tp_shapes(resolve_model(config.model.model).hf_config, self.tp_size)
         self._closed = False
+        self._left_group = False  # rank 0 destroyed its group: nothing left to abort
+        self._group_lock = threading.Lock()
         self._dead_error: WorkerDeadError | None = None
         self._channel: StepSender | None = None
         device = torch.device(config.model.resolved_device())
@@ -143,12 +154,15 @@ class TPExecutor(Executor):
             expected = checked_stats(self.kv_cache.stats())
             for rank, state in enumerate(self.workers.call("cache_state"), start=1):
                 self._check_rank(rank, expected, state["stats"])
-            self._channel = StepSender(urlparse(self.workers.init_method).hostname, self.tp_size - 1, channel_timeout_s)
+            self._channel = StepSender(_CHANNEL_HOST, self.tp_size - 1, channel_timeout_s)
             self.workers.start(self._channel.step_addresses, self._channel.reply_address)
         except BaseException:
             self.workers.close()
             if self._channel is not None:
                 self._channel.close()
+            if self._is_nccl:
+                abort_tp_group()  # the workers are gone: destroying the group must not wait for them
+            self._left_group = True
             destroy_tp_group()
             raise
 
@@ -164,12 +178,15 @@ class TPExecutor(Executor):
                 dist.broadcast(prev_token_ids, src=0)  # the workers' copy of the placeholders' ids
                 return self.runner.run(seqs, prev_token_ids, prev_rows)
             return self.runner.run(seqs)
-        except Exception as exc:
-            # A collective failed: a peer is gone or broke. Report the worker's own error if there is one.
-            cause = self.workers.failure(5.0)
+        except BaseException as exc:
+            # A collective failed: a peer is gone or broke. Report the worker's own error if there is one. (Anything
+            # else that interrupts the launch also leaves the workers waiting in collectives rank 0 never joins.)
+            cause = self.workers.failure(5.0) if isinstance(exc, Exception) else None
             self._dead_error = WorkerDeadError(
                 f"tensor-parallel step failed on rank 0: {exc!r}" + (f"; {cause}" if cause else "")
             )
+            if not isinstance(exc, Exception):
+                raise
             raise self._dead_error from exc
 
     def cache_stats(self) -> list:
@@ -211,29 +228,36 @@ class TPExecutor(Executor):
         """Healthy ranks leave together: a ``STOP`` after the last step, then every rank waits for its own device
         (the steps' collectives complete, each rank having been sent them all), leaves the group and releases its
         cache, rank 0 here at the same time as the workers in theirs; then the worker processes end. A dead or
-        stalled group is aborted first instead: a collective waiting for a dead peer never finishes."""
+        stalled group is aborted first instead: a collective waiting for a dead peer never finishes. A worker that
+        dies while rank 0 waits for its device aborts the group then too (``_on_worker_death``)."""
         if self._closed:
             return
         self._closed = True
         healthy = False
-        if self._dead_error is None and self._channel is not None:
+        if self._dead_error is None and self._channel is not None and self.workers.failure(0.0) is None:
+            self.workers.expect_stop()
             try:
-                self._channel.send((STOP,))
+                self._channel.send((STOP,), timeout_s=_STOP_SEND_S)
                 healthy = True
             except ChannelTimeoutError:
-                logger.warning("a tensor-parallel worker took no STOP message")
-        if not healthy:
-            self.workers.close()
-            if self._is_nccl:
-                abort_tp_group()  # before the cache waits for the device (and before destroying the group)
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.close()
-        destroy_tp_group()
-        if healthy and not self.workers.close(wait_s=_STOP_WAIT_S):
-            logger.warning("a tensor-parallel worker did not stop within %.0f s; ended it", _STOP_WAIT_S)
-        if self._channel is not None:
-            self._channel.close()
+                logger.warning("a tensor-parallel worker took no STOP message within %.0f s", _STOP_SEND_S)
+        try:
+            if not healthy:
+                self.workers.close()
+                if self._is_nccl:
+                    abort_tp_group()  # before the cache waits for the device (and before destroying the group)
+            runner = getattr(self, "runner", None)
+            if runner is not None:
+                runner.close()
+        finally:
+            with self._group_lock:
+                self._left_group = True
+            destroy_tp_group()
+            stopped = self.workers.close(wait_s=_STOP_WAIT_S if healthy else 0.0)
+            if healthy and not stopped:
+                logger.warning("a tensor-parallel worker did not stop cleanly within %.0f s; ended it", _STOP_WAIT_S)
+            if self._channel is not None:
+                self._channel.close()
 
     # ---- internals ------------------------------------------------------------------------------------------
 
@@ -245,15 +269,15 @@ class TPExecutor(Executor):
             raise self._dead_error from None
 
     def _on_worker_death(self) -> None:
-        if self._closed:
-            return
+        """From the group's watcher thread, at any time until rank 0 left the group (while closing too)."""
         if self._dead_error is None:
             workers = getattr(self, "workers", None)
             cause = workers.failure(0.0) if workers is not None else None
             self._dead_error = WorkerDeadError(cause or "a tensor-parallel worker died")
-        if self._is_nccl:
-            # Rank 0 may be blocked in an NCCL all-reduce waiting for the dead rank: make it raise now.
-            abort_tp_group()
+        with self._group_lock:
+            if self._is_nccl and not self._left_group:
+                # Rank 0 may be blocked in an NCCL all-reduce waiting for the dead rank: make it raise now.
+                abort_tp_group()
 
     def _check_rank(self, rank: int, expected: tuple[int, ...], stats) -> None:
         try:

@@ -148,6 +148,7 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
         engine.shutdown()
         # A healthy engine's workers leave after a STOP (their devices idle, the group left together), not killed.
         assert ray.get(engine.executor.workers._loop_refs, timeout=30) == [None]
+        assert engine.executor.workers.failure(0.0) is None  # a stop as asked is no failure
     finally:
         engine.shutdown()
 
