@@ -163,14 +163,17 @@ def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: in
     return actor, pg
 
 
-def stop_engine(actor, pg) -> None:
+def stop_engine(actor, pg) -> bool:
+    """Shut the engine down (ended by force after 30 s); whether it shut down by itself."""
     try:
-        ray.get(actor.shutdown.remote(), timeout=120)
+        ray.get(actor.shutdown.remote(), timeout=30)
+        clean = True
     except Exception:  # noqa: BLE001 - killing it below frees everything anyway
-        pass
+        clean = False
     ray.kill(actor)
     remove_placement_group(pg)
     time.sleep(2)  # let the GPUs' memory go back before the next engine sizes its KV pool
+    return clean
 
 
 def run_engine_part(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, work) -> dict:
@@ -189,7 +192,7 @@ def run_engine_part(args, tp: int, dtype: str, max_batch_size: int, max_seq_len:
         return result
     finally:
         start = time.perf_counter()
-        stop_engine(actor, pg)
+        phases["stopped_cleanly"] = stop_engine(actor, pg)
         phases["stop_s"] = round(time.perf_counter() - start, 1)
         print(f"TP={tp} engine phases (s): {phases}", flush=True)
 
@@ -244,6 +247,7 @@ def part_throughput(args, result: dict) -> None:
         floor_ms = part["info"]["weight_bytes_per_rank"] / (part["copy_bandwidth_gbs"] * 1e9 / 2) * 1e3
         part["decode_floor_ms_per_step"] = round(floor_ms, 2)  # weights read once per step; copy GB/s counts r+w
         result[f"tp{tp}"] = part
+        write_result(args.name, result)  # each size as it comes: a run cut short keeps what it measured
     t1 = result["tp1"]["throughput"]["output_tok_s"]
     result["speedup_output_tok_s"] = {
         f"tp{tp}": round(result[f"tp{tp}"]["throughput"]["output_tok_s"] / t1, 2) for tp in args.tp_sizes
