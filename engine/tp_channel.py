@@ -43,6 +43,12 @@ def check_stats(rank: int, expected: tuple[int, ...], stats) -> None:
         raise CacheDesyncError(f"rank {rank}'s KV cache diverged from rank 0's (field: (rank 0, rank {rank})): {diff}")
 
 
+def cache_state(rank: int, cache) -> dict:
+    """A rank's answer to ``STATE``: its cache stats and the page ids of every active slot (tests compare ranks)."""
+    slots = {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)}
+    return {"rank": rank, "stats": cache.stats(), "slot_page_ids": slots, "num_kv_heads": cache.config.num_kv_heads}
+
+
 class ChannelTimeoutError(RuntimeError):
     """A worker did not take a message, or did not reply, in time."""
 

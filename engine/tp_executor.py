@@ -26,7 +26,16 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.distributed import abort_tp_group, destroy_tp_group, init_tp_group
 from engine.executor import Executor, WorkerDeadError
-from engine.tp_channel import STATE, STEP, STOP, ChannelTimeoutError, StepSender, check_stats, checked_stats
+from engine.tp_channel import (
+    STATE,
+    STEP,
+    STOP,
+    ChannelTimeoutError,
+    StepSender,
+    cache_state,
+    check_stats,
+    checked_stats,
+)
 from kvcache import CacheDesyncError
 
 logger = logging.getLogger(__name__)
@@ -178,16 +187,16 @@ class TPExecutor(Executor):
                 dist.broadcast(prev_token_ids, src=0)  # the workers' copy of the placeholders' ids
                 return self.runner.run(seqs, prev_token_ids, prev_rows)
             return self.runner.run(seqs)
-        except BaseException as exc:
-            # A collective failed: a peer is gone or broke. Report the worker's own error if there is one. (Anything
-            # else that interrupts the launch also leaves the workers waiting in collectives rank 0 never joins.)
-            cause = self.workers.failure(5.0) if isinstance(exc, Exception) else None
+        except Exception as exc:
+            # A collective failed: a peer is gone or broke. Report the worker's own error if there is one.
+            cause = self.workers.failure(5.0)
             self._dead_error = WorkerDeadError(
                 f"tensor-parallel step failed on rank 0: {exc!r}" + (f"; {cause}" if cause else "")
             )
-            if not isinstance(exc, Exception):
-                raise
             raise self._dead_error from exc
+        except BaseException as exc:  # interrupted: the workers wait in collectives rank 0 never joins
+            self._dead_error = WorkerDeadError(f"tensor-parallel step interrupted on rank 0: {exc!r}")
+            raise
 
     def cache_stats(self) -> list:
         """Every rank's stats: rank 0's, which every other rank matches after replaying the same operations (each
@@ -207,16 +216,8 @@ class TPExecutor(Executor):
         """Every rank's cache stats and active slots' page ids, rank 0 first (the workers replay the operations
         recorded since the last step first)."""
         self.check_health()
-        cache = self.runner.kv_cache
-        rank0 = {
-            "rank": 0,
-            "stats": cache.stats(),
-            "num_kv_heads": cache.config.num_kv_heads,
-            "slot_page_ids": {
-                s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)
-            },
-        }
-        self._send((STATE, cache.take_ops(), checked_stats(rank0["stats"])))
+        rank0 = cache_state(0, self.kv_cache)
+        self._send((STATE, self.kv_cache.take_ops(), checked_stats(rank0["stats"])))
         try:
             states = self._channel.replies(self.tp_size - 1)
         except ChannelTimeoutError as exc:
@@ -241,11 +242,11 @@ class TPExecutor(Executor):
                 healthy = True
             except ChannelTimeoutError:
                 logger.warning("a tensor-parallel worker took no STOP message within %.0f s", _STOP_SEND_S)
+        if not healthy:
+            self.workers.close()
+            if self._is_nccl:
+                abort_tp_group()  # before the cache waits for the device (and before destroying the group)
         try:
-            if not healthy:
-                self.workers.close()
-                if self._is_nccl:
-                    abort_tp_group()  # before the cache waits for the device (and before destroying the group)
             runner = getattr(self, "runner", None)
             if runner is not None:
                 runner.close()
@@ -253,8 +254,7 @@ class TPExecutor(Executor):
             with self._group_lock:
                 self._left_group = True
             destroy_tp_group()
-            stopped = self.workers.close(wait_s=_STOP_WAIT_S if healthy else 0.0)
-            if healthy and not stopped:
+            if healthy and not self.workers.close(wait_s=_STOP_WAIT_S):
                 logger.warning("a tensor-parallel worker did not stop cleanly within %.0f s; ended it", _STOP_WAIT_S)
             if self._channel is not None:
                 self._channel.close()

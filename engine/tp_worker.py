@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.distributed import DEFAULT_TP_TIMEOUT_S, destroy_tp_group, init_tp_group
-from engine.tp_channel import STATE, STEP, STOP, StepReceiver, check_stats
+from engine.tp_channel import STATE, STEP, STOP, StepReceiver, cache_state, check_stats
 from kvcache import CacheOp
 
 logger = logging.getLogger(__name__)
@@ -96,15 +96,7 @@ class TPWorker:
 
     def cache_state(self) -> dict:
         """This rank's cache stats and the page ids of every active slot (to compare ranks in tests)."""
-        cache = self.runner.kv_cache
-        slots = {s: cache.slot_page_ids(s) for s in range(1, cache.config.max_batch_size + 1) if cache.is_active(s)}
-        return {
-            "rank": self.rank,
-            "stats": cache.stats(),
-            "slot_page_ids": slots,
-            "num_steps": self.num_steps,
-            "num_kv_heads": cache.config.num_kv_heads,
-        }
+        return {**cache_state(self.rank, self.runner.kv_cache), "num_steps": self.num_steps}
 
     def close(self) -> None:
         """Release the cache and leave the group."""
