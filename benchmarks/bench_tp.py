@@ -78,19 +78,23 @@ class EngineRank0:
         outs = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
         return [list(o.token_ids) for o in outs]
 
-    def throughput(self, prompts: list[list[int]], output_len: int) -> dict:
+    def throughput(self, prompts: list[list[int]], output_len: int, profile_steps: int = 0) -> dict:
         from engine.sampling_params import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-        self.engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
+        # Warm-up at the run's own shapes (the prefill chunks and every decode batch: kernels are compiled or tuned
+        # for them on first use), on reversed prompts so that no prefix of the timed prompts is cached.
+        self.engine.generate([p[::-1] for p in prompts], params)
         steps_before = self.engine.num_steps
-        spent = self._time_step_parts()
+        spent, step_s = self._time_step_parts(profile_steps)
         start = time.perf_counter()
         outs = self.engine.generate(prompts, params)  # ends with a sampled token on the host: synchronized
         elapsed = time.perf_counter() - start
         out_tokens = sum(len(o.token_ids) for o in outs)
         in_tokens = sum(len(p) for p in prompts)
-        return {
+        durations = sorted(step_s)
+        median = durations[len(durations) // 2]
+        result = {
             "elapsed_s": round(elapsed, 2),
             "output_tokens": out_tokens,
             "output_tok_s": round(out_tokens / elapsed, 1),
@@ -98,16 +102,26 @@ class EngineRank0:
             "steps": self.engine.num_steps - steps_before,
             "num_preemptions": self.engine.scheduler.num_preemptions,
             # Host time inside each part of the step loop (seconds over the run): where a TP step's time goes.
-            "host_s": {k: round(v, 3) for k, v in spent.items()},
+            "host_s": {k: round(v, 3) for k, v in spent.items() if k != "profile"},
+            # The median step is a decode step of the whole batch; the long ones are the prefill chunks.
+            "step_ms_p50": round(median * 1e3, 2),
+            "long_steps_s": round(sum(d for d in durations if d > 3 * median), 3),
+            "num_long_steps": sum(d > 3 * median for d in durations),
         }
+        if "profile" in spent:
+            result["profile"] = spent["profile"]
+        return result
 
-    def _time_step_parts(self) -> dict[str, float]:
+    def _time_step_parts(self, profile_steps: int = 0) -> tuple[dict, list[float]]:
         """Wraps the step loop's parts on this engine to add their host time to the returned dict: the whole
         step, the executor's run; under TP, the push of the step to the workers and rank 0's own forward (its
-        launches; the all-reduces wait on the GPU)."""
-        spent: dict[str, float] = {}
+        launches; the all-reduces wait on the GPU). Also returns the list each step's wall time is appended to.
+        ``profile_steps``: the torch profiler's summary of that many decode steps (from the 40th step on) under
+        the dict's ``profile`` key, as text."""
+        spent: dict = {}
+        step_s: list[float] = []
 
-        def timed(owner, name: str, key: str) -> None:
+        def timed(owner, name: str, key: str, each: list | None = None) -> None:
             inner = getattr(owner, name)
 
             def wrapper(*a, **k):
@@ -115,17 +129,47 @@ class EngineRank0:
                 try:
                     return inner(*a, **k)
                 finally:
-                    spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+                    took = time.perf_counter() - start
+                    spent[key] = spent.get(key, 0.0) + took
+                    if each is not None:
+                        each.append(took)
 
             setattr(owner, name, wrapper)
 
         executor = self.engine.executor
-        timed(self.engine, "step", "step")
-        timed(executor, "run", "executor_run")
         if hasattr(executor, "workers"):
             timed(executor, "_send", "send_to_workers")
             timed(executor.runner, "run", "rank0_forward_launch")
-        return spent
+        timed(executor, "run", "executor_run")
+        timed(self.engine, "step", "step", step_s)
+        if profile_steps:
+            self._profile_steps(spent, step_s, first=40, count=profile_steps)
+        return spent, step_s
+
+    def _profile_steps(self, spent: dict, step_s: list[float], first: int, count: int) -> None:
+        import torch
+
+        profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        )
+        inner = self.engine.step
+
+        def step(*a, **k):
+            if len(step_s) == first:
+                profiler.start()
+            try:
+                return inner(*a, **k)
+            finally:
+                if len(step_s) == first + count:  # the inner wrapper appended this step's time
+                    profiler.stop()
+                    averages = profiler.key_averages()
+                    spent["profile"] = {
+                        "steps": count,
+                        "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
+                        "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
+                    }
+
+        self.engine.step = step
 
     def copy_bandwidth_gbs(self) -> float:
         from benchmarks.common import measure_copy_bandwidth
@@ -239,13 +283,15 @@ def part_throughput(args, result: dict) -> None:
     for tp in (1, *args.tp_sizes):
 
         def work(actor):
-            out = {"throughput": ray.get(actor.throughput.remote(prompts, args.output_len), timeout=args.timeout_s)}
+            run = actor.throughput.remote(prompts, args.output_len, args.profile_steps)
+            out = {"throughput": ray.get(run, timeout=args.timeout_s)}
             out["copy_bandwidth_gbs"] = ray.get(actor.copy_bandwidth_gbs.remote(), timeout=args.timeout_s)
             return out
 
         part = run_engine_part(args, tp, args.dtype, args.max_batch_size, max_seq_len, work)
-        floor_ms = part["info"]["weight_bytes_per_rank"] / (part["copy_bandwidth_gbs"] * 1e9 / 2) * 1e3
-        part["decode_floor_ms_per_step"] = round(floor_ms, 2)  # weights read once per step; copy GB/s counts r+w
+        # Weights read once per step at the copy's rate (its GB/s count the bytes read and written: bytes moved).
+        floor_ms = part["info"]["weight_bytes_per_rank"] / (part["copy_bandwidth_gbs"] * 1e9) * 1e3
+        part["decode_floor_ms_per_step"] = round(floor_ms, 2)
         result[f"tp{tp}"] = part
         write_result(args.name, result)  # each size as it comes: a run cut short keeps what it measured
     t1 = result["tp1"]["throughput"]["output_tok_s"]
@@ -328,7 +374,7 @@ def print_table(result: dict, tp_sizes: list[int]) -> None:
     if keys:
         print(
             f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
-            f"{'floor ms/step':>15}{'weights/rank GB':>17}{'speedup':>9}"
+            f"{'step ms p50':>13}{'floor ms/step':>15}{'long steps s':>14}{'weights/rank GB':>17}{'speedup':>9}"
         )
         for key in keys:
             part = result[key]
@@ -336,7 +382,8 @@ def print_table(result: dict, tp_sizes: list[int]) -> None:
             speedup = result.get("speedup_output_tok_s", {}).get(key, 1.0 if key == "tp1" else "")
             print(
                 f"{key.upper():8}{t['output_tok_s']:>14}{t['total_tok_s']:>14}{t['elapsed_s']:>11}{t['steps']:>7}"
-                f"{t['num_preemptions']:>9}{part['decode_floor_ms_per_step']:>15}"
+                f"{t['num_preemptions']:>9}{t.get('step_ms_p50', ''):>13}{part['decode_floor_ms_per_step']:>15}"
+                f"{t.get('long_steps_s', ''):>14}"
                 f"{part['info']['weight_bytes_per_rank'] / 1e9:>17.2f}{speedup:>9}"
             )
             host = t.get("host_s")
@@ -374,6 +421,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke test of the script")
     parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.8)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP=1 and TP=2)")
+    parser.add_argument(
+        "--profile-steps", type=int, default=0, help="the torch profiler's summary of that many decode steps, each size"
+    )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-serve", action="store_true")
@@ -418,6 +468,12 @@ def main() -> int:
         result.setdefault("part_seconds", {})[name] = round(time.perf_counter() - start, 1)
         write_result(args.name, result)  # keep what we have if a later part hangs
     path = write_result(args.name, result)
+    for tp in (1, *args.tp_sizes):
+        profile = result.get(f"tp{tp}", {}).get("throughput", {}).get("profile")
+        if profile:
+            print(f"\nTP={tp}, {profile['steps']} decode steps profiled on rank 0:")
+            print(profile["by_self_cuda"])
+            print(profile["by_self_cpu"])
     print_table(result, args.tp_sizes)
     print(f"wrote {path}")
     ray.shutdown()

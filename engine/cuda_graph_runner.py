@@ -115,6 +115,13 @@ class CudaGraphRunner:
             self._logits[bucket] = logits
         torch.cuda.synchronize(self.device)
 
+    def close(self) -> None:
+        """Destroys the graphs and their memory pool (the device must be done with them)."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._logits.clear()
+
     def can_run(self, seqs) -> bool:
         """Whether ``seqs`` (``(slot, token_ids, start_pos)`` items) is a decode batch a graph holds."""
         return len(seqs) <= self.buckets[-1] and all(len(token_ids) == 1 for _, token_ids, _ in seqs)

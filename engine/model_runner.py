@@ -238,5 +238,11 @@ class ModelRunner:
         return self.execute(batch)
 
     def close(self) -> None:
-        """Release the KV cache's memory."""
+        """Release the CUDA graphs, then the KV cache's memory, once the device is done with both. The graphs go
+        first: under TP they hold NCCL's communicator (a graph that captured a collective keeps a reference that
+        leaving the group waits for)."""
+        if self.graph_runner is not None:
+            self.kv_cache.wait_idle()  # no replay may be running when its graph is destroyed
+            self.graph_runner.close()
+            self.graph_runner = None
         self.kv_cache.close()
