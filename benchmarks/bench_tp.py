@@ -109,7 +109,12 @@ class EngineRank0:
             "num_long_steps": sum(d > 3 * median for d in durations),
         }
         if "profile" in spent:
-            result["profile"] = spent["profile"]
+            averages = spent["profile"].key_averages()
+            result["profile"] = {
+                "steps": profile_steps,
+                "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
+                "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
+            }
         return result
 
     def _time_step_parts(self, profile_steps: int = 0) -> tuple[dict, list[float]]:
@@ -162,12 +167,7 @@ class EngineRank0:
             finally:
                 if len(step_s) == first + count:  # the inner wrapper appended this step's time
                     profiler.stop()
-                    averages = profiler.key_averages()
-                    spent["profile"] = {
-                        "steps": count,
-                        "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
-                        "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
-                    }
+                    spent["profile"] = profiler  # summarized after the timed run
 
         self.engine.step = step
 
@@ -315,10 +315,10 @@ def part_serve(args, result: dict) -> None:
         "device": args.device,
         "tensor_parallel_size": max(args.tp_sizes),
         "engine_kwargs": {
-            "max_batch_size": 16,
-            "max_seq_len": 2048,
+            "max_batch_size": args.max_batch_size,
+            "max_seq_len": max(2048, args.input_len + args.output_len + 16),
             "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
-            "max_num_batched_tokens": 2048,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
             "seed": args.seed,
             "enforce_eager": args.enforce_eager,
         },
@@ -351,12 +351,51 @@ def part_serve(args, result: dict) -> None:
         "completion_tokens": r.json().get("usage", {}).get("completion_tokens") if r.status_code == 200 else None,
         "body": r.text[:500],
     }
+    if r.status_code == 200 and args.serve_prompts:
+        result["serve"]["load"] = http_load(base, args)
     stats = sync_handle(ENGINE_DEPLOYMENT_NAME, "tp").engine_stats.remote().result(timeout_s=30)
     result["serve"]["engine_stats"] = {
         k: stats[k] for k in ("num_total_pages", "num_free_pages", "tokens_per_page") if k in stats
     }
     serve.delete("tp")
     serve.shutdown()
+
+
+def http_load(base: str, args) -> dict:
+    """``--serve-prompts`` completions of ``--input-len`` random token ids and ``--output-len`` tokens each
+    (ignore_eos), all sent at once over HTTP: output tokens/s from the first request sent to the last answer."""
+    import asyncio
+
+    import httpx
+
+    prompts = random_prompts(args.serve_prompts, args.input_len, 32000, args.seed + 2)
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        body = {
+            "model": "tp-model",
+            "prompt": prompt,
+            "max_tokens": args.output_len,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        r = await client.post(f"{base}/v1/completions", json=body)
+        return r.json()["usage"]["completion_tokens"] if r.status_code == 200 else -r.status_code
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=args.timeout_s) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    start = time.perf_counter()
+    got = asyncio.run(run())
+    elapsed = time.perf_counter() - start
+    ok = [n for n in got if n >= 0]
+    return {
+        "requests": len(prompts),
+        "ok": len(ok),
+        "failed_status": sorted(-n for n in got if n < 0),
+        "elapsed_s": round(elapsed, 2),
+        "output_tok_s": round(sum(ok) / elapsed, 1),
+    }
 
 
 def print_table(result: dict, tp_sizes: list[int]) -> None:
@@ -395,6 +434,12 @@ def print_table(result: dict, tp_sizes: list[int]) -> None:
             f"serve (TP={s['tensor_parallel_size']} replica): HTTP {s['status_code']}, {s['completion_tokens']} "
             f"tokens, ready in {s['ready_s']} s"
         )
+        if "load" in s:
+            load = s["load"]
+            print(
+                f"serve load: {load['ok']}/{load['requests']} requests x {result['settings']['input_len']}/"
+                f"{result['settings']['output_len']} tokens over HTTP at once: {load['output_tok_s']} output tok/s"
+            )
     for name, error in result.get("errors", {}).items():
         print(f"FAILED {name}: {error.splitlines()[-1] if error else ''}")
 
@@ -423,6 +468,9 @@ def main() -> int:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP=1 and TP=2)")
     parser.add_argument(
         "--profile-steps", type=int, default=0, help="the torch profiler's summary of that many decode steps, each size"
+    )
+    parser.add_argument(
+        "--serve-prompts", type=int, default=0, help="serve part: that many --input-len/--output-len requests at once"
     )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")

@@ -11,7 +11,8 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
-#   tp4:    (with .whl, 4 GPUs) the stress suite, the TP GPU test, then bench_tp.py at TP=1, 2, 4.
+#   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU test (TP_TEST=0: not), then
+#           bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
@@ -232,13 +233,15 @@ tp4)
   # bench_tp.py: TP=1, 2 and 4 (TP_SIZES) of dummy:llama-3-8b, greedy tokens in float32 and 64 x 512/128 throughput
   # with the host time of the step's parts (TP_ARGS adds or skips parts), within DEADLINE_S.
   [ "${SUITE:-1}" = 1 ] && suite_shards
-  gpu_suite 0,1 tp tests/deployments/test_tp_workers.py
-  echo "gpu_suite_tp.log: $(grep -E ' (passed|failed|skipped)' "$OUT/gpu_suite_tp.log" | tail -1)"
+  if [ "${TP_TEST:-1}" = 1 ]; then
+    gpu_suite 0,1 tp tests/deployments/test_tp_workers.py
+    echo "gpu_suite_tp.log: $(grep -E ' (passed|failed|skipped)' "$OUT/gpu_suite_tp.log" | tail -1)"
+  fi
   left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
   timeout $left python3 benchmarks/bench_tp.py --tp-sizes ${TP_SIZES:-2,4} --check-dtype float32 \
-    ${TP_ARGS:---skip-serve} --name ${TP_NAME:-tp_h200x4} > "$OUT/tp.log" 2>&1
+    ${TP_ARGS:---skip-serve} --name ${TP_NAME:-tp_h200x4} > "$OUT/${TP_NAME:-tp}.log" 2>&1
   cp benchmarks/results/${TP_NAME:-tp_h200x4}.json "$OUT/" 2>/dev/null
-  grep -v -e INFO -e Warning "$OUT/tp.log" | tail -14
+  grep -v -e INFO -e Warning "$OUT/${TP_NAME:-tp}.log" | tail -14
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.
