@@ -2,7 +2,7 @@
 
     RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py                       # 2 GPUs, dummy:llama-3-8b bf16
     RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py --tp-sizes 2,4        # 4 GPUs
-    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py --tp-sizes 4 --model dummy:codellama-34b --skip-correctness
+    RAY_AUTH_MODE=disabled python benchmarks/bench_tp.py --tp-sizes 4 --model dummy:yi-34b --skip-correctness
     python benchmarks/bench_tp.py --num-prompts 8 --input-len 64 --output-len 16 --skip-serve   # quick look
 
 Parts (each in its own try/except; a failure is recorded in the result and the next part still runs):

@@ -259,5 +259,8 @@ esac
 (
   cd "$OUT" || exit
   logs=$(ls *.log *.txt gpu_stress.json 2>/dev/null)
-  [ -n "$logs" ] && tar czf /tmp/logs.tgz $logs && rm -f $logs && mv /tmp/logs.tgz logs.tgz
+  # One archive per run of this script: a second stage in the same call keeps the first one's logs.
+  name=logs.tgz n=1
+  while [ -e "$name" ]; do n=$((n + 1)); name=logs$n.tgz; done
+  [ -n "$logs" ] && tar czf /tmp/logs.tgz $logs && rm -f $logs && mv /tmp/logs.tgz "$name"
 )

@@ -195,6 +195,12 @@ def test_named_dummy_configs_build_at_real_shapes(name):
         assert num_params == 8_030_261_248  # Llama-3-8B
     if name == "smollm2-135m":
         assert num_params == 134_515_008
+    if name == "yi-34b":
+        assert 34e9 < num_params < 35e9
+    # Dummy models tokenize with the shipped tokenizer: every id it produces must be one of the model's.
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(str(resolved.tokenizer_dir))) <= resolved.hf_config.vocab_size
 
 
 def test_dummy_config_from_path(tmp_path):
