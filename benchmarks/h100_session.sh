@@ -14,6 +14,7 @@
 #   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU test (TP_TEST=0: not), then
 #           bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
+#   scaleout4: (with .whl, 4 GPUs) the stress suite, then bench_resilience.py on 4 cards (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
 #           tests/kvcache, then the layouts.
@@ -196,6 +197,20 @@ scaleout2)
     --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
     --input-len 512 --output-len 256 --concurrency 48 --target-ongoing-requests 16 --max-ongoing-requests 64 \
     --out "$OUT/resilience_h200x2.json" > "$OUT/resilience.log" 2>&1
+  grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
+  ;;
+scaleout4)
+  # (with .whl, 4 GPUs) the scale-out issue's replicas coming and going on 4 cards, under load over HTTP: autoscaling
+  # 1 -> 4 replicas and back, a replica of 4 killed, a TP worker of one of 2 TP=2 replicas killed (SCENARIOS), with
+  # the stress suite first (SUITE=0: not), within DEADLINE_S. The scenarios take ~6 min together.
+  [ "${SUITE:-1}" = 1 ] && suite_shards
+  left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
+  timeout $left python3 benchmarks/bench_resilience.py --device cuda --model dummy:llama-3-8b \
+    --scenarios ${SCENARIOS:-autoscale,kill_replica,kill_tp_worker} --num-cpus 32 \
+    --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
+    --num-replicas 4 --tensor-parallel-size 2 --num-replicas-tp 2 --max-replicas 4 \
+    --input-len 512 --output-len 256 --concurrency 96 --target-ongoing-requests 16 --max-ongoing-requests 64 \
+    --out "$OUT/resilience_h200x4.json" > "$OUT/resilience.log" 2>&1
   grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
   ;;
 validate2)
