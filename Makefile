@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint test test-gpu bench-kvcache clean serve serve-stop soak
+.PHONY: install lint test fuzz test-gpu bench-kvcache clean serve serve-stop soak
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 # Full-size soak (2000 requests, a fifth cancelled mid-stream, on a local 2-replica cluster); CI runs 300.
 soak: install
 	SOAK_REQUESTS=2000 $(PY) -m pytest -q -s tests/deployments/test_soak.py
+
+# The HTTP fuzz test at full size (5,000 derandomized cases); the suite runs 400.
+fuzz: install
+	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -s tests/deployments/test_validation.py -k fuzz
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
