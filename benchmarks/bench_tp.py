@@ -83,10 +83,14 @@ class EngineRank0:
 
         params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
         # Warm-up at the run's own shapes (the prefill chunks and every decode batch: kernels are compiled or tuned
-        # for them on first use), on reversed prompts so that no prefix of the timed prompts is cached.
+        # for them on first use), on reversed prompts so that no prefix of the timed prompts is cached. The
+        # profiler, if asked for, watches the warm-up's decode steps: the timed run carries none of its cost.
+        profile = self._profile_steps(first=40, count=profile_steps) if profile_steps else None
         self.engine.generate([p[::-1] for p in prompts], params)
+        profiled = profile() if profile is not None else None
         steps_before = self.engine.num_steps
-        spent, step_s = self._time_step_parts(profile_steps)
+        preemptions_before = self.engine.scheduler.num_preemptions
+        spent, step_s = self._time_step_parts()
         start = time.perf_counter()
         outs = self.engine.generate(prompts, params)  # ends with a sampled token on the host: synchronized
         elapsed = time.perf_counter() - start
@@ -100,29 +104,23 @@ class EngineRank0:
             "output_tok_s": round(out_tokens / elapsed, 1),
             "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
             "steps": self.engine.num_steps - steps_before,
-            "num_preemptions": self.engine.scheduler.num_preemptions,
+            "num_preemptions": self.engine.scheduler.num_preemptions - preemptions_before,
             # Host time inside each part of the step loop (seconds over the run): where a TP step's time goes.
-            "host_s": {k: round(v, 3) for k, v in spent.items() if k != "profile"},
-            # The median step is a decode step of the whole batch; the long ones are the prefill chunks.
+            "host_s": {k: round(v, 3) for k, v in spent.items()},
+            # The median step is a decode step of the whole batch; the steps over 3x it are the prefill chunks and
+            # the first decode step (launched behind the last chunk, under asynchronous scheduling).
             "step_ms_p50": round(median * 1e3, 2),
             "long_steps_s": round(sum(d for d in durations if d > 3 * median), 3),
             "num_long_steps": sum(d > 3 * median for d in durations),
         }
-        if "profile" in spent:
-            averages = spent["profile"].key_averages()
-            result["profile"] = {
-                "steps": profile_steps,
-                "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
-                "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
-            }
+        if profiled is not None:
+            result["profile"] = profiled
         return result
 
-    def _time_step_parts(self, profile_steps: int = 0) -> tuple[dict, list[float]]:
+    def _time_step_parts(self) -> tuple[dict, list[float]]:
         """Wraps the step loop's parts on this engine to add their host time to the returned dict: the whole
         step, the executor's run; under TP, the push of the step to the workers and rank 0's own forward (its
-        launches; the all-reduces wait on the GPU). Also returns the list each step's wall time is appended to.
-        ``profile_steps``: the torch profiler's summary of that many decode steps (from the 40th step on) under
-        the dict's ``profile`` key, as text."""
+        launches; the all-reduces wait on the GPU). Also returns the list each step's wall time is appended to."""
         spent: dict = {}
         step_s: list[float] = []
 
@@ -147,29 +145,49 @@ class EngineRank0:
             timed(executor.runner, "run", "rank0_forward_launch")
         timed(executor, "run", "executor_run")
         timed(self.engine, "step", "step", step_s)
-        if profile_steps:
-            self._profile_steps(spent, step_s, first=40, count=profile_steps)
         return spent, step_s
 
-    def _profile_steps(self, spent: dict, step_s: list[float], first: int, count: int) -> None:
+    def _profile_steps(self, first: int, count: int):
+        """Runs the torch profiler over steps ``first + 1 .. first + count`` of this engine from now on; returns a
+        function that ends it and gives its summary (kernel and host time by operator, as text)."""
         import torch
 
         profiler = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         )
         inner = self.engine.step
+        state = {"step": 0, "profiled": 0, "on": False}
 
         def step(*a, **k):
-            if len(step_s) == first:
+            state["step"] += 1
+            if state["step"] == first + 1:
                 profiler.start()
+                state["on"] = True
             try:
                 return inner(*a, **k)
             finally:
-                if len(step_s) == first + count:  # the inner wrapper appended this step's time
-                    profiler.stop()
-                    spent["profile"] = profiler  # summarized after the timed run
+                if state["on"]:
+                    state["profiled"] += 1
+                    if state["profiled"] == count:
+                        profiler.stop()
+                        state["on"] = False
 
         self.engine.step = step
+
+        def summary() -> dict:
+            self.engine.step = inner
+            if state["on"]:  # the run had fewer steps
+                profiler.stop()
+            if not state["profiled"]:
+                return {"steps": 0}
+            averages = profiler.key_averages()
+            return {
+                "steps": state["profiled"],
+                "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
+                "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
+            }
+
+        return summary
 
     def copy_bandwidth_gbs(self) -> float:
         from benchmarks.common import measure_copy_bandwidth
@@ -363,7 +381,8 @@ def part_serve(args, result: dict) -> None:
 
 def http_load(base: str, args) -> dict:
     """``--serve-prompts`` completions of ``--input-len`` random token ids and ``--output-len`` tokens each
-    (ignore_eos), all sent at once over HTTP: output tokens/s from the first request sent to the last answer."""
+    (ignore_eos), all sent at once over HTTP, after the same load once on reversed prompts: output tokens/s from the
+    first request sent to the last answer."""
     import asyncio
 
     import httpx
@@ -381,12 +400,14 @@ def http_load(base: str, args) -> dict:
         r = await client.post(f"{base}/v1/completions", json=body)
         return r.json()["usage"]["completion_tokens"] if r.status_code == 200 else -r.status_code
 
-    async def run() -> list[int]:
-        async with httpx.AsyncClient(timeout=args.timeout_s) as client:
-            return await asyncio.gather(*(one(client, p) for p in prompts))
+    async def run(batch: list[list[int]]) -> list[int]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(timeout=args.timeout_s, limits=limits) as client:
+            return await asyncio.gather(*(one(client, p) for p in batch))
 
+    asyncio.run(run([p[::-1] for p in prompts]))  # warm-up at the same shapes, on other prefixes
     start = time.perf_counter()
-    got = asyncio.run(run())
+    got = asyncio.run(run(prompts))
     elapsed = time.perf_counter() - start
     ok = [n for n in got if n >= 0]
     return {
@@ -467,7 +488,10 @@ def main() -> int:
     parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.8)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (both TP=1 and TP=2)")
     parser.add_argument(
-        "--profile-steps", type=int, default=0, help="the torch profiler's summary of that many decode steps, each size"
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="the torch profiler's summary of that many decode steps of the warm-up run, each size",
     )
     parser.add_argument(
         "--serve-prompts", type=int, default=0, help="serve part: that many --input-len/--output-len requests at once"
@@ -518,8 +542,8 @@ def main() -> int:
     path = write_result(args.name, result)
     for tp in (1, *args.tp_sizes):
         profile = result.get(f"tp{tp}", {}).get("throughput", {}).get("profile")
-        if profile:
-            print(f"\nTP={tp}, {profile['steps']} decode steps profiled on rank 0:")
+        if profile and profile["steps"]:
+            print(f"\nTP={tp}, {profile['steps']} decode steps of the warm-up run profiled on rank 0:")
             print(profile["by_self_cuda"])
             print(profile["by_self_cpu"])
     print_table(result, args.tp_sizes)

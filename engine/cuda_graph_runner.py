@@ -95,6 +95,13 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
+        try:
+            self._capture_buckets()
+        except BaseException:
+            self.close()  # the graphs captured so far would keep a TP group from being left or aborted
+            raise
+
+    def _capture_buckets(self) -> None:
         pool = None
         stream = torch.cuda.Stream(self.device)
         for bucket in reversed(self.buckets):
@@ -116,7 +123,7 @@ class CudaGraphRunner:
         torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
-        """Destroys the graphs and their memory pool (the device must be done with them)."""
+        """Destroys the graphs (a replay in flight completes first) and hands their memory pool back."""
         for graph in self._graphs.values():
             graph.reset()
         self._graphs.clear()
@@ -143,7 +150,7 @@ class CudaGraphRunner:
         if fill is not None:
             host[_PREV, :n] = torch.tensor(fill[1])
         self._packed.copy_(host, non_blocking=True)
-        self._copied[self._turn].record()
+        self._copied[self._turn].record(torch.cuda.current_stream(self.device))  # the copy's stream
         if fill is not None:
             ids, prev = self._packed[_IDS, :n], self._packed[_PREV, :n]
             torch.where(prev >= 0, fill[0][prev.clamp(min=0)], ids, out=ids)

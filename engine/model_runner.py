@@ -237,12 +237,21 @@ class ModelRunner:
             batch.input_ids[index[0]] = prev_token_ids[index[1]]
         return self.execute(batch)
 
-    def close(self) -> None:
-        """Release the CUDA graphs, then the KV cache's memory, once the device is done with both. The graphs go
-        first: under TP they hold NCCL's communicator (a graph that captured a collective keeps a reference that
-        leaving the group waits for)."""
+    def release_graphs(self) -> None:
+        """Destroys the CUDA graphs without waiting for the device: a replay still running completes first (the
+        driver frees an executing graph when it is done, and their memory pool is only marked free). Under TP a
+        graph that captured a collective holds NCCL's communicator, and both leaving and aborting the group wait
+        until no graph does: a group is aborted only after this."""
         if self.graph_runner is not None:
-            self.kv_cache.wait_idle()  # no replay may be running when its graph is destroyed
             self.graph_runner.close()
             self.graph_runner = None
+
+    def close(self) -> None:
+        """Release the CUDA graphs, then the KV cache's memory, once the device is done with both (the graphs before
+        the group is left: see :meth:`release_graphs`)."""
+        try:
+            if self.graph_runner is not None:
+                self.kv_cache.wait_idle()
+        finally:
+            self.release_graphs()
         self.kv_cache.close()

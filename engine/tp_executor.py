@@ -170,6 +170,7 @@ class TPExecutor(Executor):
             if self._channel is not None:
                 self._channel.close()
             if self._is_nccl:
+                self._release_graphs()
                 abort_tp_group()  # the workers are gone: destroying the group must not wait for them
             self._left_group = True
             destroy_tp_group()
@@ -245,6 +246,7 @@ class TPExecutor(Executor):
         if not healthy:
             self.workers.close()
             if self._is_nccl:
+                self._release_graphs()
                 abort_tp_group()  # before the cache waits for the device (and before destroying the group)
         try:
             runner = getattr(self, "runner", None)
@@ -267,6 +269,14 @@ class TPExecutor(Executor):
         except ChannelTimeoutError as exc:
             self._dead_error = WorkerDeadError(f"tensor-parallel workers stalled: {exc}")
             raise self._dead_error from None
+
+    def _release_graphs(self) -> None:
+        """Before an abort: the CUDA graphs hold the communicator, and aborting the group waits for them too. (A
+        worker's death aborts from the watcher thread with the graphs alive: that abort completes once the step
+        fails and :meth:`close` gets here.)"""
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.release_graphs()
 
     def _on_worker_death(self) -> None:
         """From the group's watcher thread, at any time until rank 0 left the group (while closing too)."""

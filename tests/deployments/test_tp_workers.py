@@ -155,8 +155,8 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
 
 @pytest.mark.gpu
 def test_tp2_on_two_gpus_keeps_the_ranks_in_step_under_preemption(ray_cluster, tmp_path):
-    """The GPU path of asynchronous tensor-parallel steps: NCCL, CUDA graphs, the previous step's samples broadcast
-    to the worker, and replayed unmaps that wait for the worker's own forwards, under a pool small enough to preempt;
+    """The GPU path of asynchronous tensor-parallel steps: NCCL, the previous step's samples broadcast
+    to the worker (float32: eager attention, no CUDA graphs; the test below has them), and replayed unmaps that wait for the worker's own forwards, under a pool small enough to preempt;
     no rank ever waits for its device on the host (a page unmapped under a running kernel would fault)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
@@ -208,6 +208,55 @@ def test_tp2_on_two_gpus_keeps_the_ranks_in_step_under_preemption(ray_cluster, t
         # Both ranks left the NCCL group by themselves: their CUDA graphs, which hold the communicator, went first.
         assert ray.get(engine.executor.workers._loop_refs, timeout=30) == [None]
         assert engine.executor.workers.failure(0.0) is None
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_a_tp2_engine_with_cuda_graphs_shuts_down_healthy_or_with_a_dead_worker(ray_cluster, checkpoint):
+    """The decode CUDA graphs hold NCCL's communicator (each captured an all-reduce), and both leaving the group and
+    aborting it wait until no graph does. A healthy engine's ranks leave by themselves after a STOP; an engine whose
+    worker was killed while it replayed graphs aborts the group (from the death watch, then in the shutdown) and
+    still shuts down."""
+    import threading
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    config = {"model": str(checkpoint), "device": "cuda:1", "dtype": "bfloat16", "tensor_parallel_size": 2}
+    config.update(CACHE, kv_cache_memory_bytes=16 << 21)  # 2 MiB pages on CUDA
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    def start() -> LLMEngine:
+        engine = LLMEngine(EngineConfig.from_dict(config), executor_factory=make_executor_factory())
+        assert engine.runner.graph_runner is not None, "the test needs the decode graphs"
+        for i, prompt in enumerate(_prompts()[:3]):
+            engine.add_request(f"r{i}", prompt, params)
+        for _ in range(20):  # decode steps replayed from the graphs, with their all-reduces
+            engine.step()
+        return engine
+
+    def shuts_down(engine: LLMEngine) -> bool:
+        done = threading.Event()
+        threading.Thread(target=lambda: (engine.shutdown(), done.set()), daemon=True).start()
+        return done.wait(90)
+
+    engine = start()
+    try:
+        assert shuts_down(engine), "a healthy TP engine's shutdown hung"
+        assert ray.get(engine.executor.workers._loop_refs, timeout=30) == [None]  # left by itself, not killed
+        assert engine.executor.workers.failure(0.0) is None
+    finally:
+        engine.shutdown()
+
+    engine = start()
+    try:
+        (worker,) = engine.executor.workers.actors
+        ray.kill(worker)
+        deadline = time.time() + 60
+        with pytest.raises((WorkerDeadError, EngineDeadError)):
+            while time.time() < deadline:
+                engine.step()
+        assert shuts_down(engine), "the shutdown of a TP engine with a dead worker hung"
     finally:
         engine.shutdown()
 
