@@ -11,8 +11,8 @@
 #   shards: the GPU stress suite, one test directory per GPU, in parallel.
 #   router: bench_serving.py --compare-routers, LAYOUT=4x1 (4 replicas x TP=1) or 2x2 of dummy:llama-3-8b,
 #           several Poisson rates (RATES, NUM_PROMPTS).
-#   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU test (TP_TEST=0: not), then
-#           bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
+#   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU tests (TP_TEST=0: not), ALLREDUCE=1
+#           bench_allreduce.py, then bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
 #   scaleout4: (with .whl, 4 GPUs) the stress suite, then bench_resilience.py on 4 cards (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
@@ -251,6 +251,10 @@ tp4)
   if [ "${TP_TEST:-1}" = 1 ]; then
     gpu_suite 0,1 tp tests/deployments/test_tp_workers.py
     echo "gpu_suite_tp.log: $(grep -E ' (passed|failed|skipped)' "$OUT/gpu_suite_tp.log" | tail -1)"
+  fi
+  if [ "${ALLREDUCE:-0}" = 1 ]; then  # all-reduce latency at the step's sizes: NCCL vs peer memory, 2 and 4 GPUs
+    timeout 180 python3 benchmarks/bench_allreduce.py --world-sizes 2,4 > "$OUT/allreduce.log" 2>&1
+    tail -16 "$OUT/allreduce.log"
   fi
   left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
   timeout $left python3 benchmarks/bench_tp.py --tp-sizes ${TP_SIZES:-2,4} --check-dtype float32 \
