@@ -21,6 +21,7 @@ import argparse
 import os
 import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -46,8 +47,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Timed here, not with bench_attention's Timer: it picks its number of calls from a first estimate, which differs
+# between ranks, and every rank of a collective must make the same calls.
+def _us_per_call(run, device, calls: int, repeats: int = 5) -> float:
+    """Microseconds per call: ``run()`` makes ``calls`` calls; timed over ``repeats`` runs after one untimed."""
+    run()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - start) * 1e6 / (repeats * calls)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) * 1e3 / (repeats * calls)
+
+
+def _time_eager(fn, device, iters: int) -> float:
+    def run() -> None:
+        for _ in range(iters):
+            fn()
+
+    return _us_per_call(run, device, iters)
+
+
 def _time_graph(fn, device, iters: int) -> float:
-    """Microseconds per call of ``fn`` (``iters`` calls captured in one CUDA graph, replayed)."""
+    """``iters`` calls of ``fn`` captured in one CUDA graph, replayed."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -58,37 +87,10 @@ def _time_graph(fn, device, iters: int) -> float:
     with torch.cuda.graph(graph):
         for _ in range(iters):
             fn()
-    graph.replay()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize(device)
-    us = start.elapsed_time(end) * 1e3 / (5 * iters)
-    graph.reset()  # before the group goes: a graph that captured a collective holds NCCL's communicator
-    return us
-
-
-def _time_eager(fn, device, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    if device.type != "cuda":
-        import time
-
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - start) * 1e6 / iters
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    return start.elapsed_time(end) * 1e3 / iters
+    try:
+        return _us_per_call(graph.replay, device, iters)
+    finally:
+        graph.reset()  # before the group goes: a graph that captured a collective holds NCCL's communicator
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, queue) -> None:

@@ -148,41 +148,35 @@ class EngineRank0:
         return spent, step_s
 
     def _profile_steps(self, first: int, count: int):
-        """Runs the torch profiler over steps ``first + 1 .. first + count`` of this engine from now on; returns a
-        function that ends it and gives its summary (kernel and host time by operator, as text)."""
+        """Runs the torch profiler over steps ``first + 1 .. first + count`` of this engine from now on (its own
+        schedule, stepped after each engine step); returns a function that ends it and gives its summary (kernel
+        and host time by operator, as text)."""
         import torch
 
         profiler = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+            schedule=torch.profiler.schedule(wait=first - 1, warmup=1, active=count, repeat=1),
         )
         inner = self.engine.step
-        state = {"step": 0, "profiled": 0, "on": False}
 
         def step(*a, **k):
-            state["step"] += 1
-            if state["step"] == first + 1:
-                profiler.start()
-                state["on"] = True
             try:
                 return inner(*a, **k)
             finally:
-                if state["on"]:
-                    state["profiled"] += 1
-                    if state["profiled"] == count:
-                        profiler.stop()
-                        state["on"] = False
+                profiler.step()
 
         self.engine.step = step
+        profiler.start()
 
         def summary() -> dict:
             self.engine.step = inner
-            if state["on"]:  # the run had fewer steps
-                profiler.stop()
-            if not state["profiled"]:
+            profiler.stop()
+            steps = min(count, max(0, profiler.step_num - first))
+            if not steps:
                 return {"steps": 0}
             averages = profiler.key_averages()
             return {
-                "steps": state["profiled"],
+                "steps": steps,
                 "by_self_cuda": averages.table(sort_by="self_cuda_time_total", row_limit=12),
                 "by_self_cpu": averages.table(sort_by="self_cpu_time_total", row_limit=18),
             }

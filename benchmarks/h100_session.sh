@@ -256,11 +256,12 @@ tp4)
     timeout 180 python3 benchmarks/bench_allreduce.py --world-sizes 2,4 > "$OUT/allreduce.log" 2>&1
     tail -16 "$OUT/allreduce.log"
   fi
+  name=${TP_NAME:-tp_h200x4}
   left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
   timeout $left python3 benchmarks/bench_tp.py --tp-sizes ${TP_SIZES:-2,4} --check-dtype float32 \
-    ${TP_ARGS:---skip-serve} --name ${TP_NAME:-tp_h200x4} > "$OUT/${TP_NAME:-tp}.log" 2>&1
-  cp benchmarks/results/${TP_NAME:-tp_h200x4}.json "$OUT/" 2>/dev/null
-  grep -v -e INFO -e Warning "$OUT/${TP_NAME:-tp}.log" | tail -14
+    ${TP_ARGS:---skip-serve} --name "$name" > "$OUT/$name.log" 2>&1
+  cp "benchmarks/results/$name.json" "$OUT/" 2>/dev/null
+  grep -v -e INFO -e Warning "$OUT/$name.log" | tail -14
   ;;
 router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.

@@ -247,11 +247,7 @@ class ModelRunner:
             self.graph_runner = None
 
     def close(self) -> None:
-        """Release the CUDA graphs, then the KV cache's memory, once the device is done with both (the graphs before
-        the group is left: see :meth:`release_graphs`)."""
-        try:
-            if self.graph_runner is not None:
-                self.kv_cache.wait_idle()
-        finally:
-            self.release_graphs()
+        """Release the CUDA graphs (before the group is left: see :meth:`release_graphs`), then the KV cache's
+        memory once the device is done with it."""
+        self.release_graphs()
         self.kv_cache.close()

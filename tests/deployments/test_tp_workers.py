@@ -155,9 +155,10 @@ def test_tp2_matches_tp1_greedy_with_preemption(ray_cluster, checkpoint):
 
 @pytest.mark.gpu
 def test_tp2_on_two_gpus_keeps_the_ranks_in_step_under_preemption(ray_cluster, tmp_path):
-    """The GPU path of asynchronous tensor-parallel steps: NCCL, the previous step's samples broadcast
-    to the worker (float32: eager attention, no CUDA graphs; the test below has them), and replayed unmaps that wait for the worker's own forwards, under a pool small enough to preempt;
-    no rank ever waits for its device on the host (a page unmapped under a running kernel would fault)."""
+    """The GPU path of asynchronous tensor-parallel steps: NCCL, the previous step's samples broadcast to the worker
+    (float32: eager attention, no CUDA graphs; the test below has them), and replayed unmaps that wait for the
+    worker's own forwards, under a pool small enough to preempt; no rank ever waits for its device on the host (a
+    page unmapped under a running kernel would fault)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
     import json
@@ -205,7 +206,7 @@ def test_tp2_on_two_gpus_keeps_the_ranks_in_step_under_preemption(ray_cluster, t
         assert any(agreed), "the ranks were never compared while slots were active"
         engine.executor.check_health()
         engine.shutdown()
-        # Both ranks left the NCCL group by themselves: their CUDA graphs, which hold the communicator, went first.
+        # Both ranks left the NCCL group by themselves after the STOP (not killed).
         assert ray.get(engine.executor.workers._loop_refs, timeout=30) == [None]
         assert engine.executor.workers.failure(0.0) is None
     finally:

@@ -198,9 +198,9 @@ def test_named_dummy_configs_build_at_real_shapes(name):
     if name == "yi-34b":
         assert 34e9 < num_params < 35e9
     # Dummy models tokenize with the shipped tokenizer: every id it produces must be one of the model's.
-    from transformers import AutoTokenizer
+    from engine.tokenizer import load_tokenizer
 
-    assert len(AutoTokenizer.from_pretrained(str(resolved.tokenizer_dir))) <= resolved.hf_config.vocab_size
+    assert len(load_tokenizer(resolved)) <= resolved.hf_config.vocab_size
 
 
 def test_dummy_config_from_path(tmp_path):
