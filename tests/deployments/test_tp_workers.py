@@ -225,7 +225,7 @@ def test_a_tp2_engine_with_cuda_graphs_shuts_down_healthy_or_with_a_dead_worker(
         pytest.skip("needs 2 GPUs")
     config = {"model": str(checkpoint), "device": "cuda:1", "dtype": "bfloat16", "tensor_parallel_size": 2}
     config.update(CACHE, kv_cache_memory_bytes=16 << 21)  # 2 MiB pages on CUDA
-    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=150, ignore_eos=True)
 
     def start() -> LLMEngine:
         engine = LLMEngine(EngineConfig.from_dict(config), executor_factory=make_executor_factory())
