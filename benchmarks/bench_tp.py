@@ -192,7 +192,7 @@ class EngineRank0:
         self.engine.shutdown()
 
 
-def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, peer_all_reduce: bool = True):
+def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int):
     """(actor, placement group) of an engine with ``tp`` ranks, rank 0 in bundle 0."""
     gpus = 1 if args.device == "cuda" else 0
     pg = placement_group([{"GPU": 1, "CPU": 1} if gpus else {"CPU": 1}] * tp, strategy="STRICT_PACK")
@@ -208,7 +208,6 @@ def start_engine(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: in
         "kv_cache_memory_fraction": args.kv_cache_memory_fraction,
         "enforce_eager": args.enforce_eager,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        "peer_all_reduce": peer_all_reduce,
     }
     actor = EngineRank0.options(
         num_gpus=gpus,
@@ -233,13 +232,11 @@ def stop_engine(actor, pg) -> bool:
     return clean
 
 
-def run_engine_part(
-    args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, work, peer_all_reduce: bool = True
-) -> dict:
+def run_engine_part(args, tp: int, dtype: str, max_batch_size: int, max_seq_len: int, work) -> dict:
     """``work(actor)``'s results with the engine's info and the wall time of each phase (start: processes, weights,
     cache, CUDA graphs; work; stop: the engine's shutdown, the processes and GPUs released)."""
     start = time.perf_counter()
-    actor, pg = start_engine(args, tp, dtype, max_batch_size, max_seq_len, peer_all_reduce)
+    actor, pg = start_engine(args, tp, dtype, max_batch_size, max_seq_len)
     phases = {}
     try:
         info = ray.get(actor.info.remote(), timeout=args.timeout_s)
@@ -295,35 +292,24 @@ def part_correctness(args, result: dict) -> None:
 def part_throughput(args, result: dict) -> None:
     prompts = random_prompts(args.num_prompts, args.input_len, 32000, args.seed)
     max_seq_len = args.input_len + args.output_len + 16
+    for tp in (1, *args.tp_sizes):
 
-    def work(actor):
-        run = actor.throughput.remote(prompts, args.output_len, args.profile_steps)
-        out = {"throughput": ray.get(run, timeout=args.timeout_s)}
-        out["copy_bandwidth_gbs"] = ray.get(actor.copy_bandwidth_gbs.remote(), timeout=args.timeout_s)
-        return out
+        def work(actor):
+            run = actor.throughput.remote(prompts, args.output_len, args.profile_steps)
+            out = {"throughput": ray.get(run, timeout=args.timeout_s)}
+            out["copy_bandwidth_gbs"] = ray.get(actor.copy_bandwidth_gbs.remote(), timeout=args.timeout_s)
+            return out
 
-    for key, tp, peer in throughput_runs(args):
-        part = run_engine_part(args, tp, args.dtype, args.max_batch_size, max_seq_len, work, peer)
+        part = run_engine_part(args, tp, args.dtype, args.max_batch_size, max_seq_len, work)
         # Weights read once per step at the copy's rate (its GB/s count the bytes read and written: bytes moved).
         floor_ms = part["info"]["weight_bytes_per_rank"] / (part["copy_bandwidth_gbs"] * 1e9) * 1e3
         part["decode_floor_ms_per_step"] = round(floor_ms, 2)
-        result[key] = part
+        result[f"tp{tp}"] = part
         write_result(args.name, result)  # each size as it comes: a run cut short keeps what it measured
     t1 = result["tp1"]["throughput"]["output_tok_s"]
     result["speedup_output_tok_s"] = {
-        key: round(result[key]["throughput"]["output_tok_s"] / t1, 2) for key, tp, _ in throughput_runs(args) if tp > 1
+        f"tp{tp}": round(result[f"tp{tp}"]["throughput"]["output_tok_s"] / t1, 2) for tp in args.tp_sizes
     }
-
-
-def throughput_runs(args) -> list[tuple[str, int, bool]]:
-    """(result key, TP size, all-reduce over peer memory) of each throughput run: TP=1, then each size, each also
-    with NCCL alone (``tp<n>_nccl``) under --compare-nccl."""
-    runs = [("tp1", 1, True)]
-    for tp in args.tp_sizes:
-        runs.append((f"tp{tp}", tp, True))
-        if args.compare_nccl:
-            runs.append((f"tp{tp}_nccl", tp, False))
-    return runs
 
 
 def part_serve(args, result: dict) -> None:
@@ -438,7 +424,7 @@ def print_table(result: dict, tp_sizes: list[int]) -> None:
                 f"TP={tp} == TP=1: {c['match']} ({c['exact_matches']} exact; common prefixes "
                 f"{c['common_prefix_tokens']})"
             )
-    keys = [k for k in ("tp1", *(f"tp{tp}{v}" for tp in tp_sizes for v in ("", "_nccl"))) if k in result]
+    keys = [k for k in ("tp1", *(f"tp{tp}" for tp in tp_sizes)) if k in result]
     if keys:
         print(
             f"{'':8}{'output tok/s':>14}{'total tok/s':>14}{'elapsed s':>11}{'steps':>7}{'preempt':>9}"
@@ -503,11 +489,6 @@ def main() -> int:
     )
     parser.add_argument(
         "--serve-prompts", type=int, default=0, help="serve part: that many --input-len/--output-len requests at once"
-    )
-    parser.add_argument(
-        "--compare-nccl",
-        action="store_true",
-        help="throughput: each TP size also with NCCL summing every all-reduce (peer_all_reduce off)",
     )
     parser.add_argument("--skip-correctness", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")

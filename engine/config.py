@@ -61,9 +61,6 @@ class ModelConfig:
             captured at fixed batch-size buckets on GPU).
         cuda_graph_max_batch_size: largest decode batch served from a graph (vLLM's capture ceiling, 512); larger
             ones run eagerly.
-        peer_all_reduce: under tensor parallelism on GPU, sum all-reduces up to 8 MiB (decode steps', short
-            prefills') over peer memory instead of NCCL (``engine.distributed.PeerAllReduce``); ``False``: NCCL
-            sums everything (vLLM's ``disable_custom_all_reduce``).
     """
 
     model: str = "smollm2"
@@ -74,12 +71,10 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
     cuda_graph_max_batch_size: int = 512
-    peer_all_reduce: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("enforce_eager", "peer_all_reduce"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not _is_int(self.cuda_graph_max_batch_size) or self.cuda_graph_max_batch_size < 1:
             raise ValueError(f"cuda_graph_max_batch_size must be an int >= 1, got {self.cuda_graph_max_batch_size!r}")
         if not isinstance(self.model, str) or not self.model.strip():

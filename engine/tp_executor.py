@@ -154,9 +154,7 @@ class TPExecutor(Executor):
         self.supports_device_inputs = True
         self.workers = start_workers(config, self._on_worker_death)
         try:
-            init_tp_group(
-                self.workers.init_method, 0, self.tp_size, device, peer_all_reduce=config.model.peer_all_reduce
-            )
+            init_tp_group(self.workers.init_method, 0, self.tp_size, device)
             self.runner = ModelRunner(config.model, config.cache, tp_rank=0)
             self.workers.wait_ready()
             self.kv_cache = self.runner.kv_cache

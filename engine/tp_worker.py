@@ -49,14 +49,7 @@ class TPWorker:
         if not 1 <= rank < tp_size:
             raise ValueError(f"rank must be in [1, {tp_size}) for a TPWorker, got {rank}")
         self.rank = rank
-        init_tp_group(
-            init_method,
-            rank,
-            tp_size,
-            torch.device(model_config.resolved_device()),
-            timeout_s,
-            peer_all_reduce=model_config.peer_all_reduce,
-        )
+        init_tp_group(init_method, rank, tp_size, torch.device(model_config.resolved_device()), timeout_s)
         try:
             self.runner = ModelRunner(model_config, config.cache, tp_rank=rank)
         except BaseException:

@@ -7,8 +7,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.distributed import peer_all_reduce
-
 
 class CheckpointTensor(Protocol):
     """A checkpoint tensor as a parameter's ``weight_loader`` sees it: a ``torch.Tensor``, or one not read yet
@@ -28,12 +26,8 @@ def load_whole(param: nn.Parameter, loaded_weight: CheckpointTensor) -> None:
 
 
 def tp_all_reduce(x: torch.Tensor, tp_size: int) -> torch.Tensor:
-    """Sum ``x`` over the tensor-parallel group (in place): over peer memory where the group has it and ``x`` fits
-    (``engine.distributed.PeerAllReduce``), else with the group's backend."""
+    """Sum ``x`` over the tensor-parallel group (in place)."""
     if tp_size > 1:
-        peer = peer_all_reduce()
-        if peer is not None and peer.fits(x):
-            return peer.all_reduce(x)
         dist.all_reduce(x)
     return x
 

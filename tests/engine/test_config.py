@@ -27,7 +27,6 @@ def test_defaults_resolve_on_cpu():
         ({"seed": -1}, "seed"),
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"enforce_eager": "no"}, "enforce_eager"),
-        ({"peer_all_reduce": 1}, "peer_all_reduce"),
     ],
 )
 def test_model_config_rejects(kwargs, field):
