@@ -1,6 +1,8 @@
 """Prefix caching end to end: the same greedy tokens with caching on and off (real SmolLM2 and a tiny Llama, both
 layouts, through chunked prefill, preemption, aborts and eviction), cached tokens reported, the pool balanced."""
 
+import functools
+
 import pytest
 
 from engine.config import EngineConfig
@@ -101,6 +103,17 @@ def test_cached_tokens_are_reported_and_prefill_starts_after_them():
         engine.shutdown()
 
 
+@functools.cache
+def _greedy_without_caching(prompts: tuple[str, ...], max_tokens: int) -> list[list[int]]:
+    """Each layout gives the same greedy tokens (``test_llm_engine``): one run serves the tests of both."""
+    engine = _engine("layer_major", False)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return _run(engine, list(prompts), waves=1, params=params)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_preemption_aborts_and_eviction_keep_greedy_tokens(layout):
     """A pool too small for every request and every cached block: cached blocks are evicted, requests preempted as
@@ -108,9 +121,7 @@ def test_preemption_aborts_and_eviction_keep_greedy_tokens(layout):
     prompts = [SYSTEM + q for q in QUESTIONS[:2]] + [f"Story {i}: " + SYSTEM[i * 40 :] for i in range(2)]
     # 90 output tokens cross a page boundary (85 tokens per page in layer-major): growth must preempt.
     params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
-    off = _engine(layout, False)
-    expected = _run(off, prompts, waves=1, params=params)
-    off.shutdown()
+    expected = _greedy_without_caching(tuple(prompts), params.max_tokens)
     probe = _engine(layout, True)
     need = probe.kv_cache.pages_for_tokens(len(probe.tokenizer.encode(SYSTEM)) + 8)
     page = probe.kv_cache.page_size_bytes
