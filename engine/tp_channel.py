@@ -20,12 +20,16 @@ Messages (tuples, first field the kind):
 from __future__ import annotations
 
 import pickle
+import time
+from collections.abc import Callable
 from typing import Any
 
 from engine.distributed import server_port_range
 from kvcache import CacheDesyncError
 
 STEP, STATE, STOP = "step", "state", "stop"
+# How often a send or a wait for replies checks whether it should give up (the workers are known dead).
+POLL_S = 0.05
 
 # Fields of ``KVCacheStats`` that must agree between a rank's cache and rank 0's after the same operations.
 CHECKED_STATS = ("total_pages", "free_pages", "mapped_pages", "reclaimable_pages", "num_active_slots")
@@ -76,7 +80,6 @@ class StepSender:
         for _ in range(num_workers):
             push = self._context.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 0)
-            push.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
             port = push.bind_to_random_port(f"tcp://{host}", min_port=low, max_port=high)
             self._pushes.append(push)
             self.step_addresses.append(f"tcp://{host}:{port}")
@@ -85,27 +88,35 @@ class StepSender:
         port = self._replies.bind_to_random_port(f"tcp://{host}", min_port=low, max_port=high)
         self.reply_address = f"tcp://{host}:{port}"
 
-    def send(self, message: tuple, timeout_s: float | None = None) -> None:
-        """Push ``message`` to every worker (returns once each queue took it; each may wait ``timeout_s``, by
-        default the channel's)."""
+    def send(self, message: tuple, timeout_s: float | None = None, stop: Callable[[], bool] | None = None) -> None:
+        """Push ``message`` to every worker: returns once each queue took it. Raises ``ChannelTimeoutError`` when one
+        took nothing within ``timeout_s`` (by default the channel's), or as soon as ``stop()`` is true (checked every
+        ``POLL_S``: the workers are known dead). A worker whose process is gone takes nothing: without ``stop`` the
+        send would wait out the whole timeout."""
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         for rank, push in enumerate(self._pushes, start=1):
-            if timeout_s is not None:
-                push.setsockopt(self._zmq.SNDTIMEO, int(timeout_s * 1000))
-            try:
-                push.send(data, copy=False)
-            except self._zmq.Again:
-                raise ChannelTimeoutError(f"rank {rank} took no message for {timeout_s or self.timeout_s} s") from None
+            while not push.poll(POLL_S * 1000, self._zmq.POLLOUT):
+                if stop is not None and stop():
+                    raise ChannelTimeoutError(f"rank {rank} took no message: the workers are dead")
+                if time.monotonic() >= deadline:
+                    raise ChannelTimeoutError(f"rank {rank} took no message for {timeout_s} s")
+            push.send(data, self._zmq.NOBLOCK, copy=False)
 
-    def replies(self, count: int) -> list[Any]:
-        """The next ``count`` replies, in arrival order."""
+    def replies(self, count: int, stop: Callable[[], bool] | None = None) -> list[Any]:
+        """The next ``count`` replies, in arrival order (raising as :meth:`send` does)."""
         out = []
+        deadline = time.monotonic() + self.timeout_s
         while len(out) < count:
-            if not self._replies.poll(self.timeout_s * 1000):
+            if self._replies.poll(POLL_S * 1000):
+                out.append(pickle.loads(self._replies.recv()))
+            elif stop is not None and stop():
+                raise ChannelTimeoutError(f"{count - len(out)} of {count} ranks did not reply: the workers are dead")
+            elif time.monotonic() >= deadline:
                 raise ChannelTimeoutError(
                     f"{count - len(out)} of {count} ranks did not reply within {self.timeout_s} s"
                 )
-            out.append(pickle.loads(self._replies.recv()))
         return out
 
     def close(self) -> None:

@@ -128,7 +128,8 @@ class TPExecutor(Executor):
         config: the engine config; ``config.model.tensor_parallel_size`` ranks.
         start_workers: starts the other ranks (see ``WorkerGroupFactory``).
         channel_timeout_s: how long a step may wait for a worker to take it (a full queue: the worker stalls), and
-            :meth:`rank_cache_states` for the workers' answers.
+            :meth:`rank_cache_states` for the workers' answers; either gives up at once when a worker is known
+            dead (a dead worker's queue takes nothing).
     """
 
     def __init__(
@@ -220,9 +221,9 @@ class TPExecutor(Executor):
         rank0 = cache_state(0, self.kv_cache)
         self._send((STATE, self.kv_cache.take_ops(), checked_stats(rank0["stats"])))
         try:
-            states = self._channel.replies(self.tp_size - 1)
+            states = self._channel.replies(self.tp_size - 1, stop=self._is_dead)
         except ChannelTimeoutError as exc:
-            self._dead_error = WorkerDeadError(f"tensor-parallel workers did not answer: {exc}")
+            self._dead_error = self._dead_error or WorkerDeadError(f"tensor-parallel workers did not answer: {exc}")
             raise self._dead_error from None
         return [rank0] + sorted(states, key=lambda state: state["rank"])
 
@@ -265,10 +266,15 @@ class TPExecutor(Executor):
 
     def _send(self, message: tuple) -> None:
         try:
-            self._channel.send(message)
+            self._channel.send(message, stop=self._is_dead)
         except ChannelTimeoutError as exc:
-            self._dead_error = WorkerDeadError(f"tensor-parallel workers stalled: {exc}")
+            self._dead_error = self._dead_error or WorkerDeadError(f"tensor-parallel workers stalled: {exc}")
             raise self._dead_error from None
+
+    def _is_dead(self) -> bool:
+        """A worker is known dead (the death watch said so, from its thread): a send or a wait for its replies gives
+        up at once instead of waiting out the channel's timeout."""
+        return self._dead_error is not None
 
     def _release_graphs(self) -> None:
         """Before an abort: the CUDA graphs hold the communicator, and aborting the group waits for them too. (A

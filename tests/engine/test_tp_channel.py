@@ -3,6 +3,7 @@ order, replies come back, a worker that takes nothing or answers nothing turns i
 accounting is checked field by field."""
 
 import threading
+import time
 
 import pytest
 
@@ -80,3 +81,33 @@ def test_a_rank_whose_accounting_differs_is_named_with_each_field():
     with pytest.raises(CacheDesyncError, match=r"rank 3's KV cache diverged .*'free_pages': \(60, 61\)") as info:
         check_stats(3, expected, _stats(free_pages=61, num_active_slots=3))
     assert "'num_active_slots': (2, 3)" in str(info.value) and "mapped_pages" not in str(info.value)
+
+
+def test_a_send_to_a_worker_that_died_gives_up_once_it_is_known_dead():
+    """A worker whose process is gone takes no message: the send waits for it, and gives up as soon as the death
+    watch says so, not at the channel's timeout (a step of a TP replica would otherwise hang that long)."""
+    sender = StepSender("127.0.0.1", 1, timeout_s=60.0)
+    received = []
+
+    def worker() -> None:  # takes one message, then its process "dies": the sockets close
+        channel = StepReceiver(sender.step_addresses[0], sender.reply_address)
+        received.append(channel.recv())
+        channel.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        sender.send((STEP, [], (), [], None))
+        thread.join(10)
+        assert len(received) == 1
+        time.sleep(0.5)  # the disconnect reaches the sender
+        dead = threading.Event()
+        threading.Timer(0.5, dead.set).start()
+        start = time.monotonic()
+        with pytest.raises(ChannelTimeoutError, match="the workers are dead"):
+            sender.send((STEP, [], (), [], None), stop=dead.is_set)
+        assert time.monotonic() - start < 5  # not the 60 s timeout
+        with pytest.raises(ChannelTimeoutError, match="the workers are dead"):
+            sender.replies(1, stop=dead.is_set)
+    finally:
+        sender.close()
