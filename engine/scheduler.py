@@ -287,7 +287,8 @@ class Scheduler:
         for item in plan.scheduled:
             assert item.start_pos >= self.kv_cache.head_tokens(item.slot), "a step wrote a shared block"
             item.request.num_computed_tokens = item.start_pos + item.num_tokens
-            if self.prefix_seed is not None:
+            # A request finished while its step launched (its sampling failed) has no slot left to register from.
+            if self.prefix_seed is not None and item.request.slot is not None:
                 self._register_blocks(item.request)
         for request in sampled_requests:
             request.num_placeholder_tokens += 1

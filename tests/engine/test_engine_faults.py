@@ -141,6 +141,34 @@ def test_a_sampling_failure_fails_only_its_request(engine):
         engine.sampler = real
 
 
+def test_a_sampling_failure_in_a_step_that_completes_a_cached_block_fails_only_its_request():
+    """With prefix caching, a step registers the blocks it completes: a request whose sampling failed in that step
+    (finished, its slot released) must not be registered as if it still held its slot. The failing request's
+    prompt fills a block, so the step that prefills it and fails its sampling completes one."""
+    eng = LLMEngine(
+        EngineConfig.from_dict({"max_batch_size": NUM_SLOTS, "max_seq_len": 256, "kv_cache_layout": "token_major"})
+    )
+    try:
+        healthy = _healthy_prompt(eng)
+        long_prompt = (healthy * 64)[: eng.scheduler.block_tokens + 6]
+        eng.sampler = SamplerFailingOnSeed(eng.device)
+        bad_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=SamplerFailingOnSeed.BAD_SEED)
+        eng.add_request("good", healthy, GREEDY)
+        eng.add_request("bad", long_prompt, bad_params)
+        finals = {}
+        for _ in range(100):
+            if not eng.has_unfinished():
+                break
+            finals.update({out.request_id: out for out in eng.step() if out.finished})
+        assert finals["bad"].finish_reason == "abort" and "invalid row" in str(finals["bad"].error)
+        assert finals["good"].error is None and len(finals["good"].token_ids) > 0
+        stats = eng.stats()
+        assert stats.num_running == stats.num_waiting == 0 and stats.num_free_slots == NUM_SLOTS
+        assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
+    finally:
+        eng.shutdown()
+
+
 def test_async_engine_raises_to_the_failing_consumer_only_and_keeps_stepping(engine, poison):
     healthy = _healthy_prompt(engine)
     (alone,) = engine.generate([healthy], GREEDY)
