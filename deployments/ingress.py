@@ -256,8 +256,11 @@ class OpenAIIngress:
             # context is a BackPressureError with its own plain-text handler, not our OpenAI JSON.
             overload: str | None = None
             try:
-                # remote() itself raises BackPressureError when this caller's queue is full.
-                stream = self._stream_engine.generate.remote(hint, prompt_ids, params, request_id)
+                # remote() itself raises BackPressureError when this caller's queue is full. Each attempt has an
+                # engine request id of its own: a replica that only looked dead may still emit the first attempt's
+                # final "abort" output, which must not end the retry's stream if the retry lands there too.
+                engine_request_id = request_id if attempt == 0 else f"{request_id}-{attempt}"
+                stream = self._stream_engine.generate.remote(hint, prompt_ids, params, engine_request_id)
             except BackPressureError as exc:
                 overload = str(exc)
             if overload is not None:

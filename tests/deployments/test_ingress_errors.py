@@ -33,3 +33,45 @@ def test_a_grpc_failure_of_the_engine_stream_is_an_unavailable_replica(code):
     with pytest.raises(ReplicaUnavailableError, match=code.name) as raised:
         asyncio.run(OpenAIIngress._next_chunks(ingress, _FailingStream(error)))
     assert raised.value.status_code == 503
+
+
+def test_a_request_routed_again_gets_an_engine_request_id_of_its_own():
+    """A replica that looked dead (its stream failed before the first token) may be alive and picked again: the
+    retry must not reuse the first attempt's engine request id, whose final "abort" output would end it."""
+    from deployments.protocol import CompletionRequest
+    from engine.sampling_params import SamplingDefaults
+
+    sent = []
+
+    class _Stream:
+        def cancel(self) -> None:
+            pass
+
+    def remote(hint, prompt_ids, params, request_id):
+        sent.append(request_id)
+        return _Stream()
+
+    async def next_chunks(stream):
+        if len(sent) == 1:
+            raise ReplicaUnavailableError("replica gone", status_code=503)
+        return None
+
+    async def collect(stream, first, choices, request_id, chat):
+        return {"id": request_id}
+
+    async def limits():
+        return 1000, 1000
+
+    ingress = SimpleNamespace(
+        _get_model_limits=limits,
+        _sampling_defaults=SamplingDefaults(),
+        _prefix_probe=lambda ids: None,
+        _stream_engine=SimpleNamespace(generate=SimpleNamespace(remote=remote)),
+        _next_chunks=next_chunks,
+        _collect=collect,
+        _overload_error=_overload,
+    )
+    body = CompletionRequest(model="m", prompt=[1, 2, 3], max_tokens=4)
+    response = asyncio.run(OpenAIIngress._serve(ingress, body, [1, 2, 3], 4, None, chat=False, prompt_param="prompt"))
+    assert len(sent) == 2 and sent[0] != sent[1]
+    assert sent[0] in response.body.decode()  # the client sees one id: the first attempt's
