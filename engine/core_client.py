@@ -102,6 +102,10 @@ class ProcessCore:
         self._context = zmq.Context()
         self._commands = self._context.socket(zmq.PUSH)
         self._commands.setsockopt(zmq.LINGER, 0)
+        # No queue limit at either end: a send that does not block is then refused only without a core to take it
+        # (gone), never because a core busy in a long step has not read the last thousands (a dropped ADD would be
+        # a request that never answers, a dropped ABORT one that runs on).
+        self._commands.setsockopt(zmq.SNDHWM, 0)
         self._commands.bind(f"ipc://{self._dir}/commands")
         self._events = self._context.socket(zmq.PULL)
         self._events.bind(f"ipc://{self._dir}/events")

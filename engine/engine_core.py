@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     events.setsockopt(zmq.LINGER, 5000)
     events.connect(args.events)
     commands = context.socket(zmq.PULL)
+    commands.setsockopt(zmq.RCVHWM, 0)  # no limit: the frontend never drops a command (see ProcessCore)
     commands.connect(args.commands)
     outbox = _SocketOutbox(events)
     try:

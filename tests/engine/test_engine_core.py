@@ -157,6 +157,35 @@ def test_a_dead_core_process_fails_its_requests_and_the_health_check():
         engine.shutdown()
 
 
+def test_commands_sent_while_the_core_is_stalled_are_all_delivered():
+    """A core busy in a long step reads no commands: thousands can pile up (a burst of client disconnects' aborts).
+    None may be dropped: a lost ADD is a request that never answers, a lost ABORT one that runs on unread."""
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": True}))
+    pid = engine._core.process.pid
+    try:
+        os.kill(pid, signal.SIGSTOP)  # stalled, as in a long step
+        try:
+            for i in range(5000):
+                engine._core.abort(f"gone-{i}")  # unknown ids: no-ops once read
+
+            async def main():
+                task = asyncio.create_task(_collect(engine.generate([5, 6, 7], SamplingParams(max_tokens=3))))
+                await asyncio.sleep(0.5)
+                os.kill(pid, signal.SIGCONT)
+                return await task
+
+            outs = run(main())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert outs[-1].finished and len(outs[-1].token_ids) == 3
+    finally:
+        engine.shutdown()
+
+
+async def _collect(agen) -> list:
+    return [out async for out in agen]
+
+
 def test_the_core_process_exits_when_its_frontend_dies():
     script = textwrap.dedent(f"""
         import time
