@@ -69,6 +69,9 @@ logger = logging.getLogger("ray.serve")
 
 # A request ranked but not yet routed counts against its first-ranked replica for at most this long.
 TENTATIVE_TTL_S = 10.0
+# How long a completion that came before its routing was recorded waits for that record (Serve runs the routing
+# callback moments later, on the same event loop).
+COMPLETED_UNROUTED_TTL_S = 60.0
 
 
 @dataclass
@@ -188,6 +191,10 @@ class PageAwareRequestRouter(RequestRouter):
         # replica -> internal_request_id -> (completed at, router's clock; what it was): a report taken before a
         # request completed still counts its pages as held or reserved.
         self._completed: dict[ReplicaID, dict[str, tuple[float, _RoutedRequest]]] = {}
+        # (replica, internal_request_id) -> when it completed, for a completion that came before Serve told this
+        # router where the request went (a stream that ends or fails at once): that routing is then not recorded,
+        # or its pages would count as on their way to the replica for good.
+        self._completed_unrouted: dict[tuple[ReplicaID, str], float] = {}
         # internal_request_id -> (replica ranked first, pages): requests being routed right now. Serve
         # routes concurrent requests concurrently, so a burst is ranked before any of it is routed;
         # counting these keeps the burst from piling onto one replica.
@@ -396,6 +403,8 @@ class PageAwareRequestRouter(RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request_id = pending_request.metadata.internal_request_id
         self._tentative.pop(request_id, None)
+        if self._completed_unrouted.pop((replica_id, request_id), None) is not None:
+            return  # it completed already
         replica = self._replicas.get(replica_id)
         hint = find_routing_hint(pending_request)
         seen = self._note_report(replica, self._get_curr_time_s()) if replica is not None else None
@@ -422,6 +431,11 @@ class PageAwareRequestRouter(RequestRouter):
             del completed[request_id]
         if request is not None and replica_id in self._replicas:
             completed[internal_request_id] = (now_s, request)
+        elif request is None:
+            unrouted = self._completed_unrouted
+            for key in [k for k, at_s in unrouted.items() if now_s - at_s > COMPLETED_UNROUTED_TTL_S]:
+                del unrouted[key]
+            unrouted[(replica_id, internal_request_id)] = now_s
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)

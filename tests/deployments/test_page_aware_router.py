@@ -237,6 +237,20 @@ def test_a_report_taken_before_a_request_completed_does_not_hold_its_pages_after
     assert scores(router, [a], 100)["a"] == (Tier.TIGHT, 1000 - 1)
 
 
+def test_a_request_that_completes_before_its_routing_is_recorded_leaves_no_pages_behind():
+    """Serve can run a request's completion callback before the router's on_request_routed (a stream that ends
+    or fails at once): the late routing record must not count its pages as on their way to the replica for good."""
+    a = FakeReplica("a")
+    a.report(1000)
+    router = make_router([a], roomy_free_page_fraction=1.0)
+    first = request("r1", 30_000)  # 300 pages
+    choose(router, [a], first)
+    router.on_request_completed(a.replica_id, "r1")
+    router.on_request_routed(first, a.replica_id, None)
+    a.report(1000)  # later reports never list r1: it is done
+    assert scores(router, [a], 100)["a"] == (Tier.TIGHT, 1000 - 1)
+
+
 def test_reports_age_by_the_router_clock():
     a, b = FakeReplica("a"), FakeReplica("b")
     a.report(900, timestamp_s=0.0)  # a replica clock far behind the router's: the report is still new
