@@ -319,6 +319,10 @@ class OpenAIIngress:
         for chunk in chunks:
             if chunk.error is not None:
                 err = chunk.error
+                if err["type"] == "engine_dead":
+                    # The replica's engine died (the router has not heard yet): as a dead replica, routed again
+                    # before the request's first token; reported in-band after it.
+                    raise ReplicaUnavailableError(err["message"], status_code=chunk.status_code, error_type=err["type"])
                 # The engine's own checks (context length, JSON schema) name fields spelled alike on both endpoints.
                 param = http_param(err.get("param"), chat=False)
                 raise OpenAIError(err["message"], status_code=chunk.status_code, error_type=err["type"], param=param)

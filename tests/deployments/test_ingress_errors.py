@@ -75,3 +75,22 @@ def test_a_request_routed_again_gets_an_engine_request_id_of_its_own():
     response = asyncio.run(OpenAIIngress._serve(ingress, body, [1, 2, 3], 4, None, chat=False, prompt_param="prompt"))
     assert len(sent) == 2 and sent[0] != sent[1]
     assert sent[0] in response.body.decode()  # the client sees one id: the first attempt's
+
+
+def test_an_engine_dead_answer_is_an_unavailable_replica():
+    """A replica whose engine died answers at once with ``engine_dead`` until the router hears of it: before the
+    first token that is routed again like a dead replica."""
+    from deployments.engine_deployment import StreamChunk
+
+    class _Stream:
+        async def __anext__(self):
+            return [
+                StreamChunk(
+                    error={"message": "engine step failed", "type": "engine_dead", "param": None}, status_code=503
+                )
+            ]
+
+    ingress = SimpleNamespace(_overload_error=_overload)
+    with pytest.raises(ReplicaUnavailableError, match="engine step failed") as raised:
+        asyncio.run(OpenAIIngress._next_chunks(ingress, _Stream()))
+    assert raised.value.status_code == 503
