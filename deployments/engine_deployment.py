@@ -28,6 +28,10 @@ from deployments.routing_report import RoutingReport
 
 logger = logging.getLogger("ray.serve")
 
+# A StreamChunk error's type when the replica's engine is dead: the ingress routes the request again if nothing
+# reached the client yet.
+ENGINE_DEAD = "engine_dead"
+
 
 @dataclass
 class _InflightRequest:
@@ -162,7 +166,7 @@ class EngineDeployment:
         except InvalidRequestError as exc:
             yield [StreamChunk(error=_error_body(exc.message, "invalid_request_error", exc.param), status_code=400)]
         except EngineDeadError as exc:
-            yield [StreamChunk(error=_error_body(str(exc), "engine_dead", None), status_code=503)]
+            yield [StreamChunk(error=_error_body(str(exc), ENGINE_DEAD, None), status_code=503)]
         finally:
             with self._inflight_lock:
                 self._inflight.pop(request_id, None)

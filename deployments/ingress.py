@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import AppConfig
-from deployments.engine_deployment import StreamChunk
+from deployments.engine_deployment import ENGINE_DEAD, StreamChunk
 from deployments.metrics_scrape import scrape_engine_metrics
 from deployments.openai_format import SSE_DONE, Choices, ResponseFormatter, StreamEvents, http_param, sampling_params
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
@@ -319,7 +319,7 @@ class OpenAIIngress:
         for chunk in chunks:
             if chunk.error is not None:
                 err = chunk.error
-                if err["type"] == "engine_dead":
+                if err["type"] == ENGINE_DEAD:
                     # The replica's engine died (the router has not heard yet): as a dead replica, routed again
                     # before the request's first token; reported in-band after it.
                     raise ReplicaUnavailableError(err["message"], status_code=chunk.status_code, error_type=err["type"])

@@ -97,12 +97,17 @@ class StepSender:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         for rank, push in enumerate(self._pushes, start=1):
-            while not push.poll(POLL_S * 1000, self._zmq.POLLOUT):
+            while True:  # a queue with room takes it at once: no poll on the step's path
+                try:
+                    push.send(data, self._zmq.NOBLOCK, copy=False)
+                    break
+                except self._zmq.Again:
+                    pass
                 if stop is not None and stop():
                     raise ChannelTimeoutError(f"rank {rank} took no message: the workers are dead")
                 if time.monotonic() >= deadline:
                     raise ChannelTimeoutError(f"rank {rank} took no message for {timeout_s} s")
-            push.send(data, self._zmq.NOBLOCK, copy=False)
+                push.poll(POLL_S * 1000, self._zmq.POLLOUT)
 
     def replies(self, count: int, stop: Callable[[], bool] | None = None) -> list[Any]:
         """The next ``count`` replies, in arrival order (raising as :meth:`send` does)."""

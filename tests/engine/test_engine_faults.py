@@ -69,6 +69,19 @@ def poison(engine):
     engine.tokenizer = real
 
 
+def _run(engine, requests: dict) -> dict:
+    """Adds ``requests`` (id -> (prompt token ids, params)) and steps until none is unfinished, within 100 steps; a
+    step must never raise for one request's failure. Returns each request's final output by id."""
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    finals = {}
+    for _ in range(100):
+        if not engine.has_unfinished():
+            return finals
+        finals.update({out.request_id: out for out in engine.step() if out.finished})
+    raise AssertionError(f"still unfinished after 100 steps; finished: {sorted(finals)}")
+
+
 def _healthy_prompt(engine) -> list[int]:
     return engine.tokenizer.encode("The capital of France is")
 
@@ -78,18 +91,9 @@ def test_failing_request_is_finished_alone_and_others_are_unaffected(engine, poi
     (alone,) = engine.generate([healthy], GREEDY)
     assert poison not in alone.token_ids
 
-    engine.add_request("good-1", healthy, GREEDY)
-    engine.add_request("bad", healthy + [poison], GREEDY)
-    engine.add_request("good-2", healthy, GREEDY)
-    finals = {}
-    steps = 0
-    while engine.has_unfinished():
-        outputs = engine.step()  # must never raise for one request's failure
-        steps += 1
-        for out in outputs:
-            if out.finished:
-                finals[out.request_id] = out
-        assert steps < 100
+    finals = _run(
+        engine, {"good-1": (healthy, GREEDY), "bad": (healthy + [poison], GREEDY), "good-2": (healthy, GREEDY)}
+    )
     assert set(finals) == {"good-1", "bad", "good-2"}
     bad = finals["bad"]
     assert bad.finish_reason == "abort" and isinstance(bad.error, PoisonedDecodeError)
@@ -123,14 +127,9 @@ def test_a_sampling_failure_fails_only_its_request(engine):
     engine.sampler = SamplerFailingOnSeed(engine.device)
     try:
         bad_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=SamplerFailingOnSeed.BAD_SEED)
-        engine.add_request("s-good-1", healthy, GREEDY)
-        engine.add_request("s-bad", healthy, bad_params)
-        engine.add_request("s-good-2", healthy, GREEDY)
-        finals = {}
-        for _ in range(100):
-            if not engine.has_unfinished():
-                break
-            finals.update({out.request_id: out for out in engine.step() if out.finished})
+        finals = _run(
+            engine, {"s-good-1": (healthy, GREEDY), "s-bad": (healthy, bad_params), "s-good-2": (healthy, GREEDY)}
+        )
         assert set(finals) == {"s-good-1", "s-bad", "s-good-2"}
         assert finals["s-bad"].finish_reason == "abort" and "invalid row" in str(finals["s-bad"].error)
         for rid in ("s-good-1", "s-good-2"):
@@ -153,13 +152,8 @@ def test_a_sampling_failure_in_a_step_that_completes_a_cached_block_fails_only_i
         long_prompt = (healthy * 64)[: eng.scheduler.block_tokens + 6]
         eng.sampler = SamplerFailingOnSeed(eng.device)
         bad_params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, seed=SamplerFailingOnSeed.BAD_SEED)
-        eng.add_request("good", healthy, GREEDY)
-        eng.add_request("bad", long_prompt, bad_params)
-        finals = {}
-        for _ in range(100):
-            if not eng.has_unfinished():
-                break
-            finals.update({out.request_id: out for out in eng.step() if out.finished})
+        finals = _run(eng, {"good": (healthy, GREEDY), "bad": (long_prompt, bad_params)})
+        assert set(finals) == {"good", "bad"}
         assert finals["bad"].finish_reason == "abort" and "invalid row" in str(finals["bad"].error)
         assert finals["good"].error is None and len(finals["good"].token_ids) > 0
         stats = eng.stats()
