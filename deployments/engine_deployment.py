@@ -223,7 +223,9 @@ class EngineDeployment:
             num_total_pages=int(stats["num_total_pages"]),
             tokens_per_page=tokens_per_page,
             pages_per_token_block=self._pages_per_token_block,
-            num_reserved_pages=self._reserved_pages(inflight, tokens_per_page),
+            # Preempted requests' pages are back in the pool, but a started request counts only as what it lacks.
+            num_reserved_pages=self._reserved_pages(inflight, tokens_per_page)
+            + int(stats.get("num_preempted_pages", 0)),
             num_running=int(stats["num_running"]),
             num_waiting=int(stats["num_waiting"]),
             num_free_slots=int(stats.get("num_free_slots", 0)) if healthy else 0,

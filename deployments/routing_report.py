@@ -20,7 +20,8 @@ class RoutingReport:
         num_total_pages: pages in the pool.
         tokens_per_page / pages_per_token_block: how tokens become pages (``routing_hint.pages_for_tokens``).
         num_reserved_pages: what the requests this replica already accepted will still claim: the whole footprint
-            (prompt + max_tokens) of those not yet started, the remaining growth of running ones.
+            (prompt + max_tokens) of those not yet started, the remaining growth of running ones, and the pages that
+            preempted ones gave back and will take again.
         num_running / num_waiting: the engine's batch and its queue.
         num_free_slots: request slots free in the cache.
         num_preemptions: preemptions so far.

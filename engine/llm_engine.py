@@ -349,6 +349,7 @@ class LLMEngine:
             num_waiting=self.scheduler.num_waiting,
             kv_usage=cache.usage,
             num_preemptions=self.scheduler.num_preemptions,
+            num_preempted_pages=self.scheduler.num_preempted_pages,
             num_free_slots=cache.num_free_slots,
             max_batch_size=cache.max_batch_size,
             prefix_cache_queries=self.scheduler.prefix_queries,

@@ -92,6 +92,8 @@ class EngineStats:
             those whose grammars still compile).
         kv_usage: fraction of the pool holding live tokens, 0..1.
         num_preemptions: total since start.
+        num_preempted_pages: pages that requests preempted after their first token, and waiting now, held and will
+            take again (``Scheduler.num_preempted_pages``).
         num_free_slots / max_batch_size: cache batch slots free / in all.
         prefix_cache_queries / prefix_cache_hits: prompt tokens looked up in the prefix cache at admission /
             found there, since start (vLLM's counters).
@@ -115,6 +117,7 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_cached_blocks: int = 0
+    num_preempted_pages: int = 0
     prefix_summary: PrefixSummary | None = None
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -94,6 +95,19 @@ def test_n_choices_stream_with_their_index_and_reserve_pages_each(deployment):
     # Sequences not started claim their whole footprint (one block of 4 pages), started ones what they lack.
     waiting = _InflightRequest("n3", 5, 100, num_output_tokens=(None, 3, None))
     assert deployment._pages_still_claimed(waiting, tokens_per_page=512.0) == 2 * 4
+
+
+def test_pages_of_preempted_requests_count_as_reserved(deployment, monkeypatch):
+    """A request preempted after its first token gave its pages back to the pool, and the replica counts it as
+    started (only what it lacks): the engine's ``num_preempted_pages`` keeps those pages from looking free."""
+    stats = deployment._engine.stats()
+    monkeypatch.setattr(deployment._engine, "stats", lambda: dataclasses.replace(stats, num_preempted_pages=7))
+    deployment._inflight["started"] = _InflightRequest("started", 10, 10, num_output_tokens=(3,))
+    try:
+        report = deployment.record_routing_stats()
+    finally:
+        deployment._inflight.clear()
+    assert report["num_reserved_pages"] == 7  # it lacks nothing by its token counts: 13 of 20 tokens, one block
 
 
 def test_requests_sharing_a_prompt_prefix_reserve_its_pages_once(deployment):

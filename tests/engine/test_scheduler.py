@@ -124,8 +124,11 @@ def test_pool_exhaustion_preempts_the_newest_and_it_resumes_by_recompute(make_sc
     assert scheduler.waiting[0] is new
     assert old.num_output_tokens == 11  # the oldest kept going
     tokens_before = new.num_tokens
+    # Its pages are back in the pool, and reported as what it will take again (the router must not see them free).
+    assert scheduler.num_preempted_pages == scheduler.kv_cache.pages_for_tokens(tokens_before) > 0
     scheduler.finish(old, RequestStatus.FINISHED_LENGTH)
     plan = run_step(scheduler)
+    assert scheduler.num_preempted_pages == 0
     # Re-admitted: prompt and the output so far are recomputed in one prefill, then it samples.
     assert [(s.request, s.start_pos, s.num_tokens) for s in plan.scheduled] == [(new, 0, tokens_before)]
     assert new.num_tokens == tokens_before + 1
