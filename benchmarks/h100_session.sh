@@ -14,6 +14,7 @@
 #   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU tests (TP_TEST=0: not), ALLREDUCE=1
 #           bench_allreduce.py, then bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
+#   check2: (with .whl, 2 GPUs) the stress suite, the 2-GPU TP tests, then a TP worker killed under load.
 #   scaleout4: (with .whl, 4 GPUs) the stress suite, then bench_resilience.py on 4 cards (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
 #   validate2: (with .whl-fi) a change of the step loop or cache within one call on 2 GPUs: the stress cases and
@@ -194,6 +195,22 @@ scaleout2)
   left=$((${DEADLINE_S:-560} - SECONDS)); [ "$left" -lt 60 ] && left=60
   timeout $left python3 benchmarks/bench_resilience.py --device cuda --model dummy:llama-3-8b \
     --scenarios ${SCENARIOS:-kill_tp_worker,kill_replica,autoscale} --num-cpus 16 \
+    --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
+    --input-len 512 --output-len 256 --concurrency 48 --target-ongoing-requests 16 --max-ongoing-requests 64 \
+    --out "$OUT/resilience_h200x2.json" > "$OUT/resilience.log" 2>&1
+  grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
+  ;;
+check2)
+  # (with .whl, 2 GPUs) a change of the TP or served path within one call: the GPU stress suite over both cards, the
+  # 2-GPU TP tests (tests/deployments/test_tp_workers.py), then bench_resilience.py's SCENARIOS (kill_tp_worker).
+  suite_shards
+  timeout ${TP_TEST_S:-240} python3 -X faulthandler -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
+    -o faulthandler_timeout=180 tests/deployments/test_tp_workers.py > "$OUT/gpu_suite_tp_workers.log" 2>&1
+  echo "rc=$?" >> "$OUT/gpu_suite_tp_workers.log"
+  echo "gpu_suite_tp_workers.log: $(grep -E ' (passed|failed)' "$OUT/gpu_suite_tp_workers.log" | tail -1)"
+  left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
+  timeout $left python3 benchmarks/bench_resilience.py --device cuda --model dummy:llama-3-8b \
+    --scenarios ${SCENARIOS:-kill_tp_worker} --num-cpus 16 \
     --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
     --input-len 512 --output-len 256 --concurrency 48 --target-ongoing-requests 16 --max-ongoing-requests 64 \
     --out "$OUT/resilience_h200x2.json" > "$OUT/resilience.log" 2>&1
