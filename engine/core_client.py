@@ -57,6 +57,8 @@ class InProcessCore:
         self.engine = engine if engine is not None else LLMEngine(config, executor_factory=executor_factory)
         self.info = CoreInfo(self.engine.max_model_len, self.engine.max_request_tokens, self.engine.stats())
         self.pid = os.getpid()
+        # A rank's death ends every stream at once, even while the step in flight waits for that rank on the device.
+        self.engine.executor.on_failure = lambda exc: outbox.dead(f"engine step failed: {exc!r}")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         core = EngineCore(self.engine, queue_commands(self._commands), outbox)
         self._thread = threading.Thread(target=core.run, name="llm-engine-loop", daemon=True)

@@ -34,12 +34,16 @@ class Executor(ABC):
         tp_size: number of tensor-parallel ranks.
         supports_device_inputs: ``run`` accepts input ids still on the device (``prev_rows``), which
             asynchronous scheduling needs.
+        on_failure: set by whoever streams the engine's outputs; called once, from any thread, with the error when
+            a rank is found dead outside ``run`` (Ray's death notice). The step in flight may never return: rank 0
+            waits on its device for collectives the dead rank never joins, so its consumers must hear it now.
     """
 
     runner: ModelRunner
     kv_cache: KVCache
     tp_size: int = 1
     supports_device_inputs: bool = False
+    on_failure: Callable[[BaseException], None] | None = None
 
     @abstractmethod
     def run(self, seqs, prev_token_ids: torch.Tensor | None = None, prev_rows: list[int] | None = None) -> torch.Tensor:

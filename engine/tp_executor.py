@@ -290,6 +290,9 @@ class TPExecutor(Executor):
             workers = getattr(self, "workers", None)
             cause = workers.failure(0.0) if workers is not None else None
             self._dead_error = WorkerDeadError(cause or "a tensor-parallel worker died")
+        if self.on_failure is not None and not self._closed:
+            # First: the abort below can wait as long as the step's CUDA graphs hold the communicator.
+            self.on_failure(self._dead_error)
         with self._group_lock:
             if self._is_nccl and not self._left_group:
                 # Rank 0 may be blocked in an NCCL all-reduce waiting for the dead rank: make it raise now.

@@ -326,7 +326,8 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
         while True:  # the death watch notices without any request
             try:
                 deployment.check_health()
-            except WorkerDeadError:
+            except (WorkerDeadError, EngineDeadError) as exc:
+                assert "tensor-parallel worker died" in str(exc)
                 break
             assert time.time() < deadline, "check_health never noticed the dead worker"
             time.sleep(0.1)
@@ -336,6 +337,53 @@ def test_killed_worker_fails_requests_and_health_check(ray_cluster, checkpoint):
         with pytest.raises((EngineDeadError, WorkerDeadError)):
             deployment.check_health()
     finally:
+        deployment._engine.shutdown()
+
+
+def test_a_worker_death_ends_the_streams_while_rank_0_is_stuck_in_its_step(ray_cluster, checkpoint):
+    """On a GPU, rank 0's step waits on its device for all-reduces that a dead rank never joins (and aborting them
+    waits for the step's CUDA graphs): the step need not return. Ray's death notice must end the requests in flight
+    anyway, with the in-band engine_dead error, not when Serve kills the replica. Rank 0's step is held here."""
+    import threading
+
+    from deployments.engine_deployment import EngineDeployment
+    from deployments.routing_hint import RoutingHint
+
+    deployment = EngineDeployment(
+        {"model": str(checkpoint), "device": "cpu", "tensor_parallel_size": 2, **CACHE}, "tiny"
+    )
+    executor = deployment._engine._core.engine.executor
+    hold, release = threading.Event(), threading.Event()
+    run = executor.runner.run
+
+    def run_or_hang(*args, **kwargs):
+        if hold.is_set():
+            release.wait(60)
+        return run(*args, **kwargs)
+
+    executor.runner.run = run_or_hang
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def stream_through_the_kill() -> tuple[list, float]:
+        chunks, killed_at = [], None
+        async for item in deployment.generate(RoutingHint(5, 200), [5, 6, 7, 8, 9], params, "in-flight"):
+            chunks += item
+            if killed_at is None:
+                hold.set()  # the next step hangs, as on a device waiting for a dead peer
+                (worker,) = executor.workers.actors
+                ray.kill(worker)
+                killed_at = time.time()
+        return chunks, time.time() - killed_at
+
+    try:
+        chunks, ended_after_s = asyncio.run(stream_through_the_kill())
+        assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead", chunks[-1]
+        assert ended_after_s < 15, f"the stream ended {ended_after_s:.1f} s after the kill"
+        assert not release.is_set()  # rank 0's step was still stuck when the stream ended
+        with pytest.raises((EngineDeadError, WorkerDeadError)):
+            deployment.check_health()
+    finally:
+        release.set()
         deployment._engine.shutdown()
 
 
