@@ -201,7 +201,9 @@ class Scheduler:
         prompt and output so far): back in the pool now, but not free for anyone else for long. (One preempted
         before its first token is, to its caller, a request not started: its whole footprint is still to come.)"""
         return sum(
-            self.kv_cache.pages_for_tokens(r.num_tokens) for r in self.waiting if r.num_preemptions and r.output_token_ids
+            self.kv_cache.pages_for_tokens(r.num_tokens)
+            for r in self.waiting
+            if r.num_preemptions and r.output_token_ids
         )
 
     # ---- the step ---------------------------------------------------------------------------------------------
