@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -45,11 +46,17 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -
 
 class _RequestStreams:
     """The requests being streamed, by id: the one owner of their queues, and the core's outbox (its calls come
-    from the core's thread, or from the thread reading the core process's events)."""
+    from the core's thread, or from the thread reading the core process's events).
+
+    It also keeps when the core was last heard from (a step, a refusal), for the watchdog in
+    ``AsyncLLMEngine.failure``: that clock matters only while streams are open, so the first stream opened on an idle
+    engine starts it afresh.
+    """
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()  # callers' event loops and the core's thread
+        self._last_heard_s = time.monotonic()
         self.dead_error: EngineDeadError | None = None
         self.stats: EngineStats | None = None
 
@@ -59,6 +66,8 @@ class _RequestStreams:
                 raise EngineDeadError(str(self.dead_error)) from self.dead_error
             if request_id in self._streams:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+            if not self._streams:  # an idle core owed no step: its silence until now is no stall
+                self._last_heard_s = time.monotonic()
             self._streams[request_id] = stream
 
     def close(self, request_id: str) -> None:
@@ -70,6 +79,7 @@ class _RequestStreams:
         self.stats = stats
         by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         with self._lock:
+            self._last_heard_s = time.monotonic()
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
@@ -86,9 +96,16 @@ class _RequestStreams:
 
     def rejected(self, request_id: str, error: BaseException) -> None:
         with self._lock:
+            self._last_heard_s = time.monotonic()
             stream = self._streams.pop(request_id, None)
         if stream is not None:
             _call_soon(stream.loop, [(stream.queue, error)])
+
+    def silence(self) -> tuple[int, float]:
+        """How many streams are open, and the seconds since the core was last heard from (or since the first of
+        them opened, if later)."""
+        with self._lock:
+            return len(self._streams), time.monotonic() - self._last_heard_s
 
     def dead(self, message: str) -> None:
         with self._lock:
@@ -111,7 +128,8 @@ class AsyncLLMEngine:
 
     Failures: a request's own problem (bad parameters, a prompt that can never fit, an error while processing its
     token) is raised to that request's consumer only. If the core dies (a step failed, its process exited), every
-    consumer, present and future, gets ``EngineDeadError``.
+    consumer, present and future, gets ``EngineDeadError``; so they do once :meth:`failure` finds the core stuck
+    (no step finished in ``config.step_timeout_s`` with requests open).
     """
 
     def __init__(
@@ -122,17 +140,22 @@ class AsyncLLMEngine:
     ) -> None:
         from engine.tokenizer import load_tokenizer
 
+        if engine is not None:
+            config = engine.config
+        elif config is None:
+            config = EngineConfig()
         self._streams = _RequestStreams()
+        self._step_timeout_s = config.step_timeout_s
         self._core: EngineCoreClient
         if engine is not None:
             self._core = InProcessCore(self._streams, engine=engine)
         else:
-            self._core = start_core(self._streams, config if config is not None else EngineConfig(), executor_factory)
+            self._core = start_core(self._streams, config, executor_factory)
         info = self._core.info
         self._streams.stats = info.stats
         self.max_model_len = info.max_model_len
         self.max_request_tokens = info.max_request_tokens
-        self.tokenizer = engine.tokenizer if engine is not None else load_tokenizer((config or EngineConfig()).model)
+        self.tokenizer = engine.tokenizer if engine is not None else load_tokenizer(config.model)
 
     # ---- callers (any event loop) ----------------------------------------------------------------------------
 
@@ -217,9 +240,25 @@ class AsyncLLMEngine:
         return self._core.pid
 
     def failure(self) -> Exception | None:
-        """Why this engine cannot serve (its core died, or a tensor-parallel worker did while idle), or None."""
+        """Why this engine cannot serve (its core died, or a tensor-parallel worker did while idle, or it is stuck),
+        or None.
+
+        Stuck: requests are open and no step has finished for longer than ``step_timeout_s`` (a hung kernel or
+        collective, a stopped core process). Nothing else would notice, since a step that never returns raises
+        nothing: the engine is failed here, so that its requests end with ``EngineDeadError`` at once (the ingress
+        may route them again) and the health check that calls this has Serve replace the replica. Serve's health
+        checks and routing reports call this often enough that the watchdog needs no thread of its own.
+        """
         if self._streams.dead_error is not None:
             return self._streams.dead_error
+        if self._step_timeout_s is not None:
+            num_open, silent_s = self._streams.silence()
+            if num_open and silent_s > self._step_timeout_s:
+                self._streams.dead(
+                    f"no engine step finished in {silent_s:.0f} s (step_timeout_s {self._step_timeout_s:g}) with "
+                    f"{num_open} request{'s' if num_open > 1 else ''} open: the engine core is stuck"
+                )
+                return self._streams.dead_error
         try:
             self._core.check_health()
         except Exception as exc:  # noqa: BLE001 - whatever the core raises is the failure to report

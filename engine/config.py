@@ -275,6 +275,12 @@ class EngineConfig:
             process. On by default, CPU included (on 2 cores it gave 1.06x the served throughput of the thread:
             benchmarks/results/served_vs_offline_cpu.json). Under tensor parallelism the loop always runs in the
             replica's process (it drives the TP worker actors from there).
+        step_timeout_s: the longest the engine core may go without finishing a step while requests are open
+            before the engine counts as dead (vLLM's engine iteration timeout): a step that never returns (a hung
+            kernel or collective, a stopped core process) otherwise leaves the replica reported healthy while its
+            requests hang. ``None``: never. Grammars compiling alone do not count (the core says it is alive every
+            ``engine_core.HEARTBEAT_PERIOD_S``, a second). Keep it well above the longest step there can be (a
+            prefill chunk, a first step that compiles kernels).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -282,6 +288,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampler_seed: int | None = None
     engine_process: bool = True
+    step_timeout_s: float | None = 300.0
 
     def __post_init__(self) -> None:
         for name, cls in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
@@ -294,6 +301,12 @@ class EngineConfig:
             raise ValueError(f"sampler_seed must be None or an int >= 0, got {self.sampler_seed!r}")
         if not isinstance(self.engine_process, bool):
             raise ValueError(f"engine_process must be a bool, got {self.engine_process!r}")
+        if self.step_timeout_s is not None and (
+            not isinstance(self.step_timeout_s, (int, float))
+            or isinstance(self.step_timeout_s, bool)
+            or not self.step_timeout_s > 0
+        ):
+            raise ValueError(f"step_timeout_s must be None or a number > 0, got {self.step_timeout_s!r}")
 
     def resolved_engine_process(self) -> bool:
         """Whether ``AsyncLLMEngine`` runs its core in a process of its own: ``engine_process``, but never under
@@ -310,7 +323,7 @@ class EngineConfig:
         for name in nested:
             if isinstance(values.get(name), dict):
                 nested[name].update(values.pop(name))
-        top = {key: values.pop(key) for key in ("sampler_seed", "engine_process") if key in values}
+        top = {key: values.pop(key) for key in ("sampler_seed", "engine_process", "step_timeout_s") if key in values}
         owners = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
         unknown = []
         for key, value in values.items():

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 PARENT_CHECK_PERIOD_S = 1.0
 # While grammars compile and nothing else runs, the loop looks for new commands this often.
 COMPILE_POLL_S = 0.005
+# While only grammars compile no step finishes: the loop says it is alive this often (an empty step), for the
+# frontend's watchdog (``EngineConfig.step_timeout_s``) takes a core silent with requests open for a stuck one.
+HEARTBEAT_PERIOD_S = 1.0
 
 
 @dataclass
@@ -73,6 +76,7 @@ class EngineCore:
     def run(self) -> None:
         """Until a stop command, or a failure: then the outbox hears ``dead`` and the engine is shut down."""
         engine = self.engine
+        last_heartbeat_s = time.monotonic()
         try:
             while self._apply(self._next_commands(not engine.has_unfinished() and not self._compiling)):
                 self._admit_compiled()
@@ -83,6 +87,9 @@ class EngineCore:
                             timeout=COMPILE_POLL_S,
                             return_when=concurrent.futures.FIRST_COMPLETED,
                         )
+                        if time.monotonic() - last_heartbeat_s >= HEARTBEAT_PERIOD_S:
+                            self._outbox.step([], self._stats())
+                            last_heartbeat_s = time.monotonic()
                     continue
                 try:
                     outputs = engine.step()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -150,6 +152,34 @@ def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
     assert report["num_free_pages"] == 0 and report["num_free_slots"] == 0
     with pytest.raises(EngineDeadError):
         deployment.check_health()
+
+
+def test_a_stuck_engine_fails_the_health_check_and_reports_unhealthy():
+    """A core that stops stepping (SIGSTOP here, a hung kernel on a GPU) is reported dead after ``step_timeout_s``:
+    Serve replaces the replica, the router stops sending to it, and its open request ends with a retryable 503."""
+    replica = EngineDeployment({**ENGINE_CONFIG, "engine_process": True, "step_timeout_s": 2}, "tiny")
+    pid = replica._engine.core_pid
+    try:
+
+        async def run() -> tuple[dict, list]:
+            stream = _generate(replica, "stuck", max_tokens=200)
+            await stream.__anext__()
+            os.kill(pid, signal.SIGSTOP)
+            stopped_s = time.monotonic()
+            replica.check_health()  # not yet step_timeout_s
+            while (report := replica.record_routing_stats())["healthy"]:
+                assert time.monotonic() - stopped_s < 10, "the stuck replica still reports healthy"
+                await asyncio.sleep(0.05)
+            return report, [chunk async for item in stream for chunk in item]
+
+        report, chunks = asyncio.run(run())
+        assert report["num_free_pages"] == 0 and report["num_free_slots"] == 0
+        with pytest.raises(EngineDeadError, match="the engine core is stuck"):
+            replica.check_health()
+        assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"
+    finally:
+        os.kill(pid, signal.SIGCONT)  # it takes the STOP below and exits
+        replica._engine.shutdown()
 
 
 def test_report_summarizes_the_cached_prefixes_that_the_ingress_probes_for():

@@ -1,6 +1,8 @@
-"""AsyncLLMEngine: streaming, concurrency, cancellation, errors, on the embedded model."""
+"""AsyncLLMEngine: streaming, concurrency, cancellation, errors, on the embedded model; the step watchdog on a tiny
+dummy one."""
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -11,6 +13,14 @@ from engine.errors import EngineDeadError, InvalidRequestError, PromptTooLongErr
 from engine.sampling_params import SamplingParams
 
 NUM_SLOTS = 4
+# The watchdog's engines: a tiny dummy model, quick to build and to step.
+TINY = {
+    "model": "dummy:tiny-llama",
+    "device": "cpu",
+    "max_batch_size": 2,
+    "max_seq_len": 256,
+    "kv_cache_memory_bytes": 1 << 20,
+}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["core-in-thread", "core-process"])
@@ -253,6 +263,153 @@ def test_a_schema_compiles_while_the_other_requests_run(engine):
     assert aborted[-1].finished and aborted[-1].finish_reason == "abort" and aborted[-1].num_output_tokens == 0
     assert again[-1].num_output_tokens == 2
     run(wait_idle(engine))
+
+
+# ---- the step watchdog (step_timeout_s) ----------------------------------------------------------------------
+
+
+async def wait_for_failure(engine, timeout_s=10.0) -> Exception:
+    """``engine.failure()`` once it says something, polled as Serve's health checks and routing reports do."""
+    deadline = time.monotonic() + timeout_s
+    while (failure := engine.failure()) is None:
+        assert time.monotonic() < deadline, "the stuck engine still looks healthy"
+        await asyncio.sleep(0.05)
+    return failure
+
+
+class _BlockedSteps:
+    """Makes an in-thread core's ``LLMEngine.step`` block until ``release()``, as a step stuck in a hung kernel or
+    collective would, forever."""
+
+    def __init__(self, engine: AsyncLLMEngine, monkeypatch) -> None:
+        self._llm = engine._core.engine
+        self._real_step = self._llm.step
+        self._monkeypatch = monkeypatch
+        self._released = threading.Event()
+
+    def block(self) -> None:
+        self._monkeypatch.setattr(self._llm, "step", self._blocked_step)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _blocked_step(self):
+        self._released.wait()
+        return self._real_step()
+
+
+def test_a_core_stuck_in_a_step_fails_the_engine_after_step_timeout_s(monkeypatch):
+    """A step that never returns raises nothing: without the watchdog the engine would look healthy while its
+    requests hang until the clients give up."""
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": False, "step_timeout_s": 2}))
+    steps = _BlockedSteps(engine, monkeypatch)
+    try:
+
+        async def main():
+            outs = []
+
+            async def consume():
+                async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)):
+                    outs.append(out)
+
+            task = asyncio.create_task(consume())
+            while not outs:
+                await asyncio.sleep(0.01)
+            steps.block()
+            blocked_s = time.monotonic()
+            assert engine.failure() is None  # not yet step_timeout_s
+            failure = await wait_for_failure(engine)
+            waited_s = time.monotonic() - blocked_s
+            with pytest.raises(EngineDeadError, match="the engine core is stuck"):
+                await task
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate([5, 6], SamplingParams(max_tokens=2)):
+                    pass
+            return failure, waited_s
+
+        failure, waited_s = run(main())
+        assert isinstance(failure, EngineDeadError)
+        assert "no engine step finished" in str(failure) and "(step_timeout_s 2) with 1 request open" in str(failure)
+        assert 1.5 < waited_s < 5
+        assert engine.is_dead and engine.failure() is failure
+    finally:
+        steps.release()
+        engine.shutdown()
+
+
+def test_an_idle_engine_is_not_stuck_and_its_next_request_starts_a_fresh_clock(monkeypatch):
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": False, "step_timeout_s": 0.5}))
+    steps = _BlockedSteps(engine, monkeypatch)
+    try:
+        time.sleep(1.0)  # no step for twice step_timeout_s, but nothing was asked of the core
+        assert engine.failure() is None
+
+        async def main():
+            steps.block()  # the core hears of the request but says nothing until released
+            task = asyncio.create_task(_collect(engine.generate([5, 6, 7], SamplingParams(max_tokens=3))))
+            await asyncio.sleep(0.1)
+            healthy_while_open = engine.failure() is None  # 0.1 s since the request came, not 1.1 s
+            steps.release()
+            return healthy_while_open, await task
+
+        healthy_while_open, outs = run(main())
+        assert healthy_while_open
+        assert outs[-1].finished and engine.failure() is None
+    finally:
+        steps.release()
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["core-in-thread", "core-process"])
+def test_a_streaming_engine_is_not_stuck(engine_process):
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": engine_process, "step_timeout_s": 1}))
+    try:
+
+        async def main():
+            params = SamplingParams(max_tokens=100, ignore_eos=True)
+            return [(out, engine.failure()) async for out in engine.generate([5, 6, 7], params)]
+
+        outs = run(main())
+        assert outs[-1][0].finished and outs[-1][0].num_output_tokens == 100
+        assert [failure for _, failure in outs] == [None] * 100
+    finally:
+        engine.shutdown()
+
+
+def test_a_grammar_compiling_past_step_timeout_s_is_not_a_stuck_core(monkeypatch):
+    """While only a grammar compiles no step runs: the core's heartbeat keeps the watchdog off it."""
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": False, "step_timeout_s": 2}))
+    llm = engine._core.engine
+    real_compile = llm.compile_grammars
+
+    def slow_compile(params):
+        time.sleep(4)  # twice step_timeout_s
+        return real_compile(params)
+
+    monkeypatch.setattr(llm, "compile_grammars", slow_compile)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    try:
+
+        async def main():
+            failures = []
+            sent_s = time.monotonic()
+            task = asyncio.create_task(
+                _collect(engine.generate("Hi", SamplingParams(max_tokens=4, json_schema=schema)))
+            )
+            while not task.done():
+                failures.append(engine.failure())
+                await asyncio.sleep(0.05)
+            return await task, failures, time.monotonic() - sent_s
+
+        outs, failures, took_s = run(main())
+        assert outs[-1].finished and took_s > 4
+        assert set(failures) == {None}
+    finally:
+        engine.shutdown()
+
+
+async def _collect(agen) -> list:
+    return [out async for out in agen]
 
 
 def test_shutdown_fails_pending_and_new_requests_with_engine_dead(engine):

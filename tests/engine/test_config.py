@@ -78,3 +78,15 @@ def test_cache_defaults_resolve_per_device():
     assert explicit.resolved_kv_cache_layout(on_gpu=True) == "layer_major"
     assert explicit.resolved_prefetch_tokens(on_gpu=True) == 5
     assert explicit.resolved_prefetch_pages_per_step(on_gpu=False) == 3
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "60", True, float("nan")])
+def test_step_timeout_rejects(value):
+    with pytest.raises(ValueError, match="step_timeout_s"):
+        EngineConfig(step_timeout_s=value)
+
+
+def test_step_timeout_is_a_top_level_key():
+    assert EngineConfig().step_timeout_s == 300.0
+    assert EngineConfig.from_dict({"model": "smollm2", "step_timeout_s": 2}).step_timeout_s == 2
+    assert EngineConfig.from_dict({"step_timeout_s": None}).step_timeout_s is None

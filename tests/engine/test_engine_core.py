@@ -157,6 +157,46 @@ def test_a_dead_core_process_fails_its_requests_and_the_health_check():
         engine.shutdown()
 
 
+def test_a_stopped_core_process_fails_its_requests_and_the_health_check_after_step_timeout_s():
+    """A core process that stops stepping without exiting (SIGSTOP here; on a GPU a hung kernel or collective) raises
+    nothing and closes no socket: the watchdog is what fails its requests and the health check."""
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": True, "step_timeout_s": 2}))
+    pid = engine.core_pid
+    try:
+
+        async def main():
+            outs = []
+
+            async def consume():
+                async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True)):
+                    outs.append(out)
+
+            task = asyncio.create_task(consume())
+            while not outs:
+                await asyncio.sleep(0.01)
+            os.kill(pid, signal.SIGSTOP)
+            stopped_s = time.monotonic()
+            assert engine.failure() is None  # not yet step_timeout_s
+            while (failure := engine.failure()) is None:
+                assert time.monotonic() - stopped_s < 10, "the stopped core still looks healthy"
+                await asyncio.sleep(0.05)
+            waited_s = time.monotonic() - stopped_s
+            with pytest.raises(EngineDeadError, match="the engine core is stuck"):
+                await task
+            with pytest.raises(EngineDeadError):
+                async for _ in engine.generate([5, 6], SamplingParams(max_tokens=2)):
+                    pass
+            return failure, waited_s
+
+        failure, waited_s = run(main())
+        assert isinstance(failure, EngineDeadError) and "no engine step finished" in str(failure)
+        assert 1.5 < waited_s < 5
+        assert engine.is_dead
+    finally:
+        os.kill(pid, signal.SIGCONT)  # it takes the STOP below and exits
+        engine.shutdown()
+
+
 def test_commands_sent_while_the_core_is_stalled_are_all_delivered():
     """A core busy in a long step reads no commands: thousands can pile up (a burst of client disconnects' aborts).
     None may be dropped: a lost ADD is a request that never answers, a lost ABORT one that runs on unread."""
