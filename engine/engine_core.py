@@ -2,8 +2,8 @@
 
 Commands (add, abort, stop) are picked up between steps; each step's outputs leave in one batch through a
 :class:`~engine.core_protocol.CoreOutbox`. A request with a JSON schema has its grammar compiled in a thread of
-the core (a schema can take a good part of a second) and joins the engine once it is ready: the other requests'
-steps go on meanwhile. The same loop runs in a thread of the frontend's process
+the core (a schema can take a good part of a second; a few compile at once, each within a deadline) and joins the
+engine once it is ready: the other requests' steps go on meanwhile. The same loop runs in a thread of the frontend's process
 (``engine.core_client.InProcessCore``) or alone in a process of its own (``python -m engine.engine_core``, started
 by ``engine.core_client.ProcessCore``), where the commands arrive and the batches leave over ZeroMQ as msgpack.
 """
@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 PARENT_CHECK_PERIOD_S = 1.0
 # While grammars compile and nothing else runs, the loop looks for new commands this often.
 COMPILE_POLL_S = 0.005
+# Grammars compile this many at a time (xgrammar's compiler is thread-safe): one slow schema does not hold up the
+# others.
+GRAMMAR_COMPILE_THREADS = 4
+# A schema not compiled in this long fails its request (the compile runs on, unused: it cannot be stopped).
+GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 # While only grammars compile no step finishes: the loop says it is alive this often (an empty step), for the
 # frontend's watchdog (``EngineConfig.step_timeout_s``) takes a core silent with requests open for a stuck one.
 HEARTBEAT_PERIOD_S = 1.0
@@ -54,6 +59,7 @@ class _Compiling:
     params: object
     future: concurrent.futures.Future
     arrival_time: float
+    started_s: float  # time.monotonic(), for GRAMMAR_COMPILE_TIMEOUT_S
 
 
 class EngineCore:
@@ -71,7 +77,7 @@ class EngineCore:
         self._next_commands = next_commands
         self._outbox = outbox
         self._compiling: dict[str, _Compiling] = {}
-        self._compiler_thread: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first schema
+        self._compilers: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first schema
 
     def run(self) -> None:
         """Until a stop command, or a failure: then the outbox hears ``dead`` and the engine is shut down."""
@@ -151,15 +157,29 @@ class EngineCore:
         return replace(stats, num_waiting=stats.num_waiting + compiling) if compiling else stats
 
     def _compile(self, request_id: str, prompt_token_ids: list[int], params) -> None:
-        if self._compiler_thread is None:
-            self._compiler_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
-        future = self._compiler_thread.submit(self.engine.compile_grammars, params)
-        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future, time.time())
+        if self._compilers is None:
+            self._compilers = concurrent.futures.ThreadPoolExecutor(
+                GRAMMAR_COMPILE_THREADS, thread_name_prefix="grammar-compiler"
+            )
+        future = self._compilers.submit(self.engine.compile_grammars, params)
+        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future, time.time(), time.monotonic())
         self._outbox.step([], self._stats())  # its load is seen now, not at the next step
 
     def _admit_compiled(self) -> None:
-        """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile is
-        the request's refusal."""
+        """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile, or
+        took longer than ``GRAMMAR_COMPILE_TIMEOUT_S``, is the request's refusal."""
+        now_s = time.monotonic()
+        for request_id in [
+            r
+            for r, c in self._compiling.items()
+            if not c.future.done() and now_s - c.started_s > GRAMMAR_COMPILE_TIMEOUT_S
+        ]:
+            self._compiling.pop(request_id).future.cancel()  # its thread is freed when the compile ends
+            error = InvalidRequestError(
+                f"json_schema did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s: simplify the schema",
+                "json_schema",
+            )
+            self._outbox.rejected(request_id, error)
         for request_id in [r for r, c in self._compiling.items() if c.future.done()]:
             waiting = self._compiling.pop(request_id)
             try:
@@ -171,8 +191,8 @@ class EngineCore:
                 self._outbox.rejected(request_id, exc)
 
     def _shutdown(self) -> None:
-        if self._compiler_thread is not None:  # a compile under way touches only the tokenizer and xgrammar
-            self._compiler_thread.shutdown(wait=False, cancel_futures=True)
+        if self._compilers is not None:  # a compile under way touches only the tokenizer and xgrammar
+            self._compilers.shutdown(wait=False, cancel_futures=True)
         try:
             self.engine.shutdown()
         except Exception:

@@ -408,6 +408,47 @@ def test_a_grammar_compiling_past_step_timeout_s_is_not_a_stuck_core(monkeypatch
         engine.shutdown()
 
 
+def test_a_schema_past_the_compile_deadline_fails_its_request_alone(monkeypatch):
+    """A schema that compiles for longer than GRAMMAR_COMPILE_TIMEOUT_S is refused (HTTP 400 over the API) while its
+    compile runs on; a schema sent after it compiles beside it and its request completes."""
+    from engine import engine_core
+
+    monkeypatch.setattr(engine_core, "GRAMMAR_COMPILE_TIMEOUT_S", 2.0)
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": False}))
+    llm = engine._core.engine
+    real_compile = llm.compile_grammars
+    release = threading.Event()
+
+    def compile_slowly_when_asked(params):
+        if "slow" in params.json_schema.get("properties", {}):
+            release.wait(20)
+        return real_compile(params)
+
+    monkeypatch.setattr(llm, "compile_grammars", compile_slowly_when_asked)
+    slow = {"type": "object", "properties": {"slow": {"type": "integer"}}, "required": ["slow"]}
+    quick = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    try:
+
+        async def main():
+            await _collect(engine.generate("Hi", SamplingParams(max_tokens=1, json_schema=quick)))  # the compiler
+            started = time.monotonic()
+            slow_task = asyncio.create_task(_collect(engine.generate("Hi", SamplingParams(json_schema=slow))))
+            await asyncio.sleep(0.05)
+            quick_outs = await _collect(engine.generate("Hi", SamplingParams(max_tokens=4, json_schema=quick)))
+            quick_s = time.monotonic() - started
+            with pytest.raises(InvalidRequestError, match="did not compile within 2 s") as info:
+                await slow_task
+            return quick_outs, quick_s, info.value, time.monotonic() - started
+
+        quick_outs, quick_s, error, refused_s = run(main())
+        assert quick_outs[-1].finished and quick_s < 2.0  # not behind the slow compile
+        assert error.param == "json_schema" and 2.0 <= refused_s < 6
+        assert engine.failure() is None
+    finally:
+        release.set()
+        engine.shutdown()
+
+
 async def _collect(agen) -> list:
     return [out async for out in agen]
 
