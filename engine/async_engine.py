@@ -246,7 +246,8 @@ class AsyncLLMEngine:
         Stuck: requests are open and no step has finished for longer than ``step_timeout_s`` (a hung kernel or
         collective, a stopped core process). Nothing else would notice, since a step that never returns raises
         nothing: the engine is failed here, so that its requests end with ``EngineDeadError`` at once (the ingress
-        may route them again) and the health check that calls this has Serve replace the replica. Serve's health
+        may route them again) and the health check that calls this has Serve replace the replica; a core process is
+        killed (``abandon``), so that its device memory is free for the replacement. Serve's health
         checks and routing reports call this often enough that the watchdog needs no thread of its own.
         """
         if self._streams.dead_error is not None:
@@ -258,6 +259,7 @@ class AsyncLLMEngine:
                     f"no engine step finished in {silent_s:.0f} s (step_timeout_s {self._step_timeout_s:g}) with "
                     f"{num_open} request{'s' if num_open > 1 else ''} open: the engine core is stuck"
                 )
+                self._core.abandon()
                 return self._streams.dead_error
         try:
             self._core.check_health()

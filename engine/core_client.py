@@ -43,6 +43,10 @@ class EngineCoreClient(Protocol):
     def check_health(self) -> None:
         """Raise why the core cannot serve (e.g. a tensor-parallel worker died while idle); None if it can."""
 
+    def abandon(self) -> None:
+        """The core is stuck (no step finishes): end it now where that is possible, so that what it holds (the
+        device's memory) is free for the replica that replaces this one."""
+
     def shutdown(self, timeout_s: float) -> None: ...
 
 
@@ -72,6 +76,9 @@ class InProcessCore:
 
     def check_health(self) -> None:
         self.engine.executor.check_health()
+
+    def abandon(self) -> None:
+        """A thread cannot be stopped: the core's memory goes with the replica's process, when Serve ends it."""
 
     def shutdown(self, timeout_s: float) -> None:
         if self._thread.is_alive():
@@ -151,6 +158,14 @@ class ProcessCore:
         code = self.process.poll()
         if code is not None and not self._stopping:
             raise EngineDeadError(f"the engine core process exited with code {code}")
+
+    def abandon(self) -> None:
+        """Kills the core process: a hung kernel's process gives its device memory back only when it ends, and a
+        stuck core never reads the STOP of :meth:`shutdown`."""
+        if self.process.poll() is None:
+            logger.error("killing the stuck engine core process %d", self.pid)
+            self.process.kill()
+            self.process.wait()
 
     def shutdown(self, timeout_s: float) -> None:
         if self._stopping:

@@ -177,8 +177,9 @@ def test_a_stuck_engine_fails_the_health_check_and_reports_unhealthy():
         with pytest.raises(EngineDeadError, match="the engine core is stuck"):
             replica.check_health()
         assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"
+        assert replica._engine._core.process.poll() is not None  # killed: its memory is free for a replacement
     finally:
-        os.kill(pid, signal.SIGCONT)  # it takes the STOP below and exits
+        _resume_if_alive(pid)  # the watchdog kills the stuck core process; if it did not, the STOP below ends it
         replica._engine.shutdown()
 
 
@@ -203,3 +204,10 @@ def test_report_summarizes_the_cached_prefixes_that_the_ingress_probes_for():
         assert cached_prefix_tokens(prefix_probe(other, params["block_tokens"], params["seed"]), keys) == 128
     finally:
         replica._engine.shutdown()
+
+
+def _resume_if_alive(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
