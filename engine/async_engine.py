@@ -49,12 +49,15 @@ class _RequestStreams:
     from the core's thread, or from the thread reading the core process's events).
 
     It also keeps when the core was last heard from (a step, a refusal), for the watchdog in
-    ``AsyncLLMEngine.failure``: that clock matters only while streams are open, so the first stream opened on an idle
-    engine starts it afresh.
+    ``AsyncLLMEngine.failure``: that clock matters only while the core owes outputs (streams are open, or requests
+    their consumers gave up on have not had their final outputs yet), so the first request of a core that owes none
+    starts it afresh. Not merely the first stream opened: the consumers of a stuck core's requests may all have given
+    up, their aborts unread, and the clock must run on for the next one.
     """
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
+        self._abandoned: dict[str, int] = {}  # request id -> sequences whose final output the core still owes
         self._lock = threading.Lock()  # callers' event loops and the core's thread
         self._last_heard_s = time.monotonic()
         self.dead_error: EngineDeadError | None = None
@@ -66,13 +69,17 @@ class _RequestStreams:
                 raise EngineDeadError(str(self.dead_error)) from self.dead_error
             if request_id in self._streams:
                 raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
-            if not self._streams:  # an idle core owed no step: its silence until now is no stall
+            if not self._streams and not self._abandoned:  # it owed nothing: its silence until now is no stall
                 self._last_heard_s = time.monotonic()
             self._streams[request_id] = stream
 
-    def close(self, request_id: str) -> None:
+    def close(self, request_id: str, sent: bool = True) -> None:
+        """The consumer is gone: its request's later outputs go nowhere. ``sent``: the core has the request (and
+        owes its final outputs, now that it is told to abort it)."""
         with self._lock:
-            self._streams.pop(request_id, None)
+            stream = self._streams.pop(request_id, None)
+            if sent and stream is not None and stream.num_unfinished:
+                self._abandoned[request_id] = stream.num_unfinished
 
     def step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
         """One step's outputs: into their requests' queues, one wake-up per consumer event loop."""
@@ -83,6 +90,10 @@ class _RequestStreams:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
+                    if out.finished and out.request_id in self._abandoned:
+                        self._abandoned[out.request_id] -= 1
+                        if not self._abandoned[out.request_id]:
+                            del self._abandoned[out.request_id]
                     continue
                 if out.finished:
                     stream.num_unfinished -= 1
@@ -98,14 +109,15 @@ class _RequestStreams:
         with self._lock:
             self._last_heard_s = time.monotonic()
             stream = self._streams.pop(request_id, None)
+            self._abandoned.pop(request_id, None)
         if stream is not None:
             _call_soon(stream.loop, [(stream.queue, error)])
 
     def silence(self) -> tuple[int, float]:
-        """How many streams are open, and the seconds since the core was last heard from (or since the first of
-        them opened, if later)."""
+        """How many requests the core owes outputs (streams open, and requests given up on whose final outputs have
+        not come), and the seconds since it was last heard from (or since the first of them came, if later)."""
         with self._lock:
-            return len(self._streams), time.monotonic() - self._last_heard_s
+            return len(self._streams) + len(self._abandoned), time.monotonic() - self._last_heard_s
 
     def dead(self, message: str) -> None:
         with self._lock:
@@ -114,6 +126,7 @@ class _RequestStreams:
                 if message != SHUT_DOWN:
                     logger.error("engine core died: %s", message)
             streams, self._streams = self._streams, {}
+            self._abandoned.clear()
         for stream in streams.values():
             _call_soon(stream.loop, [(stream.queue, self.dead_error)])
 
@@ -188,7 +201,7 @@ class AsyncLLMEngine:
         try:
             self._core.add(request_id, prompt_token_ids, params)
         except BaseException:
-            self._streams.close(request_id)
+            self._streams.close(request_id, sent=False)
             raise
         num_unfinished = params.n
         try:
@@ -257,7 +270,7 @@ class AsyncLLMEngine:
             if num_open and silent_s > self._step_timeout_s:
                 self._streams.dead(
                     f"no engine step finished in {silent_s:.0f} s (step_timeout_s {self._step_timeout_s:g}) with "
-                    f"{num_open} request{'s' if num_open > 1 else ''} open: the engine core is stuck"
+                    f"{num_open} request{'s' if num_open > 1 else ''} in it: the engine core is stuck"
                 )
                 self._core.abandon()
                 return self._streams.dead_error

@@ -62,7 +62,7 @@ class InProcessCore:
         self.info = CoreInfo(self.engine.max_model_len, self.engine.max_request_tokens, self.engine.stats())
         self.pid = os.getpid()
         # A rank's death ends every stream at once, even while the step in flight waits for that rank on the device.
-        self.engine.executor.on_failure = lambda exc: outbox.dead(f"engine step failed: {exc!r}")
+        self.engine.executor.on_failure = lambda exc: outbox.dead(f"tensor-parallel engine failed: {exc!r}")
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         core = EngineCore(self.engine, queue_commands(self._commands), outbox)
         self._thread = threading.Thread(target=core.run, name="llm-engine-loop", daemon=True)
@@ -164,8 +164,8 @@ class ProcessCore:
         stuck core never reads the STOP of :meth:`shutdown`."""
         if self.process.poll() is None:
             logger.error("killing the stuck engine core process %d", self.pid)
-            self.process.kill()
-            self.process.wait()
+            self.process.kill()  # reaped by the reader thread or the shutdown: a process in a hung kernel may take
+            # a while to end, and the caller is a health check
 
     def shutdown(self, timeout_s: float) -> None:
         if self._stopping:

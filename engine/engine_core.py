@@ -17,9 +17,10 @@ import logging
 import os
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from engine.core_protocol import (
     ADD,
@@ -41,10 +42,11 @@ logger = logging.getLogger(__name__)
 PARENT_CHECK_PERIOD_S = 1.0
 # While grammars compile and nothing else runs, the loop looks for new commands this often.
 COMPILE_POLL_S = 0.005
-# Grammars compile this many at a time (xgrammar's compiler is thread-safe): one slow schema does not hold up the
-# others.
+# Grammars compile this many at a time (xgrammar's compiler is thread-safe), each in a thread of its own: one slow
+# schema does not hold up the others.
 GRAMMAR_COMPILE_THREADS = 4
-# A schema not compiled in this long fails its request (the compile runs on, unused: it cannot be stopped).
+# A schema whose compile has run this long fails its request. The compile cannot be stopped: it runs on, unused, in
+# its daemon thread, and no longer counts against GRAMMAR_COMPILE_THREADS.
 GRAMMAR_COMPILE_TIMEOUT_S = 30.0
 # While only grammars compile no step finishes: the loop says it is alive this often (an empty step), for the
 # frontend's watchdog (``EngineConfig.step_timeout_s``) takes a core silent with requests open for a stuck one.
@@ -53,13 +55,13 @@ HEARTBEAT_PERIOD_S = 1.0
 
 @dataclass
 class _Compiling:
-    """A request waiting for its grammars (``future``: ``LLMEngine.compile_grammars``)."""
+    """A request waiting for its grammars (``future``: ``LLMEngine.compile_grammars``'s result)."""
 
     prompt_token_ids: list[int]
     params: object
-    future: concurrent.futures.Future
     arrival_time: float
-    started_s: float  # time.monotonic(), for GRAMMAR_COMPILE_TIMEOUT_S
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+    started_s: float | None = None  # when its compile began (time.monotonic()); None while it waits for a thread
 
 
 class EngineCore:
@@ -77,7 +79,6 @@ class EngineCore:
         self._next_commands = next_commands
         self._outbox = outbox
         self._compiling: dict[str, _Compiling] = {}
-        self._compilers: concurrent.futures.ThreadPoolExecutor | None = None  # started by the first schema
 
     def run(self) -> None:
         """Until a stop command, or a failure: then the outbox hears ``dead`` and the engine is shut down."""
@@ -157,13 +158,22 @@ class EngineCore:
         return replace(stats, num_waiting=stats.num_waiting + compiling) if compiling else stats
 
     def _compile(self, request_id: str, prompt_token_ids: list[int], params) -> None:
-        if self._compilers is None:
-            self._compilers = concurrent.futures.ThreadPoolExecutor(
-                GRAMMAR_COMPILE_THREADS, thread_name_prefix="grammar-compiler"
-            )
-        future = self._compilers.submit(self.engine.compile_grammars, params)
-        self._compiling[request_id] = _Compiling(prompt_token_ids, params, future, time.time(), time.monotonic())
+        self._compiling[request_id] = _Compiling(prompt_token_ids, params, time.time())
+        self._start_compiles()
         self._outbox.step([], self._stats())  # its load is seen now, not at the next step
+
+    def _start_compiles(self) -> None:
+        """Starts the waiting compiles, in arrival order, while fewer than ``GRAMMAR_COMPILE_THREADS`` run. Daemon
+        threads: a compile that never ends (its request failed at the deadline) must not keep the process alive."""
+        running = sum(1 for c in self._compiling.values() if c.started_s is not None and not c.future.done())
+        for waiting in self._compiling.values():
+            if running >= GRAMMAR_COMPILE_THREADS:
+                return
+            if waiting.started_s is None:
+                waiting.started_s = time.monotonic()
+                args = (self.engine.compile_grammars, waiting.params, waiting.future)
+                threading.Thread(target=_resolve, args=args, name="grammar-compiler", daemon=True).start()
+                running += 1
 
     def _admit_compiled(self) -> None:
         """Requests whose grammars are ready join the engine (in arrival order); a schema that failed to compile, or
@@ -172,9 +182,9 @@ class EngineCore:
         for request_id in [
             r
             for r, c in self._compiling.items()
-            if not c.future.done() and now_s - c.started_s > GRAMMAR_COMPILE_TIMEOUT_S
+            if c.started_s is not None and not c.future.done() and now_s - c.started_s > GRAMMAR_COMPILE_TIMEOUT_S
         ]:
-            self._compiling.pop(request_id).future.cancel()  # its thread is freed when the compile ends
+            self._compiling.pop(request_id).future.cancel()  # the thread runs on; its result is dropped
             error = InvalidRequestError(
                 f"json_schema did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s: simplify the schema",
                 "json_schema",
@@ -189,14 +199,28 @@ class EngineCore:
                 )
             except Exception as exc:
                 self._outbox.rejected(request_id, exc)
+        self._start_compiles()
 
     def _shutdown(self) -> None:
-        if self._compilers is not None:  # a compile under way touches only the tokenizer and xgrammar
-            self._compilers.shutdown(wait=False, cancel_futures=True)
+        # A compile under way (a daemon thread) touches only the tokenizer and xgrammar: it is left to run out.
         try:
             self.engine.shutdown()
         except Exception:
             logger.exception("engine shutdown failed")
+
+
+def _resolve(compile_grammars: Callable, params, future: concurrent.futures.Future) -> None:
+    """Runs a compile in its thread and settles ``future`` with what it gave, unless the request gave up on it."""
+    try:
+        result = compile_grammars(params)
+    except BaseException as exc:  # noqa: BLE001 - the request's refusal (or a bug), raised where it is read
+        outcome = (future.set_exception, exc)
+    else:
+        outcome = (future.set_result, result)
+    try:
+        outcome[0](outcome[1])
+    except concurrent.futures.InvalidStateError:  # cancelled: aborted, or past its deadline
+        pass
 
 
 def queue_commands(commands: queue.SimpleQueue) -> Callable[[bool], list[tuple]]:

@@ -177,7 +177,7 @@ def test_a_stuck_engine_fails_the_health_check_and_reports_unhealthy():
         with pytest.raises(EngineDeadError, match="the engine core is stuck"):
             replica.check_health()
         assert chunks[-1].status_code == 503 and chunks[-1].error["type"] == "engine_dead"
-        assert replica._engine._core.process.poll() is not None  # killed: its memory is free for a replacement
+        assert replica._engine._core.process.wait(5) is not None  # killed: its memory is free for a replacement
     finally:
         _resume_if_alive(pid)  # the watchdog kills the stuck core process; if it did not, the STOP below ends it
         replica._engine.shutdown()

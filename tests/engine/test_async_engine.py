@@ -329,7 +329,7 @@ def test_a_core_stuck_in_a_step_fails_the_engine_after_step_timeout_s(monkeypatc
 
         failure, waited_s = run(main())
         assert isinstance(failure, EngineDeadError)
-        assert "no engine step finished" in str(failure) and "(step_timeout_s 2) with 1 request open" in str(failure)
+        assert "no engine step finished" in str(failure) and "(step_timeout_s 2) with 1 request in it" in str(failure)
         assert 1.5 < waited_s < 5
         assert engine.is_dead and engine.failure() is failure
     finally:
@@ -355,6 +355,30 @@ def test_an_idle_engine_is_not_stuck_and_its_next_request_starts_a_fresh_clock(m
         healthy_while_open, outs = run(main())
         assert healthy_while_open
         assert outs[-1].finished and engine.failure() is None
+    finally:
+        steps.release()
+        engine.shutdown()
+
+
+def test_clients_giving_up_one_after_another_do_not_hide_a_stuck_core(monkeypatch):
+    """Each client of a stuck core gives up before step_timeout_s, so a stream is never open for long; their requests
+    stay in the core (their aborts unread), so the next request must not start the clock afresh."""
+    engine = AsyncLLMEngine(EngineConfig.from_dict({**TINY, "engine_process": False, "step_timeout_s": 1}))
+    steps = _BlockedSteps(engine, monkeypatch)
+    steps.block()
+    try:
+
+        async def main():
+            started = time.monotonic()
+            while engine.failure() is None:
+                assert time.monotonic() - started < 5, "clients that give up kept a stuck core looking healthy"
+                task = asyncio.create_task(_collect(engine.generate([5, 6, 7], SamplingParams(max_tokens=3))))
+                await asyncio.sleep(0.4)  # then the client gives up
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            return time.monotonic() - started
+
+        assert 1.0 < run(main()) < 2.5
     finally:
         steps.release()
         engine.shutdown()

@@ -192,7 +192,7 @@ def test_a_stopped_core_process_fails_its_requests_and_the_health_check_after_st
         assert isinstance(failure, EngineDeadError) and "no engine step finished" in str(failure)
         assert 1.5 < waited_s < 5
         assert engine.is_dead
-        assert engine._core.process.poll() is not None  # killed: its memory is free for a replacement
+        assert engine._core.process.wait(5) is not None  # killed: its memory is free for a replacement
     finally:
         _resume_if_alive(pid)  # the watchdog kills the stuck core process; if it did not, the STOP below ends it
         engine.shutdown()
