@@ -1,6 +1,6 @@
 """Replicas coming and going under load, over HTTP on the app's own data path: what a client sees.
 
-Three scenarios, each on a freshly deployed app, under a closed loop of streaming completions:
+Four scenarios, each on a freshly deployed app, under a closed loop of streaming completions:
   * ``autoscale``: ``num_replicas: auto`` from one replica; load that needs more than one; then a trickle. Reports the
     time from the load's start to a second replica running and to its first answer, the time back down to one
     replica once the load drops, and every failed request in each phase (the target: none).
@@ -10,6 +10,10 @@ Three scenarios, each on a freshly deployed app, under a closed loop of streamin
   * ``kill_tp_worker``: a tensor-parallel replica loses its rank-1 worker process. The replica's streams must end
     with an in-band error, its health check fail, and Serve replace it; requests meanwhile are answered
     (by other replicas) or refused with 503, never left hanging.
+  * ``stall_engine``: one replica's engine core process is stopped (SIGSTOP), as a hung kernel stops it: it raises
+    nothing and closes nothing. The engine's watchdog (``step_timeout_s`` in ``--engine-kwargs``) must fail its
+    streams in-band, kill the core and fail the health check, and Serve replace the replica; requests meanwhile are
+    answered or refused, never left hanging.
 
   python benchmarks/bench_resilience.py --device cpu --scenarios autoscale,kill_replica \\
       --out benchmarks/results/resilience_cpu.json
@@ -26,6 +30,7 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +209,34 @@ def kill_tp_worker(replica: str) -> str:
     raise RuntimeError(f"replica {replica!r} has no tensor-parallel worker actor")
 
 
+def stall_engine_core(replica: str) -> str:
+    """Stop ``replica``'s engine core process (SIGSTOP; this machine's: the benchmark's Ray cluster is local). Its pid
+    comes from the replica's ``engine_stats``, asked through a handle until the victim answers."""
+    import signal
+
+    from deployments.app import ENGINE_DEPLOYMENT_NAME
+    from deployments.serve_mode import sync_handle
+
+    handle = sync_handle(ENGINE_DEPLOYMENT_NAME, APP_NAME)
+    for _ in range(100):
+        stats = handle.engine_stats.remote().result(timeout_s=30)
+        if stats["replica"] == replica:
+            if stats["core_pid"] == stats["pid"]:
+                raise RuntimeError(f"replica {replica!r} steps its engine in a thread (engine_process: false?)")
+            os.kill(stats["core_pid"], signal.SIGSTOP)
+            return f"{replica_actor_name(replica)}: engine core pid {stats['core_pid']}"
+    raise RuntimeError(f"replica {replica!r} did not answer engine_stats")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 # ---- scenarios ----------------------------------------------------------------------------------------------
 
 
@@ -305,10 +338,22 @@ async def scenario_kill_tp_worker(args: argparse.Namespace, base_url: str) -> di
     return await _kill_under_load(args, base_url, kill_tp_worker, args.num_replicas_tp)
 
 
+async def scenario_stall_engine(args: argparse.Namespace, base_url: str) -> dict:
+    result = await _kill_under_load(args, base_url, stall_engine_core, args.num_replicas)
+    pid = int(result["killed"].rsplit(" ", 1)[1])
+    result["stalled_core_ended"] = not _pid_alive(pid)  # killed by the watchdog: its device memory is free
+    if not result["stalled_core_ended"]:
+        import signal
+
+        os.kill(pid, signal.SIGKILL)
+    return result
+
+
 SCENARIOS = {
     "autoscale": scenario_autoscale,
     "kill_replica": scenario_kill_replica,
     "kill_tp_worker": scenario_kill_tp_worker,
+    "stall_engine": scenario_stall_engine,
 }
 
 
@@ -381,14 +426,19 @@ def verdicts(scenario: str, r: dict) -> dict[str, bool]:
             "no request failed after the load": set(r["after_the_load"]["outcomes"]) <= {"ok"},
         }
     others = set(r["others_in_flight"]["outcomes"]) <= {"ok"}
-    after_ok = set(r["sent_after_kill"]["outcomes"]) <= ({"ok", "rejected"} if scenario == "kill_tp_worker" else {"ok"})
-    return {
+    # Without another replica to take them, requests sent while a replica fails are refused (503) until it is back.
+    refusable = scenario in ("kill_tp_worker", "stall_engine")
+    after_ok = set(r["sent_after_kill"]["outcomes"]) <= ({"ok", "rejected"} if refusable else {"ok"})
+    checks = {
         "the victim's streams ended in-band": r["on_victim_in_flight"]["requests"] > 0
         and set(r["on_victim_in_flight"]["outcomes"]) <= {"in_band_error", "ok"},
         "no other replica's stream failed": others,
-        "requests after the kill answered" + (" or refused" if scenario == "kill_tp_worker" else ""): after_ok,
+        "requests after the kill answered" + (" or refused" if refusable else ""): after_ok,
         "a new replica took the victim's place": r["recovered_s"] is not None,
     }
+    if scenario == "stall_engine":
+        checks["the stalled core process was killed"] = r["stalled_core_ended"]
+    return checks
 
 
 def main() -> None:
@@ -435,7 +485,7 @@ def main() -> None:
             run = run_scenario(args, scenario)
             run["verdicts"] = verdicts(scenario, run)
         except Exception as exc:  # noqa: BLE001 - a scenario that could not run is reported, the others still run
-            run = {"error": repr(exc)}
+            run = {"error": repr(exc), "traceback": traceback.format_exc()}
         record["runs"][scenario] = run
         print(f"\n== {scenario}")
         print(json.dumps({k: v for k, v in run.items() if k not in ("app_args", "verdicts")}, indent=1, default=str))

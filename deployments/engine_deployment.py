@@ -192,14 +192,14 @@ class EngineDeployment:
         }
 
     async def engine_stats(self) -> dict[str, Any]:
-        """``EngineStats.as_dict()`` plus the replica tag, pid and resident memory, its engine core's included
+        """``EngineStats.as_dict()`` plus the replica tag, its pid and its engine core's, and their resident memory
         (debugging, soak tests)."""
         stats = dict(self._engine.stats().as_dict())
         stats["replica"] = self._replica_tag
         with self._inflight_lock:
             stats["num_inflight"] = len(self._inflight)
         stats["pid"] = os.getpid()
-        core_pid = self._engine.core_pid
+        stats["core_pid"] = core_pid = self._engine.core_pid
         stats["rss_bytes"] = _rss_bytes("self") + (_rss_bytes(str(core_pid)) if core_pid != os.getpid() else 0)
         return stats
 
