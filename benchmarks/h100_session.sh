@@ -14,6 +14,7 @@
 #   tp4:    (with .whl, 4 GPUs) the stress suite (SUITE=0: not), the TP GPU tests (TP_TEST=0: not), ALLREDUCE=1
 #           bench_allreduce.py, then bench_tp.py at TP=1, 2, 4 (TP_SIZES, TP_ARGS, TP_NAME).
 #   scaleout2: (with .whl, 2 GPUs) the stress cases, bench_tp.py, bench_resilience.py (see the stage).
+#   check1: (with .whl, 1 GPU) the GPU suite on the card, then an engine core stalled under load (stall_engine).
 #   check2: (with .whl, 2 GPUs) the stress suite, the 2-GPU TP tests, then a TP worker killed under load.
 #   scaleout4: (with .whl, 4 GPUs) the stress suite, then bench_resilience.py on 4 cards (see the stage).
 #   slots:  (with .whl-fi, 1 GPU) the GPU tests of one card (SUITE_S), then --layouts at default slots and 256.
@@ -198,6 +199,19 @@ scaleout2)
     --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944}' \
     --input-len 512 --output-len 256 --concurrency 48 --target-ongoing-requests 16 --max-ongoing-requests 64 \
     --out "$OUT/resilience_h200x2.json" > "$OUT/resilience.log" 2>&1
+  grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
+  ;;
+check1)
+  # (with .whl, 1 GPU) a change of the engine or served path within one call: the GPU suite on the card, then
+  # bench_resilience.py's stall_engine (the engine core stopped under load; the watchdog at STEP_TIMEOUT_S).
+  gpu_suite 0 all tests/gpu tests/engine tests/kvcache tests/benchmarks
+  echo "gpu_suite_all.log: $(grep -E ' (passed|failed)' "$OUT/gpu_suite_all.log" | tail -1)"
+  left=$((${DEADLINE_S:-570} - SECONDS)); [ "$left" -lt 60 ] && left=60
+  timeout $left python3 benchmarks/bench_resilience.py --device cuda --model dummy:llama-3-8b \
+    --scenarios stall_engine --num-replicas 1 --num-cpus 16 \
+    --engine-kwargs '{"max_batch_size": 64, "max_seq_len": 4096, "kv_cache_memory_bytes": 6442450944, "step_timeout_s": '${STEP_TIMEOUT_S:-10}'}' \
+    --input-len 512 --output-len 256 --concurrency 32 --max-ongoing-requests 64 \
+    --out "$OUT/resilience_stall_h200.json" > "$OUT/resilience.log" 2>&1
   grep -E "^(==|  (PASS|FAIL))" "$OUT/resilience.log"
   ;;
 check2)
