@@ -217,7 +217,8 @@ check1)
 check2)
   # (with .whl, 2 GPUs) a change of the TP or served path within one call: the GPU stress suite over both cards, the
   # 2-GPU TP tests (tests/deployments/test_tp_workers.py), then bench_resilience.py's SCENARIOS (kill_tp_worker).
-  suite_shards
+  # SUITE=0: not the suite (it passed on the same engine code in an earlier call).
+  [ "${SUITE:-1}" = 1 ] && suite_shards
   timeout ${TP_TEST_S:-240} python3 -X faulthandler -m pytest -q -m gpu -p no:cacheprovider -rfE --timeout 200 \
     -o faulthandler_timeout=180 tests/deployments/test_tp_workers.py > "$OUT/gpu_suite_tp_workers.log" 2>&1
   echo "rc=$?" >> "$OUT/gpu_suite_tp_workers.log"
