@@ -74,7 +74,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         "health_check_period_s": eng.health_check_period_s,
         "request_router_config": RequestRouterConfig(
             request_router_class=router_class,
-            request_router_kwargs={"prefix_affinity": eng.prefix_affinity} if eng.router == "page_aware" else {},
+            request_router_kwargs=_page_aware_kwargs(eng) if eng.router == "page_aware" else {},
             request_routing_stats_period_s=eng.routing_stats_period_s,
             request_routing_stats_timeout_s=eng.routing_stats_timeout_s,
         ),
@@ -119,6 +119,14 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     engine = serve.deployment(EngineDeployment, **engine_options)
     ingress = serve.deployment(OpenAIIngress, **ingress_options)
     return ingress.bind(engine.bind(config.engine_config_dict(), config.model_id), config.model_dump())
+
+
+def _page_aware_kwargs(eng) -> dict:
+    """``PageAwareRequestRouter``'s kwargs from the engine deployment's config (its own defaults where unset)."""
+    kwargs = {"prefix_affinity": eng.prefix_affinity}
+    if eng.roomy_free_page_fraction is not None:
+        kwargs["roomy_free_page_fraction"] = eng.roomy_free_page_fraction
+    return kwargs
 
 
 def replica_actor_names() -> dict[str, str]:

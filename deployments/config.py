@@ -51,6 +51,14 @@ class EngineDeploymentConfig(BaseModel):
         description="With router 'page_aware': among replicas with pages to spare and queues within reach of the "
         "shortest, send a request where the most of its prompt's prefix is cached (see page_aware_router).",
     )
+    roomy_free_page_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="With router 'page_aware': the fraction of a replica's page pool that must stay free after a "
+        "request for the replica to rank among the 'roomy' ones, by queue length (0: every replica where the "
+        "request fits ranks by queue; 1: all by pages). None: the router's default, 0.2.",
+    )
     routing_stats_period_s: float = Field(
         default=0.5, gt=0, description="How often Serve calls record_routing_stats() on each replica."
     )

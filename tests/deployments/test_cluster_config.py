@@ -104,6 +104,7 @@ def test_serve_configs_are_valid(name, offline_hub):
         ({"engine": {"router": "fastest"}}, "engine.router"),
         ({"engine": {"max_ongoing_requests": 0}}, "engine.max_ongoing_requests"),
         ({"ingress": {"overload_status_code": 500}}, "ingress.overload_status_code"),
+        ({"engine": {"roomy_free_page_fraction": 1.5}}, "engine.roomy_free_page_fraction"),
         ({"modle": "smollm2"}, "modle"),
         ({"engine_kwargs": {"max_batch_size": 0}}, "max_batch_size"),
         ({"engine_kwargs": {"max_batch_sise": 4}}, "max_batch_sise"),
@@ -115,6 +116,19 @@ def test_serve_configs_are_valid(name, offline_hub):
 def test_bad_app_config_names_the_field(args, field):
     with pytest.raises(AppConfigError, match=field.replace(".", r"\.")):
         build_app(args)
+
+
+def test_page_aware_router_options_reach_the_router_and_the_rest_keep_its_defaults():
+    from deployments.app import _page_aware_kwargs
+    from deployments.page_aware_router import PageAwareRequestRouter
+
+    config = parse_app_config({"engine": {"roomy_free_page_fraction": 0, "prefix_affinity": False}})
+    kwargs = _page_aware_kwargs(config.engine)
+    assert kwargs == {"prefix_affinity": False, "roomy_free_page_fraction": 0}
+    router = PageAwareRequestRouter.__new__(PageAwareRequestRouter)
+    router.initialize_state(**kwargs)  # the router takes them (it rejects unknown kwargs)
+    assert router._roomy_free_page_fraction == 0 and router._prefix_affinity is False
+    assert _page_aware_kwargs(parse_app_config({}).engine) == {"prefix_affinity": True}
 
 
 def test_app_fails_at_build_time_on_a_model_it_cannot_load(tmp_path, offline_hub):
