@@ -499,6 +499,17 @@ def load_app_args(source: str | None, override: str | None = None) -> dict:
     return app
 
 
+def router_variant(name: str) -> dict:
+    """The engine deployment's settings of a ``--routers`` entry: ``page_aware``, ``power_of_two``, or a router with
+    options of the engine config, ``page_aware:roomy_free_page_fraction=0``."""
+    router, _, options = name.partition(":")
+    engine: dict = {"router": router}
+    for option in filter(None, options.split(";")):
+        key, _, value = option.partition("=")
+        engine[key] = json.loads(value)
+    return engine
+
+
 def compare_routers(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -518,9 +529,9 @@ def compare_routers(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stale: frozenset[str] = frozenset()  # the replicas of the deployments deleted before this one
-    for router in ("page_aware", "power_of_two"):
+    for router in args.routers.split(","):
         app_args = copy.deepcopy(app_base)
-        app_args["engine"]["router"] = router
+        app_args["engine"].update(router_variant(router))
         base = deploy(app_args, args.http_port)
         # Warm-up: one short request per replica (first forward allocates buffers).
         num_replicas = app_base["engine"]["num_replicas"]
@@ -676,6 +687,12 @@ def main() -> None:
     add_skewed_args(p)
     p.add_argument("--out", default=None, help="write the JSON result here")
     p.add_argument("--compare-routers", action="store_true", help="deploy and compare page_aware vs power_of_two")
+    p.add_argument(
+        "--routers",
+        default="page_aware,power_of_two",
+        help="the routers --compare-routers deploys, in turn: page_aware, power_of_two, or one with engine options "
+        "('page_aware:roomy_free_page_fraction=0'; several joined by ';')",
+    )
     p.add_argument(
         "--app-args",
         default=None,

@@ -299,8 +299,10 @@ router)
   # LAYOUT=4x1: 4 replicas x TP=1; 2x2: 2 replicas x TP=2; deployments/configs/h100x4_router.yaml otherwise.
   layout=${LAYOUT:-4x1}
   replicas=${layout%x*} tp=${layout#*x}
-  override='{"tensor_parallel_size": '$tp', "engine": {"num_replicas": '$replicas'}}'
+  # NUM_GPUS=0.5: two replicas share each card (routing on one GPU); ROUTERS: bench_serving.py's --routers.
+  override='{"tensor_parallel_size": '$tp', "engine": {"num_replicas": '$replicas', "num_gpus": '${NUM_GPUS:-1}'}}'
   timeout ${ROUTER_TIMEOUT:-580} python3 benchmarks/bench_serving.py --compare-routers \
+    --routers "${ROUTERS:-page_aware,power_of_two}" \
     --app-args deployments/configs/h100x4_router.yaml --app-override "$override" \
     --rates ${RATES:-8,16,24} --num-prompts ${NUM_PROMPTS:-200} --long-input-len 4000 --long-output-len 600 \
     --short-input-len 300 --short-output-len 150 --out "$OUT/scale_h100x4_$layout.json" 2>&1 | quiet \
