@@ -44,25 +44,36 @@ def _assert_balanced(engine: LLMEngine) -> None:
     assert stats.num_free_pages + stats.num_reclaimable_pages == stats.num_total_pages
 
 
+@functools.cache
+def _greedy_without_caching(prompts: tuple[str, ...], max_tokens: int, waves: int = 1) -> list[list[int]]:
+    """The greedy tokens with caching off (``_run``'s). Each layout gives the same greedy tokens (``test_llm_engine``):
+    one run serves the tests of both."""
+    engine = _engine("layer_major", False)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        tokens = _run(engine, list(prompts), waves=waves, params=params)
+        assert engine.stats().prefix_cache_hits == 0
+        return tokens
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_same_greedy_tokens_with_prefix_caching_on_and_off(layout):
     prompts = [SYSTEM + q for q in QUESTIONS]
-    off = _engine(layout, False)
+    expected = _greedy_without_caching(tuple(prompts), GREEDY.max_tokens, waves=2)  # no hits with caching off
     on = _engine(layout, True)
     try:
-        expected = _run(off, prompts)
         assert _run(on, prompts) == expected
         stats = on.stats()
         block = on.kv_cache.block_tokens
         assert stats.prefix_cache_hits >= len(prompts) * block  # the second wave at least
         assert stats.prefix_cache_queries > stats.prefix_cache_hits
-        assert off.stats().prefix_cache_hits == 0
         _assert_balanced(on)
         on.kv_cache.reclaim()  # evicts every cached block: nothing is held any more
         assert on.stats().num_free_pages == on.stats().num_total_pages
         assert on.kv_cache.num_cached_blocks == 0
     finally:
-        off.shutdown()
         on.shutdown()
 
 
@@ -70,10 +81,10 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
     """Sent together, prompts sharing a system prompt (and the n samples of one request) wait for the first one's
     prefill of the shared blocks and reuse them, with the tokens caching off gives."""
     prompts = [SYSTEM + q for q in QUESTIONS]
-    off = _engine("token_major", False, max_num_batched_tokens=4096)
+    expected = _greedy_without_caching(tuple(prompts), GREEDY.max_tokens, waves=2)[: len(prompts)]  # its first wave
     on = _engine("token_major", True, max_num_batched_tokens=4096)  # room for every prompt in the first step
     try:
-        assert _run(on, prompts, waves=1) == _run(off, prompts, waves=1)
+        assert _run(on, prompts, waves=1) == expected
         block = on.kv_cache.block_tokens
         shared = len(on.tokenizer.encode(SYSTEM)) // block * block
         assert on.stats().prefix_cache_hits >= (len(prompts) - 1) * shared
@@ -83,7 +94,6 @@ def test_a_burst_sharing_a_prefix_computes_it_once():
             sorted(o.num_cached_tokens for o in outs)[1:] == [(len(outs[0].prompt_token_ids) - 1) // block * block] * 3
         )
     finally:
-        off.shutdown()
         on.shutdown()
 
 
@@ -103,24 +113,15 @@ def test_cached_tokens_are_reported_and_prefill_starts_after_them():
         engine.shutdown()
 
 
-@functools.cache
-def _greedy_without_caching(prompts: tuple[str, ...], max_tokens: int) -> list[list[int]]:
-    """Each layout gives the same greedy tokens (``test_llm_engine``): one run serves the tests of both."""
-    engine = _engine("layer_major", False)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return _run(engine, list(prompts), waves=1, params=params)
-    finally:
-        engine.shutdown()
-
-
 @pytest.mark.parametrize("layout", ["token_major", "layer_major"])
 def test_preemption_aborts_and_eviction_keep_greedy_tokens(layout):
     """A pool too small for every request and every cached block: cached blocks are evicted, requests preempted as
     they grow and recomputed (finding their own blocks), some aborted mid-flight; survivors match caching off."""
     prompts = [SYSTEM + q for q in QUESTIONS[:2]] + [f"Story {i}: " + SYSTEM[i * 40 :] for i in range(2)]
-    # 90 output tokens cross a page boundary (85 tokens per page in layer-major): growth must preempt.
-    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    # 48 output tokens cross a page boundary (85 tokens per page in layer-major: the 400- to 407-token prompts fill
+    # their fifth page after 20 to 27 of them; 64-token blocks in token-major, every ~1.4 tokens a page): growth must
+    # preempt (the scheduler preempts only to grow a running request, never to admit one).
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
     expected = _greedy_without_caching(tuple(prompts), params.max_tokens)
     probe = _engine(layout, True)
     need = probe.kv_cache.pages_for_tokens(len(probe.tokenizer.encode(SYSTEM)) + 8)
@@ -164,6 +165,7 @@ def test_tiny_llama_gives_the_same_tokens_with_caching(tmp_path):
         assert on.kv_cache.block_tokens <= 128  # 64 KiB host pages, 512-byte tokens
         assert _run(on, prompts) == _run(off, prompts)
         assert on.stats().prefix_cache_hits > 0
+        assert off.stats().prefix_cache_hits == 0  # token-major with caching off (the helper's engine: layer-major)
     finally:
         for e in engines:
             e.shutdown()
