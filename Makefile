@@ -30,7 +30,7 @@ test: install
 soak: install
 	SOAK_REQUESTS=2000 $(PY) -m pytest -q -s tests/deployments/test_soak.py
 
-# The HTTP fuzz test at full size (5,000 derandomized cases); the suite runs 400.
+# The HTTP fuzz test at full size (5,000 derandomized cases); the suite runs 150.
 fuzz: install
 	FUZZ_EXAMPLES=5000 $(PY) -m pytest -q -s tests/deployments/test_validation.py -k fuzz
 
