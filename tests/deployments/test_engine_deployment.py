@@ -31,8 +31,24 @@ ENGINE_CONFIG = {
 }
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["core-in-thread", "core-process"])
+def _shared_deployment(request):
+    replica = EngineDeployment({**ENGINE_CONFIG, "engine_process": request.param}, "tiny")
+    yield replica
+    replica._engine.shutdown()
+
+
+@pytest.fixture
+def deployment(_shared_deployment):
+    """One replica per core mode (a core process starts in ~5 s) for the module's tests that leave it as they found it:
+    nothing of theirs in the replica's accounting afterwards (checked here), its engine alive (``fresh_deployment`` for
+    the test that kills it)."""
+    yield _shared_deployment
+    assert _shared_deployment._inflight == {}, "a test left requests in the shared replica's accounting"
+
+
 @pytest.fixture(params=[False, True], ids=["core-in-thread", "core-process"])
-def deployment(request):
+def fresh_deployment(request):
     replica = EngineDeployment({**ENGINE_CONFIG, "engine_process": request.param}, "tiny")
     yield replica
     replica._engine.shutdown()
@@ -128,7 +144,8 @@ def test_requests_sharing_a_prompt_prefix_reserve_its_pages_once(deployment):
     assert deployment._reserved_pages([other, first], per_page) == 2 * full  # nothing shared
 
 
-def test_dead_engine_reports_no_capacity(deployment, monkeypatch):
+def test_dead_engine_reports_no_capacity(fresh_deployment, monkeypatch):
+    deployment = fresh_deployment
     assert deployment.record_routing_stats()["num_free_pages"] == 16
     core = deployment._engine._core
     if isinstance(core, ProcessCore):
